@@ -4,9 +4,13 @@ The stock ``Qwen2_5_VLProcessor`` needs a video processor, and the video process
 torchvision, which these machines must not install (its only torch-2.13 wheel is a CUDA build
 that breaks importing Qwen2.5-VL). ICD selection uses images only, so this subclass drops the
 video processor and pairs the tokenizer with the PIL image processor. ``register()`` makes
-``AutoProcessor.from_pretrained`` return it for every Qwen2.5-VL checkpoint folder, the
-real 3B one included; without the registration ``AutoProcessor`` silently returns only the
-tokenizer.
+``AutoProcessor.from_pretrained`` return it for Qwen2.5-VL folders that name no processor
+class or name this one (those written by ``save_pretrained`` here); without the registration
+``AutoProcessor`` silently returns only the tokenizer. Hub checkpoints (the real 3B one) name
+``processor_class: Qwen2_5_VLProcessor``, which ``AutoProcessor`` honours over any
+registration and then fails for want of torchvision: load those with
+``icdrl.lvlm.hf.load_processor(path)`` (used by the backend), i.e.
+``Qwen2_5_VLImageProcessor.from_pretrained(path)``.
 """
 
 from __future__ import annotations

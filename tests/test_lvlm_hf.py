@@ -1,0 +1,391 @@
+"""HFBackend on tiny random Qwen2.5-VL and LLaVA checkpoints saved to disk and loaded like real ones.
+
+Covers SPEC §3: the answer span comes from the chat-formatted token ids (and decodes to the
+answer), batch == one at a time, left == right padding, the cached paths == the processor
+called normally, images preprocessed once per backend, greedy generation == plain
+transformers generation, and config errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from icdrl.data import Example
+from icdrl.lvlm import ModelConfigError, check_model_cfg, load_backend
+from icdrl.lvlm.base import answer_prob
+from icdrl.lvlm.hf import BackendError, HFBackend
+from icdrl.lvlm.prompt import postprocess
+from icdrl.lvlm.tiny import cached_checkpoint
+
+FAMILIES = ["qwen", "llava"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    spec = [("red", (64, 64)), ("blue", (64, 64)), ("green", (32, 128)), ("teal", (64, 64)),
+            ("gray", (96, 48)), ("yellow", (64, 64))]
+    paths = []
+    for i, (colour, size) in enumerate(spec):
+        p = d / f"{i}.png"
+        Image.new("RGB", size, colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ex(images):
+    qa = [("what color is the shape?", "red"), ("what shape is present?", "circle"),
+          ("is there a green shape?", "yes"), ("what color is the triangle?", "teal"),
+          ("how many dogs are there?", "2"), ("what is the dog near?", "fire hydrant")]
+    return [Example(i, images[i], q, (a,), a, image_id=str(i)) for i, (q, a) in enumerate(qa)]
+
+
+@pytest.fixture(scope="session")
+def prompts(ex):
+    """Mixed numbers of demonstrations (0-4), hence mixed lengths and image counts."""
+    return [
+        ([], ex[0]),
+        ([ex[1]], ex[0]),
+        ([ex[1], ex[2], ex[3], ex[4]], ex[5]),
+        ([ex[3], ex[1]], ex[2]),
+        ([ex[5], ex[4], ex[0]], ex[1]),
+        ([ex[2]], ex[4]),
+    ]
+
+
+ANSWERS = ["red", "teal", "fire hydrant", "yes", "circle", "2"]
+
+
+_BACKENDS: dict = {}
+
+
+def backend(family: str, **cfg) -> HFBackend:
+    key = (family, tuple(sorted(cfg.items())))
+    if key not in _BACKENDS:
+        _BACKENDS[key] = load_backend({"kind": "hf", "batch_size": 4, **cfg}, str(cached_checkpoint(family)))
+    return _BACKENDS[key]
+
+
+def sums(scores):
+    return [s.sum_logprob for s in scores]
+
+
+# ---------------------------------------------------------------------- answer span
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["features", "none"])
+def test_span_tokens_decode_to_the_answer(family, mode, prompts):
+    b = backend(family, image_cache=mode)
+    for pr, ans in zip(prompts, ANSWERS):
+        e = b.encode(pr, ans)
+        span = e.input_ids[e.answer_start : e.answer_end]
+        assert b.tokenizer.decode(list(span)).strip() == ans
+        # the answer is followed by end-of-turn tokens, not part of the span
+        assert e.answer_end < len(e.input_ids)
+        assert b.tokenizer.eos_token_id in e.input_ids[e.answer_end :]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_span_is_the_prefix_full_diff_of_chat_token_ids(family, prompts):
+    b = backend(family)
+    for pr, ans in zip(prompts, ANSWERS):
+        gen = b.encode(pr)  # ends with the generation prompt
+        full = b.encode(pr, ans)
+        assert full.input_ids[: len(gen.input_ids)] == gen.input_ids
+        assert full.answer_start == len(gen.input_ids)
+        assert full.answer_end - full.answer_start == len(b.tokenizer(ans, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_ids_equal_processor_ids(family, prompts, ex):
+    """The piecewise, cached tokenisation equals the processor on the whole chat text + images."""
+    from icdrl.data import load_image
+
+    b = backend(family)
+    for pr, ans in zip(prompts, ANSWERS):
+        demos, query = pr
+        text = b.render(pr, ans)
+        out = b.processor(text=[text], images=[load_image(e.image) for e in (*demos, query)], return_tensors="pt")
+        assert tuple(out["input_ids"][0].tolist()) == b.encode(pr, ans).input_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_anchors_defect_1_plain_text_length_span_differs(family, prompts):
+    """ANCHORS defect 1 the other way: a span from a plain-text length is not the answer span."""
+    b = backend(family)
+    pr, ans = prompts[2], ANSWERS[2]
+    demos, query = pr
+    e = b.encode(pr, ans)
+    plain = "".join(f"Question: {d.question} Short answer: {d.answer}\n" for d in demos)
+    plain += f"Question: {query.question} Short answer:"
+    wrong_start = len(b.tokenizer(plain, add_special_tokens=False)["input_ids"])
+    assert wrong_start != e.answer_start
+    wrong = e.input_ids[wrong_start : e.answer_end]
+    assert len(wrong) > 10 * (e.answer_end - e.answer_start)  # it averages over most of the prompt
+    assert b.tokenizer.decode(list(wrong)).strip() != ans
+    # and the scores differ: mean log-prob over the wrong span vs ours
+    ids = torch.tensor([e.input_ids[: e.answer_end]])
+    with torch.no_grad():
+        kw = b._collate([b._item_cached(pr, ans)], left=True)[0]
+        logp = torch.log_softmax(b.model(**kw).logits[0].float(), -1)
+    tok = ids[0]
+    lp = logp[:-1].gather(-1, tok[1:, None]).squeeze(-1)
+    ours = float(lp[e.answer_start - 1 : e.answer_end - 1].sum())
+    theirs_mean = float(lp[wrong_start - 1 : e.answer_end - 1].mean())
+    (score,) = b.answer_logprobs([pr], [ans])
+    assert score.sum_logprob == pytest.approx(ours, abs=TOL)
+    assert abs(score.mean_logprob - theirs_mean) > 1e-3
+
+
+# ---------------------------------------------------------------------- batching, padding, cache paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_one_at_a_time(family, prompts):
+    b = backend(family)
+    batched = sums(b.answer_logprobs(prompts, ANSWERS))
+    single = [b.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)]
+    assert batched == pytest.approx(single, abs=TOL)
+    assert all(s < 0 for s in batched)
+    n = [s.n_tokens for s in b.answer_logprobs(prompts, ANSWERS)]
+    assert n == [1, 1, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_and_right_padding_agree(family, prompts):
+    left = sums(backend(family, padding_side="left").answer_logprobs(prompts, ANSWERS))
+    right = sums(backend(family, padding_side="right").answer_logprobs(prompts, ANSWERS))
+    assert left == pytest.approx(right, abs=TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_paths_equal_reference_path(family, prompts):
+    ref = backend(family, image_cache="none")
+    want = sums(ref.answer_logprobs(prompts, ANSWERS))
+    for mode in ("features", "pixels"):
+        b = backend(family, image_cache=mode)
+        assert sums(b.answer_logprobs(prompts, ANSWERS)) == pytest.approx(want, abs=TOL)
+        for pr, ans in zip(prompts, ANSWERS):
+            assert b.encode(pr, ans) == ref.encode(pr, ans)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_change_the_score(family, prompts):
+    b = backend(family)
+    a = sums(b.answer_logprobs(prompts[:3], ["red", "red", "red"]))
+    c = sums(b.answer_logprobs(prompts[:3], ["blue", "blue", "blue"]))
+    assert all(abs(x - y) > 1e-6 for x, y in zip(a, c))
+    p = answer_prob(b, prompts[:3], ["red"] * 3)
+    assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
+
+
+def test_images_preprocessed_once_per_backend(prompts):
+    b = load_backend({"kind": "hf", "batch_size": 2}, str(cached_checkpoint("qwen")))
+    many = prompts * 5
+    b.answer_logprobs(many, ANSWERS * 5)
+    b.generate(many, max_new_tokens=2)
+    distinct = {e.image for demos, q in prompts for e in (*demos, q)}
+    assert b.stats["image_preprocess"] == len(distinct)
+    assert b.stats["vision_encoded"] == len(distinct)
+    b.clear_cache()
+    b.answer_logprobs(prompts[:1], ANSWERS[:1])
+    assert b.stats["image_preprocess"] == len(distinct) + 1
+
+
+def test_small_lru_cache_gives_the_same_numbers(prompts):
+    big = backend("qwen")
+    small = load_backend({"kind": "hf", "batch_size": 2, "image_cache_size": 1}, str(cached_checkpoint("qwen")))
+    assert sums(small.answer_logprobs(prompts, ANSWERS)) == pytest.approx(
+        sums(big.answer_logprobs(prompts, ANSWERS)), abs=TOL
+    )
+    assert len(small._cache) <= 5  # bounded by one batch's images
+
+
+# ---------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_plain_transformers_greedy(family, prompts):
+    from icdrl.data import load_image
+
+    b = backend(family)
+    gens = b.generate(prompts, max_new_tokens=4)
+    for pr, g in zip(prompts, gens):
+        demos, query = pr
+        inputs = b.processor(
+            text=[b.render(pr)], images=[load_image(e.image) for e in (*demos, query)], return_tensors="pt"
+        )
+        with torch.no_grad():
+            out = b.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        raw = b.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert g.raw == raw
+        assert g.answer == postprocess(raw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_batch_equals_single_and_modes_agree(family, prompts):
+    b = backend(family)
+    batched = [g.raw for g in b.generate(prompts, max_new_tokens=3)]
+    assert batched == [b.generate([p], max_new_tokens=3)[0].raw for p in prompts]
+    assert batched == [g.raw for g in backend(family, image_cache="none").generate(prompts, max_new_tokens=3)]
+    assert batched == [g.raw for g in backend(family, image_cache="pixels").generate(prompts, max_new_tokens=3)]
+
+
+def test_generate_respects_max_new_tokens(prompts):
+    b = backend("qwen")
+    for n in (1, 5):
+        for g in b.generate(prompts, max_new_tokens=n):
+            assert len(b.tokenizer(g.raw, add_special_tokens=False)["input_ids"]) <= n
+    assert b.max_new_tokens == 10  # config default
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_system_prompt_goes_into_the_chat_text(prompts):
+    b = load_backend(
+        {"kind": "hf", "system_prompt": "answer with one word ."}, str(cached_checkpoint("qwen"))
+    )
+    assert b.render(prompts[0]).startswith("<|im_start|>system\nanswer with one word .<|im_end|>")
+    plain = backend("qwen")
+    assert sums(b.answer_logprobs(prompts[:2], ANSWERS[:2])) != pytest.approx(
+        sums(plain.answer_logprobs(prompts[:2], ANSWERS[:2])), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("bad", ["Here are four examples.", "Use the 4 examples above", "a 3-shot task"])
+def test_system_prompt_with_fixed_count_rejected(bad):
+    with pytest.raises(ModelConfigError, match=r"^model\.system_prompt: must not state a fixed number"):
+        check_model_cfg({"system_prompt": bad})
+
+
+def test_model_config_errors(tmp_path):
+    with pytest.raises(ModelConfigError, match=rf"^model\.path: model folder not found: {tmp_path / 'nope'}$"):
+        load_backend({"kind": "hf"}, str(tmp_path / "nope"))
+    with pytest.raises(ModelConfigError, match=r"^model\.path: not set"):
+        load_backend({"kind": "hf"})
+    with pytest.raises(ModelConfigError, match=r"has no config\.json"):
+        load_backend({"kind": "hf"}, str(tmp_path))
+    with pytest.raises(ModelConfigError, match=r"^model\.dtype: 'fp8'"):
+        check_model_cfg({"dtype": "fp8"})
+    with pytest.raises(ModelConfigError, match=r"^model\.batchsize: unknown key"):
+        check_model_cfg({"batchsize": 8})
+    with pytest.raises(ModelConfigError, match=r"^model\.batch_size: must be a positive integer"):
+        check_model_cfg({"batch_size": 0})
+    with pytest.raises(ModelConfigError, match=r"^model\.kind"):
+        check_model_cfg({"kind": "openai"})
+    with pytest.raises(ModelConfigError, match=r"^model\.device: 'gpu'"):
+        check_model_cfg({"device": "gpu"})
+    with pytest.raises(ModelConfigError, match=r"^model\.image_cache: 'all'"):
+        check_model_cfg({"image_cache": "all"})
+    auto = load_backend({"kind": "embedded", "device": "auto"}, str(cached_checkpoint("qwen")))
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = check_model_cfg({"kind": "hf", "path": "/x"})
+    assert cfg["max_new_tokens"] == 10 and cfg["system_prompt"] is None and cfg["dtype"] == "float32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_requested_without_cuda_fails():
+    with pytest.raises(BackendError, match=r"^model\.device: 'cuda' requested but no CUDA device"):
+        load_backend({"kind": "hf", "device": "cuda"}, str(cached_checkpoint("qwen")))
+
+
+def test_bad_calls(prompts):
+    b = backend("qwen")
+    with pytest.raises(BackendError, match="empty answer"):
+        b.answer_logprobs(prompts[:1], ["  "])
+    with pytest.raises(BackendError, match="1 prompts but 2 answers"):
+        b.answer_logprobs(prompts[:1], ["a", "b"])
+    assert b.answer_logprobs([], []) == [] and b.generate([]) == []
+
+
+# ---------------------------------------------------------------------- CUDA + bf16 (skipped on CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_bf16_matches_cpu_float32(family, prompts):
+    gpu = load_backend({"kind": "hf", "device": "cuda", "dtype": "bfloat16", "batch_size": 4},
+                       str(cached_checkpoint(family)))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    got = sums(gpu.answer_logprobs(prompts, ANSWERS))
+    single = [gpu.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)]
+    right = sums(load_backend({"kind": "hf", "device": "cuda", "dtype": "bfloat16", "padding_side": "right"},
+                              str(cached_checkpoint(family))).answer_logprobs(prompts, ANSWERS))
+    want = sums(backend(family).answer_logprobs(prompts, ANSWERS))
+    assert got == pytest.approx(want, abs=0.1)  # bf16 rounding
+    assert got == pytest.approx(single, abs=0.05)
+    assert got == pytest.approx(right, abs=0.05)
+    assert len(gpu.generate(prompts, max_new_tokens=3)) == len(prompts)
+
+
+def test_full_logits_fallback_gives_the_same_numbers(prompts):
+    """Models whose forward has no ``logits_to_keep`` are scored from the full logits."""
+    fast = backend("qwen")
+    slow = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint("qwen")))
+    slow._keeps_logits = False
+    assert sums(slow.answer_logprobs(prompts, ANSWERS)) == pytest.approx(
+        sums(fast.answer_logprobs(prompts, ANSWERS)), abs=TOL
+    )
+
+
+@pytest.fixture(scope="session")
+def hub_qwen(tmp_path_factory):
+    import shutil
+
+    from icdrl.lvlm.tiny import to_hub_layout_qwen
+
+    d = tmp_path_factory.mktemp("hub") / "qwen"
+    shutil.copytree(cached_checkpoint("qwen"), d)
+    return str(to_hub_layout_qwen(d))
+
+
+def test_hub_layout_qwen_folder_loads_without_torchvision(hub_qwen, prompts):
+    """A folder laid out like Qwen2.5-VL-3B-Instruct on the hub (processor_class
+    Qwen2_5_VLProcessor, preprocessor_config.json, chat_template.json) loads and scores."""
+    from transformers import AutoProcessor
+
+    from icdrl.lvlm.qwen import Qwen2_5_VLImageProcessor
+
+    try:
+        AutoProcessor.from_pretrained(hub_qwen)
+        auto_ok = True
+    except ImportError:  # the stock processor's video processor needs torchvision
+        auto_ok = False
+    b = load_backend({"kind": "hf", "batch_size": 4}, hub_qwen)
+    assert isinstance(b.processor, Qwen2_5_VLImageProcessor) or auto_ok
+    assert b.render(prompts[0]).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    ref = load_backend({"kind": "hf", "batch_size": 4, "image_cache": "none"}, hub_qwen)
+    got = sums(b.answer_logprobs(prompts, ANSWERS))
+    assert got == pytest.approx(sums(ref.answer_logprobs(prompts, ANSWERS)), abs=TOL)
+    assert got == pytest.approx([b.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)], abs=TOL)
+    for pr, ans in zip(prompts, ANSWERS):
+        e = b.encode(pr, ans)
+        assert b.tokenizer.decode(list(e.input_ids[e.answer_start : e.answer_end])).strip() == ans
+        assert e == ref.encode(pr, ans)
+    assert [g.raw for g in b.generate(prompts, 3)] == [g.raw for g in ref.generate(prompts, 3)]
+
+
+def test_generate_is_pure_greedy_despite_checkpoint_penalties(prompts):
+    """A checkpoint's repetition penalty (Qwen ships 1.05) must not change the greedy answer."""
+    plain = backend("qwen")
+    want = [g.raw for g in plain.generate(prompts, max_new_tokens=4)]
+    b = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint("qwen")))
+    b.model.generation_config.repetition_penalty = 50.0
+    b.model.generation_config.no_repeat_ngram_size = 1
+    assert [g.raw for g in b.generate(prompts, max_new_tokens=4)] == want
+    # and the penalties would have changed it (so this test can fail)
+    from icdrl.data import load_image
+
+    demos, query = prompts[2]
+    inputs = b.processor(text=[b.render(prompts[2])], images=[load_image(e.image) for e in (*demos, query)],
+                         return_tensors="pt")
+    with torch.no_grad():
+        out = b.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    penalised = b.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert penalised != want[2]
