@@ -1,0 +1,954 @@
+"""Stage 4 — training the pointer selector (SPEC §7).
+
+* **v2** (supervised): teacher-forced cross-entropy on each anchor's top InfoScore beams,
+  candidates = the anchor's whole pool, labels = pool positions.
+* **v3**: start from v2, RCE warm-up (τ falls linearly 2.0 → 0.5 over the RCE steps), then GRPO
+  (π_ref = policy at GRPO start; π_old re-snapshotted at every GRPO epoch; all GRPO log-probs
+  with dropout off, so ratios are exactly 1 at identical weights).
+
+Groups (one per anchor) are batched: ``batch_queries`` anchors per optimiser step, padded to a
+common pool size / candidate count / depth with masks. Every stage clips the gradient norm
+(1.0) and uses AdamW. Metrics go to a CSV (one row per epoch); checkpoints are written
+atomically. Same seed → identical checkpoint and CSV (on CPU).
+
+Default epochs (v2 10, RCE 5, GRPO 10) follow the seed's RCE/GRPO settings; at the workflow's
+default size (800 anchors, ~15 candidates, pool 64, 512-d embeddings) v2 took 11 s and v3
+22 s of CPU time on one core (measured on a shared 2-core machine).
+
+``batch_queries`` (v3: 16, v2: 32). The seed took one query per step (lr 1e-5, 800 steps per
+epoch). Per step the weight gradients, clipping and the AdamW update cost the same whatever
+the batch, so batching 16 groups makes a GRPO epoch ~6× cheaper (benchmarks/bench_grpo.py)
+while still giving 50 updates per epoch; with lr 1e-4 the product lr × steps per epoch
+(5e-3) stays near the seed's (8e-3). Larger batches gain little more speed (~15% at 32) and
+halve the updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from icdrl import rl
+from icdrl.records import atomic_path, read_jsonl
+from icdrl.rewards import MODES
+from icdrl.selector import PointerSelector
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
+    "adv_std", "groups_kept", "groups_skipped", "val_reward",
+)
+
+StepCallback = Callable[[str, int, int, dict], None]
+
+
+# ============================================================================ configs
+
+
+def _coerce(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
+    """Type-check one config value against the field's declared type (one-line errors)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = f"{cls_name}.{f.name}"
+    if value is None and "None" in t:
+        return None
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if t.startswith("str"):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    return value  # pragma: no cover
+
+
+class _Config:
+    """Shared ``from_dict`` (rejects unknown keys) and range checks of the training configs."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None):
+        d = dict(d or {})
+        known = {f.name: f for f in fields(cls)}
+        for k in d:
+            if k not in known:
+                raise ValueError(f"unknown {cls.__name__} key {k!r}; known keys: {', '.join(known)}")
+        return cls(**{k: _coerce(cls.__name__, known[k], v) for k, v in d.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _check_common(self) -> None:
+        n = type(self).__name__
+        if self.batch_queries < 1:
+            raise ValueError(f"{n}.batch_queries must be ≥ 1, got {self.batch_queries}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"{n}.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.selection not in ("last", "best"):
+            raise ValueError(f"{n}.selection must be 'last' or 'best', got {self.selection!r}")
+        if self.selection == "best" and self.val_fraction == 0.0:
+            raise ValueError(f"{n}.selection 'best' needs val_fraction > 0")
+        if self.grad_clip <= 0:
+            raise ValueError(f"{n}.grad_clip must be > 0, got {self.grad_clip}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"{n}.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class V2Config(_Config):
+    """Supervised (v2) selector training. One line per knob; defaults in brackets."""
+
+    hidden_size: int = 256        # H, width of the selector [256]
+    num_layers: int = 1           # cross-attention layers (query attends over its pool) [1]
+    num_heads: int = 1            # attention heads per layer [1]
+    dropout: float = 0.1          # dropout on attention weights and projections (v2/RCE training only) [0.1]
+    temperature: float = 0.1      # cosine-similarity logit temperature [0.1]
+    label_smoothing: float = 0.1  # CE label smoothing over the still-available pool items (seed: 0.1) [0.1]
+    lr: float = 5e-4              # AdamW learning rate [5e-4]
+    weight_decay: float = 0.01    # AdamW weight decay [0.01]
+    epochs: int = 10              # passes over the training anchors [10]
+    batch_queries: int = 32       # anchors per optimiser step (each with its top beams) [32]
+    top_beams: int = 5            # InfoScore beams per anchor used as targets (best first) [5 = every beam]
+    grad_clip: float = 1.0        # gradient-norm clip [1.0]
+    val_fraction: float = 0.1     # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
+    val_seed: int = 0             # seed of the anchor train/val split (shared by v2 and v3) [0]
+    selection: str = "last"       # checkpoint kept: "last" epoch or "best" val_reward [last]
+    save_epochs: bool = False     # also write every epoch's checkpoint beside the output [false]
+    device: str = "cpu"           # torch device, "cpu" or "cuda[:i]" [cpu]
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        for k in ("hidden_size", "num_layers", "num_heads", "top_beams"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"V2Config.{k} must be ≥ 1, got {getattr(self, k)}")
+        if self.epochs < 0:
+            raise ValueError(f"V2Config.epochs must be ≥ 0, got {self.epochs}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"V2Config.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"V2Config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.temperature <= 0 or self.lr < 0 or self.weight_decay < 0:
+            raise ValueError("V2Config.temperature must be > 0 and lr, weight_decay ≥ 0")
+
+
+@dataclass(frozen=True)
+class V3Config(_Config):
+    """RL (v3 = v2 + RCE + GRPO) selector training. One line per knob; defaults in brackets."""
+
+    rce_epochs: int = 5               # RCE warm-up passes (seed: 5) [5]
+    grpo_epochs: int = 10             # GRPO passes; π_old re-snapshotted at each (seed: 10) [10]
+    batch_queries: int = 16           # groups (anchors) per optimiser step, padded with masks [16]
+    rce_lr: float = 1e-4              # AdamW learning rate of the RCE stage [1e-4]
+    grpo_lr: float = 1e-4             # AdamW learning rate of the GRPO stage [1e-4]
+    weight_decay: float = 0.01        # AdamW weight decay (both stages) [0.01]
+    rce_tau_start: float = 2.0        # RCE softmax temperature at the first RCE step [2.0]
+    rce_tau_end: float = 0.5          # RCE temperature at the last RCE step (linear in steps) [0.5]
+    clip_eps: float = 0.2             # PPO ratio clip ε [0.2]
+    kl_beta: float = 0.1              # weight β of the k3 KL to π_ref (policy at GRPO start) [0.1]
+    min_std: float = 0.1              # floor of the group std in z-score advantages [0.1]
+    adv_clip: float = 5.0             # advantages clipped to ±adv_clip [5.0]
+    min_positive_ratio: float = 0.0   # GRPO trains a group only if its share of h=1 is ≥ this (seed: 0.2) [0.0 = off]
+    gate_rce: bool = False            # apply min_positive_ratio to RCE as well [false]
+    dropout: float | None = None      # dropout during RCE (GRPO always runs with dropout off); null = keep v2's [null]
+    grad_clip: float = 1.0            # gradient-norm clip [1.0]
+    val_fraction: float = 0.1         # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
+    val_seed: int = 0                 # seed of the anchor train/val split (same as v2's → same split) [0]
+    selection: str = "last"           # "last" epoch, or "best" GRPO epoch by validation proxy [last]
+    save_epochs: bool = False         # also write every epoch's checkpoint beside the output [false]
+    device: str = "cpu"               # torch device, "cpu" or "cuda[:i]" [cpu]
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.rce_epochs < 0 or self.grpo_epochs < 0:
+            raise ValueError("V3Config.rce_epochs and grpo_epochs must be ≥ 0")
+        if self.rce_tau_start <= 0 or self.rce_tau_end <= 0:
+            raise ValueError("V3Config.rce_tau_start and rce_tau_end must be > 0")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"V3Config.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.min_std <= 0 or self.adv_clip <= 0:
+            raise ValueError("V3Config.min_std and adv_clip must be > 0")
+        if self.kl_beta < 0 or self.rce_lr < 0 or self.grpo_lr < 0 or self.weight_decay < 0:
+            raise ValueError("V3Config.kl_beta, rce_lr, grpo_lr and weight_decay must be ≥ 0")
+        if not 0.0 <= self.min_positive_ratio <= 1.0:
+            raise ValueError(f"V3Config.min_positive_ratio must be in [0, 1], got {self.min_positive_ratio}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"V3Config.dropout must be in [0, 1) or null, got {self.dropout}")
+
+
+# ============================================================================ seed env vars
+
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+_FALSE = {"0", "false", "no", "off", "f", "n"}
+ENV_VARS: dict[str, str] = {
+    "REWARD_MODE": "reward_mode",
+    "HARD_WEIGHT": "hard_weight",
+    "SOFT_WEIGHT": "soft_weight",
+    "REWARD_ALPHA": "alpha",
+    "REWARD_BETA": "beta",
+    "USE_RANK_ADVANTAGE": "use_rank",
+}
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The seed's environment variables, typed: {reward_mode, hard_weight, soft_weight, alpha, beta, use_rank}.
+
+    Unset or empty variables are left out (the seed's ``${VAR:-default}``). A value that does
+    not parse raises ``ValueError`` naming the variable.
+    """
+    out: dict[str, Any] = {}
+    for var, key in ENV_VARS.items():
+        raw = environ.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        v = raw.strip()
+        if key == "reward_mode":
+            if v not in MODES:
+                raise ValueError(f"{var}={raw!r} is not a reward mode; valid: {', '.join(MODES)}")
+            out[key] = v
+        elif key == "use_rank":
+            if v.lower() in _TRUE:
+                out[key] = True
+            elif v.lower() in _FALSE:
+                out[key] = False
+            else:
+                raise ValueError(f"{var}={raw!r} is not a boolean (use true/false, 1/0, yes/no)")
+        else:
+            try:
+                x = float(v)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a number") from None
+            if not math.isfinite(x):
+                raise ValueError(f"{var}={raw!r} is not a finite number")
+            out[key] = x
+    return out
+
+
+# ============================================================================ records
+
+
+@dataclass(frozen=True)
+class Group:
+    """One anchor's RL group: its pool and N candidate sequences (pool positions) with scores.
+
+    ``hard`` is None for unscored candidate files (v2); ``rewards`` there are the InfoScores.
+    """
+
+    query_id: int
+    pool: tuple[int, ...]
+    seqs: tuple[tuple[int, ...], ...]
+    rewards: tuple[float, ...]
+    hard: tuple[float, ...] | None
+    info: tuple[float, ...]
+    sources: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.seqs)
+        where = f"anchor {self.query_id}"
+        if not self.pool:
+            raise ValueError(f"{where}: empty pool")
+        for name in ("rewards", "info", "sources") + (("hard",) if self.hard is not None else ()):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences")
+        for name in ("rewards", "info") + (("hard",) if self.hard is not None else ()):
+            if not all(math.isfinite(x) for x in getattr(self, name)):
+                raise ValueError(f"{where}: non-finite value in {name}")
+        k = len(self.pool)
+        for s in self.seqs:
+            if not s:
+                raise ValueError(f"{where}: empty candidate sequence")
+            if any(not 0 <= p < k for p in s):
+                raise ValueError(f"{where}: sequence {list(s)} has a position outside the pool of {k}")
+            if len(set(s)) != len(s):
+                raise ValueError(f"{where}: sequence {list(s)} repeats a pool position")
+
+
+def _positions(path: Any, rec: dict, cand: dict) -> tuple[int, ...]:
+    """Pool positions of a candidate, checked against its global ids (labels are positions, never id mod K)."""
+    aid = rec.get("anchor_id")
+    pool = rec["pool"]
+    if "icd_pos" not in cand:
+        raise ValueError(f"{path}: anchor {aid}: candidate lacks 'icd_pos'")
+    pos = tuple(int(p) for p in cand["icd_pos"])
+    if any(not 0 <= p < len(pool) for p in pos):
+        raise ValueError(f"{path}: anchor {aid}: icd_pos {list(pos)} outside its pool of {len(pool)}")
+    ids = cand.get("icd_ids")
+    if ids is not None and [pool[p] for p in pos] != [int(i) for i in ids]:
+        raise ValueError(f"{path}: anchor {aid}: icd_pos {list(pos)} do not point at icd_ids {list(ids)} in its pool")
+    return pos
+
+
+def _num(path: Any, aid: Any, name: str, v: Any) -> float:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return 0.0
+    if isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{path}: anchor {aid}: {name}={v!r} is not a finite number")
+    return float(v)
+
+
+def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
+    """Groups from an ``icdrl.candidates`` (or ``icdrl.scored``) file; rewards = info_score, hard = None."""
+    schema = "icdrl.candidates"
+    try:
+        with open(candidates_path) as fh:
+            if json.loads(fh.readline()).get("schema") == "icdrl.scored":
+                schema = "icdrl.scored"
+    except (OSError, ValueError, AttributeError):
+        pass  # read_jsonl reports the problem with the file's name
+    recs = read_jsonl(candidates_path, schema)
+    groups = []
+    for rec in recs:
+        for key in ("anchor_id", "pool", "candidates"):
+            if key not in rec:
+                raise ValueError(f"{candidates_path}: a record lacks {key!r}")
+        aid = rec["anchor_id"]
+        cands = rec["candidates"]
+        info = tuple(_num(candidates_path, aid, "info_score", c.get("info_score")) for c in cands)
+        try:
+            groups.append(Group(
+                query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
+                seqs=tuple(_positions(candidates_path, rec, c) for c in cands),
+                rewards=info, hard=None, info=info,
+                sources=tuple(str(c.get("source", "")) for c in cands),
+            ))
+        except ValueError as e:
+            raise ValueError(f"{candidates_path}: {e}") from None
+    return groups
+
+
+def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike) -> list[Group]:
+    """RL groups: an ``icdrl.scored`` file joined with an ``icdrl.rewards`` file on anchor_id.
+
+    Every candidate is kept (no top-k filtering) and rewards are taken raw from the rewards file.
+    """
+    scored = read_jsonl(scored_path, "icdrl.scored")
+    rewards = {}
+    for r in read_jsonl(rewards_path, "icdrl.rewards"):
+        if "anchor_id" not in r or "rewards" not in r or "hard" not in r:
+            raise ValueError(f"{rewards_path}: a record lacks 'anchor_id', 'rewards' or 'hard'")
+        rewards[r["anchor_id"]] = r
+    groups = []
+    for rec in scored:
+        aid = rec.get("anchor_id")
+        if aid not in rewards:
+            raise ValueError(f"{rewards_path}: no rewards for anchor {aid} of {scored_path}")
+        rr = rewards[aid]
+        cands = rec["candidates"]
+        if len(rr["rewards"]) != len(cands) or len(rr["hard"]) != len(cands):
+            raise ValueError(
+                f"{rewards_path}: anchor {aid} has {len(rr['rewards'])} rewards for {len(cands)} scored candidates"
+            )
+        try:
+            groups.append(Group(
+                query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
+                seqs=tuple(_positions(scored_path, rec, c) for c in cands),
+                rewards=tuple(_num(rewards_path, aid, "rewards", x) for x in rr["rewards"]),
+                hard=tuple(_num(rewards_path, aid, "hard", x) for x in rr["hard"]),
+                info=tuple(_num(scored_path, aid, "info_score", c.get("info_score")) for c in cands),
+                sources=tuple(str(c.get("source", "")) for c in cands),
+            ))
+        except ValueError as e:
+            raise ValueError(f"{scored_path}: {e}") from None
+    extra = set(rewards) - {rec.get("anchor_id") for rec in scored}
+    if extra:
+        raise ValueError(f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})")
+    return groups
+
+
+def sft_group(g: Group, top_beams: int) -> Group | None:
+    """The v2 targets of an anchor: its ``top_beams`` best beams by InfoScore (ties: file order)."""
+    beams = [i for i, s in enumerate(g.sources) if s == "beam"]
+    if not beams:
+        return None
+    beams = sorted(beams, key=lambda i: -g.info[i])[:top_beams]  # sorted() is stable
+    pick = lambda xs: tuple(xs[i] for i in beams)  # noqa: E731
+    return Group(g.query_id, g.pool, pick(g.seqs), pick(g.rewards),
+                 None if g.hard is None else pick(g.hard), pick(g.info), pick(g.sources))
+
+
+# ============================================================================ embeddings and packing
+
+
+@dataclass
+class EmbeddingTable:
+    """Embedding rows addressed by global example id."""
+
+    ids: np.ndarray
+    emb: Tensor
+    row: dict[int, int]
+    path: str = ""
+
+    @classmethod
+    def from_arrays(cls, ids: Any, emb: Any, path: str = "") -> "EmbeddingTable":
+        ids = np.asarray(ids, dtype=np.int64)
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or ids.shape != (emb.shape[0],):
+            raise ValueError(f"{path or 'embeddings'}: need ids [N] and emb [N, d], got {ids.shape} and {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError(f"{path or 'embeddings'}: emb holds NaN or infinite values")
+        row = {int(i): r for r, i in enumerate(ids)}
+        if len(row) != len(ids):
+            raise ValueError(f"{path or 'embeddings'}: duplicate ids")
+        return cls(ids=ids, emb=torch.from_numpy(emb.copy()), row=row, path=path)
+
+    def rows(self, ids: Sequence[int], what: str) -> list[int]:
+        try:
+            return [self.row[int(i)] for i in ids]
+        except KeyError as e:
+            raise KeyError(f"{self.path or 'embeddings'}: no embedding for {what} id {e.args[0]}") from None
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+
+def load_embeddings(path: str | os.PathLike) -> EmbeddingTable:
+    """An ``.npz`` with ``ids`` (int64 [N]) and ``emb`` (float32 [N, d])."""
+    with np.load(path) as z:
+        for k in ("ids", "emb"):
+            if k not in z:
+                raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
+        return EmbeddingTable.from_arrays(z["ids"], z["emb"], str(path))
+
+
+@dataclass
+class Packed:
+    """Groups as padded tensors (CPU); a batch gathers rows and moves them to the device."""
+
+    query_rows: Tensor   # [G] embedding rows of the anchors
+    pool_rows: Tensor    # [G, K] embedding rows of pool items (0 at padding)
+    pool_mask: Tensor    # [G, K] bool
+    seqs: Tensor         # [G, N, T] pool positions, −1 padding
+    cand_mask: Tensor    # [G, N] bool
+    rewards: Tensor      # [G, N] float32 raw rewards (0 at padding)
+    hard: Tensor         # [G, N] float32 vqa_correct (0 at padding or when unknown)
+
+    def __len__(self) -> int:
+        return int(self.query_rows.shape[0])
+
+
+def pack_groups(groups: Sequence[Group], table: EmbeddingTable) -> Packed:
+    """Pad ``groups`` into tensors; checks every id has an embedding and every sequence is valid."""
+    g = len(groups)
+    k = max((len(x.pool) for x in groups), default=1)
+    n = max((len(x.seqs) for x in groups), default=1)
+    t = max((len(s) for x in groups for s in x.seqs), default=1)
+    query_rows = torch.tensor(table.rows([x.query_id for x in groups], "anchor"), dtype=torch.long)
+    pool_rows = torch.zeros((g, k), dtype=torch.long)
+    pool_mask = torch.zeros((g, k), dtype=torch.bool)
+    seqs = torch.full((g, n, t), -1, dtype=torch.long)
+    cand_mask = torch.zeros((g, n), dtype=torch.bool)
+    rewards = torch.zeros((g, n), dtype=torch.float32)
+    hard = torch.zeros((g, n), dtype=torch.float32)
+    for i, x in enumerate(groups):
+        pool_rows[i, : len(x.pool)] = torch.tensor(table.rows(x.pool, f"pool item of anchor {x.query_id}"))
+        pool_mask[i, : len(x.pool)] = True
+        for j, s in enumerate(x.seqs):
+            seqs[i, j, : len(s)] = torch.tensor(s)
+        cand_mask[i, : len(x.seqs)] = True
+        rewards[i, : len(x.seqs)] = torch.tensor(x.rewards, dtype=torch.float64).to(torch.float32)
+        if x.hard is not None:
+            hard[i, : len(x.seqs)] = torch.tensor(x.hard)
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards overflow float32")
+    return Packed(query_rows, pool_rows, pool_mask, seqs, cand_mask, rewards, hard)
+
+
+@dataclass
+class Batch:
+    query: Tensor
+    pool: Tensor
+    pool_mask: Tensor
+    seqs: Tensor
+    cand_mask: Tensor
+    rewards: Tensor
+    hard: Tensor
+
+
+def make_batch(p: Packed, idx: Tensor, table: EmbeddingTable, device: torch.device) -> Batch:
+    """Gather groups ``idx`` into device tensors, trimmed to the batch's own max sizes."""
+    pm = p.pool_mask[idx]
+    cm = p.cand_mask[idx]
+    seqs = p.seqs[idx]
+    k = int(pm.sum(-1).max())
+    n = max(int(cm.sum(-1).max()), 1)
+    tt = max(int((seqs >= 0).sum(-1).max()), 1)
+    emb = table.emb
+    return Batch(
+        query=emb[p.query_rows[idx]].to(device),
+        pool=emb[p.pool_rows[idx, :k]].to(device),
+        pool_mask=pm[:, :k].to(device),
+        seqs=seqs[:, :n, :tt].to(device),
+        cand_mask=cm[:, :n].to(device),
+        rewards=p.rewards[idx, :n].to(device),
+        hard=p.hard[idx, :n].to(device),
+    )
+
+
+def split_val(groups: Sequence[Group], val_fraction: float, val_seed: int) -> tuple[list[Group], list[Group]]:
+    """Deterministic train/val split of anchors (by a seeded permutation of the sorted anchor ids)."""
+    ids = sorted({g.query_id for g in groups})
+    n_val = int(round(val_fraction * len(ids)))
+    if val_fraction > 0 and len(ids) > 1:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    else:
+        n_val = 0
+    perm = np.random.RandomState(val_seed).permutation(len(ids))
+    val_ids = {ids[i] for i in perm[:n_val]}
+    return [g for g in groups if g.query_id not in val_ids], [g for g in groups if g.query_id in val_ids]
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i: i + size] for i in range(0, n, size)]
+
+
+# ============================================================================ validation proxy
+
+
+@torch.no_grad()
+def val_proxy(model: PointerSelector, packed: Packed | None, table: EmbeddingTable, device: torch.device,
+              batch: int = 256) -> tuple[float | None, float]:
+    """Mean reward of the greedy sequence where it is one of the group's scored candidates.
+
+    Greedy depth = the group's longest candidate; a candidate matches when it equals the greedy
+    sequence (same order). Returns (mean over matched groups or None if none, share matched).
+    """
+    if packed is None or len(packed) == 0:
+        return None, 0.0
+    was = model.training
+    model.eval()
+    total, matched = 0.0, 0
+    try:
+        for start in range(0, len(packed), batch):
+            idx = torch.arange(start, min(start + batch, len(packed)))
+            b = make_batch(packed, idx, table, device)
+            lens = (b.seqs >= 0).sum(-1)  # [B, N]
+            depth = torch.where(b.cand_mask, lens, torch.zeros_like(lens)).amax(-1)  # [B]
+            greedy = model._greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
+            steps = torch.arange(b.seqs.shape[-1], device=device)
+            # steps beyond the group's depth do not count; a match must have the group's depth
+            eq = ((b.seqs == greedy[:, None, :]) | (steps >= depth[:, None, None])).all(-1)
+            hit = eq & b.cand_mask & (lens == depth[:, None])
+            n_hit = hit.sum(-1)
+            r = torch.where(hit, b.rewards.to(torch.float64), torch.zeros((), dtype=torch.float64, device=device))
+            ok = n_hit > 0
+            total += float((r.sum(-1)[ok] / n_hit[ok]).sum())
+            matched += int(ok.sum())
+    finally:
+        model.train(was)
+    if matched == 0:
+        return None, 0.0
+    return total / matched, matched / len(packed)
+
+
+# ============================================================================ metrics & checkpoints
+
+
+def _row(phase: str, epoch: int, **vals: Any) -> dict[str, Any]:
+    row = {c: None for c in METRIC_COLUMNS}
+    row.update(phase=phase, epoch=epoch, **vals)
+    return row
+
+
+def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply."""
+    with atomic_path(path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(METRIC_COLUMNS)
+            for r in rows:
+                w.writerow(["" if r.get(c) is None else (repr(float(r[c])) if isinstance(r[c], float) else r[c])
+                            for c in METRIC_COLUMNS])
+
+
+def _epoch_path(out_ckpt: str | os.PathLike, phase: str, epoch: int) -> str:
+    base = str(out_ckpt)
+    base = base[:-3] if base.endswith(".pt") else base
+    return f"{base}.{phase}_epoch{epoch:03d}.pt"
+
+
+class _Keeper:
+    """Keeps the selected epoch's weights: the last one, or the best by validation proxy."""
+
+    def __init__(self, selection: str):
+        self.selection = selection
+        self.best: float | None = None
+        self.state: dict | None = None
+        self.tag: tuple[str, int] | None = None
+
+    def offer(self, model: PointerSelector, phase: str, epoch: int, val: float | None) -> None:
+        """Consider this epoch. "best": the highest proxy wins, ties to the earlier epoch; until
+        some epoch has a proxy, the latest epoch stands in."""
+        if self.selection == "last":
+            take = True
+        elif val is not None:
+            take = self.best is None or val > self.best
+        else:
+            take = self.best is None
+        if take:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.tag = (phase, epoch)
+            if self.selection == "best" and val is not None:
+                self.best = val
+
+
+def _check_finite_params(model: PointerSelector, where: str) -> None:
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise FloatingPointError(f"{where}: parameter {name} became non-finite")
+
+
+def _step(model: PointerSelector, opt: torch.optim.Optimizer, loss: Tensor, grad_clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+# ============================================================================ v2
+
+
+def sft_loss(model: PointerSelector, b: Batch, label_smoothing: float) -> Tensor:
+    """Teacher-forced CE per step, averaged over every real step of every target sequence.
+
+    Label smoothing spreads ``label_smoothing`` uniformly over the items still available.
+    """
+    s = model.scores(b.query, b.pool, b.pool_mask)
+    lp_all, avail = model.step_log_probs(s, b.seqs)
+    valid = b.seqs >= 0
+    picked = torch.gather(lp_all, 3, b.seqs.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ce = -picked
+    if label_smoothing > 0:
+        smooth = torch.where(avail, lp_all, torch.zeros_like(lp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
+        ce = (1.0 - label_smoothing) * ce - label_smoothing * smooth
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    return ce.sum() / valid.sum().clamp_min(1)
+
+
+def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed: int,
+             *, on_step: StepCallback | None = None, out_ckpt: str | None = None
+             ) -> tuple[PointerSelector, list[dict], dict]:
+    """Supervised v2 training; returns (selected model, metric rows, checkpoint meta)."""
+    device = _device(cfg.device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    train_g, val_g = split_val(groups, cfg.val_fraction, cfg.val_seed)
+    targets = [t for t in (sft_group(g, cfg.top_beams) for g in train_g) if t is not None]
+    if len(targets) < len(train_g):
+        log.warning("v2: %d of %d training anchors have no beam candidates and are skipped",
+                    len(train_g) - len(targets), len(train_g))
+    if not targets:
+        raise ValueError("v2: no training anchor has a beam candidate")
+    packed = pack_groups(targets, table)
+    PointerSelector.check_sequences(packed.seqs, packed.pool_mask)
+    val_packed = pack_groups(val_g, table) if val_g else None
+    model = PointerSelector(table.dim, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                            cfg.dropout, cfg.temperature).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    keeper = _Keeper(cfg.selection)
+    rows: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        losses = []
+        for step, idx in enumerate(_batches(len(packed), cfg.batch_queries, gen)):
+            b = make_batch(packed, idx, table, device)
+            loss = sft_loss(model, b, cfg.label_smoothing)
+            _step(model, opt, loss, cfg.grad_clip)
+            losses.append(float(loss.detach()))
+            if on_step:
+                on_step("v2", epoch, step, {"loss": losses[-1]})
+        _check_finite_params(model, f"v2 epoch {epoch}")
+        val, cov = val_proxy(model, val_packed, table, device)
+        rows.append(_row("v2", epoch, loss=float(np.mean(losses)), groups_kept=len(packed),
+                         groups_skipped=len(train_g) - len(packed), val_reward=val))
+        log.info("v2 epoch %d: loss %.4f, val proxy %s (coverage %.2f)", epoch, rows[-1]["loss"], val, cov)
+        keeper.offer(model, "v2", epoch, val)
+        if cfg.save_epochs and out_ckpt:
+            model.save(_epoch_path(out_ckpt, "v2", epoch), {"phase": "v2", "epoch": epoch, "seed": seed,
+                                                            "train": cfg.to_dict()})
+    if keeper.state is not None:
+        if keeper.tag and cfg.selection == "best" and keeper.best is None:
+            log.warning("v2: no epoch had a validation proxy; keeping the last epoch")
+        model.load_state_dict(keeper.state)
+    meta = {"phase": "v2", "seed": int(seed), "train": cfg.to_dict(),
+            "selected_epoch": keeper.tag[1] if keeper.tag else 0, "selection": cfg.selection}
+    return model.eval(), rows, meta
+
+
+# ============================================================================ v3
+
+
+def _tau(step: int, total: int, start: float, end: float) -> float:
+    """RCE temperature falling linearly from ``start`` (step 0) to ``end`` (last step)."""
+    if total <= 1:
+        return start
+    return start + (end - start) * step / (total - 1)
+
+
+class _Agg:
+    """Epoch aggregation of per-step GRPO/RCE diagnostics (group- or candidate-weighted)."""
+
+    def __init__(self) -> None:
+        self.g = 0
+        self.c = 0
+        self.sums: dict[str, float] = {"loss": 0.0, "ppo_loss": 0.0, "kl": 0.0, "ratio": 0.0,
+                                       "clip": 0.0, "a1": 0.0, "a2": 0.0}
+        self.ratio_max: float | None = None
+        self.kept = 0
+        self.skipped = 0
+
+    def add(self, d: dict) -> None:
+        kept = d["groups_kept"]
+        self.kept += kept
+        self.skipped += d["groups_skipped"]
+        self.g += kept
+        for k in ("loss", "ppo_loss", "kl"):
+            if k in d:
+                self.sums[k] += d[k] * kept
+        n = d.get("n_candidates", 0)
+        if n:
+            self.c += n
+            self.sums["ratio"] += d["ratio_mean"] * n
+            self.sums["clip"] += d["clip_frac"] * n
+            self.sums["a1"] += d["adv_mean"] * n
+            self.sums["a2"] += (d["adv_std"] ** 2 + d["adv_mean"] ** 2) * n
+            self.ratio_max = d["ratio_max"] if self.ratio_max is None else max(self.ratio_max, d["ratio_max"])
+
+    def mean(self, k: str) -> float | None:
+        return self.sums[k] / self.g if self.g else None
+
+    def row(self, phase: str, epoch: int, val: float | None) -> dict:
+        if phase == "rce":
+            return _row(phase, epoch, loss=self.mean("loss"), groups_kept=self.kept,
+                        groups_skipped=self.skipped, val_reward=val)
+        c = self.c
+        a1 = self.sums["a1"] / c if c else None
+        adv_std = math.sqrt(max(self.sums["a2"] / c - a1 * a1, 0.0)) if c else None
+        return _row(phase, epoch, loss=self.mean("loss"), ppo_loss=self.mean("ppo_loss"), kl=self.mean("kl"),
+                    ratio_mean=self.sums["ratio"] / c if c else None, ratio_max=self.ratio_max,
+                    clip_frac=self.sums["clip"] / c if c else None, adv_std=adv_std,
+                    groups_kept=self.kept, groups_skipped=self.skipped, val_reward=val)
+
+
+def _grpo_logps(model: PointerSelector, old: PointerSelector, b: Batch) -> tuple[Tensor, Tensor]:
+    """(logp_θ, logp_old), both with dropout off: identical weights → identical values."""
+    model.eval()
+    with torch.no_grad():
+        lp_old = old.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask, check=False)
+    lp = model.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask, check=False)
+    return lp, lp_old
+
+
+def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTable, cfg: V3Config,
+             use_rank: bool, seed: int, *, on_step: StepCallback | None = None, out_ckpt: str | None = None
+             ) -> tuple[PointerSelector, list[dict], dict]:
+    """RCE warm-up then GRPO from ``model`` (a trained v2); returns (selected model, rows, meta)."""
+    device = _device(cfg.device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if model.config["d_in"] != table.dim:
+        raise ValueError(f"selector expects {model.config['d_in']}-d embeddings, "
+                         f"{table.path or 'table'} has {table.dim}")
+    if any(g.hard is None for g in groups) and cfg.min_positive_ratio > 0:
+        raise ValueError("min_positive_ratio > 0 needs scored groups (vqa_correct)")
+    model = model.to(device)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    train_g, val_g = split_val(groups, cfg.val_fraction, cfg.val_seed)
+    if not train_g:
+        raise ValueError("v3: no training groups")
+    packed = pack_groups(train_g, table)
+    PointerSelector.check_sequences(packed.seqs, packed.pool_mask)
+    val_packed = pack_groups(val_g, table) if val_g else None
+    rows: list[dict] = []
+    keeper = _Keeper(cfg.selection)
+    mpr_rce = cfg.min_positive_ratio if cfg.gate_rce else 0.0
+
+    def after_epoch(phase: str, epoch: int, agg: _Agg, eligible: bool) -> None:
+        _check_finite_params(model, f"{phase} epoch {epoch}")
+        val, cov = val_proxy(model, val_packed, table, device)
+        rows.append(agg.row(phase, epoch, val))
+        log.info("%s epoch %d: %s (val coverage %.2f)", phase, epoch,
+                 {k: v for k, v in rows[-1].items() if v is not None}, cov)
+        if eligible:
+            keeper.offer(model, phase, epoch, val)
+        if cfg.save_epochs and out_ckpt:
+            model.save(_epoch_path(out_ckpt, phase, epoch), {"phase": phase, "epoch": epoch, "seed": seed,
+                                                             "use_rank": use_rank, "train": cfg.to_dict()})
+
+    # ---- RCE warm-up (dropout on, as in supervised training)
+    if cfg.rce_epochs:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.rce_lr, weight_decay=cfg.weight_decay)
+        n_steps = cfg.rce_epochs * math.ceil(len(packed) / cfg.batch_queries)
+        gstep = 0
+        for epoch in range(1, cfg.rce_epochs + 1):
+            model.train()
+            agg = _Agg()
+            for step, idx in enumerate(_batches(len(packed), cfg.batch_queries, gen)):
+                b = make_batch(packed, idx, table, device)
+                tau = _tau(gstep, n_steps, cfg.rce_tau_start, cfg.rce_tau_end)
+                gstep += 1
+                lp = model.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask, check=False)
+                loss, d = rl.rce_loss(lp, b.rewards, tau=tau, use_rank=use_rank, mask=b.cand_mask,
+                                      hard=b.hard, min_positive_ratio=mpr_rce)
+                if d["groups_kept"]:
+                    _step(model, opt, loss, cfg.grad_clip)
+                agg.add(d)
+                if on_step:
+                    on_step("rce", epoch, step, d)
+            after_epoch("rce", epoch, agg, eligible=cfg.grpo_epochs == 0)
+
+    # ---- GRPO (dropout off everywhere: ratio exactly 1 at identical weights).
+    # π_ref is the policy at GRPO start, which is also π_old during the first GRPO epoch: the
+    # log-probs π_old gives each group in that epoch are kept as its π_ref log-probs, so π_ref
+    # costs no forward pass of its own.
+    if cfg.grpo_epochs:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.grpo_lr, weight_decay=cfg.weight_decay)
+        ref_lp = torch.zeros(packed.cand_mask.shape, dtype=torch.float32, device=device)
+        for epoch in range(1, cfg.grpo_epochs + 1):
+            old = copy.deepcopy(model).eval()
+            for p in old.parameters():
+                p.requires_grad_(False)
+            agg = _Agg()
+            for step, idx in enumerate(_batches(len(packed), cfg.batch_queries, gen)):
+                b = make_batch(packed, idx, table, device)
+                lp, lp_old = _grpo_logps(model, old, b)
+                n = lp_old.shape[1]
+                if epoch == 1:
+                    ref_lp[idx.to(device), :n] = lp_old.to(ref_lp.dtype)
+                    lp_ref = lp_old
+                else:
+                    lp_ref = ref_lp[idx.to(device), :n].to(lp_old.dtype)
+                loss, d = rl.grpo_loss(lp, lp_old, lp_ref, b.rewards, use_rank=use_rank, mask=b.cand_mask,
+                                       hard=b.hard, min_positive_ratio=cfg.min_positive_ratio,
+                                       clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, min_std=cfg.min_std,
+                                       adv_clip=cfg.adv_clip)
+                if d["groups_kept"]:
+                    _step(model, opt, loss, cfg.grad_clip)
+                agg.add(d)
+                if on_step:
+                    on_step("grpo", epoch, step, d)
+            after_epoch("grpo", epoch, agg, eligible=True)
+
+    if keeper.state is not None:
+        if cfg.selection == "best" and keeper.best is None:
+            log.warning("v3: no epoch had a validation proxy; keeping the last epoch")
+        model.load_state_dict(keeper.state)
+    meta = {"phase": "v3", "seed": int(seed), "use_rank": bool(use_rank), "train": cfg.to_dict(),
+            "selected_phase": keeper.tag[0] if keeper.tag else "v2",
+            "selected_epoch": keeper.tag[1] if keeper.tag else 0, "selection": cfg.selection}
+    return model.eval(), rows, meta
+
+
+# ============================================================================ file entry points
+
+
+def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[str, Any] | None, seed: int,
+                   out_ckpt: str, out_metrics: str) -> None:
+    """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV."""
+    cfg = V2Config.from_dict(v2_cfg)
+    groups = load_candidate_groups(candidates_path)
+    table = load_embeddings(train_emb_path)
+    model, rows, meta = train_v2(groups, table, cfg, int(seed), out_ckpt=out_ckpt)
+    model.save(out_ckpt, meta)
+    write_metrics(rows, out_metrics)
+
+
+def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str,
+                   v3_cfg: Mapping[str, Any] | None, use_rank: bool, seed: int, out_ckpt: str,
+                   out_metrics: str) -> None:
+    """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file."""
+    cfg = V3Config.from_dict(v3_cfg)
+    if not isinstance(use_rank, bool):
+        raise ValueError(f"use_rank must be true or false, got {use_rank!r}")
+    model = PointerSelector.load(v2_ckpt)
+    groups = load_groups(scored_path, rewards_path)
+    table = load_embeddings(train_emb_path)
+    model, rows, meta = train_v3(model, groups, table, cfg, use_rank, int(seed), out_ckpt=out_ckpt)
+    model.save(out_ckpt, meta)
+    write_metrics(rows, out_metrics)
+
+
+# ============================================================================ synthetic data
+# (for tests, benchmarks and smoke runs of the workflow)
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """Synthetic groups with a planted preference: an item's quality is emb · direction."""
+
+    groups: list[Group]
+    table: EmbeddingTable
+    direction: np.ndarray
+
+    def planted_reward(self, group: Group, seq: Sequence[int]) -> float:
+        """Mean quality of the pool items at positions ``seq`` (the planted sequence reward)."""
+        rows = self.table.rows([group.pool[p] for p in seq], "pool item")
+        return float((self.table.emb[rows].numpy().astype(np.float64) @ self.direction).mean())
+
+
+def synthetic_groups(n_groups: int = 64, n_cands: int = 15, pool_size: int = 64, depth: int = 2,
+                     dim: int = 32, seed: int = 0, mode: str = "hard_plus_soft_v2",
+                     n_items: int | None = None) -> Synthetic:
+    """Random unit embeddings, pools drawn from them, and N random candidate sequences per anchor.
+
+    A candidate's InfoScore is its planted reward (mean item quality); ``hard`` = 1 when that is
+    above 0.1, ``soft`` = clip(0.5 + 2·quality, 0, 1); rewards follow ``mode``. The first
+    candidate of each group is the pool's best sequence (the planted optimum, source "beam").
+    """
+    from icdrl.rewards import reward
+
+    rng = np.random.RandomState(seed)
+    n_items = n_items or max(4 * pool_size, n_groups + pool_size + 1)
+    emb = rng.randn(n_items, dim).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    direction = rng.randn(dim)
+    direction /= np.linalg.norm(direction)
+    quality = emb.astype(np.float64) @ direction
+    ids = np.arange(1000, 1000 + n_items, dtype=np.int64)
+    table = EmbeddingTable.from_arrays(ids, emb, "synthetic")
+    groups = []
+    for a in range(n_groups):
+        others = np.delete(np.arange(n_items), a)
+        pool_idx = rng.choice(others, size=pool_size, replace=False)
+        q = quality[pool_idx]
+        best = tuple(int(p) for p in np.argsort(-q, kind="stable")[:depth])
+        seqs = [best] + [tuple(int(p) for p in rng.choice(pool_size, size=depth, replace=False))
+                         for _ in range(n_cands - 1)]
+        info = np.array([q[list(s)].mean() for s in seqs])
+        hard = (info > 0.1).astype(np.float64)
+        soft = np.clip(0.5 + 2.0 * info, 0.0, 1.0)
+        r = reward(mode, hard=hard, soft=soft, info=info)
+        groups.append(Group(query_id=int(ids[a]), pool=tuple(int(ids[i]) for i in pool_idx), seqs=tuple(seqs),
+                            rewards=tuple(float(x) for x in r), hard=tuple(float(x) for x in hard),
+                            info=tuple(float(x) for x in info),
+                            sources=("beam",) + ("random",) * (n_cands - 1)))
+    return Synthetic(groups, table, direction)

@@ -1,0 +1,175 @@
+"""Reward modes (SPEC §6) at their boundaries, the seed's own numbers, and write_rewards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from icdrl import rewards as R
+from icdrl.records import read_jsonl, write_jsonl
+
+H = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+S = np.array([0.0, 1.0, 0.0, 1.0, 0.6, 0.7])
+INFO = np.array([0.0, 0.05, -0.02, 0.2, 0.1, 0.03])
+
+
+def test_modes_and_unknown_mode_lists_valid_ones():
+    assert R.MODES == ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
+    with pytest.raises(ValueError) as e:
+        R.reward("plan5", hard=1, soft=1, info=0)
+    for m in R.MODES:
+        assert m in str(e.value)
+    with pytest.raises(ValueError):
+        R.knobs_used("nope")
+
+
+def test_seed_numbers_v2():
+    assert R.reward("hard_plus_soft_v2", hard=1, soft=1, info=0) == 3.0
+    assert R.reward("hard_plus_soft_v2", hard=0, soft=0, info=0) == 0.0
+    # positives in [2, 3], negatives in [0, 1] (the seed's gap)
+    s = np.linspace(0, 1, 11)
+    pos = R.reward("hard_plus_soft_v2", hard=np.ones(11), soft=s, info=None)
+    neg = R.reward("hard_plus_soft_v2", hard=np.zeros(11), soft=s, info=None)
+    assert pos.min() == 2.0 and pos.max() == 3.0 and neg.min() == 0.0 and neg.max() == 1.0
+    # weights: w_s·s + 2·w_h·h
+    assert R.reward("hard_plus_soft_v2", hard=1, soft=0.5, info=0, hard_weight=2.0, soft_weight=0.5) == 4.25
+
+
+def test_hard_plus_soft():
+    assert R.reward("hard_plus_soft", hard=1, soft=1, info=9) == 2.0
+    assert R.reward("hard_plus_soft", hard=0, soft=0.99, info=9) == pytest.approx(0.99)  # negatives reach ~1
+    for hw, sw in [(1, 1), (2, 1), (1, 0.5), (2, 0.5)]:
+        got = R.reward("hard_plus_soft", hard=H, soft=S, info=INFO, hard_weight=hw, soft_weight=sw)
+        np.testing.assert_allclose(got, hw * H + sw * S)
+
+
+def test_legacy():
+    np.testing.assert_allclose(R.reward("legacy", hard=H, soft=S, info=INFO), INFO)  # α=1, β=0: InfoScore
+    # the seed's "plan 5": α=0, β=1 → correctness only
+    np.testing.assert_allclose(R.reward("legacy", hard=H, soft=S, info=INFO, alpha=0.0, beta=1.0), H)
+    assert R.reward("legacy", hard=1, soft=0, info=0.1, alpha=2.0, beta=0.5) == pytest.approx(0.7)
+
+
+def test_hybrid_documented_formula_and_boundaries():
+    # defect 10: hybrid must be α·min(1, max(0, I·scale)) + (1−α)·(h + 0.5·s), α = clip(hard_weight, 0, 1)
+    assert R.reward("hybrid", hard=1, soft=0.8, info=0.05, hard_weight=0.5) == pytest.approx(0.5 * 0.5 + 0.5 * 1.4)
+    # α = 1 (the default hard_weight): the info part only, clipped to [0, 1]
+    assert R.reward("hybrid", hard=1, soft=1, info=0.5) == 1.0
+    assert R.reward("hybrid", hard=1, soft=1, info=-0.3) == 0.0
+    assert R.reward("hybrid", hard=0, soft=0, info=0.03) == pytest.approx(0.3)
+    # hard_weight beyond [0, 1] is clipped
+    assert R.reward("hybrid", hard=1, soft=1, info=0.03, hard_weight=2.0) == pytest.approx(0.3)
+    assert R.reward("hybrid", hard=1, soft=1, info=0.03, hard_weight=-1.0) == pytest.approx(1.5)
+    assert R.reward("hybrid", hard=1, soft=1, info=0.0, hard_weight=0.0) == 1.5  # max of the VQA part
+    # info_scale
+    assert R.reward("hybrid", hard=0, soft=0, info=0.03, info_scale=20.0) == pytest.approx(0.6)
+    got = R.reward("hybrid", hard=H, soft=S, info=INFO, hard_weight=0.3)
+    np.testing.assert_allclose(got, 0.3 * np.clip(INFO * 10, 0, 1) + 0.7 * (H + 0.5 * S))
+
+
+def test_missing_values_count_as_zero():
+    for mode in R.MODES:
+        assert R.reward(mode, hard=None, soft=None, info=None) == 0.0
+        a = R.reward(mode, hard=[1.0, None, float("nan")], soft=[None, 0.5, 1.0], info=[0.02, float("nan"), None])
+        b = R.reward(mode, hard=[1.0, 0.0, 0.0], soft=[0.0, 0.5, 1.0], info=[0.02, 0.0, 0.0])
+        np.testing.assert_array_equal(a, b)
+        assert not np.isnan(a).any()
+        # a whole input missing
+        np.testing.assert_array_equal(R.reward(mode, hard=H, soft=None, info=INFO),
+                                      R.reward(mode, hard=H, soft=np.zeros(6), info=INFO))
+
+
+def test_kinds_and_shapes():
+    assert isinstance(R.reward("hybrid", hard=1, soft=0.5, info=0.01), float)
+    out = R.reward("hard_plus_soft", hard=[1, 0], soft=[0.5, 0.5], info=[0, 0])
+    assert isinstance(out, np.ndarray) and out.tolist() == [1.5, 0.5]
+    t = R.reward("hard_plus_soft_v2", hard=torch.tensor([[1.0, 0.0]]), soft=torch.tensor([[1.0, 0.2]]),
+                 info=torch.zeros(1, 2))
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (1, 2)
+    assert torch.allclose(t, torch.tensor([[3.0, 0.2]]))
+    with pytest.raises(ValueError, match="shape"):
+        R.reward("hard_plus_soft", hard=[1, 0], soft=[1, 0, 0], info=None)
+    with pytest.raises(ValueError, match="infinite"):
+        R.reward("legacy", hard=0, soft=0, info=float("inf"))
+    with pytest.raises(ValueError, match="alpha"):
+        R.reward("legacy", hard=0, soft=0, info=0, alpha=float("nan"))
+
+
+def test_knobs_used_match_the_formulas():
+    assert R.knobs_used("legacy") == {"alpha", "beta"}
+    assert R.knobs_used("hard_plus_soft") == R.knobs_used("hard_plus_soft_v2") == {"hard_weight", "soft_weight"}
+    assert R.knobs_used("hybrid") == {"hard_weight", "info_scale"}
+    base = dict(hard_weight=0.4, soft_weight=0.7, alpha=0.9, beta=0.3, info_scale=10.0)
+    for mode in R.MODES:
+        ref = R.reward(mode, hard=H, soft=S, info=INFO, **base)
+        for knob in R.KNOBS:
+            changed = R.reward(mode, hard=H, soft=S, info=INFO, **{**base, knob: base[knob] * 0.5})
+            if knob in R.knobs_used(mode):
+                assert not np.allclose(changed, ref), (mode, knob)
+            else:
+                np.testing.assert_array_equal(changed, ref)
+
+
+def _scored(path, cands_per_anchor):
+    recs = []
+    for aid, cands in cands_per_anchor.items():
+        recs.append({"anchor_id": aid, "pool": list(range(100, 108)), "candidates": [
+            {"source": "beam", "icd_ids": [100 + i, 101 + i], "icd_pos": [i, i + 1], "step_gains": [0.0, 0.0],
+             "prediction_raw": "x", "prediction": "x", **c} for i, c in enumerate(cands)]})
+    write_jsonl(path, "icdrl.scored", recs)
+
+
+def test_write_rewards_counts_and_logs_missing(tmp_path, caplog):
+    scored = tmp_path / "scored.jsonl"
+    _scored(scored, {
+        7: [{"info_score": 0.02, "vqa_correct": 1, "vqa_acc_score": 1.0},
+            {"info_score": None, "vqa_correct": 0, "vqa_acc_score": 0.3}],
+        9: [{"info_score": 0.01, "vqa_correct": True, "vqa_acc_score": None}],
+    })
+    out = tmp_path / "rewards.jsonl"
+    with caplog.at_level(logging.INFO, logger="icdrl.rewards"):
+        R.write_rewards(scored, "hard_plus_soft_v2", hard_weight=1.0, soft_weight=1.0, alpha=1.0, beta=0.0,
+                        info_scale=10.0, out_path=out)
+    recs = read_jsonl(out, "icdrl.rewards")
+    assert [r["anchor_id"] for r in recs] == [7, 9]
+    assert recs[0]["rewards"] == [3.0, 0.3] and recs[1]["rewards"] == [2.0]
+    assert recs[0]["info"] == [0.02, 0.0] and recs[1]["soft"] == [0.0] and recs[1]["hard"] == [1.0]
+    # v2 reads h and s: the missing info_score is not counted, the missing acc score is
+    assert recs[0]["missing"] == 0 and recs[1]["missing"] == 1
+    assert any("1 missing" in r.message and r.levelno == logging.WARNING for r in caplog.records)
+    R.write_rewards(scored, "legacy", hard_weight=1.0, soft_weight=1.0, alpha=1.0, beta=0.0,
+                    info_scale=10.0, out_path=out)
+    recs = read_jsonl(out, "icdrl.rewards")
+    assert recs[0]["missing"] == 1 and recs[1]["missing"] == 0
+    assert recs[0]["rewards"] == [0.02, 0.0]
+    # every line is strict JSON (no NaN)
+    for line in out.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_write_rewards_rejects_bad_input(tmp_path):
+    scored = tmp_path / "scored.jsonl"
+    _scored(scored, {1: [{"info_score": "high", "vqa_correct": 1, "vqa_acc_score": 1.0}]})
+    with pytest.raises(ValueError, match="info_score"):
+        R.write_rewards(scored, "legacy", hard_weight=1, soft_weight=1, alpha=1, beta=0, info_scale=10,
+                        out_path=tmp_path / "r.jsonl")
+    with pytest.raises(ValueError, match="valid modes"):
+        R.write_rewards(scored, "v3", hard_weight=1, soft_weight=1, alpha=1, beta=0, info_scale=10,
+                        out_path=tmp_path / "r.jsonl")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("mode", R.MODES)
+def test_reward_grid_is_finite_and_monotone_in_correctness(mode):
+    # over a grid of inputs the reward is finite, and (for weights ≥ 0, hybrid α < 1) never
+    # decreases when a candidate becomes correct
+    for h, s, i in itertools.product([0.0, 1.0], [0.0, 0.5, 1.0], [-0.1, 0.0, 0.05, 0.5]):
+        r0 = R.reward(mode, hard=0.0, soft=s, info=i, hard_weight=0.5, beta=1.0)
+        r1 = R.reward(mode, hard=1.0, soft=s, info=i, hard_weight=0.5, beta=1.0)
+        assert math.isfinite(r0) and math.isfinite(r1) and r1 >= r0
