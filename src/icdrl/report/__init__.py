@@ -1,0 +1,162 @@
+"""The report (SPEC §10): tables with paired bootstrap intervals, RL-data diagnostics, plots.
+
+Entry point for the workflow's final rule::
+
+    build_report(eval_paths, metrics_paths, rewards_paths, scored_path, report_cfg, out_dir)
+
+* ``eval_paths``: list of ``icdrl.eval`` JSONL files (every method, every seed).
+* ``metrics_paths``: training-metrics CSVs, either a mapping label → path (label = the cell slug
+  with its seed, shown as the row title of the training-curves figure) or a plain list of paths
+  (label = the path relative to the folder common to all of them, without suffix).
+* ``rewards_paths``: ``icdrl.rewards`` JSONL files, mapping label → path or list (same rule).
+* ``scored_path``: the gathered ``icdrl.scored`` JSONL, or None.
+* ``report_cfg``: ``{"n_boot": 1000, "seed": 0}`` (both optional; other keys are errors).
+  Intervals are 95% (``LEVEL``).
+* ``out_dir``: folder for the outputs; it always receives exactly :func:`report_files` (fixed
+  names, independent of the inputs; a category without data holds a "not available" note).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from icdrl.records import atomic_write_text
+
+from .bootstrap import Interval, bootstrap_mean, paired_bootstrap, trend
+from .compare import Comparison, compare, method_accuracy
+from .inputs import EvalData, load_eval, load_metrics, load_rewards, load_scored
+from .plots import (
+    PLOT_NAMES,
+    accuracy_plot,
+    advantage_hist_plot,
+    delta_plot,
+    reward_hist_plot,
+    save_figure,
+    training_curves_plot,
+)
+from .summary import build_summary
+from .tables import (
+    TABLE_NAMES,
+    accuracy_table,
+    advantage_values,
+    exp1_table,
+    exp2_table,
+    exp3_table,
+    group_stats,
+    rl_advantages_table,
+    rl_groups_table,
+    sources_table,
+    training_table,
+    vs_legacy_table,
+    vs_v2_table,
+    write_table,
+)
+
+__all__ = [
+    "build_report",
+    "report_files",
+    "REPORT_FILES",
+    "DEFAULT_REPORT_CFG",
+    "Interval",
+    "bootstrap_mean",
+    "paired_bootstrap",
+    "trend",
+    "Comparison",
+    "compare",
+    "method_accuracy",
+    "EvalData",
+    "load_eval",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPORT_CFG = {"n_boot": 1000, "seed": 0}
+LEVEL = 0.95  # the tables' and captions' texts say 95%
+TABLE_EXTS = ("csv", "md", "html")
+PLOT_EXTS = ("png", "svg")
+REPORT_FILES: tuple[str, ...] = (
+    tuple(f"{t}.{e}" for t in TABLE_NAMES for e in TABLE_EXTS)
+    + tuple(f"{p}.{e}" for p in PLOT_NAMES for e in PLOT_EXTS)
+    + ("summary.md", "summary.html")
+)
+
+
+def report_files(out_dir: str | os.PathLike = "") -> list[str]:
+    """The exact list of files :func:`build_report` writes into ``out_dir`` (same order)."""
+    return [os.path.join(str(out_dir), f) if str(out_dir) else f for f in REPORT_FILES]
+
+
+def _check_cfg(report_cfg: Mapping | None) -> dict:
+    cfg = dict(DEFAULT_REPORT_CFG)
+    extra = set(report_cfg or {}) - set(cfg)
+    if extra:
+        raise ValueError(f"report config: unknown keys {sorted(extra)}; allowed: {sorted(cfg)}")
+    cfg.update(report_cfg or {})
+    n_boot, seed = cfg["n_boot"], cfg["seed"]
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"report config: n_boot must be a positive int, got {n_boot!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"report config: seed must be a non-negative int, got {seed!r}")
+    return cfg
+
+
+def build_report(
+    eval_paths: Sequence[str | os.PathLike],
+    metrics_paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None,
+    rewards_paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None,
+    scored_path: str | os.PathLike | None,
+    report_cfg: Mapping | None,
+    out_dir: str | os.PathLike,
+) -> None:
+    """Write every table (CSV, Markdown, HTML), plot (PNG, SVG) and the summary into ``out_dir``.
+
+    See the module docstring for the arguments; the written names are :data:`REPORT_FILES`.
+    """
+    cfg = _check_cfg(report_cfg)
+    n_boot, seed, level = cfg["n_boot"], cfg["seed"], LEVEL
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = load_eval(eval_paths)
+    metrics = load_metrics(metrics_paths)
+    rewards = load_rewards(rewards_paths)
+    scored = load_scored(scored_path)
+    log.info("report: %d methods, shots %s, %d metrics files, %d rewards files",
+             len(data.methods), data.shots, len(metrics), len(rewards))
+
+    adv = {(lab, ur): advantage_values(g, ur) for lab, g in rewards.items() for ur in (True, False)}
+    tables = {
+        "accuracy": accuracy_table(data, n_boot, seed, level),
+        "vs_legacy": vs_legacy_table(data, n_boot, seed, level),
+        "vs_v2": vs_v2_table(data, n_boot, seed, level),
+        "exp1_modes": exp1_table(data, n_boot, seed, level),
+        "exp2_use_rank": exp2_table(data, n_boot, seed, level),
+        "exp3_weights": exp3_table(data, n_boot, seed, level),
+        "rl_groups": rl_groups_table(rewards),
+        "rl_advantages": rl_advantages_table(adv),
+        "candidates_by_source": sources_table(scored),
+        "training_summary": training_table(metrics),
+    }
+    assert tuple(tables) == TABLE_NAMES
+    for t in tables.values():
+        write_table(t, out)
+
+    stats = {lab: group_stats(g) for lab, g in rewards.items()}
+    figures = {
+        "accuracy_vs_shot": accuracy_plot(tables["accuracy"].data),
+        "delta_vs_legacy": delta_plot(tables["vs_legacy"].data),
+        "reward_hist": reward_hist_plot(rewards, stats),
+        "advantage_hist": advantage_hist_plot(adv),
+        "training_curves": training_curves_plot(metrics),
+    }
+    assert tuple(figures) == PLOT_NAMES
+    for name, fig in figures.items():
+        save_figure(fig, out, name)
+
+    summary = build_summary(data, tables, n_boot, seed, level)
+    atomic_write_text(out / "summary.md", summary.markdown())
+    atomic_write_text(out / "summary.html", summary.html())
+    log.info("report written to %s (%d files)", out, len(REPORT_FILES))

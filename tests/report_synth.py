@@ -1,0 +1,215 @@
+"""Realistic synthetic inputs for the report tests (eval, metrics, rewards, scored files).
+
+Accuracies follow a logistic model with a shared per-query difficulty (so methods are
+correlated over queries, as in real paired evaluations), a per-method-and-shot effect shaped
+like the seed's findings (hard_plus_soft below legacy at 1–2 shots), small per-seed offsets,
+and VQA-style partial credit (0, 0.3, 0.6, 0.9, 1.0).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from icdrl.records import write_jsonl
+
+MODES = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
+SOURCES = ("beam", "beam", "beam", "beam", "beam", "random", "random", "random", "random", "similar",
+           "similar", "similar")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def reward_specs(modes=MODES, weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
+    """Reward settings with the knobs each mode reads (the others None), deduplicated."""
+    out = []
+    for mode in modes:
+        if mode == "legacy":
+            out.append({"mode": mode, "hard_weight": None, "soft_weight": None, "alpha": 1.0, "beta": 0.0})
+            continue
+        for hw, sw in weights:
+            if mode == "hybrid":
+                spec = {"mode": mode, "hard_weight": min(1.0, max(0.0, hw)), "soft_weight": None}
+            else:
+                spec = {"mode": mode, "hard_weight": float(hw), "soft_weight": float(sw)}
+            spec |= {"alpha": None, "beta": None}
+            if spec not in out:
+                out.append(spec)
+    return out
+
+
+def reward_slug(spec: dict) -> str:
+    parts = [spec["mode"]]
+    for knob, key in (("hard_weight", "hw"), ("soft_weight", "sw"), ("alpha", "a"), ("beta", "b")):
+        if spec.get(knob) is not None:
+            parts.append(f"{key}{_fmt(spec[knob])}")
+    return "-".join(parts)
+
+
+def cells(modes=MODES, use_rank=(True, False), weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
+    out = []
+    for spec in reward_specs(modes, weights):
+        for ur in use_rank:
+            c = dict(spec, use_rank=ur)
+            c["cell"] = f"{reward_slug(spec)}-{'rank' if ur else 'zscore'}"
+            out.append(c)
+    return out
+
+
+def _effect(c: dict | None, method: str, k: int) -> float:
+    """Logit effect of a method at shot k (seed-like pattern)."""
+    base = {"zero_shot": -0.7, "random": 0.05 - 0.08 * (k - 1), "similarity": 0.2 - 0.03 * (k - 1),
+            "v2": 0.25 - 0.03 * (k - 1)}
+    if method != "v3":
+        return base[method]
+    eff = 0.32 - 0.07 * (k - 1)
+    mode_eff = {"legacy": (0, 0, 0, 0), "hard_plus_soft": (-0.35, -0.12, 0.05, 0.03),
+                "hard_plus_soft_v2": (-0.1, 0.0, 0.06, 0.05), "hybrid": (-0.05, -0.02, 0.0, 0.02)}[c["mode"]]
+    eff += mode_eff[min(k, 4) - 1]
+    if c.get("hard_weight") == 2.0:
+        eff += 0.08
+    if not c["use_rank"]:
+        eff += 0.04
+    return eff
+
+
+def _acc(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
+    p = 1.0 / (1.0 + np.exp(-logits))
+    right = rng.random(logits.shape) < p
+    partial = rng.choice([0.0, 0.0, 0.0, 0.3, 0.6, 0.9], size=logits.shape)
+    return np.where(right, 1.0, partial)
+
+
+def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0, 1), shots=(1, 2, 3, 4),
+               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2")) -> list[str]:
+    """One eval file per (method[, cell], seed), like the workflow writes them."""
+    rng = np.random.default_rng(rng_seed)
+    qids = np.arange(1000, 1000 + n_queries) * 7
+    difficulty = rng.normal(0.3, 1.3, size=n_queries)
+    paths = []
+    runs = [(m, None, None) for m in baselines if m != "v2"]
+    runs += [("v2", None, s) for s in seeds if "v2" in baselines]
+    runs += [("v3", c, s) for c in cell_list for s in seeds]
+    for method, c, seed in runs:
+        recs = []
+        seed_off = 0.0 if seed is None else rng.normal(0, 0.05)
+        for k in shots:
+            acc = _acc(rng, difficulty + _effect(c, method, k) + seed_off)
+            for q, a in zip(qids, acc):
+                rec = {"method": method, "cell": c["cell"] if c else None, "seed": seed, "k": k,
+                       "query_id": int(q), "icd_ids": list(range(k)), "prediction_raw": "x",
+                       "prediction": "x", "acc": float(a)}
+                if c:
+                    rec |= {key: c[key] for key in ("mode", "use_rank", "hard_weight", "soft_weight", "alpha", "beta")}
+                recs.append(rec)
+        name = method if c is None else c["cell"]
+        p = root / "eval" / f"{name}{'' if seed is None else f'-seed{seed}'}.jsonl"
+        write_jsonl(p, "icdrl.eval", recs)
+        paths.append(str(p))
+    return paths
+
+
+def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int = 1) -> dict[str, str]:
+    """Training-metrics CSVs: v2 per seed (phase v2), v3 per cell × seed (phases rce, grpo)."""
+    rng = np.random.default_rng(rng_seed)
+    out = {}
+    cols = ["phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac", "adv_std",
+            "groups_kept", "groups_skipped", "val_reward"]
+    for s in seeds:
+        rows = [{"phase": "v2", "epoch": e, "loss": 3.0 * math.exp(-e / 4) + 0.4 + rng.normal(0, 0.02),
+                 "val_reward": 0.4 + 0.2 * (1 - math.exp(-e / 3))} for e in range(10)]
+        p = root / "metrics" / "v2" / f"seed{s}" / "metrics.csv"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=cols).to_csv(p, index=False)
+        out[f"v2 seed{s}"] = str(p)  # labels as icdrl.grid.Layout.labelled_metrics writes them
+    for c in cell_list:
+        for s in seeds:
+            rows = [{"phase": "rce", "epoch": e, "loss": 2.0 - 0.2 * e + rng.normal(0, 0.02),
+                     "groups_kept": 100, "groups_skipped": 20, "val_reward": 0.5 + 0.02 * e} for e in range(3)]
+            kept = 60 if c["mode"] != "legacy" else 120
+            for e in range(8):
+                rows.append({"phase": "grpo", "epoch": e, "loss": -0.02 * e + 0.01 * rng.normal(),
+                             "ppo_loss": -0.025 * e, "kl": 0.002 * e ** 1.3, "ratio_mean": 1.0 + rng.normal(0, 0.01),
+                             "ratio_max": 1.2 + 0.05 * e, "clip_frac": 0.05 + 0.01 * e,
+                             "adv_std": 0.9 if c["use_rank"] else 0.7, "groups_kept": kept,
+                             "groups_skipped": 120 - kept + 20, "val_reward": 0.56 + 0.01 * e})
+            p = root / "metrics" / c["cell"] / f"seed{s}" / "metrics.csv"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows, columns=cols).to_csv(p, index=False)
+            out[f"v3 {c['cell']} seed{s}"] = str(p)
+    return out
+
+
+def synth_groups(n_anchors: int = 120, rng_seed: int = 2):
+    """Per anchor: hard (0/1), soft (VQA acc), info (InfoScore) per candidate, some info missing."""
+    rng = np.random.default_rng(rng_seed)
+    groups = []
+    for a in range(n_anchors):
+        p = rng.beta(0.6, 0.8)
+        n = len(SOURCES)
+        hard = (rng.random(n) < p).astype(float)
+        soft = np.where(hard == 1, 1.0, rng.choice([0.0, 0.0, 0.3, 0.6, 0.9], size=n))
+        info = rng.normal(0.01, 0.03, size=n) + 0.02 * hard
+        info = [None if rng.random() < 0.01 else float(v) for v in info]
+        groups.append({"anchor_id": 10 * a + 1, "hard": hard, "soft": soft, "info": info})
+    return groups
+
+
+def reward_values(spec: dict, hard, soft, info) -> np.ndarray:
+    """SPEC §6 formulas (missing inputs count as 0)."""
+    h, s = np.asarray(hard, float), np.asarray(soft, float)
+    i = np.array([0.0 if v is None else v for v in info])
+    m = spec["mode"]
+    if m == "legacy":
+        return spec["alpha"] * i + spec["beta"] * h
+    if m == "hard_plus_soft":
+        return spec["hard_weight"] * h + spec["soft_weight"] * s
+    if m == "hard_plus_soft_v2":
+        return spec["soft_weight"] * s + 2 * spec["hard_weight"] * h
+    a = min(1.0, max(0.0, spec["hard_weight"]))
+    return a * np.clip(i * 10.0, 0.0, 1.0) + (1 - a) * (h + 0.5 * s)
+
+
+def write_scored_and_rewards(root: Path, specs: list[dict], n_anchors: int = 120) -> tuple[str, dict[str, str]]:
+    groups = synth_groups(n_anchors)
+    scored = []
+    for g in groups:
+        cands = []
+        for j, src in enumerate(SOURCES):
+            cands.append({"source": src, "icd_ids": [j, j + 1], "icd_pos": [j, j + 1], "info_score": g["info"][j],
+                          "step_gains": [0.0, 0.0], "prediction_raw": "x", "prediction": "x",
+                          "vqa_acc_score": float(g["soft"][j]), "vqa_correct": int(g["hard"][j])})
+        scored.append({"anchor_id": g["anchor_id"], "pool": list(range(16)), "zero_shot_logprob": -1.0,
+                       "zero_shot_prob": 0.37, "candidates": cands})
+    scored_path = root / "scored.jsonl"
+    write_jsonl(scored_path, "icdrl.scored", scored)
+    rewards = {}
+    for spec in specs:
+        recs = []
+        for g in groups:
+            r = reward_values(spec, g["hard"], g["soft"], g["info"])
+            missing = sum(v is None for v in g["info"]) if spec["mode"] in ("legacy", "hybrid") else 0
+            recs.append({"anchor_id": g["anchor_id"], "rewards": r.tolist(), "hard": g["hard"].tolist(),
+                         "soft": g["soft"].tolist(), "info": [0.0 if v is None else v for v in g["info"]],
+                         "missing": missing})
+        p = root / "rewards" / f"{reward_slug(spec)}.jsonl"
+        write_jsonl(p, "icdrl.rewards", recs)
+        rewards[reward_slug(spec)] = str(p)
+    return str(scored_path), rewards
+
+
+def make_inputs(root, n_queries: int = 200, seeds=(0, 1), modes=MODES, use_rank=(True, False),
+                weights=((1.0, 1.0), (2.0, 1.0)), n_anchors: int = 120) -> dict:
+    """Write a full set of report inputs under ``root``; return build_report's arguments."""
+    root = Path(root)
+    cl = cells(modes, use_rank, weights)
+    eval_paths = write_eval(root, cl, n_queries=n_queries, seeds=seeds)
+    metrics = write_metrics(root, cl, seeds=seeds)
+    scored, rewards = write_scored_and_rewards(root, reward_specs(modes, weights), n_anchors=n_anchors)
+    return {"eval_paths": eval_paths, "metrics_paths": metrics, "rewards_paths": rewards,
+            "scored_path": scored, "cells": cl}

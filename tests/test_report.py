@@ -1,0 +1,265 @@
+"""build_report end to end on realistic synthetic inputs, plus the RL-data and table logic."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import report_synth
+from icdrl.records import write_jsonl
+from icdrl.report import REPORT_FILES, build_report, report_files
+from icdrl.report.inputs import RewardGroups, labelled_paths, load_eval, load_rewards
+from icdrl.report.tables import (
+    accuracy_table,
+    exp1_table,
+    exp2_table,
+    exp3_table,
+    group_stats,
+    vs_legacy_table,
+)
+
+CFG = {"n_boot": 200, "seed": 0}
+SEEDS = (0, 1)
+SHOTS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_in")
+    # 2 seeds, 4 modes, both use_rank values; weights (1,1) and (2,1) -> exp 3.3/3.4 absent
+    return report_synth.make_inputs(root, n_queries=120, seeds=SEEDS, n_anchors=60)
+
+
+@pytest.fixture(scope="module")
+def report(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_out")
+    build_report(inputs["eval_paths"], inputs["metrics_paths"], inputs["rewards_paths"],
+                 inputs["scored_path"], CFG, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(inputs):
+    return load_eval(inputs["eval_paths"])
+
+
+def _csv(report: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(report / f"{name}.csv", keep_default_na=False, na_values=[""],
+                       dtype={"experiment": str, "setting": str})
+
+
+def test_writes_exactly_the_declared_files_all_non_empty(report):
+    written = sorted(p.name for p in report.iterdir())
+    assert written == sorted(REPORT_FILES)
+    assert report_files(report) == [str(report / f) for f in REPORT_FILES]
+    for name in REPORT_FILES:
+        assert (report / name).stat().st_size > 0, name
+
+
+def test_plot_files_are_valid_images(report):
+    for name in [f for f in REPORT_FILES if f.endswith(".png")]:
+        head = (report / name).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", name
+        assert (report / name).stat().st_size > 10_000, f"{name} looks blank"
+    for name in [f for f in REPORT_FILES if f.endswith(".svg")]:
+        root = ET.parse(report / name).getroot()
+        assert root.tag.endswith("svg"), name
+
+
+def test_accuracy_table_has_every_method_and_shot(report, inputs):
+    acc = _csv(report, "accuracy")
+    cells = {c["cell"] for c in inputs["cells"]}
+    expected = {("zero_shot", k) for k in SHOTS} | {("random", k) for k in SHOTS} \
+        | {("similarity", k) for k in SHOTS} | {("v2", k) for k in SHOTS} \
+        | {(c, k) for c in cells for k in SHOTS}
+    got = {(r.cell if r.method_kind == "v3" else r.method_kind, int(r.k)) for r in acc.itertuples()}
+    assert got == expected and len(acc) == len(expected)
+    assert (acc["n_queries"] == 120).all()
+    v3 = acc[acc["method_kind"] == "v3"]
+    assert (v3["n_seeds"] == 2).all() and (v3["seeds"] == "0,1").all()
+    assert ((acc["ci_low"] <= acc["acc_mean"]) & (acc["acc_mean"] <= acc["ci_high"])).all()
+    assert acc["acc_mean"].between(0, 100).all()
+    md = (report / "accuracy.md").read_text()
+    for c in ["zero_shot", "random", "similarity", "v2"]:
+        assert f"| {c} " in md
+
+
+def test_accuracy_matches_records(report, inputs):
+    """The table's mean equals the mean over seeds and queries computed straight from the files."""
+    rows = []
+    for p in inputs["eval_paths"]:
+        lines = Path(p).read_text().splitlines()[1:]
+        rows += [json.loads(x) for x in lines]
+    df = pd.DataFrame(rows)
+    cell = inputs["cells"][3]["cell"]
+    want = df[(df.cell == cell) & (df.k == 2)]["acc"].mean() * 100
+    acc = _csv(report, "accuracy")
+    got = acc[(acc.cell == cell) & (acc.k == 2)]["acc_mean"].item()
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_vs_legacy_has_a_row_per_cell_and_shot_with_intervals(report, inputs):
+    t = _csv(report, "vs_legacy")
+    non_legacy = [c for c in inputs["cells"] if c["mode"] != "legacy"]
+    assert len(t) == len(non_legacy) * len(SHOTS)
+    assert t["delta"].notna().all()
+    assert ((t["ci_low"] <= t["delta"]) & (t["delta"] <= t["ci_high"])).all()
+    contains0 = (t["ci_low"] <= 0) & (t["ci_high"] >= 0)
+    assert (t.loc[contains0, "trend"] == "n.s.").all()
+    assert (t.loc[~contains0, "trend"].isin(["up", "down"])).all()
+    assert (t["distinguishable"].astype(str) == (~contains0).astype(str)).all()
+    # the baseline is legacy with the same use_rank
+    for r in t.itertuples():
+        assert r.baseline.startswith("v3 legacy " + ("rank" if r.use_rank in (True, "True") else "z-score"))
+    md = (report / "vs_legacy.md").read_text()
+    assert "## hard_plus_soft vs legacy" in md
+    assert re.search(r"^\| shot +\| cell +\| legacy cell +\| Δ vs legacy \(pts\) \[95% CI\] +\| trend", md, re.M)
+
+
+def test_experiment_tables_say_what_is_not_available(report):
+    e1 = _csv(report, "exp1_modes")
+    assert set(e1["experiment"]) == {"1.1", "1.2", "1.3", "1.4"}
+    assert (e1[e1["mode"] == "legacy"]["note"] == "baseline").all()
+    assert e1[e1["mode"] != "legacy"]["delta"].notna().all()
+    e2 = _csv(report, "exp2_use_rank")
+    assert e2["delta"].notna().all()
+    assert len(e2) == 6 * len(SHOTS)  # legacy, hybrid, 2 weights x 2 weight modes
+    e3 = _csv(report, "exp3_weights")
+    na = e3[e3["note"].astype(str).str.startswith("not available")]
+    # (1, 0.5) and (2, 0.5) were not run for hard_plus_soft(_v2) x 2 use_rank values
+    assert len(na) == 2 * 2 * 2 and set(na["k"].astype(str)) == {"all"}
+    assert set(na["setting"]) == {"(1, 0.5)", "(2, 0.5)"}
+    assert "legacy" not in set(e3["mode"])  # legacy uses no weights
+    # hybrid ignores soft_weight and clips hard_weight to [0, 1]: every setting is its (1, 1) cell
+    hyb = e3[e3["mode"] == "hybrid"]
+    assert len(hyb) == 3 * 2 and hyb["note"].str.startswith("same cell as (1, 1)").all()
+    avail = e3[e3["delta"].notna()]
+    assert set(avail["setting"]) == {"(2, 1)"} and len(avail) == 2 * 2 * len(SHOTS)
+
+
+def test_rl_tables_and_csvs_have_no_nan_strings(report):
+    g = _csv(report, "rl_groups")
+    assert len(g) == 6
+    for c in ["share_flat", "share_all_negative", "share_all_positive", "share_mixed"]:
+        assert g[c].between(0, 1).all()
+    assert np.allclose(g["share_all_negative"] + g["share_all_positive"] + g["share_mixed"], 1.0)
+    a = _csv(report, "rl_advantages")
+    assert len(a) == 12 and set(a["advantage"]) == {"rank", "z-score"}
+    assert (a["max"] <= 5.0).all() and (a["min"] >= -5.0).all()
+    rank = a[a.advantage == "rank"]
+    assert ((rank["min"] == -1.0) & (rank["max"] == 1.0)).all()
+    for name in REPORT_FILES:
+        if name.endswith((".csv", ".md", ".html")):
+            text = (report / name).read_text()
+            assert "nan" not in text.lower().replace("nano", ""), name
+
+
+def test_summary_names_distinguishable_findings(report):
+    s = (report / "summary.md").read_text()
+    assert "Best method per shot" in s and "Reward modes vs legacy" in s
+    vs = _csv(report, "vs_legacy")
+    n_dist = int(vs["distinguishable"].astype(str).eq("True").sum())
+    assert f"{n_dist} of {len(vs)} deltas are distinguishable" in s
+    assert "<h1>Report summary</h1>" in (report / "summary.html").read_text()
+
+
+def test_group_stats_known_case():
+    g = RewardGroups(
+        label="x", path="x",
+        rewards=[np.array([0.0, 0.0, 0.0]),    # flat, all negative
+                 np.array([0.0, 2.0, 1.0]),    # mixed
+                 np.array([3.0, 3.0]),         # flat, all positive
+                 np.array([2.5, 0.5, 0.5, 0.2])],  # mixed, 1 of 4 positive
+        hard=[np.array([0, 0, 0.0]), np.array([0, 1, 0.0]), np.array([1, 1.0]), np.array([1, 0, 0, 0.0])],
+        missing=np.array([0, 2, 0, 0]),
+    )
+    st = group_stats(g)
+    assert st["share_flat"] == 0.5
+    assert st["share_all_negative"] == 0.25 and st["share_all_positive"] == 0.25
+    assert st["share_mixed"] == 0.5
+    assert st["share_pos_ratio_ge_0.2"] == 0.75  # 1/3, 1, 1/4 >= 0.2
+    assert (st["reward_min"], st["reward_max"]) == (0.0, 3.0)
+    assert (st["pos_reward_min"], st["neg_reward_max"]) == (2.0, 1.0)
+    assert (st["missing_inputs"], st["anchors_with_missing"]) == (2, 1)
+
+
+def test_advantages_come_from_icdrl_rl(tmp_path):
+    rl = pytest.importorskip("icdrl.rl")
+    import torch
+
+    from icdrl.report.tables import advantage_values
+
+    g = RewardGroups("x", "x", [np.array([1.0, 0.0, 0.5]), np.array([2.0]), np.array([1.0, 1.0])],
+                     [np.array([1.0, 0, 0]), np.array([1.0]), np.array([1.0, 1.0])], np.zeros(3, dtype=int))
+    for ur in (True, False):
+        got = advantage_values(g, ur)
+        want = np.concatenate([rl.advantages(torch.tensor(r), use_rank=ur, min_std=0.1, clip=5.0).numpy()
+                               for r in g.rewards])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert advantage_values(g, False)[3:].tolist() == [0.0, 0.0, 0.0]  # single and flat groups
+
+
+def test_baselines_only_still_writes_every_file(tmp_path):
+    cells = []
+    paths = report_synth.write_eval(tmp_path, cells, n_queries=30, seeds=(0,), shots=(1, 2))
+    out = tmp_path / "out"
+    build_report(paths, None, None, None, {"n_boot": 50, "seed": 1}, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    assert all((out / f).stat().st_size > 0 for f in REPORT_FILES)
+    vs = _csv(out, "vs_legacy")
+    assert len(vs) == 1 and vs["note"].item().startswith("not available")
+    assert "not available" in (out / "rl_groups.md").read_text()
+    acc = _csv(out, "accuracy")
+    assert len(acc) == 4 * 2
+
+
+def test_tables_are_deterministic(data):
+    a = [vs_legacy_table(data, 100, 3).data, exp1_table(data, 100, 3).data, exp2_table(data, 100, 3).data,
+         exp3_table(data, 100, 3).data, accuracy_table(data, 100, 3).data]
+    b = [vs_legacy_table(data, 100, 3).data, exp1_table(data, 100, 3).data, exp2_table(data, 100, 3).data,
+         exp3_table(data, 100, 3).data, accuracy_table(data, 100, 3).data]
+    for x, y in zip(a, b):
+        pd.testing.assert_frame_equal(x, y)
+
+
+def test_bad_inputs_fail_with_one_line_naming_file(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    write_jsonl(p, "icdrl.eval", [{"method": "v2", "cell": None, "seed": 0, "k": 1, "query_id": 1, "acc": 1.5}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record 1: field 'acc'"):
+        load_eval([p])
+    write_jsonl(p, "icdrl.eval", [{"method": "v3", "cell": "c", "seed": 0, "k": 1, "query_id": 1, "acc": 1.0}])
+    with pytest.raises(ValueError, match="missing field 'mode'"):
+        load_eval([p])
+    rec = {"method": "v2", "cell": None, "seed": 0, "k": 1, "query_id": 1, "acc": 1.0}
+    write_jsonl(p, "icdrl.eval", [rec, rec])
+    with pytest.raises(ValueError, match="duplicate record"):
+        load_eval([p])
+    r = tmp_path / "r.jsonl"
+    write_jsonl(r, "icdrl.rewards", [{"anchor_id": 1, "rewards": [1.0, 2.0], "hard": [1], "soft": [], "info": [],
+                                      "missing": 0}])
+    with pytest.raises(ValueError, match="equal length"):
+        load_rewards({"x": r})
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_report([p], None, None, None, {"n_boot": 10, "alpha": 1}, tmp_path / "o")
+
+
+def test_labelled_paths_from_a_plain_list(tmp_path):
+    got = labelled_paths([tmp_path / "a" / "s0" / "metrics.csv", tmp_path / "b" / "s0" / "metrics.csv"], "m")
+    assert list(got) == ["a/s0/metrics", "b/s0/metrics"]
+    assert labelled_paths({"x": "p"}, "m") == {"x": "p"}
+
+
+def test_training_runs_are_grouped_by_mode_from_their_labels():
+    from icdrl.report.plots import _split_run
+
+    assert _split_run("v2 seed0") == ("v2", "seed0")
+    assert _split_run("v3 hard_plus_soft_v2-hw1-sw1-rank seed1") == ("hard_plus_soft_v2", "hw1-sw1-rank seed1")
+    assert _split_run("v3 hard_plus_soft-hw2-sw0.5-zscore seed0")[0] == "hard_plus_soft"
+    assert _split_run("legacy-a1-b0-rank/seed0/metrics") == ("legacy", "a1-b0-rank/seed0/metrics")
+    assert _split_run("hybridish-run") == ("other", "hybridish-run")
