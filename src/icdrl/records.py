@@ -8,13 +8,20 @@ job never leaves a half-written output behind.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
 
 # schema name -> current version
 SCHEMAS: dict[str, int] = {
@@ -38,6 +45,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -56,8 +66,6 @@ def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
-
         return dataclasses.asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
@@ -106,3 +114,433 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
 
 def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
     return list(iter_jsonl(path, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# Record dataclasses (docs/ARCHITECTURE.md "Files and schema versions")
+# ---------------------------------------------------------------------------------------------
+
+
+#: Where a candidate sequence came from (SPEC §4).
+SOURCES: tuple[str, ...] = ("beam", "random", "similar")
+
+#: Evaluation methods (SPEC §8).
+METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "v2", "v3")
+
+
+def _field_error(where: str, name: str, msg: str) -> SchemaError:
+    return SchemaError(f"{where}: field {name!r} {msg}")
+
+
+def _get(d: dict, name: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise SchemaError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if name not in d:
+        raise _field_error(where, name, "is missing")
+    return d[name]
+
+
+def _int(d: dict, name: str, where: str) -> int:
+    v = _get(d, name, where)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _field_error(where, name, f"must be an integer, got {v!r}")
+    return v
+
+
+def _opt_int(d: dict, name: str, where: str) -> int | None:
+    return None if d.get(name) is None else _int(d, name, where)
+
+
+def _float(d: dict, name: str, where: str) -> float:
+    v = _get(d, name, where)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _field_error(where, name, f"must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _opt_float(d: dict, name: str, where: str) -> float | None:
+    return None if d.get(name) is None else _float(d, name, where)
+
+
+def _str(d: dict, name: str, where: str) -> str:
+    v = _get(d, name, where)
+    if not isinstance(v, str):
+        raise _field_error(where, name, f"must be a string, got {v!r}")
+    return v
+
+
+def _opt_str(d: dict, name: str, where: str) -> str | None:
+    return None if d.get(name) is None else _str(d, name, where)
+
+
+def _int_list(d: dict, name: str, where: str) -> tuple[int, ...]:
+    v = _get(d, name, where)
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise _field_error(where, name, f"must be a list of integers, got {v!r}")
+    return tuple(v)
+
+
+def _float_list(d: dict, name: str, where: str) -> tuple[float, ...]:
+    v = _get(d, name, where)
+    if not isinstance(v, list) or any(
+        isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v
+    ):
+        raise _field_error(where, name, f"must be a list of finite numbers, got {v!r}")
+    return tuple(float(x) for x in v)
+
+
+def _as_json(rec: Any) -> dict:
+    """A record dataclass as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(rec), allow_nan=False))
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """One query and its pool of K train ids (``icdrl.pools``)."""
+
+    SCHEMA: ClassVar[str] = "icdrl.pools"
+    query_id: int
+    pool: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "record") -> PoolRecord:
+        return cls(query_id=_int(d, "query_id", where), pool=_int_list(d, "pool", where))
+
+    def to_dict(self) -> dict:
+        return _as_json(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate ICD sequence of an anchor, in prompt order (first = farthest from the query).
+
+    ``info_score`` = P(a|S,q) − P(a|∅,q); ``step_gains[t]`` is the gain of the t-th build step
+    (the items are added in the order fixed by the insertion side, SPEC §4), so
+    ``sum(step_gains) == info_score`` up to rounding.
+    """
+
+    source: str
+    icd_ids: tuple[int, ...]
+    icd_pos: tuple[int, ...]
+    info_score: float
+    step_gains: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise SchemaError(f"candidate source {self.source!r} is not one of {SOURCES}")
+        if len(self.icd_ids) != len(self.icd_pos) or len(self.step_gains) != len(self.icd_ids):
+            raise SchemaError(
+                f"candidate {self.source}: icd_ids, icd_pos and step_gains differ in length "
+                f"({len(self.icd_ids)}, {len(self.icd_pos)}, {len(self.step_gains)})"
+            )
+
+    @staticmethod
+    def _base_kwargs(d: dict, where: str) -> dict:
+        return dict(
+            source=_str(d, "source", where),
+            icd_ids=_int_list(d, "icd_ids", where),
+            icd_pos=_int_list(d, "icd_pos", where),
+            info_score=_float(d, "info_score", where),
+            step_gains=_float_list(d, "step_gains", where),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "candidate") -> Candidate:
+        return cls(**cls._base_kwargs(d, where))
+
+    def to_dict(self) -> dict:
+        return _as_json(self)
+
+
+@dataclass(frozen=True)
+class ScoredCandidate(Candidate):
+    """A candidate with the LVLM's greedy answer for its anchor (SPEC §5)."""
+
+    prediction_raw: str
+    prediction: str
+    vqa_acc_score: float
+    vqa_correct: int
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "candidate") -> ScoredCandidate:
+        correct = _int(d, "vqa_correct", where)
+        if correct not in (0, 1):
+            raise _field_error(where, "vqa_correct", f"must be 0 or 1, got {correct!r}")
+        return cls(
+            **cls._base_kwargs(d, where),
+            prediction_raw=_str(d, "prediction_raw", where),
+            prediction=_str(d, "prediction", where),
+            vqa_acc_score=_float(d, "vqa_acc_score", where),
+            vqa_correct=correct,
+        )
+
+    @classmethod
+    def from_candidate(cls, c: Candidate, *, prediction_raw: str, prediction: str,
+                       vqa_acc_score: float, vqa_correct: int) -> ScoredCandidate:
+        return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Candidate)},
+                   prediction_raw=prediction_raw, prediction=prediction,
+                   vqa_acc_score=float(vqa_acc_score), vqa_correct=int(vqa_correct))
+
+
+def _check_positions(pool: tuple[int, ...], cands: Sequence[Candidate], where: str) -> None:
+    """Every candidate's positions index the pool and name the ids it records."""
+    for i, c in enumerate(cands):
+        for p, g in zip(c.icd_pos, c.icd_ids):
+            if not 0 <= p < len(pool) or pool[p] != g:
+                raise SchemaError(f"{where}: candidate {i}: icd_pos {p} does not hold icd_id {g} in the pool")
+        if len(set(c.icd_pos)) != len(c.icd_pos):
+            raise SchemaError(f"{where}: candidate {i} repeats a pool position: {list(c.icd_pos)}")
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One anchor with its candidate sequences (``icdrl.candidates``).
+
+    ``zero_shot_logprob`` is the mean answer-token log-probability with no ICD, so
+    ``zero_shot_prob == exp(zero_shot_logprob)`` (SPEC §3).
+    """
+
+    SCHEMA: ClassVar[str] = "icdrl.candidates"
+    anchor_id: int
+    pool: tuple[int, ...]
+    zero_shot_logprob: float
+    zero_shot_prob: float
+    candidates: tuple[Candidate, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "record") -> CandidateRecord:
+        anchor = _int(d, "anchor_id", where)
+        where = f"{where} (anchor {anchor})"
+        cands = _get(d, "candidates", where)
+        if not isinstance(cands, list):
+            raise _field_error(where, "candidates", "must be a list")
+        rec = cls(
+            anchor_id=anchor,
+            pool=_int_list(d, "pool", where),
+            zero_shot_logprob=_float(d, "zero_shot_logprob", where),
+            zero_shot_prob=_float(d, "zero_shot_prob", where),
+            candidates=tuple(cls._cand_type().from_dict(c, f"{where} candidate {i}") for i, c in enumerate(cands)),
+        )
+        _check_positions(rec.pool, rec.candidates, where)
+        return rec
+
+    @staticmethod
+    def _cand_type() -> type[Candidate]:
+        return Candidate
+
+    def to_dict(self) -> dict:
+        return _as_json(self)
+
+
+@dataclass(frozen=True)
+class ScoredRecord(CandidateRecord):
+    """One anchor with its scored candidates (``icdrl.scored``)."""
+
+    SCHEMA: ClassVar[str] = "icdrl.scored"
+    candidates: tuple[ScoredCandidate, ...]
+
+    @staticmethod
+    def _cand_type() -> type[Candidate]:
+        return ScoredCandidate
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One (method, k, test query) answer (``icdrl.eval``).
+
+    ``icd_ids``/``icd_pos`` are in prompt order (first = farthest from the query). Zero-shot
+    has one record per k in the evaluated shots, all with no ICD and the same answer (generated
+    once), so that every method has a value at every shot. The cell's knobs ``mode, use_rank,
+    hard_weight, soft_weight, alpha, beta, info_scale`` are set for v3 cells (null where the
+    mode ignores a knob) and null for every other method.
+    """
+
+    SCHEMA: ClassVar[str] = "icdrl.eval"
+    method: str
+    cell: str | None
+    seed: int | None
+    k: int
+    query_id: int
+    icd_ids: tuple[int, ...]
+    icd_pos: tuple[int, ...]
+    prediction_raw: str
+    prediction: str
+    acc: float
+    mode: str | None = None
+    use_rank: bool | None = None
+    hard_weight: float | None = None
+    soft_weight: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    info_scale: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "record") -> EvalRecord:
+        method = _str(d, "method", where)
+        if method not in METHODS:
+            raise _field_error(where, "method", f"must be one of {METHODS}, got {method!r}")
+        use_rank = d.get("use_rank")
+        if use_rank is not None and not isinstance(use_rank, bool):
+            raise _field_error(where, "use_rank", f"must be true, false or null, got {use_rank!r}")
+        return cls(
+            method=method,
+            cell=_opt_str(d, "cell", where),
+            seed=_opt_int(d, "seed", where),
+            k=_int(d, "k", where),
+            query_id=_int(d, "query_id", where),
+            icd_ids=_int_list(d, "icd_ids", where),
+            icd_pos=_int_list(d, "icd_pos", where) if d.get("icd_pos") is not None else (),
+            prediction_raw=_str(d, "prediction_raw", where),
+            prediction=_str(d, "prediction", where),
+            acc=_float(d, "acc", where),
+            mode=_opt_str(d, "mode", where),
+            use_rank=use_rank,
+            hard_weight=_opt_float(d, "hard_weight", where),
+            soft_weight=_opt_float(d, "soft_weight", where),
+            alpha=_opt_float(d, "alpha", where),
+            beta=_opt_float(d, "beta", where),
+            info_scale=_opt_float(d, "info_scale", where),
+        )
+
+    def to_dict(self) -> dict:
+        return _as_json(self)
+
+
+def read_records(path: str | os.PathLike, cls: type) -> list:
+    """Read a file of ``cls`` records (``cls.SCHEMA``), validating every field."""
+    return [cls.from_dict(d, f"{path}:{i + 2}") for i, d in enumerate(iter_jsonl(path, cls.SCHEMA))]
+
+
+def write_records(path: str | os.PathLike, records: Sequence) -> int:
+    """Write record dataclasses of one type atomically under their schema."""
+    if not records:
+        raise ValueError(f"{path}: write_records needs at least one record to know the schema; use write_jsonl")
+    return write_jsonl(path, type(records[0]).SCHEMA, (r.to_dict() for r in records))
+
+
+# Key of one record in each schema: concatenation and resumption refuse duplicates.
+_KEYS: dict[str, Callable[[dict], Hashable]] = {
+    "icdrl.pools": lambda d: d["query_id"],
+    "icdrl.candidates": lambda d: d["anchor_id"],
+    "icdrl.scored": lambda d: d["anchor_id"],
+    "icdrl.rewards": lambda d: d["anchor_id"],
+    "icdrl.eval": lambda d: (d["method"], d.get("cell"), d.get("seed"), d["k"], d["query_id"]),
+}
+
+
+def record_key(schema: str, d: dict) -> Hashable:
+    """The identity of a record in ``schema`` (anchor id, query id, ...)."""
+    try:
+        return _KEYS[schema](d)
+    except KeyError as e:
+        raise SchemaError(f"{schema} record lacks key field {e}") from None
+
+
+def concat_jsonl(paths: Sequence[str | os.PathLike], schema: str, out_path: str | os.PathLike) -> int:
+    """Gather shard files of one schema into ``out_path`` (atomically), in the order given.
+
+    Refuses a record key (e.g. anchor id) seen in two shards. Returns the record count.
+    """
+    seen: dict[Hashable, str] = {}
+    recs: list[dict] = []
+    for p in paths:
+        for d in iter_jsonl(p, schema):
+            key = record_key(schema, d)
+            if key in seen:
+                raise SchemaError(f"{p}: record {key!r} also appears in {seen[key]}")
+            seen[key] = str(p)
+            recs.append(d)
+    return write_jsonl(out_path, schema, recs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a killed run: an append-only companion file beside the output
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-serialisable object (inputs + settings of a run)."""
+    blob = json.dumps(obj, sort_keys=True, default=_default, allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PartialJsonl:
+    """Records finished so far by a run that writes ``out_path``, kept in ``<out_path>.partial``.
+
+    Each finished record is appended and flushed to disk at once, so a killed run loses at most
+    the record it was working on. A later run with the same ``fp`` (fingerprint of its inputs
+    and settings) takes the finished records back with :meth:`load` and computes only the rest;
+    a partial file written for other inputs is discarded (and logged). :meth:`finish` writes the
+    complete output atomically and removes the partial file.
+    """
+
+    def __init__(self, out_path: str | os.PathLike, schema: str, fp: str):
+        if schema not in SCHEMAS:
+            raise SchemaError(f"{out_path}: unknown schema {schema!r}")
+        self.out_path = Path(out_path)
+        self.path = self.out_path.with_name(self.out_path.name + ".partial")
+        self.schema = schema
+        self.fp = fp
+        self._fh = None
+
+    def _header(self) -> dict:
+        return {"schema": self.schema, "version": SCHEMAS[self.schema], "partial": True, "fingerprint": self.fp}
+
+    def load(self) -> dict[Hashable, dict]:
+        """Finished records by key; a torn last line (killed mid-write) is dropped."""
+        done: dict[Hashable, dict] = {}
+        if not self.path.exists():
+            return done
+        lines = self.path.read_text().split("\n")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if header != self._header():
+            log.warning("%s: written for other inputs or settings; starting afresh", self.path)
+            self.path.unlink()
+            return done
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: dropping a torn record line", self.path)
+                break
+            done[record_key(self.schema, d)] = d
+        # rewrite without a torn tail so appends start on a clean line
+        self._rewrite(done.values())
+        if done:
+            log.info("%s: resuming with %d finished records", self.path, len(done))
+        return done
+
+    def _rewrite(self, records: Iterable[dict]) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self._header()) + "\n")
+                for d in records:
+                    fh.write(json.dumps(d, default=_default, allow_nan=False) + "\n")
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Append finished records and flush them to disk."""
+        if self._fh is None:
+            if not self.path.exists():
+                self._rewrite([])
+            self._fh = open(self.path, "a")
+        for d in records:
+            self._fh.write(json.dumps(d, default=_default, allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def finish(self, records: Iterable[dict]) -> int:
+        """Write the complete output atomically, then drop the partial file."""
+        self.close()
+        n = write_jsonl(self.out_path, self.schema, records)
+        self.path.unlink(missing_ok=True)
+        return n

@@ -1,0 +1,110 @@
+"""InfoScore beam search on the embedded LVLM: the project's path versus the seed's naive one.
+
+Setting: easy-VQA training anchors (seeded), a random pool of K = 32 per anchor, beam width
+B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths run
+``icdrl.beam.beam_search`` on the same model and the same anchors and differ only in the backend:
+
+* naive (as the seed's codebase did): ``HFBackend(batch_size=1, image_cache="none")``: one
+  prompt per forward pass, the processor re-run on every prompt's images;
+* project: ``HFBackend(batch_size=--batch-size, image_cache="features")``: every expansion of a
+  step in one batched call, each distinct image preprocessed and vision-encoded once per run.
+
+The beams (pool positions, in order) must be identical; their scores must agree to 1e-5.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_beam_search.py [--model PATH] [--anchors 20]
+
+``--model``: a trained embedded checkpoint folder (``icdrl.lvlm.embedded.train_embedded``);
+without it an untrained model of the embedded architecture and size (``EmbeddedConfig()``
+defaults) is built in memory, which costs the same per forward pass. The last line printed is
+``speedup <ratio>`` (naive seconds per anchor / project seconds per anchor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from icdrl.beam import AnchorScorer, beam_search
+from icdrl.data import load_dataset, seeded_subset
+from icdrl.lvlm.hf import HFBackend
+from icdrl.pools import build_pools
+
+
+def embedded_model(path: str | None):
+    """(model, processor, label): the trained checkpoint at ``path``, else an untrained one of the same size."""
+    if path:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import icdrl.lvlm.qwen  # noqa: F401  (registers the torchvision-free processor)
+
+        proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+        return model.eval(), proc, f"trained embedded LVLM at {path}"
+    from icdrl.lvlm import embedded
+
+    cfg = embedded.EmbeddedConfig()
+    proc = embedded.build_processor(cfg, embedded.vocabulary(load_dataset({"name": "easyvqa"}, "train")))
+    torch.manual_seed(0)
+    model = embedded.build_model(cfg, proc.tokenizer).eval()
+    return model, proc, f"UNTRAINED embedded-architecture LVLM ({embedded.n_parameters(model) / 1e6:.2f} M parameters)"
+
+
+def run(backend: HFBackend, anchors, pools, *, beam_width: int, depth: int):
+    """Beams per anchor, wall seconds, process CPU seconds, forward passes, prompts scored."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out, prompts = [], 0
+    for anchor, pool in zip(anchors, pools):
+        scorer = AnchorScorer(backend, anchor, pool)
+        out.append(beam_search(scorer, beam_width=beam_width, depth=depth, insert="first"))
+        prompts += scorer.n_prompts
+    return out, time.perf_counter() - t0, time.process_time() - c0, backend.stats["forward_batches"], prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="trained embedded checkpoint folder (default: untrained, same size)")
+    ap.add_argument("--anchors", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=32)
+    ap.add_argument("--beam", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32, help="project path batch size (config model.batch_size)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    model, proc, label = embedded_model(args.model)
+    train = load_dataset({"name": "easyvqa"}, "train")
+    anchors = seeded_subset(train, args.anchors, args.seed)
+    pools = build_pools(anchors, train, sampler="random", size=args.pool, seed=args.seed)
+    by_id = {ex.id: ex for ex in train}
+    pool_examples = [[by_id[i] for i in r.pool] for r in pools]
+    print(f"model: {label}; torch threads: {torch.get_num_threads()}")
+    print(f"{len(anchors)} easy-VQA anchors, random pools of K={args.pool}, B={args.beam}, D={args.depth}")
+
+    kw = dict(beam_width=args.beam, depth=args.depth)
+    naive = HFBackend(model, proc, batch_size=1, image_cache="none")
+    fast = HFBackend(model, proc, batch_size=args.batch_size, image_cache="features")
+    b_naive, t_naive, c_naive, f_naive, n_naive = run(naive, anchors, pool_examples, **kw)
+    b_fast, t_fast, c_fast, f_fast, n_fast = run(fast, anchors, pool_examples, **kw)
+
+    same = all([b.pos for b in x] == [b.pos for b in y] for x, y in zip(b_naive, b_fast))
+    dev = max(abs(b.info_score - c.info_score) for x, y in zip(b_naive, b_fast) for b, c in zip(x, y))
+    n = len(anchors)
+    print(f"naive:   {n_naive} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
+          f"{t_naive / n:.3f} s/anchor wall, {c_naive / n:.3f} s/anchor CPU")
+    print(f"project: {n_fast} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
+          f"{t_fast / n:.3f} s/anchor wall, {c_fast / n:.3f} s/anchor CPU "
+          f"({fast.stats['image_preprocess']} images preprocessed, {fast.stats['vision_encoded']} vision-encoded)")
+    print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {c_naive / c_fast:.2f}")
+    print(f"identical beams: {same}; max |info_score difference| {dev:.2e}")
+    spread = np.mean([b[0].info_score - b[-1].info_score for b in b_fast])
+    print(f"mean info_score gap best-vs-{args.beam}th beam: {spread:.4f}")
+    if not same or dev > 1e-5:
+        raise SystemExit("beams differ between the naive and the project path")
+    print(f"speedup {t_naive / t_fast:.2f}")
+
+
+if __name__ == "__main__":
+    main()

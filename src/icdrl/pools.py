@@ -1,0 +1,175 @@
+"""Stage 2: training anchors, test queries, and one pool of K train examples per query (SPEC §2).
+
+One code path builds pools for both roles: ``anchors`` (queries = a seeded subset of the train
+split) and ``test`` (queries = a seeded subset of the eval split). A pool never holds its query
+nor an exact duplicate of it (same image and same question), so no leakage at training or
+test time, and each query gets its own pool (ANCHORS defect 9).
+
+Samplers (config ``pools.sampler``), each over the eligible train examples:
+
+* ``random``: K drawn without replacement, seeded per (seed, role, query id), so a query's pool
+  does not depend on which other queries are drawn.
+* ``image_sim`` / ``text_sim``: the K most cosine-similar by the image-only / question-only
+  embeddings (``img`` / ``txt`` arrays), most similar first; ties by train order.
+* ``mix``: the ⌊K/2⌋ most similar by the combined embedding ``emb``, then K − ⌊K/2⌋ drawn at
+  random (seeded as ``random``) from the remaining eligible examples.
+
+Queries: ``icdrl.data.seeded_subset(split, n, pools.seed)`` (nested in n: a smaller n gives a
+subset of a larger n's queries), in the split's order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from icdrl.data import Example
+from icdrl.embeddings import EmbeddingTable
+from icdrl.records import PoolRecord, write_jsonl
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("random", "image_sim", "text_sim", "mix")
+ROLES = {"anchors": ("train", 0), "test": ("eval", 1)}  # role -> (split of the queries, rng salt)
+
+
+def duplicate_key(ex: Example) -> tuple[str, str]:
+    """Two examples with the same key are exact duplicates (same image, same question)."""
+    return (ex.image_id or ex.image, " ".join(ex.question.lower().split()))
+
+
+def top_k(sims: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest finite ``sims``, largest first; ties by index."""
+    k = min(k, int(np.isfinite(sims).sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(sims, len(sims) - k)[len(sims) - k]
+    cand = np.flatnonzero(sims >= kth)  # every index tied at the boundary is considered
+    order = np.lexsort((cand, -sims[cand]))
+    return cand[order[:k]]
+
+
+def sample_pool(
+    sampler: str,
+    k: int,
+    banned: np.ndarray,
+    n_train: int,
+    rng: np.random.Generator,
+    query_vecs: dict[str, np.ndarray] | None = None,
+    train_vecs: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Row indices (into the train arrays) of one pool; rows in ``banned`` are never drawn.
+
+    ``query_vecs``/``train_vecs`` map ``emb``/``img``/``txt`` to the query's vector and the
+    train rows' vectors; only the similarity samplers need them.
+    """
+    banned = np.unique(np.asarray(banned, dtype=np.int64))
+    n_eligible = n_train - len(banned)
+    if n_eligible < k:
+        raise ValueError(f"pool size {k} exceeds the {n_eligible} eligible train examples")
+
+    def most_similar(kind: str, n: int) -> np.ndarray:
+        if query_vecs is None or train_vecs is None or kind not in query_vecs or kind not in train_vecs:
+            raise ValueError(f"sampler {sampler!r} needs {kind!r} embeddings")
+        sims = (train_vecs[kind] @ query_vecs[kind]).astype(np.float64)
+        sims[banned] = -np.inf
+        return top_k(sims, n)
+
+    def random_rows(n: int, also_banned: np.ndarray) -> np.ndarray:
+        eligible = np.setdiff1d(np.arange(n_train, dtype=np.int64), np.concatenate([banned, also_banned]))
+        return rng.choice(eligible, size=n, replace=False)
+
+    if sampler == "random":
+        return random_rows(k, np.zeros(0, dtype=np.int64))
+    if sampler == "image_sim":
+        return most_similar("img", k)
+    if sampler == "text_sim":
+        return most_similar("txt", k)
+    if sampler == "mix":
+        sim = most_similar("emb", k // 2)
+        return np.concatenate([sim, random_rows(k - len(sim), sim)])
+    raise ValueError(f"pools.sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def _vecs(table: EmbeddingTable, rows: np.ndarray | int) -> dict[str, np.ndarray]:
+    return {kind: getattr(table, kind)[rows] for kind in ("emb", "img", "txt") if getattr(table, kind) is not None}
+
+
+def build_pools(
+    queries: Sequence[Example],
+    train: Sequence[Example],
+    *,
+    sampler: str,
+    size: int,
+    seed: int,
+    role: str = "anchors",
+    query_table: EmbeddingTable | None = None,
+    train_table: EmbeddingTable | None = None,
+) -> list[PoolRecord]:
+    """A pool of ``size`` train ids for every query (see the module docstring).
+
+    ``role`` says where the queries come from: ``anchors`` = the train split (a query is then
+    excluded from its own pool by id too), ``test`` = the eval split.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+    split, salt = ROLES[role]
+    if sampler not in SAMPLERS:
+        raise ValueError(f"pools.sampler must be one of {SAMPLERS}, got {sampler!r}")
+    train_ids = np.array([ex.id for ex in train], dtype=np.int64)
+    keys = [duplicate_key(ex) for ex in train]
+    rows_by_key: dict[tuple[str, str], list[int]] = {}
+    for r, key in enumerate(keys):
+        rows_by_key.setdefault(key, []).append(r)
+    train_vecs = None
+    if sampler != "random":
+        if query_table is None or train_table is None:
+            raise ValueError(f"sampler {sampler!r} needs query and train embeddings")
+        train_vecs = _vecs(train_table, train_table.rows(train_ids))
+    out = []
+    for q in queries:
+        banned = list(rows_by_key.get(duplicate_key(q), []))
+        if split == "train":  # the query itself is a train example
+            banned += np.flatnonzero(train_ids == q.id).tolist()
+        n_eligible = len(train) - len(set(banned))
+        if size > n_eligible:
+            raise ValueError(f"query {q.id}: pool size {size} exceeds the {n_eligible} eligible train examples")
+        rng = np.random.default_rng([seed, salt, q.id])
+        qv = _vecs(query_table, query_table.row(q.id)) if train_vecs is not None else None
+        rows = sample_pool(sampler, size, np.array(banned, dtype=np.int64), len(train), rng, qv, train_vecs)
+        out.append(PoolRecord(query_id=q.id, pool=tuple(int(i) for i in train_ids[rows])))
+    return out
+
+
+def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, train_emb_path, out_path) -> None:
+    """Write ``icdrl.pools`` for role ``anchors`` (n_anchors train queries) or ``test`` (n_test eval queries)."""
+    from icdrl.data import load_dataset, seeded_subset
+
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+    split, _ = ROLES[role]
+    n_key = "n_anchors" if role == "anchors" else "n_test"
+    n = int(pools_cfg[n_key])
+    seed = int(pools_cfg.get("seed", 0))
+    train = load_dataset(dataset_cfg, "train")
+    candidates = train if split == "train" else load_dataset(dataset_cfg, split)
+    if n > len(candidates):
+        log.warning("pools.%s = %d exceeds the %d %s examples; using all of them", n_key, n, len(candidates), split)
+    queries = seeded_subset(candidates, n, seed)
+    sampler = pools_cfg.get("sampler", "random")
+    need_emb = sampler != "random"
+    recs = build_pools(
+        queries,
+        train,
+        sampler=sampler,
+        size=int(pools_cfg.get("size", 64)),
+        seed=seed,
+        role=role,
+        query_table=EmbeddingTable.load(query_emb_path) if need_emb else None,
+        train_table=EmbeddingTable.load(train_emb_path) if need_emb else None,
+    )
+    write_jsonl(out_path, PoolRecord.SCHEMA, [r.to_dict() for r in recs])
+    log.info("%s: %d %s queries, pools of %d (%s)", out_path, len(recs), role, int(pools_cfg.get("size", 64)),
+             sampler)
