@@ -1,0 +1,218 @@
+"""The embedded LVLM: config, build/save/reload, training encoding = backend encoding, training, check."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from icdrl.data import Example  # noqa: E402
+from icdrl.lvlm import embedded as E  # noqa: E402
+from icdrl.lvlm import embedded_recipe as R  # noqa: E402
+
+
+def ex(i, q, a):
+    return Example(id=i, image="", question=q, answers=(a,), answer=a)
+
+
+@pytest.fixture(scope="module")
+def easy():
+    """A few real easy-VQA examples (train split) with their images."""
+    train = E.load_split("train")
+    return train[:60]
+
+
+@pytest.fixture(scope="module")
+def built(easy):
+    """An untrained test-preset model and processor on the vocabulary of the real train split."""
+    c = E.EmbeddedConfig.from_dict(E.TEST_PRESET)
+    torch.manual_seed(0)
+    proc = E.build_processor(c, E.vocabulary(E.load_split("train")))
+    model = E.build_model(c, proc.tokenizer).eval()
+    return c, model, proc
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_defaults_and_presets_are_valid():
+    c = E.EmbeddedConfig.from_dict({})
+    assert c.check.n_test == 500 and c.check.n_anchors == 100 and c.check.spread_threshold == 0.1
+    assert E.EmbeddedConfig.from_dict(E.DEFAULT) == c
+    t = E.EmbeddedConfig.from_dict(E.TEST_PRESET)
+    assert t.steps < c.steps and t.hidden_size < c.hidden_size
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"hidden_sise": 64}, r"embedded_lvlm: unknown key\(s\) \['hidden_sise'\]"),
+        ({"check": {"n_tests": 5}}, r"embedded_lvlm.check: unknown key\(s\) \['n_tests'\]"),
+        ({"kind_weights": {"color": 1.0}}, r"embedded_lvlm.kind_weights: unknown kind"),
+        ({"cue_exact": 1.5}, r"embedded_lvlm.cue_exact"),
+        ({"image_size": 60}, r"embedded_lvlm.image_size"),
+        ({"steps": 0}, r"embedded_lvlm.steps"),
+        ({"check": {"spread_threshold": -0.1}}, r"embedded_lvlm.check.spread_threshold"),
+    ],
+)
+def test_config_rejects_bad_keys_with_one_line(bad, match):
+    with pytest.raises(ValueError, match=match) as e:
+        E.EmbeddedConfig.from_dict(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    c = E.EmbeddedConfig.from_dict({"steps": 100, "lr_warmup_steps": 10, "lr": 1e-3, "min_lr_share": 0.1})
+    lrs = [E.lr_at(s, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def test_default_model_has_the_intended_size_and_image_tokens():
+    c = E.EmbeddedConfig.from_dict({})
+    proc = E.build_processor(c, E.vocabulary([ex(0, "what color is the shape?", "red")]))
+    model = E.build_model(c, proc.tokenizer)
+    assert 1_000_000 <= E.n_parameters(model) <= 3_000_000
+    from PIL import Image
+
+    out = proc.image_processor(images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 patches of 8x8 -> 16 tokens after 2x2 merge
+    assert model.config.vision_config.patch_size == 8
+
+
+def test_vocabulary_covers_easyvqa_and_the_prompt(easy, built):
+    _, _, proc = built
+    tok = proc.tokenizer
+    unk = tok.convert_tokens_to_ids("[UNK]")
+    text = " ".join(f"Question: {e.question} Short answer: {e.answer} the answer is" for e in easy)
+    assert unk not in tok(text, add_special_tokens=False)["input_ids"]
+    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert tok.convert_tokens_to_ids(special) != unk
+
+
+def test_save_and_reload_offline(tmp_path, easy, built):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, model, proc = built
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    proc2 = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    model2 = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert type(proc2).__name__ == "Qwen2_5_VLImageProcessor"
+    items = [R.TrainItem(tuple(easy[1:3]), easy[5], 1.0, True)]
+    images = E.ImageCache()
+    b1, b2 = E.encode_items(proc, items, images), E.encode_items(proc2, items, images)
+    assert torch.equal(b1.inputs["input_ids"], b2.inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(model(**b1.inputs).logits, model2(**b2.inputs).logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def test_supervised_tokens_are_the_answers(easy, built):
+    _, _, proc = built
+    tok = proc.tokenizer
+    demos, query = (easy[0], easy[13]), easy[20]
+    items = [R.TrainItem(demos, query, 0.3, False), R.TrainItem((), easy[21], 1.0, True)]
+    b = E.encode_items(proc, items, E.ImageCache())
+    words = [[] for _ in items]
+    for (row, pos), t in zip(b.positions.tolist(), b.targets.tolist()):
+        assert b.inputs["input_ids"][row, pos] == t
+        words[row].append(tok.convert_ids_to_tokens(t))
+    assert words[0] == [demos[0].answer, demos[1].answer, "the", "answer", "is", query.answer, "<|im_end|>", "\n"]
+    assert words[1] == [easy[21].answer, "<|im_end|>", "\n"]
+    assert b.soft_p.tolist() == pytest.approx([0.3, 1.0])
+    assert [tok.convert_ids_to_tokens(i) for i in b.soft_short.tolist()] == [query.answer, easy[21].answer]
+    # each query's soft target sits at its first answer token
+    first = b.positions[b.soft_rows]
+    assert [tok.convert_ids_to_tokens(int(b.inputs["input_ids"][r, p])) for r, p in first.tolist()] == ["the", easy[21].answer]
+
+
+def test_training_encoding_is_what_the_backend_scores(tmp_path, easy, built):
+    """Same chat template, same token ids, same answer span: the trained log-probs are the served ones."""
+    from icdrl.lvlm import load_backend
+
+    _, model, proc = built
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    backend = load_backend({"kind": "embedded", "batch_size": 4}, str(tmp_path))
+    prompts = [((), easy[3]), ((easy[4],), easy[7]), ((easy[9], easy[30], easy[41]), easy[50])]
+    items = [R.TrainItem(tuple(d), q, 1.0, True) for d, q in prompts]
+    b = E.encode_items(proc, items, E.ImageCache())
+    with torch.no_grad():
+        logp = E.supervised_logprobs(model, b)
+    tok_lp = logp.gather(1, b.targets[:, None])[:, 0]
+    special = {proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "\n")}
+    scores = backend.answer_logprobs(prompts, [q.answer for _, q in prompts])
+    for row, s in enumerate(scores):
+        sel = (b.positions[:, 0] == row) & b.is_query & ~torch.isin(b.targets, torch.tensor(sorted(special)))
+        assert int(sel.sum()) == s.n_tokens == 1
+        assert float(tok_lp[sel].sum()) == pytest.approx(s.sum_logprob, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ training and check (slow)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("embedded") / "model"
+    E.train_embedded(E.TEST_PRESET, str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_training_writes_a_checkpoint_and_the_loss_falls(trained):
+    files = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja",
+            "train_metrics.csv", "train_summary.json", "embedded_config.json"} <= files
+    assert not [p for p in trained.parent.iterdir() if p.name.startswith(".model.tmp-")], "temp folder left behind"
+    rows = list(csv.DictReader(open(trained / "train_metrics.csv")))
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert len(rows) == summary["steps_done"] == E.TEST_PRESET["steps"] and not summary["stopped_early"]
+    loss = [float(r["loss"]) for r in rows]
+    first, last = sum(loss[:8]) / 8, sum(loss[-8:]) / 8
+    assert last < first - 0.5, (first, last)
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_is_served_by_the_shared_backend(trained, easy):
+    from icdrl.lvlm import load_backend
+
+    backend = load_backend({"kind": "embedded", "batch_size": 8}, str(trained))
+    prompts = [((), easy[0]), ((easy[1],), easy[2]), ((easy[3], easy[4]), easy[5])]
+    gens = backend.generate(prompts)
+    assert len(gens) == 3 and all(isinstance(g.answer, str) and g.raw for g in gens)
+    scores = backend.answer_logprobs(prompts, [q.answer for _, q in prompts])
+    assert all(s.n_tokens == 1 and s.sum_logprob < 0 for s in scores)
+
+
+@pytest.mark.slow
+def test_icl_check_on_the_test_preset(trained, tmp_path, capsys):
+    out = tmp_path / "icl_check.json"
+    assert E.main_icl_check([str(trained), "--preset", "test", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in (*E.SETTINGS, "infoscore_spread_share"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert set(res["targets"]) == {"similar_4", "similar_4_minus_zero_shot", "similar_1_minus_random_1",
+                                   "infoscore_spread_share"}
+    assert res["settings"]["check"]["n_test"] == E.TEST_PRESET["check"]["n_test"]
+    printed = capsys.readouterr().out
+    assert "similar_4" in printed and "infoscore_spread_share" in printed
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(tmp_path):
+    cfg = {**E.TEST_PRESET, "steps": 3, "train_limit": 3000}
+    a, b = tmp_path / "a", tmp_path / "b"
+    E.train_embedded(cfg, str(a))
+    E.train_embedded(cfg, str(b))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
