@@ -1,0 +1,83 @@
+"""icdrl: which in-context demonstrations to show a vision-language model.
+
+Stages: [embedded LVLM] -> embeddings -> pools -> InfoScore candidates (sharded) -> VQA scoring
+(sharded) -> rewards per mode -> selector training (v2 per seed, v3 per grid cell and seed)
+-> evaluation at shots 1-4 -> report. The grid is reward mode x use_rank x weights x seed.
+
+    snakemake --cores 2                                  # the embedded default (config/config.yaml)
+    snakemake --cores 8 --use-conda --resources gpu=1 --configfile config/okvqa_qwen2.5vl3b.yaml
+    snakemake --profile profiles/slurm --configfile config/okvqa_qwen2.5vl3b.yaml
+
+A config file given with --configfile replaces config/config.yaml (it is not merged into it);
+keys it leaves out take the schema's defaults. See README.md and config/README.md.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# the library: the checkout's src/ first, so `snakemake` works without installing icdrl
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+import icdrl.config as icfg  # noqa: E402
+from icdrl.grid import ADV, BASELINE_RE, REWARD_SLUG_RE, Layout, canonical_json  # noqa: E402
+
+
+if not workflow.config_settings.configfiles:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
+
+
+try:
+    _overrides = icfg.prepare(config, os.environ)
+except ValueError as e:  # ConfigError, or a bad env-var value: one line naming the key
+    sys.exit(f"icdrl: {e}")
+if _overrides:
+    print(icfg.describe_overrides(_overrides), file=sys.stderr)
+
+L = Layout(config)
+
+
+wildcard_constraints:
+    split="train|eval",
+    role="anchors|test",
+    n=r"\d+",
+    shard=r"\d+",
+    seed=r"\d+",
+    reward=REWARD_SLUG_RE,
+    adv="|".join(ADV.values()),
+    method=BASELINE_RE,
+
+
+# the top-level text of `snakemake --report` (per-file captions: workflow/report/<name>.rst)
+report: "workflow/report/workflow.rst"
+
+
+onstart:
+    # before the first job, never in a dry run: one line naming a missing dataset file or model folder
+    try:
+        icfg.check_inputs(config)
+    except (ValueError, OSError) as e:
+        sys.exit(f"icdrl: {e}")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/lvlm.smk"
+include: "workflow/rules/embeddings.smk"
+include: "workflow/rules/pools.smk"
+include: "workflow/rules/candidates.smk"
+include: "workflow/rules/scoring.smk"
+include: "workflow/rules/rewards.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        REPORT_FILES,
+        [L.icl_check] if L.embedded else [],

@@ -1,0 +1,264 @@
+"""Loading, validating and overriding a workflow config.
+
+* :func:`load_config` reads a YAML file and validates it.
+* :func:`validate` checks a config against ``workflow/schemas/config.schema.yaml``, fills in the
+  schema's defaults and raises :class:`ConfigError` with one line naming the key.
+* :func:`apply_env_overrides` applies the seed's environment variables (``REWARD_MODE``,
+  ``HARD_WEIGHT``, ``SOFT_WEIGHT``, ``REWARD_ALPHA``, ``REWARD_BETA``, ``USE_RANK_ADVANTAGE``):
+  each one that is set replaces its grid dimension everywhere (top-level grid and every
+  experiment), e.g. ``REWARD_MODE=hybrid`` restricts the grid to hybrid cells.
+* :func:`check_inputs` checks, before any job runs, that the dataset files and model folders
+  the config names exist; a missing one raises one line naming the config key and the path.
+
+Imported by the Snakefile at parse time: keep it free of torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: the schema shipped with the workflow
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+#: the seed's environment variables (SPEC §6, seed's train_v3.sh)
+ENV_VARS = ("REWARD_MODE", "HARD_WEIGHT", "SOFT_WEIGHT", "REWARD_ALPHA", "REWARD_BETA",
+            "USE_RANK_ADVANTAGE")
+
+
+class ConfigError(ValueError):
+    """A config (or a path it names) is invalid; the message is one line naming the key."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _key(path: Any) -> str:
+    """``grid.weights[1][0]`` from a jsonschema error path."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _message(err) -> str:
+    """One line for a jsonschema ``ValidationError``, naming the offending key."""
+    where = _key(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        prefix = f"{where}." if err.absolute_path else ""
+        keys = ", ".join(prefix + k for k in extra)
+        return f"config key {keys}: unknown key (allowed here: {', '.join(allowed)})"
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        prefix = f"{where}." if err.absolute_path else ""
+        return f"config key {prefix}{missing}: required but missing"
+    if err.validator == "enum":
+        return f"config key {where}: {err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+    return f"config key {where}: {err.message}"
+
+
+def _deepest(errors):
+    """The most specific error: the deepest path, descending into anyOf/oneOf branches."""
+    err = max(errors, key=lambda e: len(e.absolute_path))
+    while err.context:
+        err = max(err.context, key=lambda e: len(e.absolute_path))
+    return err
+
+
+def _validator(schema: Mapping[str, Any]):
+    """A Draft 2020-12 validator that fills in ``default`` values while it validates."""
+    from jsonschema import Draft202012Validator, validators
+
+    base = Draft202012Validator.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from base(validator, properties, instance, schema_)
+
+    cls = validators.extend(Draft202012Validator, {"properties": properties_with_defaults})
+    return cls(schema)
+
+
+def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate ``config`` in place (filling schema defaults); return it.
+
+    Raises :class:`ConfigError` with one line naming the first offending key (the most
+    specific error, so an unknown key deep inside a section is reported as that key).
+    """
+    schema = load_schema() if schema is None else schema
+    validator = _validator(schema)
+    errors = list(validator.iter_errors(config))
+    if errors:
+        raise ConfigError(_message(_deepest(errors)))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: Mapping[str, Any]) -> None:
+    """Checks JSON schema cannot express compactly."""
+    model, emb = config["model"], config["embeddings"]
+    from icdrl.lvlm import check_model_cfg  # noqa: PLC0415 (light: no torch)
+
+    try:
+        check_model_cfg(model)
+    except ValueError as e:
+        raise ConfigError(f"config key {e}") from None
+    if model["kind"] == "hf" and not model.get("path"):
+        raise ConfigError("config key model.path: required when model.kind is hf (a local model folder)")
+    if model["kind"] == "embedded" and model.get("path"):
+        raise ConfigError("config key model.path: must be null when model.kind is embedded (the workflow trains it)")
+    if emb["encoder"] == "clip" and not emb.get("clip_path"):
+        raise ConfigError("config key embeddings.clip_path: required when embeddings.encoder is clip")
+    if config["dataset"]["name"] == "vqa":
+        for split in ("train", "eval"):
+            for k in ("questions", "annotations", "images"):
+                if not config["dataset"].get(split, {}).get(k):
+                    raise ConfigError(f"config key dataset.{split}.{k}: required when dataset.name is vqa")
+    cand, pools = config["candidates"], config["pools"]
+    if cand["depth"] > pools["size"]:
+        raise ConfigError(f"config key candidates.depth: {cand['depth']} exceeds the pool size pools.size={pools['size']}")
+    if max(config["evaluation"]["shots"]) > pools["size"]:
+        raise ConfigError(f"config key evaluation.shots: {max(config['evaluation']['shots'])} exceeds pools.size={pools['size']}")
+    if cand["shards"] > pools["n_anchors"]:
+        raise ConfigError(f"config key candidates.shards: {cand['shards']} shards for only {pools['n_anchors']} anchors")
+    from icdrl.grid import cells  # noqa: PLC0415 (light; avoids an import cycle at module load)
+
+    try:
+        cells(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a YAML config, apply env-var overrides (``environ``, default none) and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    with open(path) as fh:
+        try:
+            config = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    validate(config, schema)
+    if environ is not None:
+        config = apply_env_overrides(config, environ)
+        validate(config, schema)
+    return config
+
+
+# ----------------------------------------------------------------------------- env overrides
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The typed overrides the seed's env vars ask for (delegates to :mod:`icdrl.train`)."""
+    if not any(k in environ for k in ENV_VARS):
+        return {}
+    from icdrl.train import env_overrides as parse  # noqa: PLC0415 (torch: only when needed)
+
+    return parse(environ)
+
+
+def _replace_pairs(pairs: list, index: int, value: float) -> list:
+    out = []
+    for p in pairs:
+        q = list(p)
+        q[index] = value
+        if q not in out:
+            out.append(q)
+    return out
+
+
+def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
+                        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of ``config`` with the seed's env vars applied to the grid.
+
+    ``overrides`` (default: :func:`env_overrides` of ``environ``) maps ``reward_mode``,
+    ``hard_weight``, ``soft_weight``, ``alpha``, ``beta``, ``use_rank`` to values; each one
+    present replaces that dimension in the top-level grid and in every experiment.
+    """
+    ov = dict(env_overrides(environ) if overrides is None else overrides)
+    if not ov:
+        return config
+    config = copy.deepcopy(config)
+    grid = config.setdefault("grid", {})
+    blocks = [grid] + list((grid.get("experiments") or {}).values())
+    rewards = config.setdefault("rewards", {})
+    if "alpha" in ov:
+        rewards["alpha"] = float(ov["alpha"])
+    if "beta" in ov:
+        rewards["beta"] = float(ov["beta"])
+    for i, block in enumerate(blocks):
+        top = i == 0
+        if "reward_mode" in ov and (block.get("reward_modes") or (top and not grid.get("experiments"))):
+            block["reward_modes"] = [ov["reward_mode"]]
+        if "use_rank" in ov and ("use_rank" in block or top):
+            block["use_rank"] = [bool(ov["use_rank"])]
+        for knob, idx in (("hard_weight", 0), ("soft_weight", 1)):
+            if knob in ov and ("weights" in block or top):
+                block["weights"] = _replace_pairs(block.get("weights") or [[1.0, 1.0]], idx, float(ov[knob]))
+        for knob, idx in (("alpha", 0), ("beta", 1)):
+            if knob in ov and ("alpha_beta" in block or top):
+                default = [[rewards.get("alpha", 1.0), rewards.get("beta", 0.0)]]
+                block["alpha_beta"] = _replace_pairs(block.get("alpha_beta") or default, idx, float(ov[knob]))
+    return config
+
+
+def prepare(config: dict[str, Any], environ: Mapping[str, str],
+            schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate ``config`` and apply the env overrides, *in place* (the Snakefile's global
+    ``config`` stays the same object); return the overrides applied (empty if none)."""
+    validate(config, schema)
+    overrides = env_overrides(environ)
+    if overrides:
+        new = validate(apply_env_overrides(config, environ, overrides), schema)
+        config.clear()
+        config.update(new)
+    return overrides
+
+
+def describe_overrides(overrides: Mapping[str, Any]) -> str:
+    """One line saying which env vars changed the grid (printed by the Snakefile)."""
+    return "icdrl: env overrides applied to the grid: " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_model_folder(key: str, path: str | None) -> None:
+    p = Path(str(path)) if path else None
+    if p is None or not p.is_dir():
+        raise ConfigError(f"config key {key}: model folder {path} not found")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"config key {key}: {path} holds no config.json (not a Hugging Face model folder)")
+
+
+def check_inputs(config: Mapping[str, Any]) -> None:
+    """Fail with one line if a dataset file or a model folder the config names is missing.
+
+    Run before the first job (the Snakefile's ``onstart``), never in a dry run.
+    """
+    from icdrl.data import check_dataset  # noqa: PLC0415
+
+    check_dataset(config["dataset"])
+    if config["model"]["kind"] == "hf":
+        _check_model_folder("model.path", config["model"]["path"])
+    if config["embeddings"]["encoder"] == "clip":
+        _check_model_folder("embeddings.clip_path", config["embeddings"]["clip_path"])

@@ -1,0 +1,56 @@
+# Helpers shared by the rules. Paths come from icdrl.grid.Layout (L, in the Snakefile).
+from icdrl.report import report_files
+
+
+def logfile(path):
+    """The log of the job writing `path`: beside it."""
+    return f"{path}.log"
+
+
+def benchfile(path):
+    """The benchmark TSV of the job writing `path`: beside it."""
+    return f"{path}.benchmark.tsv"
+
+
+# the LVLM folder as an input where the workflow trains it (embedded); a hf folder is
+# checked at start (onstart) instead, so that dry runs work without the weights
+MODEL_INPUT = [L.lvlm_model] if L.embedded else []
+# the encoder needs the LVLM only for encoder "lvlm"
+ENCODER_INPUT = MODEL_INPUT if config["embeddings"]["encoder"] == "lvlm" else []
+
+REPORT_FILES = report_files(L.report_dir)
+
+
+# ---- the report (rules/report.smk)
+
+REPORT_CATEGORY = {
+    "summary": "1 Summary",
+    "accuracy": "2 Accuracy",
+    "accuracy_vs_shot": "2 Accuracy",
+    "vs_legacy": "3 Comparisons",
+    "delta_vs_legacy": "3 Comparisons",
+    "vs_v2": "3 Comparisons",
+    "exp1_modes": "4 Experiments",
+    "exp2_use_rank": "4 Experiments",
+    "exp3_weights": "4 Experiments",
+    "rl_groups": "5 RL data",
+    "rl_advantages": "5 RL data",
+    "reward_hist": "5 RL data",
+    "advantage_hist": "5 RL data",
+    "candidates_by_source": "5 RL data",
+    "training_summary": "6 Training",
+    "training_curves": "6 Training",
+}
+
+
+def report_output(path):
+    """`path`, marked for the HTML report if it is a table's HTML, a plot's PNG or the summary."""
+    stem, ext = Path(path).stem, Path(path).suffix
+    if ext in (".html", ".png"):
+        return report(
+            path,
+            caption=f"../report/{stem}.rst",
+            category=REPORT_CATEGORY.get(stem, "7 Other"),
+        )
+    return path
+

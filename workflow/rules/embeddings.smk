@@ -1,0 +1,19 @@
+# L2-normalised image+question embeddings of a split (encoder lvlm or clip).
+
+
+rule embed:
+    input:
+        model=ENCODER_INPUT,
+    output:
+        L.emb,
+    log:
+        logfile(L.emb),
+    benchmark:
+        benchfile(L.emb)
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/embed.py"

@@ -1,0 +1,37 @@
+# The embedded tiny LVLM (model.kind: embedded): trained first, then its in-context check.
+# For model.kind: hf the model folder is model.path, checked before the first job (onstart).
+
+if L.embedded:
+
+    rule train_lvlm:
+        output:
+            model=directory(L.lvlm_model),
+        log:
+            logfile(L.lvlm_model),
+        benchmark:
+            benchfile(L.lvlm_model)
+        threads: config["embedded_lvlm"]["threads"]
+        conda:
+            "../envs/icdrl.yaml"
+        script:
+            "../scripts/train_lvlm.py"
+
+    rule lvlm_check:
+        input:
+            model=L.lvlm_model,
+        output:
+            L.icl_check,
+        params:
+            # the check's own knobs (not part of the model's path): a change reruns only the
+            # check; canonical JSON, so that key order and 1 vs 1.0 are no change
+            check=canonical_json(config["embedded_lvlm"]["check"]),
+        log:
+            logfile(L.icl_check),
+        benchmark:
+            benchfile(L.icl_check)
+        # a side check nothing downstream waits for: one core, so the pipeline runs beside it
+        threads: 1
+        conda:
+            "../envs/icdrl.yaml"
+        script:
+            "../scripts/lvlm_check.py"

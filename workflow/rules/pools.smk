@@ -1,0 +1,18 @@
+# Per-query candidate pools (K train ids) for the training anchors and the test queries.
+
+
+rule pools:
+    input:
+        query=lambda w: L.emb.format(split="train" if w.role == "anchors" else "eval"),
+        train=L.emb.format(split="train"),
+    output:
+        L.pools,
+    log:
+        logfile(L.pools),
+    benchmark:
+        benchfile(L.pools)
+    threads: 1
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/pools.py"

@@ -1,0 +1,24 @@
+# The final rule: tables, plots and summary for this config's grid (icdrl.report.build_report).
+# Marked files appear in `snakemake --report`, with captions from workflow/report/<name>.rst.
+
+rule report:
+    input:
+        evals=L.all_eval(),
+        metrics=list(L.labelled_metrics().values()),
+        rewards=L.all_rewards(),
+        scored=L.scored,
+    output:
+        [report_output(p) for p in REPORT_FILES],
+    params:
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+        metrics_labels=list(L.labelled_metrics()),
+        rewards_labels=[r.slug for r in L.reward_specs()],
+    log:
+        f"{L.report_dir}.log",
+    benchmark:
+        f"{L.report_dir}.benchmark.tsv"
+    localrule: True
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,86 @@
+"""Plumbing shared by the workflow scripts (each script is thin: read ``snakemake``, call icdrl).
+
+:func:`run` sends everything the library prints — ``logging`` records, ``tqdm`` bars, plain
+``print`` output, even output of C extensions — to the rule's ``log:`` file, caps torch's
+threads at the rule's ``threads:``, and on failure prints one line to the console (the error
+and where the log is) and exits with status 1; the full traceback is in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# the checkout's library first (works under --use-conda without installing icdrl in the env)
+_SRC = Path(__file__).resolve().parents[2] / "src"
+if str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+
+def _redirect_output(log_path: str) -> Any:
+    """Point file descriptors 1 and 2 at ``log_path``; return a stream on the old stderr."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    return console
+
+
+def setup(threads: int) -> None:
+    """Logging to stderr (= the log file) at INFO, calm tqdm, ``threads`` torch threads."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.captureWarnings(True)
+    n = str(max(1, int(threads)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = n
+    # tqdm reads TQDM_* environment variables as defaults: one line every 30 s in a log file
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+    os.environ.setdefault("TQDM_NCOLS", "100")
+    if "torch" in sys.modules:  # already imported: apply the cap directly
+        sys.modules["torch"].set_num_threads(int(n))
+
+
+def model_path(snakemake: Any) -> str | None:
+    """The LVLM folder: the embedded model the workflow trained, or ``model.path`` (kind hf)."""
+    model_inputs = list(getattr(snakemake.input, "model", []) or [])
+    if model_inputs:
+        return str(model_inputs[0])
+    return snakemake.config["model"].get("path")
+
+
+def run(snakemake: Any, main: Callable[[Any], None]) -> None:
+    """Run ``main(snakemake)`` with output routed to ``snakemake.log[0]`` (see module doc)."""
+    log_path = str(snakemake.log[0])
+    console = _redirect_output(log_path)
+    setup(snakemake.threads)
+    log = logging.getLogger(f"icdrl.workflow.{snakemake.rule}")
+    wc = dict(snakemake.wildcards.items())
+    log.info("rule %s%s: start (threads %d)", snakemake.rule, f" {wc}" if wc else "", snakemake.threads)
+    t0 = time.perf_counter()
+    try:
+        main(snakemake)
+    except BaseException as e:  # noqa: BLE001 - report every failure, then exit non-zero
+        traceback.print_exc()
+        sys.stderr.flush()
+        first = (str(e).strip().splitlines() or [""])[0]
+        console.write(f"icdrl {snakemake.rule}: {type(e).__name__}: {first} (log: {log_path})\n")
+        console.flush()
+        raise SystemExit(1) from None
+    log.info("rule %s: done in %.1f s", snakemake.rule, time.perf_counter() - t0)

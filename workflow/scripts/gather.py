@@ -1,0 +1,13 @@
+"""Gather shard files (in shard order) into one file of the same schema."""
+
+from _common import run
+
+
+def main(sm):
+    from icdrl.records import concat_jsonl
+
+    n = concat_jsonl([str(p) for p in sm.input], sm.params.schema, str(sm.output[0]))
+    print(f"gathered {n} records from {len(sm.input)} shards into {sm.output[0]}")
+
+
+run(snakemake, main)  # noqa: F821 - provided by Snakemake

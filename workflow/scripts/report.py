@@ -1,0 +1,15 @@
+"""The report: tables, plots and summary over every evaluation of this config's grid."""
+
+from _common import run
+
+
+def main(sm):
+    from icdrl.report import build_report
+
+    metrics = dict(zip(sm.params.metrics_labels, map(str, sm.input.metrics), strict=True))
+    rewards = dict(zip(sm.params.rewards_labels, map(str, sm.input.rewards), strict=True))
+    build_report([str(p) for p in sm.input.evals], metrics, rewards, str(sm.input.scored),
+                 sm.config["report"], str(sm.params.out_dir))
+
+
+run(snakemake, main)  # noqa: F821 - provided by Snakemake
