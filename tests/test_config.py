@@ -268,3 +268,10 @@ def test_cli_validate_reports_one_line(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("icdrl: config key pools.size:") and "\n" not in err
+
+
+def test_test_config_uses_the_embedded_test_preset():
+    from icdrl.lvlm.embedded import TEST_PRESET
+
+    raw = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    assert raw["embedded_lvlm"] == TEST_PRESET

@@ -16,27 +16,32 @@ import sys
 from collections.abc import Sequence
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from icdrl.config import ConfigError, load_config
-    from icdrl.grid import cells, seeds
+def _load(path: str) -> dict | None:
+    """The validated config at ``path`` (env overrides applied), or None after printing why not."""
+    from icdrl.config import load_config
 
     try:
-        cfg = load_config(args.config, environ=os.environ)
-    except (ConfigError, ValueError) as e:
+        return load_config(path, environ=os.environ)
+    except ValueError as e:  # ConfigError, or a bad env-var value
         print(f"icdrl: {e}", file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from icdrl.grid import cells, seeds
+
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     print(f"{args.config}: valid ({len(cells(cfg))} grid cells x {len(seeds(cfg))} seeds)")
     return 0
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from icdrl.config import ConfigError, load_config
     from icdrl.grid import Layout, experiment_cells
 
-    try:
-        cfg = load_config(args.config, environ=os.environ)
-    except (ConfigError, ValueError) as e:
-        print(f"icdrl: {e}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     layout = Layout(cfg)
     for name, block in experiment_cells(cfg).items():

@@ -418,14 +418,19 @@ def image_labels(train: Sequence[Example]) -> dict[str, tuple[int, int]]:
 
 def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfig, rng: random.Random,
                     images: ImageCache) -> list[dict]:
-    """Stage 1: train the vision tower to tell colour and shape from its mean merged token.
+    """Stage 1: align the vision tower's output with the words for what the image shows.
 
-    A real LVLM starts from a pretrained vision encoder; trained jointly from scratch, this tiny
-    one is ignored by the language model before it learns anything (its gradient vanishes within
-    a few steps and accuracy stays at chance). Here two linear heads (colour, shape), discarded
-    afterwards, read the mean of the vision tower's merged tokens (the vector the ``lvlm``
-    embeddings also use); labels are the answers of the training split's colour and shape
-    questions about each image. Returns one metrics row per logged step.
+    A real LVLM starts from a pretrained vision encoder whose output a projector maps into the
+    language model's word-embedding space (LLaVA's alignment stage). Trained jointly from
+    scratch, this tiny model's language model learns to ignore the random vision tokens before
+    they say anything (the vision gradient vanishes within a few steps; accuracy stays at
+    chance). So first the vision tower (merger included) is trained so that the mean of an
+    image's merged tokens points, by cosine, at the language model's own embedding of the
+    image's colour word and of its shape word (temperature 0.1, cross-entropy over the 8 colour
+    and the 3 shape words). Labels are the answers of the training split's colour and shape
+    questions about each image; the word embeddings (tied input/output) train too. A "red"
+    in a question and a red shape in an image then start out as the same direction, which is
+    what the yes/no questions have to compare. Returns one metrics row per logged step.
     """
     import torch
 
@@ -434,21 +439,25 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     if not paths or c.vision_pretrain_steps <= 0:
         return []
     vis = model.model.visual
-    head = torch.nn.Linear(c.hidden_size, len(recipe.COLOURS) + len(recipe.SHAPES))
-    params = [*vis.parameters(), *head.parameters()]
+    embed = model.get_input_embeddings()
+    tok = processor.tokenizer
+    col_ids = torch.tensor(tok.convert_tokens_to_ids(list(recipe.COLOURS)))
+    shp_ids = torch.tensor(tok.convert_tokens_to_ids(list(recipe.SHAPES)))
+    params = [*vis.parameters(), embed.weight]
     opt = torch.optim.AdamW(params, lr=c.lr)
-    n_col = len(recipe.COLOURS)
     rows = []
     for step in range(c.vision_pretrain_steps):
         batch = [paths[rng.randrange(len(paths))] for _ in range(c.vision_pretrain_batch)]
         enc = processor.image_processor(images=[images(p) for p in batch], return_tensors="pt")
         pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
-        pooled = pooled.view(len(batch), -1, pooled.shape[-1]).mean(1)
-        logits = head(pooled)
+        pooled = torch.nn.functional.normalize(pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1)
+        words = torch.nn.functional.normalize(embed.weight, dim=-1)
+        col_logits = pooled @ words[col_ids].T / 0.1
+        shp_logits = pooled @ words[shp_ids].T / 0.1
         col = torch.tensor([labels[p][0] for p in batch])
         shp = torch.tensor([labels[p][1] for p in batch])
-        loss = torch.nn.functional.cross_entropy(logits[:, :n_col], col, ignore_index=-1) + \
-            torch.nn.functional.cross_entropy(logits[:, n_col:], shp, ignore_index=-1)
+        loss = torch.nn.functional.cross_entropy(col_logits, col, ignore_index=-1) + \
+            torch.nn.functional.cross_entropy(shp_logits, shp, ignore_index=-1)
         for g in opt.param_groups:
             g["lr"] = c.lr * min(1.0, (step + 1) / max(c.lr_warmup_steps, 1))
         opt.zero_grad(set_to_none=True)
@@ -457,8 +466,8 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
         opt.step()
         if step % c.log_every == 0 or step == c.vision_pretrain_steps - 1:
             with torch.no_grad():
-                ok_c = (logits[:, :n_col].argmax(-1) == col)[col >= 0].float().mean().item()
-                ok_s = (logits[:, n_col:].argmax(-1) == shp)[shp >= 0].float().mean().item()
+                ok_c = (col_logits.argmax(-1) == col)[col >= 0].float().mean().item()
+                ok_s = (shp_logits.argmax(-1) == shp)[shp >= 0].float().mean().item()
             log.info("vision pretrain step %d/%d loss %.4f colour acc %.2f shape acc %.2f", step,
                      c.vision_pretrain_steps, loss.item(), ok_c, ok_s)
             rows.append({"step": step, "loss": float(loss.item()), "colour_acc": ok_c, "shape_acc": ok_s})
