@@ -6,12 +6,14 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
 
 * naive (as the seed's codebase did): ``HFBackend(batch_size=1, image_cache="none")``: one
   prompt per forward pass, the processor re-run on every prompt's images;
-* project: ``HFBackend(batch_size=--batch-size, image_cache="features")``: every expansion of a
-  step in one batched call, each distinct image preprocessed and vision-encoded once per run.
+* project: ``HFBackend(batch_size=--batch-size, image_cache="features")`` with its defaults:
+  every expansion of a step in one batched call, each distinct image preprocessed and
+  vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, and the
+  demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix).
 
 The beams (pool positions, in order) must be identical; their scores must agree to 1e-5.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_beam_search.py [--model PATH] [--anchors 20]
+    python benchmarks/bench_beam_search.py [--model PATH] [--anchors 20] [--threads 2]
 
 ``--model``: a trained embedded checkpoint folder (``icdrl.lvlm.embedded.train_embedded``);
 without it an untrained model of the embedded architecture and size (``EmbeddedConfig()``
@@ -72,7 +74,10 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32, help="project path batch size (config model.batch_size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both paths (default: torch's, all cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, proc, label = embedded_model(args.model)
     train = load_dataset({"name": "easyvqa"}, "train")
@@ -96,7 +101,8 @@ def main() -> None:
           f"{t_naive / n:.3f} s/anchor wall, {c_naive / n:.3f} s/anchor CPU")
     print(f"project: {n_fast} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
           f"{t_fast / n:.3f} s/anchor wall, {c_fast / n:.3f} s/anchor CPU "
-          f"({fast.stats['image_preprocess']} images preprocessed, {fast.stats['vision_encoded']} vision-encoded)")
+          f"({fast.stats['image_preprocess']} images preprocessed, {fast.stats['vision_encoded']} vision-encoded, "
+          f"{fast.stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
     print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {c_naive / c_fast:.2f}")
     print(f"identical beams: {same}; max |info_score difference| {dev:.2e}")
     spread = np.mean([b[0].info_score - b[-1].info_score for b in b_fast])

@@ -389,3 +389,127 @@ def test_generate_is_pure_greedy_despite_checkpoint_penalties(prompts):
         out = b.model.generate(**inputs, max_new_tokens=4, do_sample=False)
     penalised = b.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert penalised != want[2]
+
+
+# ---------------------------------------------------------------------- beam-search speed paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("system_prompt", [None, "Answer the question about the image."])
+def test_skeleton_rendering_equals_the_chat_template(family, system_prompt, prompts, ex):
+    """Every shape (0-4 demonstrations, with and without the answer turn), far past the checked renders."""
+    b = load_backend({"kind": "hf", "system_prompt": system_prompt}, str(cached_checkpoint(family)))
+    for _ in range(2):
+        for pr, ans in zip(prompts, ANSWERS):
+            for a in (ans, None):
+                want = b.processor.apply_chat_template(b.messages(pr, a), tokenize=False, add_generation_prompt=a is None)
+                assert b.render(pr, a) == want
+    assert b._use_skeletons and b._skeletons
+
+
+def test_template_that_alters_text_items_falls_back_to_full_rendering(prompts):
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
+    b.processor.chat_template = b.processor.chat_template.replace("content['text']", "content['text'] | upper")
+    pr = prompts[2]
+    assert "QUESTION" in b.render(pr, "x")  # the template really changed
+    want = b.processor.apply_chat_template(b.messages(pr, "x"), tokenize=False)
+    assert b.render(pr, "x") == want
+    assert not b._use_skeletons
+
+
+def test_composed_rope_positions_equal_the_models(prompts):
+    """Mixed image sizes (different grids) and 0-4 demonstrations, left and right padding."""
+    for side in ("left", "right"):
+        b = load_backend({"kind": "hf", "padding_side": side}, str(cached_checkpoint("qwen")))
+        items = b._items(prompts, ANSWERS)
+        inputs, _ = b._collate(items, side == "left", positions=True)
+        assert b._mrope and "position_ids" in inputs
+        types = torch.tensor(b.processor.create_mm_token_type_ids(inputs["input_ids"]))
+        assert torch.equal(types, inputs["mm_token_type_ids"])
+        ref, _ = b.model.model.get_rope_index(inputs["input_ids"], types, image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+        real = inputs["attention_mask"].bool()
+        assert torch.equal(ref[:, real], inputs["position_ids"][:, real])
+
+
+def test_wrong_composed_positions_switch_composition_off(prompts):
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
+    want = sums(backend("qwen", prefix_cache_size=0).answer_logprobs(prompts, ANSWERS))
+    b._item_positions = lambda item: HFBackend._item_positions(item) * 2
+    assert sums(b.answer_logprobs(prompts, ANSWERS)) == pytest.approx(want, abs=TOL)
+    assert not b._mrope and b.stats["prefix_hits"] == 0
+
+
+def _steps(ex, insert):
+    """Beam-search-like calls: every 1-demonstration prompt, then 2-demonstration ones built on them."""
+    q = ex[5]
+    pool = ex[:5]
+    step1 = [([c], q) for c in pool]
+    step2 = [([c, b] if insert == "first" else [b, c], q) for b in pool[:2] for c in pool if c is not b]
+    step3 = [([c, *d], q) if insert == "first" else ([*d, c], q) for d, _ in step2[:3] for c in pool if c not in d]
+    return [step1, step2, step3]
+
+
+@pytest.mark.parametrize("insert", ["first", "last"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_prefix_cache_gives_the_numbers_of_full_forwards(ex, insert, side):
+    cached = load_backend({"kind": "hf", "batch_size": 4, "padding_side": side}, str(cached_checkpoint("qwen")))
+    plain = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen")))
+    ref = load_backend({"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint("qwen")))
+    hits = 0
+    for step in _steps(ex, insert):
+        answers = ["fire hydrant"] * len(step)  # two answer tokens
+        got = sums(cached.answer_logprobs(step, answers))
+        assert cached.stats["prefix_hits"] - hits == (0 if len(step[0][0]) == 1 else len(step))
+        hits = cached.stats["prefix_hits"]
+        assert got == pytest.approx(sums(plain.answer_logprobs(step, answers)), abs=1e-5)
+        assert got == pytest.approx(sums(ref.answer_logprobs(step, answers)), abs=1e-5)
+    assert plain.stats["prefix_hits"] == 0
+
+
+def test_prefix_cache_mixed_batches_and_eviction(ex, prompts):
+    """Rows with and without a cached prefix in one call; a cache of 2 entries stays bounded."""
+    b = load_backend({"kind": "hf", "batch_size": 3, "prefix_cache_size": 2}, str(cached_checkpoint("qwen")))
+    plain = backend("qwen", prefix_cache_size=0)
+    b.answer_logprobs([([ex[1]], ex[0]), ([ex[3]], ex[0])], ["red", "red"])
+    mixed = [([ex[1], ex[2]], ex[0]), ([ex[4], ex[2]], ex[0]), ([ex[3], ex[5], ex[2]], ex[0]), *prompts]
+    answers = ["red", "red", "red", *ANSWERS]
+    assert sums(b.answer_logprobs(mixed, answers)) == pytest.approx(sums(plain.answer_logprobs(mixed, answers)), abs=1e-5)
+    assert b.stats["prefix_hits"] >= 2
+    assert len(b._prefix_kv) <= 2
+    b.clear_cache()
+    assert not b._prefix_kv
+
+
+def test_prefix_cache_is_keyed_by_image_not_only_tokens(ex, images):
+    """Two demonstrations with the same text but different images are different prefixes."""
+    twin = Example(99, images[5], ex[1].question, ex[1].answers, ex[1].answer, image_id="99")
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
+    plain = backend("qwen", prefix_cache_size=0)
+    b.answer_logprobs([([ex[1]], ex[0])], ["red"])
+    step = [([ex[1], ex[2]], ex[0]), ([twin, ex[2]], ex[0])]
+    assert sums(b.answer_logprobs(step, ["red", "red"])) == pytest.approx(sums(plain.answer_logprobs(step, ["red", "red"])), abs=1e-5)
+    assert b.stats["prefix_hits"] == 1
+
+
+def test_llava_has_no_prefix_cache(prompts):
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("llava")))
+    b.answer_logprobs(prompts, ANSWERS)
+    b.answer_logprobs(prompts, ANSWERS)
+    assert b.stats["prefix_hits"] == 0 and not b._prefix_kv
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_image_preprocessing_equals_one_at_a_time(family, images):
+    """Mixed image sizes: ids, replacement text and every tensor split back per image."""
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint(family)))
+    many = b._preprocess_many(images)
+    assert b._batch_preprocess
+    for path, e in zip(images, many):
+        one = b._preprocess(path)
+        assert e.ids == one.ids and e.text == one.text
+        assert e.tensors.keys() == one.tensors.keys()
+        for k in one.tensors:
+            assert torch.allclose(e.tensors[k].float(), one.tensors[k].float(), atol=1e-6)
+        if family == "qwen":
+            assert torch.equal(e.rel_pos, one.rel_pos) and e.advance == one.advance

@@ -320,10 +320,14 @@ def lookup(by_id: dict[int, Example], ids: Sequence[int], where: str) -> list[Ex
         raise KeyError(f"{where}: id {e.args[0]} is not in the dataset split") from None
 
 
+#: model keys that change speed or memory, not scores (numbers agree to float rounding)
+RESULT_NEUTRAL_MODEL_KEYS = ("batch_size", "device", "image_cache_size", "prefix_cache_size")
+
+
 def model_fingerprint(model_cfg: dict, model_path) -> dict:
     """What of the model identity decides scores (batch size and device do not)."""
     return {"path": str(model_path) if model_path else None,
-            "cfg": {k: v for k, v in (model_cfg or {}).items() if k not in ("batch_size", "device")}}
+            "cfg": {k: v for k, v in (model_cfg or {}).items() if k not in RESULT_NEUTRAL_MODEL_KEYS}}
 
 
 def generate_shard(

@@ -35,6 +35,7 @@ MODEL_DEFAULTS: dict = {
     "padding_side": "left",  # left | right (scoring; generation always pads left)
     "image_cache": "features",  # features | pixels | none
     "image_cache_size": 1024,  # distinct images kept per backend (LRU); 0 = unbounded
+    "prefix_cache_size": 128,  # demonstration prefixes whose keys/values are reused (LRU; 0 = off)
     "attn_implementation": None,  # e.g. sdpa / eager; null = transformers' default
 }
 KINDS = ("embedded", "hf")
@@ -77,7 +78,8 @@ def check_model_cfg(model_cfg: dict) -> dict:
         raise ModelConfigError(f"model.dtype: {cfg['dtype']!r} is not one of float32, bfloat16, float16")
     if not isinstance(cfg["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?|auto", cfg["device"]):
         raise ModelConfigError(f"model.device: {cfg['device']!r} is not one of cpu, cuda, cuda:N, auto")
-    for key, low in (("batch_size", 1), ("max_new_tokens", 1), ("image_cache_size", 0)):
+    for key, low in (("batch_size", 1), ("max_new_tokens", 1), ("image_cache_size", 0),
+                     ("prefix_cache_size", 0)):
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             kind = "a positive" if low else "a non-negative"
@@ -119,4 +121,5 @@ def load_backend(model_cfg: dict, model_path: str | None = None) -> LVLMBackend:
         padding_side=cfg["padding_side"],
         image_cache=cfg["image_cache"],
         image_cache_size=cfg["image_cache_size"],
+        prefix_cache_size=cfg["prefix_cache_size"],
     )

@@ -28,8 +28,22 @@ piece is tokenised on its own (and cached), and the placeholder is replaced by t
 processor produced for that image; the placeholder is a special token, so this equals
 tokenising the expanded text in one go (checked once per backend, and by the tests).
 
-Cached features belong to the weights they were computed with: call :meth:`clear_cache`
-after changing the model's weights.
+Three more savings on the cached paths, each checked against the slow way before it is trusted:
+
+* the chat template is rendered once per prompt shape (number of demonstrations, answer turn or
+  not) with sentinels for the text items, which are then put back (compared with
+  ``apply_chat_template`` on the first renders of every shape);
+* for 3-D rope models (Qwen2-VL family) the position ids are composed from per-image blocks the
+  model itself computed, instead of transformers' per-row loop (compared with
+  ``get_rope_index`` on the first batch);
+* ``prefix_cache_size`` keeps the keys and values of demonstration prefixes (the chat header and
+  the first j demonstrations, keyed by token ids *and* image paths). A later prompt that starts
+  with a cached prefix runs only its remaining tokens. Beam search gets this for free: with
+  ``insert="first"`` every step-2 prompt ``(c, b)`` starts with the step-1 prompt ``(c)``'s
+  prefix, with ``insert="last"`` every ``(b, c)`` with ``(b)``'s.
+
+Cached features and prefixes belong to the weights they were computed with: call
+:meth:`clear_cache` after changing the model's weights.
 """
 
 from __future__ import annotations
@@ -85,6 +99,18 @@ class _ImageEntry:
     tensors: dict  # per-image processor outputs; pixel tensors dropped once features exist
     features: torch.Tensor | None = None  # vision encoder output (features mode)
     text: str = ""  # the placeholder's expansion as text
+    rel_pos: torch.Tensor | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
+    types: torch.Tensor | None = None  # the processor's mm_token_type_ids of ``ids``
+    advance: int = 0  # how far the text position moves past this image (mrope models)
+
+
+@dataclass
+class _PrefixKV:
+    """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images), per layer."""
+
+    length: int
+    n_images: int
+    layers: list  # [(keys [kv_heads, length, head_dim], values), ...]
 
 
 @dataclass
@@ -94,6 +120,7 @@ class _Item:
     start: int  # first answer token (scoring) / len(ids) (generation)
     end: int
     vision: list[dict]  # reference path only: the processor's image tensors for this item
+    segments: tuple = ()  # cached paths: (number of text ids | image entry) in order, then the tail length
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,6 +184,7 @@ class HFBackend:
         padding_side: str = "left",
         image_cache: str = "features",
         image_cache_size: int = 1024,
+        prefix_cache_size: int = 128,
     ):
         if batch_size < 1:
             raise BackendError(f"model.batch_size: must be >= 1, got {batch_size}")
@@ -168,6 +196,8 @@ class HFBackend:
             raise BackendError(f"model.image_cache: {image_cache!r} is not one of {', '.join(CACHE_MODES)}")
         if image_cache_size < 0:
             raise BackendError(f"model.image_cache_size: must be >= 0 (0: unbounded), got {image_cache_size}")
+        if prefix_cache_size < 0:
+            raise BackendError(f"model.prefix_cache_size: must be >= 0 (0: off), got {prefix_cache_size}")
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -180,6 +210,9 @@ class HFBackend:
             image_cache = "pixels"
         self.image_cache = image_cache
         self.image_cache_size = int(image_cache_size)
+        #: demonstration prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
+        self.prefix_cache_size = int(prefix_cache_size)
+        self._prefix_kv: OrderedDict[tuple, _PrefixKV] = OrderedDict()
         self.image_token = getattr(processor, "image_token", None)
         if not self.image_token:
             raise BackendError(f"{type(processor).__name__} has no image placeholder token (processor.image_token)")
@@ -191,13 +224,25 @@ class HFBackend:
         self._lead = self._special_prefix()
         self._cache: OrderedDict[str, _ImageEntry] = OrderedDict()
         self._needs_mm_types = bool(getattr(processor, "return_mm_token_type_ids", False))
+        # 3-D rope (Qwen2-VL family): positions are composed per prompt from cached per-image
+        # blocks instead of the model's per-row loop; checked against the model on the first batch
+        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self._mrope = bool(self._needs_mm_types and self._rope_index is not None and image_cache != "none")
+        self._positions_checked = False
+        self._batch_preprocess = True  # several new images per processor call (checked once)
+        self._batch_checked = False
+        self._layouts: dict[tuple, tuple] = {}  # (image ids, grid) -> (types, rel. positions, advance)
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._segments_checked = False
+        self._use_skeletons = True
+        self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
+        self._skeleton_checks: dict[tuple[int, bool], int] = {}
         self._tok = functools.lru_cache(maxsize=200_000)(self._tokenize_uncached)
         #: counters: processor calls on a single image, cache hits, images through the vision encoder
-        self.stats = {"image_preprocess": 0, "image_hits": 0, "vision_encoded": 0, "forward_batches": 0}
+        self.stats = {"image_preprocess": 0, "image_hits": 0, "vision_encoded": 0, "forward_batches": 0,
+                      "prefix_hits": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -253,8 +298,9 @@ class HFBackend:
         return ()
 
     def clear_cache(self) -> None:
-        """Forget cached image encodings (needed after the model's weights change)."""
+        """Forget cached image encodings and prefix keys/values (needed after the model's weights change)."""
         self._cache.clear()
+        self._prefix_kv.clear()
 
     # ------------------------------------------------------------------ chat text
 
@@ -263,10 +309,59 @@ class HFBackend:
         return build_messages(demos, query, answer=answer, system_prompt=self.system_prompt)
 
     def render(self, prompt: Prompt, answer: str | None = None) -> str:
-        """The chat-formatted text: with ``answer`` the full conversation, else up to the generation prompt."""
-        return self.processor.apply_chat_template(
-            self.messages(prompt, answer), tokenize=False, add_generation_prompt=answer is None
-        )
+        """The chat-formatted text: with ``answer`` the full conversation, else up to the generation prompt.
+
+        The chat template is rendered once per *shape* (number of demonstrations, with or without
+        the answer turn) with a sentinel in place of every text item; a prompt's text is that
+        skeleton with its own text items put back. The first renders of every shape are also
+        done by ``apply_chat_template`` and compared; a template that alters its text items
+        (so that the two differ) switches the skeletons off for this backend.
+        """
+        messages = self.messages(prompt, answer)
+        if not self._use_skeletons:
+            return self._render_template(messages, answer is None)
+        texts = [part["text"] for m in messages for part in m["content"] if part.get("type") == "text"]
+        key = (len(prompt[0]), answer is None)
+        pieces = self._skeletons.get(key)
+        if pieces is None:
+            pieces = self._skeleton(messages, answer is None, len(texts))
+            self._skeletons[key] = pieces
+        if pieces is None:
+            return self._render_template(messages, answer is None)
+        out = [pieces[0]]
+        for t, piece in zip(texts, pieces[1:]):
+            out += (t, piece)
+        text = "".join(out)
+        checks = self._skeleton_checks.get(key, 0)
+        if checks < 3:
+            self._skeleton_checks[key] = checks + 1
+            real = self._render_template(messages, answer is None)
+            if real != text:
+                log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
+                self._use_skeletons = False
+                return real
+        return text
+
+    def _render_template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _skeleton(self, messages: list[dict], generation_prompt: bool, n_texts: int) -> list[str] | None:
+        """The template rendered with sentinels for the text items, split at them (None: unusable)."""
+        marks = [f"\ue000{i}\ue001" for i in range(n_texts)]
+        it = iter(marks)
+        sentinel = [
+            {**m, "content": [{**part, "text": next(it)} if part.get("type") == "text" else part for part in m["content"]]}
+            for m in messages
+        ]
+        text = self._render_template(sentinel, generation_prompt)
+        pieces = []
+        for mark in marks:
+            if text.count(mark) != 1:
+                return None
+            head, text = text.split(mark)
+            pieces.append(head)
+        pieces.append(text)
+        return pieces
 
     def _texts(self, prompt: Prompt, answer: str | None) -> tuple[str, str, str]:
         """(generation prompt P, P + answer, full conversation F) as rendered text."""
@@ -298,6 +393,7 @@ class HFBackend:
     # ------------------------------------------------------------------ images
 
     def _preprocess(self, path: str) -> _ImageEntry:
+        """One image through the processor, as the placeholder text ``image_token`` would be."""
         out = self.processor(
             text=[self.image_token],
             images=[load_image(path)],
@@ -309,7 +405,88 @@ class HFBackend:
         ids = tuple(int(t) for t in out["input_ids"][0])
         tensors = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
         (rep,) = out["text_replacement_offsets"][0]
-        return _ImageEntry(ids=ids, tensors=tensors, text=rep["replacement"])
+        return self._finish_entry(_ImageEntry(ids=ids, tensors=tensors, text=rep["replacement"]))
+
+    def _preprocess_many(self, paths: Sequence[str]) -> list[_ImageEntry]:
+        """Images through the processor in one call, split per image (else one call each).
+
+        A processor output is split per image when its first dimension is the number of images
+        or, with ``image_grid_thw``, the total number of patches. The first batched call is
+        compared with one-image calls; a difference switches batching off for this backend.
+        """
+        if len(paths) < 2 or not self._batch_preprocess:
+            return [self._preprocess(p) for p in paths]
+        out = self.processor(
+            text=[self.image_token] * len(paths),
+            images=[load_image(p) for p in paths],
+            return_tensors="pt",
+            add_special_tokens=False,
+            return_text_replacement_offsets=True,
+            padding=True,
+        )
+        n = len(paths)
+        grid = out.get("image_grid_thw")
+        sizes = grid.prod(-1).tolist() if isinstance(grid, torch.Tensor) else None
+        per_image: list[dict] = [{} for _ in paths]
+        for k, v in out.items():
+            if k in TEXT_KEYS or not isinstance(v, torch.Tensor):
+                continue
+            if sizes is not None and k != "image_grid_thw" and v.shape[0] == sum(sizes) and sum(sizes) != n:
+                chunks = torch.split(v, sizes)
+            elif v.shape[0] == n:
+                chunks = torch.split(v, 1)
+            else:
+                self._batch_preprocess = False
+                return [self._preprocess(p) for p in paths]
+            for d, c in zip(per_image, chunks):
+                d[k] = c
+        mask = out["attention_mask"].bool() if "attention_mask" in out else None
+        entries = []
+        for i in range(n):
+            row = out["input_ids"][i][mask[i]] if mask is not None else out["input_ids"][i]
+            (rep,) = out["text_replacement_offsets"][i]
+            entries.append(_ImageEntry(ids=tuple(int(t) for t in row), tensors=per_image[i], text=rep["replacement"]))
+        self.stats["image_preprocess"] += n
+        if not self._batch_checked:
+            self._batch_checked = True
+            one = self._preprocess(paths[0])
+            self.stats["image_preprocess"] -= 1
+            first = entries[0]
+            same = one.ids == first.ids and one.text == first.text and one.tensors.keys() == first.tensors.keys() and all(
+                one.tensors[k].shape == first.tensors[k].shape and torch.allclose(one.tensors[k].float(), first.tensors[k].float(), atol=1e-6)
+                for k in one.tensors
+            )
+            if not same:
+                log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
+                self._batch_preprocess = False
+                return [self._preprocess(p) for p in paths]
+        return [self._finish_entry(e) for e in entries]
+
+    def _finish_entry(self, entry: _ImageEntry) -> _ImageEntry:
+        """Token types and relative 3-D rope positions of an image's ids (shared by equal grids)."""
+        grid = entry.tensors.get("image_grid_thw")
+        key = (entry.ids, tuple(grid.flatten().tolist()) if isinstance(grid, torch.Tensor) else None)
+        known = self._layouts.get(key)
+        if known is None:
+            types = rel_pos = None
+            advance = 0
+            if self._needs_mm_types:
+                types = torch.tensor(self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long)
+            if self._mrope:
+                rel_pos, advance = self._image_positions(entry)
+            known = self._layouts[key] = (types, rel_pos, advance)
+        entry.types, entry.rel_pos, entry.advance = known
+        return entry
+
+    def _image_positions(self, entry: _ImageEntry) -> tuple[torch.Tensor, int]:
+        """The model's own 3-D rope positions of an image's ids followed by one text id."""
+        ids = torch.tensor([[*entry.ids, self.pad_id]], dtype=torch.long)
+        types = torch.tensor(self.processor.create_mm_token_type_ids(ids), dtype=torch.long)
+        pos, _ = self._rope_index(
+            input_ids=ids, mm_token_type_ids=types, image_grid_thw=entry.tensors["image_grid_thw"]
+        )
+        pos = pos[:, 0]
+        return pos[:, :-1].clone(), int(pos[0, -1])
 
     def _entries(self, paths: Sequence[str]) -> dict[str, _ImageEntry]:
         """Cache entries for ``paths`` (preprocessed, and vision-encoded in features mode)."""
@@ -318,13 +495,15 @@ class HFBackend:
         for p in dict.fromkeys(paths):
             e = self._cache.get(p)
             if e is None:
-                e = self._preprocess(p)
                 new.append(p)
-                self._cache[p] = e
             else:
                 self.stats["image_hits"] += 1
                 self._cache.move_to_end(p)
             found[p] = e
+        for i in range(0, len(new), 64):
+            chunk = new[i : i + 64]
+            for p, e in zip(chunk, self._preprocess_many(chunk)):
+                found[p] = self._cache[p] = e
         if self.image_cache == "features" and new:
             step = max(8, self.batch_size)
             for i in range(0, len(new), step):
@@ -373,14 +552,18 @@ class HFBackend:
         p, pa, f = self._texts(prompt, answer)
         p_pieces = self._split(p, len(images))
         ids: list[int] = list(self._lead) if not p.startswith(self.tokenizer.bos_token or "\0") else []
+        segments: list = []
+        head = 0
         for piece, path in zip(p_pieces[:-1], images):
             ids += self._tok(piece)
+            segments += (len(ids) - head, entries[path])
             ids += entries[path].ids
+            head = len(ids)
         last_p = self._tok(p_pieces[-1])
         self._check_segments(p, images, ids + list(last_p))
         if answer is None:
             ids += last_p
-            return _Item(ids, images, len(ids), len(ids), [])
+            return _Item(ids, images, len(ids), len(ids), [], (*segments, len(ids) - head))
         last_pa = self._tok(self._split(pa, len(images))[-1])
         last_f = self._tok(self._split(f, len(images))[-1])
         if not _is_prefix(last_p, last_pa) or not _is_prefix(last_pa, last_f):
@@ -390,7 +573,7 @@ class HFBackend:
         if end <= start:
             raise BackendError(f"answer {answer!r} has no tokens of its own")
         ids += last_f if full else last_pa
-        return _Item(ids, images, start, end, [])
+        return _Item(ids, images, start, end, [], (*segments, len(ids) - head))
 
     def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
         """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""
@@ -454,76 +637,240 @@ class HFBackend:
 
     # ------------------------------------------------------------------ batching
 
-    def _collate(self, items: list[_Item], left: bool) -> tuple[dict, list[int]]:
-        """Padded model inputs for ``items`` and each row's left offset."""
-        width = max(len(it.ids) for it in items)
+    def _collate(self, items: list[_Item], left: bool, positions: bool = False,
+                 prefixes: Sequence[_PrefixKV | None] | None = None) -> tuple[dict, list[int]]:
+        """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
+
+        ``prefixes`` (cached paths): per item a cached :class:`_PrefixKV` of its first ids or None.
+        The rows then hold only the ids after their prefix (right-padded), and ``inputs["cache"]``
+        holds the prefixes' keys and values, left-padded to a common length; the attention mask
+        covers both. Offsets are into the rows' *full* token index: ``column = offset + index``.
+        """
+        cut = [pk.length if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
+        n_img = [pk.n_images if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
+        has_prefix = any(cut)
+        left = left and not has_prefix
+        width = max(len(it.ids) - c for it, c in zip(items, cut))
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
         offsets = []
-        for r, it in enumerate(items):
-            o = width - len(it.ids) if left else 0
-            ids[r, o : o + len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
-            mask[r, o : o + len(it.ids)] = 1
-            offsets.append(o)
+        for r, (it, c) in enumerate(zip(items, cut)):
+            n = len(it.ids) - c
+            o = width - n if left else 0
+            ids[r, o : o + n] = torch.tensor(it.ids[c:], dtype=torch.long)
+            mask[r, o : o + n] = 1
+            offsets.append(o - c)
         inputs: dict = {"input_ids": ids, "attention_mask": mask}
         if self._needs_mm_types:
-            inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids), dtype=torch.long)
+            if all(it.segments for it in items):  # cached path: each image's types are known
+                types = torch.zeros((len(items), width), dtype=torch.long)
+                for r, (it, c) in enumerate(zip(items, cut)):
+                    o = offsets[r] + c
+                    types[r, o : o + len(it.ids) - c] = self._item_types(it)[c:]
+            else:
+                types = torch.tensor(self.processor.create_mm_token_type_ids(ids), dtype=torch.long)
+            inputs["mm_token_type_ids"] = types
         if self.image_cache == "none":
             parts = [v for it in items for v in it.vision]
         else:
-            parts = [self._cache[p].tensors for it in items for p in it.images]
+            kept = [p for it, k in zip(items, n_img) for p in it.images[k:]]
+            parts = [self._cache[p].tensors for p in kept]
             if self.image_cache == "features":
                 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-                feats = [self._cache[p].features for it in items for p in it.images]
+                feats = [self._cache[p].features for p in kept]
                 inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
         for k in parts[0] if parts else []:
             v = torch.cat([part[k] for part in parts])
             inputs[k] = v
+        if positions and self._mrope:  # scoring only: generate() relies on the model's rope deltas
+            pos = torch.zeros((3, len(items), width), dtype=torch.long)
+            for r, (it, c) in enumerate(zip(items, cut)):
+                o = offsets[r] + c
+                pos[:, r, o : o + len(it.ids) - c] = self._item_positions(it)[:, c:]
+            if has_prefix or self._check_positions(inputs, pos):
+                inputs["position_ids"] = pos
+        if has_prefix:
+            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes)
+            inputs["attention_mask"] = torch.cat([prefix_mask, mask], dim=1)
+            offsets = [o + prefix_mask.shape[1] for o in offsets]
         dev, dt = self.device, self.dtype
         for k, v in list(inputs.items()):
             if isinstance(v, torch.Tensor):
                 inputs[k] = v.to(dev, dt) if v.is_floating_point() else v.to(dev)
         return inputs, offsets
 
+    @staticmethod
+    def _item_types(item: _Item) -> torch.Tensor:
+        """mm_token_type_ids of a cached-path item: 0 for text, each image's own types."""
+        parts = []
+        for seg in item.segments:
+            parts.append(torch.zeros(seg, dtype=torch.long) if isinstance(seg, int) else seg.types)
+        return torch.cat(parts)
+
+    @staticmethod
+    def _item_positions(item: _Item) -> torch.Tensor:
+        """3-D rope positions [3, len(ids)]: text runs count up, each image adds its cached block."""
+        parts, cursor = [], 0
+        for seg in item.segments:
+            if isinstance(seg, int):
+                parts.append(torch.arange(cursor, cursor + seg).expand(3, -1))
+                cursor += seg
+            else:
+                parts.append(seg.rel_pos + cursor)
+                cursor += seg.advance
+        return torch.cat(parts, dim=1)
+
+    def _check_positions(self, inputs: dict, pos: torch.Tensor) -> bool:
+        """Once per backend: composed positions must equal the model's own; else stop composing."""
+        if self._positions_checked:
+            return self._mrope
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            return False
+        types = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long)
+        if not torch.equal(types, inputs["mm_token_type_ids"]):
+            raise BackendError("composed mm_token_type_ids differ from the processor's (please report this)")
+        ref, _ = self._rope_index(
+            input_ids=inputs["input_ids"], mm_token_type_ids=types,
+            image_grid_thw=grid, attention_mask=inputs["attention_mask"],
+        )
+        real = inputs["attention_mask"].bool()
+        self._positions_checked = True
+        if not torch.equal(ref[:, real], pos[:, real]):
+            log.warning("composed 3-D rope positions differ from the model's; letting the model compute them")
+            self._mrope = False
+        return self._mrope
+
     def _order(self, items: list[_Item]) -> list[int]:
         """Indices sorted by length, longest first (less padding per batch)."""
         return sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+
+    # ------------------------------------------------------------------ prefix key/value cache
+
+    @property
+    def _prefix_on(self) -> bool:
+        return bool(self.prefix_cache_size and self._mrope and self._positions_checked)
+
+    @staticmethod
+    def _boundaries(item: _Item) -> list[tuple[int, int]]:
+        """(ids before image j+1, j) for every demonstration j >= 1: where a demonstration prefix ends."""
+        out, at, j = [], 0, 0
+        for seg in item.segments[:-1]:
+            if isinstance(seg, int):
+                at += seg
+                if j:
+                    out.append((at, j))
+            else:
+                at += len(seg.ids)
+                j += 1
+        return out
+
+    @staticmethod
+    def _prefix_key(item: _Item, length: int, n_images: int) -> tuple:
+        return (tuple(item.ids[:length]), item.images[:n_images])
+
+    def _lookup_prefix(self, item: _Item) -> _PrefixKV | None:
+        """The longest cached demonstration prefix of ``item``, or None."""
+        for length, j in reversed(self._boundaries(item)):
+            pk = self._prefix_kv.get(self._prefix_key(item, length, j))
+            if pk is not None:
+                self._prefix_kv.move_to_end(self._prefix_key(item, length, j))
+                self.stats["prefix_hits"] += 1
+                return pk
+        return None
+
+    def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
+        """Keep the keys/values of each item's demonstration prefixes longer than ``done[r]``."""
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for r, it in enumerate(items):
+            for length, j in self._boundaries(it):
+                key = self._prefix_key(it, length, j)
+                if length <= done[r] or key in self._prefix_kv:
+                    continue
+                o = offsets[r]
+                kv = [(k[r, :, o : o + length].clone(), v[r, :, o : o + length].clone()) for k, v in layers]
+                self._prefix_kv[key] = _PrefixKV(length, j, kv)
+                while len(self._prefix_kv) > self.prefix_cache_size:
+                    self._prefix_kv.popitem(last=False)
+
+    def _stack_prefixes(self, prefixes: Sequence[_PrefixKV | None]):
+        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
+        from transformers import DynamicCache
+
+        width = max(pk.length if pk else 0 for pk in prefixes)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        ref = next(pk for pk in prefixes if pk).layers
+        data = []
+        for li, (k0, v0) in enumerate(ref):
+            k = k0.new_zeros((len(prefixes), k0.shape[0], width, k0.shape[2]))
+            v = v0.new_zeros((len(prefixes), v0.shape[0], width, v0.shape[2]))
+            for r, pk in enumerate(prefixes):
+                if pk:
+                    k[r, :, width - pk.length :] = pk.layers[li][0]
+                    v[r, :, width - pk.length :] = pk.layers[li][1]
+            data.append((k, v))
+        for r, pk in enumerate(prefixes):
+            if pk:
+                mask[r, width - pk.length :] = 1
+        return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
 
     @torch.inference_mode()
     def answer_logprobs(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[AnswerScore]:
-        """Sum of the answer tokens' log-probabilities and their count, per (prompt, answer)."""
+        """Sum of the answer tokens' log-probabilities and their count, per (prompt, answer).
+
+        With the prefix cache on, a prompt whose first demonstrations were scored before (in any
+        earlier call: beam search's next step puts one more demonstration around the previous
+        step's prompts) runs only its remaining tokens, attending to the cached keys and values.
+        """
         if len(prompts) != len(answers):
             raise BackendError(f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers")
         results: list[AnswerScore | None] = [None] * len(prompts)
         items = self._items(prompts, answers)
-        order = self._order(items)
+        prefixes = [self._lookup_prefix(it) for it in items] if self._prefix_on else [None] * len(items)
+        # rows without a cached prefix first (longest first), then those with one (longest suffix first)
+        order = sorted(range(len(items)), key=lambda i: (prefixes[i] is not None,
+                                                         -(len(items[i].ids) - (prefixes[i].length if prefixes[i] else 0))))
         left = self.padding_side == "left"
-        for c in range(0, len(order), self.batch_size):
-            idx = order[c : c + self.batch_size]
+        chunks, cur = [], []
+        for i in order:
+            if cur and (len(cur) == self.batch_size or (prefixes[cur[0]] is None) != (prefixes[i] is None)):
+                chunks.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            chunks.append(cur)
+        for idx in chunks:
             batch = [items[i] for i in idx]
+            pks = [prefixes[i] for i in idx]
             if self.image_cache != "none":
                 self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
-            inputs, offs = self._collate(batch, left)
+            inputs, offs = self._collate(batch, left, positions=True, prefixes=pks if pks[0] else None)
+            store = self._prefix_on  # after collate: the first batch checks the composed positions
             n = [it.end - it.start for it in batch]
             m = max(n)
             pos = torch.zeros((len(batch), m), dtype=torch.long)
             tgt = torch.zeros((len(batch), m), dtype=torch.long)
             valid = torch.zeros((len(batch), m), dtype=torch.bool)
+            shift = inputs["attention_mask"].shape[1] - inputs["input_ids"].shape[1]  # prefix columns
             for r, it in enumerate(batch):
                 for j in range(m):
                     jj = min(j, n[r] - 1)
-                    pos[r, j] = offs[r] + it.start - 1 + jj
+                    pos[r, j] = offs[r] + it.start - 1 + jj - shift
                     tgt[r, j] = it.ids[it.start + jj]
                     valid[r, j] = j < n[r]
+            use_cache = store or "cache" in inputs
             if self._keeps_logits:  # project only the positions that predict answer tokens
-                logits = self.model(**inputs, logits_to_keep=pos.to(self.device), use_cache=False).logits
+                out = self.model(**inputs, logits_to_keep=pos.to(self.device), use_cache=use_cache)
+                logits = out.logits
             else:
-                full = self.model(**inputs, use_cache=False).logits
-                logits = full.gather(1, pos.to(full.device)[..., None].expand(-1, -1, full.shape[-1]))
+                out = self.model(**inputs, use_cache=use_cache)
+                logits = out.logits.gather(1, pos.to(out.logits.device)[..., None].expand(-1, -1, out.logits.shape[-1]))
             self.stats["forward_batches"] += 1
+            if store:
+                self._store_prefixes(batch, offs, out.cache, [pk.length if pk else 0 for pk in pks])
             logp = torch.log_softmax(logits.float(), dim=-1)
             tok_lp = logp.gather(-1, tgt.to(logp.device)[..., None]).squeeze(-1).cpu()
             tok_lp = torch.where(valid, tok_lp, torch.zeros_like(tok_lp))
