@@ -87,12 +87,19 @@ def test_sample_item_invariants():
             assert not it.short
 
 
-def test_warmup_items_are_zero_shot_colour_or_shape():
+def test_warmup_items_are_zero_shot_and_never_negated():
     index = R.RecipeIndex(_toy_train())
     rng = random.Random(1)
-    items = [_sample(rng, index, warmup=True) for _ in range(100)]
-    assert all(not it.demos for it in items)
-    assert {R.answer_kind(it.query.answer) for it in items} == {"colour", "shape"}
+    items = [_sample(rng, index, warmup=True) for _ in range(200)]
+    assert all(not it.demos and not it.short for it in items)
+    assert {R.answer_kind(it.query.answer) for it in items} == {"colour", "shape", "yesno"}
+    assert not any(R.is_negated(it.query.question) for it in items)
+    assert any(R.is_negated(it.query.question) for it in (_sample(rng, index) for _ in range(200)))
+
+
+def test_negation_detection():
+    assert R.is_negated("is there not a red shape?") and R.is_negated("is no circle present?")
+    assert not R.is_negated("is there a red shape?") and not R.is_negated("is a notable shape here?")
 
 
 def test_yesno_queries_and_same_template_demos_are_balanced():
@@ -119,10 +126,27 @@ def test_unbalanced_sampling_keeps_the_prior():
     rng = random.Random(3)
     c = Counter()
     for _ in range(2000):
-        it = _sample(rng, index, kind_weights={"yesno": 1.0}, balance_yesno=False)
+        it = _sample(rng, index, kind_weights={"yesno": 1.0}, balance_yesno=False, balance_yesno_queries=False)
         if R.question_template(it.query.question) == "is there a <C> shape?":
             c[it.query.answer] += 1
     assert c["no"] / sum(c.values()) > 0.6
+
+
+def test_query_prior_kept_while_same_template_demos_stay_balanced():
+    """The default recipe: queries carry the split's text prior, demonstrations' answers do not."""
+    index = R.RecipeIndex(_toy_train())
+    rng = random.Random(4)
+    q_answers, demo_answers = Counter(), Counter()
+    for _ in range(3000):
+        it = _sample(rng, index, kind_weights={"yesno": 1.0}, similar_share=1.0, n_demos=2,
+                     balance_yesno=True, balance_yesno_queries=False)
+        if R.question_template(it.query.question) == "is there a <C> shape?":
+            q_answers[it.query.answer] += 1
+            for d in it.demos:
+                if R.match_level(d, it.query) == "exact":
+                    demo_answers[d.answer] += 1
+    assert q_answers["no"] / sum(q_answers.values()) > 0.6
+    assert abs(demo_answers["yes"] / sum(demo_answers.values()) - 0.5) < 0.06
 
 
 def test_similar_mode_gives_template_matches_and_random_mode_rarely():

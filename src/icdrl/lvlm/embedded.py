@@ -93,7 +93,7 @@ class EmbeddedConfig:
     merge_size: int = 2
     image_size: int = 64
     # training
-    steps: int = 700
+    steps: int = 1200
     max_minutes: float = 14.0  # safety cap on wall time; training stops early (and says so) past it
     batch_size: int = 32
     lr: float = 1e-3
@@ -101,16 +101,19 @@ class EmbeddedConfig:
     lr_warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    warmup_share: float = 0.08  # first share of steps: zero-demonstration colour and shape questions
+    warmup_share: float = 0.1  # first share of steps: zero-demonstration colour, shape, non-negated yes/no
     vision_pretrain_steps: int = 400  # stage 1: the vision tower learns colour and shape (0 = skip)
     vision_pretrain_batch: int = 64  # images per stage-1 step
+    freeze_vision: bool = True  # stage 2 keeps the stage-1 vision tower (its features are cached)
     kind_weights: dict = field(default_factory=lambda: {"colour": 1.0, "shape": 1.0, "yesno": 1.5})
     max_demos: int = 4
     similar_share: float = 0.5
-    cue_exact: float = 0.8  # short-form cue of a same-template demonstration
+    cue_exact: float = 0.9  # short-form cue of a same-template demonstration
     cue_kind: float = 0.2  # short-form cue of a same-answer-kind demonstration
     first_token_weight: float = 5.0  # loss weight of the query's first answer token (the form decision)
-    balance_yesno: bool = True
+    balance_yesno: bool = False  # yes/no demonstrations carry yes and no equally often
+    balance_yesno_queries: bool = False  # queries keep the split's yes/no distribution (its text prior)
+    answer_match_share: float = 0.5  # same-question similar demonstrations that also share the query's answer
     train_limit: int | None = None  # use only the first N training questions (tests)
     seed: int = 0
     threads: int = 2
@@ -123,7 +126,7 @@ class EmbeddedConfig:
         unknown = sorted(set(self.kind_weights) - set(recipe.KINDS))
         if unknown:
             raise ValueError(f"config key embedded_lvlm.kind_weights: unknown kind(s) {unknown}; kinds: {list(recipe.KINDS)}")
-        for name in ("cue_exact", "cue_kind", "similar_share", "warmup_share", "min_lr_share"):
+        for name in ("cue_exact", "cue_kind", "similar_share", "warmup_share", "min_lr_share", "answer_match_share"):
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"config key embedded_lvlm.{name}: {v} must lie in [0, 1]")
@@ -278,8 +281,11 @@ class Batch:
     is_query: object  # BoolTensor [M]: supervised token belongs to the query's answer
 
 
-def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache) -> Batch:
+def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None) -> Batch:
     """Processor inputs and supervision for training items.
+
+    ``features`` (image path -> the vision tower's merged tokens, for a frozen tower): passed as
+    ``mm_encoder_outputs`` in place of the pixels, exactly as the backend's feature cache does.
 
     Supervised tokens: every demonstration's answer (the words between ``Short answer:`` and the
     newline) and the assistant turn (answer, ``<|im_end|>``, newline). The query's first answer
@@ -331,8 +337,15 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
                 break
         if verbose_first == soft_short[-1]:
             raise ValueError(f"answer {it.query.answer!r} starts with the verbose prefix's first word")
+    inputs = dict(enc)
+    if features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs.pop("pixel_values")
+        feats = [features[ex.image] for it in items for ex in (*it.demos, it.query)]
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
     return Batch(
-        inputs=dict(enc),
+        inputs=inputs,
         positions=torch.tensor(positions, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         soft_rows=torch.tensor(soft_rows, dtype=torch.long),
@@ -474,6 +487,20 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     return rows
 
 
+def vision_features(model, processor, paths: Sequence[str], images: ImageCache, batch_size: int = 128) -> dict:
+    """Image path -> the vision tower's merged tokens [n_tokens, hidden] (no gradient)."""
+    import torch
+
+    out: dict = {}
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            chunk = list(paths[i : i + batch_size])
+            enc = processor.image_processor(images=[images(p) for p in chunk], return_tensors="pt")
+            feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+            out.update(zip(chunk, (f.detach() for f in feats)))
+    return out
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out`` (an existing ``out`` is removed first)."""
     if out.exists():
@@ -513,7 +540,13 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
     rng = random.Random(c.seed)
     images = ImageCache()
     vision_rows = pretrain_vision(model, processor, train, c, rng, images)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    features = None
+    if c.freeze_vision:
+        model.model.visual.requires_grad_(False)
+        model.model.visual.eval()
+        features = vision_features(model, processor, sorted({ex.image for ex in train}), images)
+        log.info("vision tower frozen; features of %d training images cached", len(features))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
     verbose_first = processor.tokenizer.convert_tokens_to_ids(recipe.VERBOSE_PREFIX.split()[0])
     n_warm = int(round(c.warmup_share * c.steps))
     rows, stopped_early = [], False
@@ -523,18 +556,20 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         items = [
             recipe.sample_item(
                 rng, index, kind_weights=c.kind_weights, max_demos=c.max_demos, similar_share=c.similar_share,
-                cue_exact=c.cue_exact, cue_kind=c.cue_kind, balance_yesno=c.balance_yesno, warmup=step < n_warm,
+                cue_exact=c.cue_exact, cue_kind=c.cue_kind, balance_yesno=c.balance_yesno,
+                balance_yesno_queries=c.balance_yesno_queries, answer_match_share=c.answer_match_share,
+                warmup=step < n_warm,
                 n_demos=n_demos,
             )
             for _ in range(c.batch_size)
         ]
-        batch = encode_items(processor, items, images)
+        batch = encode_items(processor, items, images, features)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, c)
         loss, stats = batch_loss(model, batch, verbose_first, c.first_token_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)
         opt.step()
         loss_v = float(loss.item())
         if not math.isfinite(loss_v):

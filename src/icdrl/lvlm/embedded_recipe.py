@@ -56,6 +56,12 @@ def answer_kind(answer: str) -> str:
     return "yesno"
 
 
+def is_negated(question: str) -> bool:
+    """A question with "not" or "no" in it ("is there not a red shape?", "is no circle present?")."""
+    words = re.findall(r"[a-z]+", question.lower())
+    return "not" in words or "no" in words
+
+
 def verbose_answer(answer: str) -> str:
     return f"{VERBOSE_PREFIX} {answer}"
 
@@ -105,11 +111,14 @@ class RecipeIndex:
         self.by_question: dict[str, list[int]] = defaultdict(list)
         self.by_question_answer: dict[tuple[str, str], list[int]] = defaultdict(list)
         self.templates_of_kind: dict[str, list[str]] = defaultdict(list)
+        self.positive_templates_of_kind: dict[str, list[str]] = defaultdict(list)
         for i, ex in enumerate(self.examples):
             kind, tmpl = answer_kind(ex.answer), question_template(ex.question)
             self.by_kind[kind].append(i)
             if tmpl not in self.by_template:
                 self.templates_of_kind[kind].append(tmpl)
+                if not is_negated(tmpl):
+                    self.positive_templates_of_kind[kind].append(tmpl)
             self.by_template[tmpl].append(i)
             self.by_template_answer[(tmpl, ex.answer)].append(i)
             self.by_question[ex.question].append(i)
@@ -136,14 +145,20 @@ def _pick(rng: random.Random, index: RecipeIndex, pool: Sequence[int], q: int) -
 
 
 def sample_query(rng: random.Random, index: RecipeIndex, kind_weights: Mapping[str, float], kinds: Sequence[str],
-                 balance_yesno: bool) -> int:
-    """A query: kind by weight, template uniform within the kind, yes/no answers balanced per template."""
-    present = [k for k in kinds if index.by_kind.get(k)]
+                 balance_yesno: bool, positive_only: bool = False) -> int:
+    """A query: kind by weight, template uniform within the kind.
+
+    ``balance_yesno``: yes/no answers balanced per template (else as often as the split has
+    them, so the question text's prior can be learnt). ``positive_only``: only templates
+    without a negation.
+    """
+    templates = index.positive_templates_of_kind if positive_only else index.templates_of_kind
+    present = [k for k in kinds if templates.get(k)]
     weights = [float(kind_weights.get(k, 0.0)) for k in present]
     if not present or sum(weights) <= 0:
         raise ValueError(f"no training questions of the kinds {list(kinds)} with positive weight")
     kind = rng.choices(present, weights=weights)[0]
-    tmpl = rng.choice(index.templates_of_kind[kind])
+    tmpl = rng.choice(templates[kind])
     if kind == "yesno" and balance_yesno:
         answer = rng.choice(index.answers_of(tmpl))
         pool = index.by_template_answer[(tmpl, answer)]
@@ -170,16 +185,25 @@ def sample_random_demo(rng: random.Random, index: RecipeIndex, q: int, balance_y
     return i
 
 
-def sample_similar_demo(rng: random.Random, index: RecipeIndex, q: int, balance_yesno: bool) -> int:
+def sample_similar_demo(rng: random.Random, index: RecipeIndex, q: int, balance_yesno: bool,
+                        answer_match_share: float = 0.0) -> int:
     """A demonstration "similar" to query ``q``: same question text, same template, same kind or random.
 
-    Each of the four sources has probability 1/4. Yes/no demonstrations from the same question
-    text or template carry yes or no with equal probability, independent of the query's answer.
+    Each of the four sources has probability 1/4. With probability ``answer_match_share`` a
+    same-question demonstration also has the query's answer (another image showing what the
+    query's image shows, as similarity retrieval finds): the demonstration's answer then tells
+    the query's, which only a same-question demonstration can. Otherwise yes/no demonstrations
+    from the same question text or template carry yes or no with equal probability
+    (``balance_yesno``) or as often as the split has them.
     """
     query = index.examples[q]
     tmpl = question_template(query.question)
     kind = answer_kind(query.answer)
     source = rng.randrange(4)
+    if source == 0 and answer_match_share > 0 and rng.random() < answer_match_share:
+        got = _pick(rng, index, index.by_question_answer[(query.question, query.answer)], q)
+        if got is not None:
+            return got
     if source in (0, 1):
         pools, by_answer, key = (
             (index.by_question, index.by_question_answer, query.question)
@@ -210,27 +234,33 @@ def sample_item(
     cue_exact: float,
     cue_kind: float,
     balance_yesno: bool = True,
+    balance_yesno_queries: bool = True,
+    answer_match_share: float = 0.0,
     warmup: bool = False,
     n_demos: int | None = None,
 ) -> TrainItem:
     """One training prompt under the recipe.
 
-    ``warmup``: a zero-demonstration colour or shape question (the vision tower learns first).
+    ``warmup``: a zero-demonstration colour, shape or non-negated yes/no question. Yes/no
+    answers are an XOR of "does the image show the asked word" and "is the question negated";
+    balanced over all templates, neither alone predicts the answer and gradient descent sits on
+    a plateau. Learning the match on non-negated questions first breaks it.
     Otherwise ``n_demos`` demonstrations (default: uniform in 0..``max_demos``), similar (see
     :func:`sample_similar_demo`) with probability ``similar_share``, else drawn uniformly from
-    the training split.
+    the training split. ``balance_yesno`` balances the yes/no demonstrations' answers (copying
+    them never pays), ``balance_yesno_queries`` the queries' answers.
     """
     if warmup:
-        q = sample_query(rng, index, {"colour": 1.0, "shape": 1.0}, ("colour", "shape"), balance_yesno)
+        q = sample_query(rng, index, kind_weights, KINDS, balance_yesno_queries, positive_only=True)
         n = 0
     else:
-        q = sample_query(rng, index, kind_weights, KINDS, balance_yesno)
+        q = sample_query(rng, index, kind_weights, KINDS, balance_yesno_queries)
         n = rng.randint(0, max_demos) if n_demos is None else int(n_demos)
     similar = rng.random() < similar_share
     demo_ids: list[int] = []
     for _ in range(n):
         if similar:
-            demo_ids.append(sample_similar_demo(rng, index, q, balance_yesno))
+            demo_ids.append(sample_similar_demo(rng, index, q, balance_yesno, answer_match_share))
         else:
             demo_ids.append(sample_random_demo(rng, index, q, balance_yesno))
     demos = tuple(index.examples[i] for i in demo_ids)

@@ -505,7 +505,7 @@ class HFBackend:
             for p, e in zip(chunk, self._preprocess_many(chunk)):
                 found[p] = self._cache[p] = e
         if self.image_cache == "features" and new:
-            step = max(8, self.batch_size)
+            step = max(64, self.batch_size)
             for i in range(0, len(new), step):
                 self._encode_vision([found[p] for p in new[i : i + step]])
         while self.image_cache_size and len(self._cache) > max(self.image_cache_size, len(found)):
