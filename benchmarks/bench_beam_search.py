@@ -11,7 +11,9 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
   vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, and the
   demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix).
 
-The beams (pool positions, in order) must be identical; their scores must agree to 1e-5.
+The beams (pool positions, in order) must be identical, rank by rank their info scores agreeing
+to ``TIE_TOL``; two candidates whose scores agree that closely may swap places (float32 forwards
+batched and one at a time sum in different orders, about 1e-7 apart), which is reported.
 
     python benchmarks/bench_beam_search.py [--model PATH] [--anchors 20] [--threads 2]
 
@@ -33,6 +35,10 @@ from icdrl.beam import AnchorScorer, beam_search
 from icdrl.data import load_dataset, seeded_subset
 from icdrl.lvlm.hf import HFBackend
 from icdrl.pools import build_pools
+
+
+#: info scores this close are ties at float32 precision
+TIE_TOL = 1e-6
 
 
 def embedded_model(path: str | None):
@@ -94,8 +100,11 @@ def main() -> None:
     b_naive, t_naive, c_naive, f_naive, n_naive = run(naive, anchors, pool_examples, **kw)
     b_fast, t_fast, c_fast, f_fast, n_fast = run(fast, anchors, pool_examples, **kw)
 
-    same = all([b.pos for b in x] == [b.pos for b in y] for x, y in zip(b_naive, b_fast))
+    same = sum([b.pos for b in x] == [b.pos for b in y] for x, y in zip(b_naive, b_fast))
+    # rank by rank the info scores must agree; where the sequences differ, the two are tied within
+    # float32 precision (batched and one-at-a-time forwards sum in different orders)
     dev = max(abs(b.info_score - c.info_score) for x, y in zip(b_naive, b_fast) for b, c in zip(x, y))
+    ties = [abs(b.info_score - c.info_score) for x, y in zip(b_naive, b_fast) for b, c in zip(x, y) if b.pos != c.pos]
     n = len(anchors)
     print(f"naive:   {n_naive} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
           f"{t_naive / n:.3f} s/anchor wall, {c_naive / n:.3f} s/anchor CPU")
@@ -104,11 +113,12 @@ def main() -> None:
           f"({fast.stats['image_preprocess']} images preprocessed, {fast.stats['vision_encoded']} vision-encoded, "
           f"{fast.stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
     print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {c_naive / c_fast:.2f}")
-    print(f"identical beams: {same}; max |info_score difference| {dev:.2e}")
+    print(f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
+          + (f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}" if ties else ""))
     spread = np.mean([b[0].info_score - b[-1].info_score for b in b_fast])
     print(f"mean info_score gap best-vs-{args.beam}th beam: {spread:.4f}")
-    if not same or dev > 1e-5:
-        raise SystemExit("beams differ between the naive and the project path")
+    if dev > TIE_TOL:
+        raise SystemExit(f"beams differ between the naive and the project path (info scores by {dev:.2e} > {TIE_TOL})")
     print(f"speedup {t_naive / t_fast:.2f}")
 
 
