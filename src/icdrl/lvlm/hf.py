@@ -402,10 +402,7 @@ class HFBackend:
             return_text_replacement_offsets=True,
         )
         self.stats["image_preprocess"] += 1
-        ids = tuple(int(t) for t in out["input_ids"][0])
-        tensors = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
-        (rep,) = out["text_replacement_offsets"][0]
-        return self._finish_entry(_ImageEntry(ids=ids, tensors=tensors, text=rep["replacement"]))
+        return self._entry(out, 0, {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)})
 
     def _preprocess_many(self, paths: Sequence[str]) -> list[_ImageEntry]:
         """Images through the processor in one call, split per image (else one call each).
@@ -425,9 +422,32 @@ class HFBackend:
             padding=True,
         )
         n = len(paths)
+        per_image = self._split_per_image(out, n)
+        if per_image is not None and not self._batch_checked:
+            self._batch_checked = True
+            one = self._preprocess(paths[0])
+            self.stats["image_preprocess"] -= 1
+            (rep,) = out["text_replacement_offsets"][0]
+            first = _ImageEntry(ids=self._row_ids(out, 0), tensors=per_image[0], text=rep["replacement"])
+            same = one.ids == first.ids and one.text == first.text and one.tensors.keys() == first.tensors.keys() and all(
+                one.tensors[k].shape == first.tensors[k].shape and torch.allclose(one.tensors[k].float(), first.tensors[k].float(), atol=1e-6)
+                for k in one.tensors
+            )
+            if not same:
+                log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
+                per_image = None
+        if per_image is None:
+            self._batch_preprocess = False
+            return [self._preprocess(p) for p in paths]
+        self.stats["image_preprocess"] += n
+        return [self._entry(out, i, per_image[i]) for i in range(n)]
+
+    @staticmethod
+    def _split_per_image(out, n: int) -> list[dict] | None:
+        """The processor's image tensors for ``n`` images, one dict per image (None: not splittable)."""
         grid = out.get("image_grid_thw")
         sizes = grid.prod(-1).tolist() if isinstance(grid, torch.Tensor) else None
-        per_image: list[dict] = [{} for _ in paths]
+        per_image: list[dict] = [{} for _ in range(n)]
         for k, v in out.items():
             if k in TEXT_KEYS or not isinstance(v, torch.Tensor):
                 continue
@@ -436,31 +456,23 @@ class HFBackend:
             elif v.shape[0] == n:
                 chunks = torch.split(v, 1)
             else:
-                self._batch_preprocess = False
-                return [self._preprocess(p) for p in paths]
+                return None
             for d, c in zip(per_image, chunks):
                 d[k] = c
-        mask = out["attention_mask"].bool() if "attention_mask" in out else None
-        entries = []
-        for i in range(n):
-            row = out["input_ids"][i][mask[i]] if mask is not None else out["input_ids"][i]
-            (rep,) = out["text_replacement_offsets"][i]
-            entries.append(_ImageEntry(ids=tuple(int(t) for t in row), tensors=per_image[i], text=rep["replacement"]))
-        self.stats["image_preprocess"] += n
-        if not self._batch_checked:
-            self._batch_checked = True
-            one = self._preprocess(paths[0])
-            self.stats["image_preprocess"] -= 1
-            first = entries[0]
-            same = one.ids == first.ids and one.text == first.text and one.tensors.keys() == first.tensors.keys() and all(
-                one.tensors[k].shape == first.tensors[k].shape and torch.allclose(one.tensors[k].float(), first.tensors[k].float(), atol=1e-6)
-                for k in one.tensors
-            )
-            if not same:
-                log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
-                self._batch_preprocess = False
-                return [self._preprocess(p) for p in paths]
-        return [self._finish_entry(e) for e in entries]
+        return per_image
+
+    @staticmethod
+    def _row_ids(out, i: int) -> tuple[int, ...]:
+        """Row ``i`` of the processor's input ids without its padding."""
+        row = out["input_ids"][i]
+        if "attention_mask" in out:
+            row = row[out["attention_mask"][i].bool()]
+        return tuple(int(t) for t in row)
+
+    def _entry(self, out, i: int, tensors: dict) -> _ImageEntry:
+        """The cache entry of image ``i`` of a processor call on ``image_token`` texts."""
+        (rep,) = out["text_replacement_offsets"][i]
+        return self._finish_entry(_ImageEntry(ids=self._row_ids(out, i), tensors=tensors, text=rep["replacement"]))
 
     def _finish_entry(self, entry: _ImageEntry) -> _ImageEntry:
         """Token types and relative 3-D rope positions of an image's ids (shared by equal grids)."""
@@ -472,18 +484,18 @@ class HFBackend:
             advance = 0
             if self._needs_mm_types:
                 types = torch.tensor(self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long)
-            if self._mrope:
-                rel_pos, advance = self._image_positions(entry)
+                if self._mrope:
+                    rel_pos, advance = self._image_positions(entry, types)
             known = self._layouts[key] = (types, rel_pos, advance)
         entry.types, entry.rel_pos, entry.advance = known
         return entry
 
-    def _image_positions(self, entry: _ImageEntry) -> tuple[torch.Tensor, int]:
-        """The model's own 3-D rope positions of an image's ids followed by one text id."""
+    def _image_positions(self, entry: _ImageEntry, types: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The model's own 3-D rope positions of an image's ids (token ``types``) followed by one text id."""
         ids = torch.tensor([[*entry.ids, self.pad_id]], dtype=torch.long)
-        types = torch.tensor(self.processor.create_mm_token_type_ids(ids), dtype=torch.long)
+        text = torch.zeros(1, dtype=torch.long)
         pos, _ = self._rope_index(
-            input_ids=ids, mm_token_type_ids=types, image_grid_thw=entry.tensors["image_grid_thw"]
+            input_ids=ids, mm_token_type_ids=torch.cat([types, text])[None], image_grid_thw=entry.tensors["image_grid_thw"]
         )
         pos = pos[:, 0]
         return pos[:, :-1].clone(), int(pos[0, -1])
@@ -773,9 +785,10 @@ class HFBackend:
     def _lookup_prefix(self, item: _Item) -> _PrefixKV | None:
         """The longest cached demonstration prefix of ``item``, or None."""
         for length, j in reversed(self._boundaries(item)):
-            pk = self._prefix_kv.get(self._prefix_key(item, length, j))
+            key = self._prefix_key(item, length, j)
+            pk = self._prefix_kv.get(key)
             if pk is not None:
-                self._prefix_kv.move_to_end(self._prefix_key(item, length, j))
+                self._prefix_kv.move_to_end(key)
                 self.stats["prefix_hits"] += 1
                 return pk
         return None
@@ -830,18 +843,11 @@ class HFBackend:
         results: list[AnswerScore | None] = [None] * len(prompts)
         items = self._items(prompts, answers)
         prefixes = [self._lookup_prefix(it) for it in items] if self._prefix_on else [None] * len(items)
-        # rows without a cached prefix first (longest first), then those with one (longest suffix first)
-        order = sorted(range(len(items)), key=lambda i: (prefixes[i] is not None,
-                                                         -(len(items[i].ids) - (prefixes[i].length if prefixes[i] else 0))))
+        # batches never mix rows with and without a cached prefix; each kind runs longest (rest) first
+        full = [i for i in self._order(items) if not prefixes[i]]
+        rest = sorted((i for i in range(len(items)) if prefixes[i]), key=lambda i: -(len(items[i].ids) - prefixes[i].length))
         left = self.padding_side == "left"
-        chunks, cur = [], []
-        for i in order:
-            if cur and (len(cur) == self.batch_size or (prefixes[cur[0]] is None) != (prefixes[i] is None)):
-                chunks.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            chunks.append(cur)
+        chunks = [rows[c : c + self.batch_size] for rows in (full, rest) for c in range(0, len(rows), self.batch_size)]
         for idx in chunks:
             batch = [items[i] for i in idx]
             pks = [prefixes[i] for i in idx]
