@@ -284,15 +284,21 @@ def reward_hist_plot(rewards: Mapping[str, RewardGroups], stats: Mapping[str, di
             ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
             ax.set_xlabel("reward")
             ax.set_ylabel("candidates")
-        for ax in axes[len(labels):]:
-            ax.axis("off")
-        handles, hl = axes[0].get_legend_handles_labels()
-        W, H = _fix_layout(fig, nrows, ncols, 3.6, 2.3, left=0.8, right=0.25, top=1.0, bottom=1.0,
-                           wspace=0.8, hspace=1.05)
-        fig.legend(handles, hl, loc="lower center", bbox_to_anchor=(0.5, 0.08 / H), ncols=2, frameon=False)
-        _suptitle(fig, "Candidate rewards per rewards file (stacked by vqa_correct)\nand the shares of groups that "
-                       "are flat / all-negative / all-positive", H)
+        _finish_panel_grid(fig, axes, len(labels), nrows, ncols,
+                           "Candidate rewards per rewards file (stacked by vqa_correct)\nand the shares of groups "
+                           "that are flat / all-negative / all-positive")
     return fig
+
+
+def _finish_panel_grid(fig: Figure, axes, n_used: int, nrows: int, ncols: int, title: str) -> None:
+    """Blank the unused panels, lay the grid out, and put the first panel's legend and the title below/above."""
+    for ax in axes[n_used:]:
+        ax.axis("off")
+    handles, hl = axes[0].get_legend_handles_labels()
+    _, H = _fix_layout(fig, nrows, ncols, 3.6, 2.3, left=0.8, right=0.25, top=1.0, bottom=1.0,
+                       wspace=0.8, hspace=1.05)
+    fig.legend(handles, hl, loc="lower center", bbox_to_anchor=(0.5, 0.08 / H), ncols=2, frameon=False)
+    _suptitle(fig, title, H)
 
 
 def advantage_hist_plot(adv: Mapping[tuple[str, bool], np.ndarray]) -> Figure:
@@ -325,14 +331,9 @@ def advantage_hist_plot(adv: Mapping[tuple[str, bool], np.ndarray]) -> Figure:
             ax.set_xlabel("advantage")
             ax.set_ylabel("cumulative share")
             ax.set_ylim(0, 1.02)
-        for ax in axes[len(labels):]:
-            ax.axis("off")
-        handles, hl = axes[0].get_legend_handles_labels()
-        W, H = _fix_layout(fig, nrows, ncols, 3.6, 2.3, left=0.8, right=0.25, top=1.0, bottom=1.0,
-                           wspace=0.8, hspace=1.05)
-        fig.legend(handles, hl, loc="lower center", bbox_to_anchor=(0.5, 0.08 / H), ncols=2, frameon=False)
-        _suptitle(fig, "Advantages per rewards file (empirical CDF; min_std 0.1, clip ±5)\n"
-                       "A = 0: share of candidates with no GRPO signal", H)
+        _finish_panel_grid(fig, axes, len(labels), nrows, ncols,
+                           "Advantages per rewards file (empirical CDF; min_std 0.1, clip ±5)\n"
+                           "A = 0: share of candidates with no GRPO signal")
     return fig
 
 
