@@ -11,6 +11,9 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
   vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, and the
   demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix).
 
+The two paths run side by side, anchor by anchor (the order alternating), so that both see the
+same machine conditions; the times are summed over the anchors.
+
 The beams (pool positions, in order) must be identical, rank by rank their info scores agreeing
 to ``TIE_TOL``; two candidates whose scores agree that closely may swap places (float32 forwards
 batched and one at a time sum in different orders, about 1e-7 apart), which is reported.
@@ -60,15 +63,37 @@ def embedded_model(path: str | None):
     return model, proc, f"UNTRAINED embedded-architecture LVLM ({embedded.n_parameters(model) / 1e6:.2f} M parameters)"
 
 
-def run(backend: HFBackend, anchors, pools, *, beam_width: int, depth: int):
-    """Beams per anchor, wall seconds, process CPU seconds, forward passes, prompts scored."""
+def search_one(backend: HFBackend, anchor, pool, *, beam_width: int, depth: int):
+    """One anchor's beams, its wall and process-CPU seconds and the prompts it scored."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out, prompts = [], 0
-    for anchor, pool in zip(anchors, pools):
-        scorer = AnchorScorer(backend, anchor, pool)
-        out.append(beam_search(scorer, beam_width=beam_width, depth=depth, insert="first"))
-        prompts += scorer.n_prompts
-    return out, time.perf_counter() - t0, time.process_time() - c0, backend.stats["forward_batches"], prompts
+    scorer = AnchorScorer(backend, anchor, pool)
+    beams = beam_search(scorer, beam_width=beam_width, depth=depth, insert="first")
+    return beams, time.perf_counter() - t0, time.process_time() - c0, scorer.n_prompts
+
+
+class Tally:
+    """Beams and summed times of one path over the anchors."""
+
+    def __init__(self, backend: HFBackend):
+        self.backend, self.beams, self.wall, self.cpu, self.prompts = backend, [], 0.0, 0.0, 0
+
+    def add(self, beams, wall: float, cpu: float, prompts: int) -> None:
+        self.beams.append(beams)
+        self.wall += wall
+        self.cpu += cpu
+        self.prompts += prompts
+
+
+def run_interleaved(paths: list[Tally], anchors, pools, **kw) -> None:
+    """Each anchor on every path in turn, the order alternating from anchor to anchor.
+
+    The machine's speed drifts (shared cores): timing the paths anchor by anchor, side by side,
+    lets both see the same conditions, so their ratio is steadier than timing one whole path
+    after the other.
+    """
+    for i, (anchor, pool) in enumerate(zip(anchors, pools)):
+        for t in paths if i % 2 == 0 else paths[::-1]:
+            t.add(*search_one(t.backend, anchor, pool, **kw))
 
 
 def main() -> None:
@@ -95,10 +120,13 @@ def main() -> None:
     print(f"{len(anchors)} easy-VQA anchors, random pools of K={args.pool}, B={args.beam}, D={args.depth}")
 
     kw = dict(beam_width=args.beam, depth=args.depth)
-    naive = HFBackend(model, proc, batch_size=1, image_cache="none")
-    fast = HFBackend(model, proc, batch_size=args.batch_size, image_cache="features")
-    b_naive, t_naive, c_naive, f_naive, n_naive = run(naive, anchors, pool_examples, **kw)
-    b_fast, t_fast, c_fast, f_fast, n_fast = run(fast, anchors, pool_examples, **kw)
+    naive = Tally(HFBackend(model, proc, batch_size=1, image_cache="none"))
+    fast = Tally(HFBackend(model, proc, batch_size=args.batch_size, image_cache="features"))
+    run_interleaved([naive, fast], anchors, pool_examples, **kw)
+    b_naive, t_naive, c_naive, n_naive = naive.beams, naive.wall, naive.cpu, naive.prompts
+    b_fast, t_fast, c_fast, n_fast = fast.beams, fast.wall, fast.cpu, fast.prompts
+    f_naive, f_fast = naive.backend.stats["forward_batches"], fast.backend.stats["forward_batches"]
+    stats = fast.backend.stats
 
     same = sum([b.pos for b in x] == [b.pos for b in y] for x, y in zip(b_naive, b_fast))
     # rank by rank the info scores must agree; where the sequences differ, the two are tied within
@@ -110,8 +138,8 @@ def main() -> None:
           f"{t_naive / n:.3f} s/anchor wall, {c_naive / n:.3f} s/anchor CPU")
     print(f"project: {n_fast} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
           f"{t_fast / n:.3f} s/anchor wall, {c_fast / n:.3f} s/anchor CPU "
-          f"({fast.stats['image_preprocess']} images preprocessed, {fast.stats['vision_encoded']} vision-encoded, "
-          f"{fast.stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
+          f"({stats['image_preprocess']} images preprocessed, {stats['vision_encoded']} vision-encoded, "
+          f"{stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
     print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {c_naive / c_fast:.2f}")
     print(f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
           + (f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}" if ties else ""))
