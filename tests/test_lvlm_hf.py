@@ -435,7 +435,12 @@ def test_composed_rope_positions_equal_the_models(prompts):
 def test_wrong_composed_positions_switch_composition_off(prompts):
     b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
     want = sums(backend("qwen", prefix_cache_size=0).answer_logprobs(prompts, ANSWERS))
-    b._item_positions = lambda item: HFBackend._item_positions(item) * 2
+
+    def doubled(item, cut, types, pos):
+        HFBackend._layout_into(item, cut, types, pos)
+        pos *= 2  # a view into the batch's positions
+
+    b._layout_into = doubled
     assert sums(b.answer_logprobs(prompts, ANSWERS)) == pytest.approx(want, abs=TOL)
     assert not b._mrope and b.stats["prefix_hits"] == 0
 

@@ -54,9 +54,10 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from icdrl.data import load_image
@@ -102,15 +103,24 @@ class _ImageEntry:
     rel_pos: torch.Tensor | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
     types: torch.Tensor | None = None  # the processor's mm_token_type_ids of ``ids``
     advance: int = 0  # how far the text position moves past this image (mrope models)
+    types_np: np.ndarray | None = None  # ``types`` (zeros where the processor gives none) and
+    rel_pos_np: np.ndarray | None = None  # ``rel_pos`` as arrays, for collating rows
 
 
 @dataclass
 class _PrefixKV:
-    """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images), per layer."""
+    """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images).
+
+    They sit in row ``row`` of ``layers``, columns ``column`` to ``column + length``: ``layers``
+    is one copy, per layer ``(keys [rows, kv_heads, columns, head_dim], values)``, shared by the
+    prefixes that one forward pass stored (one copy per layer per batch instead of one per row).
+    """
 
     length: int
     n_images: int
-    layers: list  # [(keys [kv_heads, length, head_dim], values), ...]
+    layers: list
+    row: int
+    column: int
 
 
 @dataclass
@@ -486,8 +496,10 @@ class HFBackend:
                 types = torch.tensor(self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long)
                 if self._mrope:
                     rel_pos, advance = self._image_positions(entry, types)
-            known = self._layouts[key] = (types, rel_pos, advance)
-        entry.types, entry.rel_pos, entry.advance = known
+            types_np = types.numpy() if types is not None else np.zeros(len(entry.ids), dtype=np.int64)
+            rel_np = rel_pos.numpy() if rel_pos is not None else None
+            known = self._layouts[key] = (types, rel_pos, advance, types_np, rel_np)
+        entry.types, entry.rel_pos, entry.advance, entry.types_np, entry.rel_pos_np = known
         return entry
 
     def _image_positions(self, entry: _ImageEntry, types: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -663,25 +675,26 @@ class HFBackend:
         has_prefix = any(cut)
         left = left and not has_prefix
         width = max(len(it.ids) - c for it, c in zip(items, cut))
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
+        ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        composed = all(it.segments for it in items)  # cached path: each image's types and positions known
+        types = np.zeros((len(items), width), dtype=np.int64)
+        pos = np.zeros((3, len(items), width), dtype=np.int64)
         offsets = []
         for r, (it, c) in enumerate(zip(items, cut)):
             n = len(it.ids) - c
             o = width - n if left else 0
-            ids[r, o : o + n] = torch.tensor(it.ids[c:], dtype=torch.long)
+            ids[r, o : o + n] = it.ids[c:]
             mask[r, o : o + n] = 1
             offsets.append(o - c)
-        inputs: dict = {"input_ids": ids, "attention_mask": mask}
+            if composed:
+                self._layout_into(it, c, types[r, o : o + n], pos[:, r, o : o + n])
+        inputs: dict = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self._needs_mm_types:
-            if all(it.segments for it in items):  # cached path: each image's types are known
-                types = torch.zeros((len(items), width), dtype=torch.long)
-                for r, (it, c) in enumerate(zip(items, cut)):
-                    o = offsets[r] + c
-                    types[r, o : o + len(it.ids) - c] = self._item_types(it)[c:]
+            if composed:
+                inputs["mm_token_type_ids"] = torch.from_numpy(types)
             else:
-                types = torch.tensor(self.processor.create_mm_token_type_ids(ids), dtype=torch.long)
-            inputs["mm_token_type_ids"] = types
+                inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long)
         if self.image_cache == "none":
             parts = [v for it in items for v in it.vision]
         else:
@@ -695,16 +708,12 @@ class HFBackend:
         for k in parts[0] if parts else []:
             v = torch.cat([part[k] for part in parts])
             inputs[k] = v
-        if positions and self._mrope:  # scoring only: generate() relies on the model's rope deltas
-            pos = torch.zeros((3, len(items), width), dtype=torch.long)
-            for r, (it, c) in enumerate(zip(items, cut)):
-                o = offsets[r] + c
-                pos[:, r, o : o + len(it.ids) - c] = self._item_positions(it)[:, c:]
-            if has_prefix or self._check_positions(inputs, pos):
-                inputs["position_ids"] = pos
+        if positions and self._mrope and composed:  # scoring only: generate() relies on the model's rope deltas
+            if has_prefix or self._check_positions(inputs, torch.from_numpy(pos)):
+                inputs["position_ids"] = torch.from_numpy(pos)
         if has_prefix:
             inputs["cache"], prefix_mask = self._stack_prefixes(prefixes)
-            inputs["attention_mask"] = torch.cat([prefix_mask, mask], dim=1)
+            inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
             offsets = [o + prefix_mask.shape[1] for o in offsets]
         dev, dt = self.device, self.dtype
         for k, v in list(inputs.items()):
@@ -713,25 +722,26 @@ class HFBackend:
         return inputs, offsets
 
     @staticmethod
-    def _item_types(item: _Item) -> torch.Tensor:
-        """mm_token_type_ids of a cached-path item: 0 for text, each image's own types."""
-        parts = []
-        for seg in item.segments:
-            parts.append(torch.zeros(seg, dtype=torch.long) if isinstance(seg, int) else seg.types)
-        return torch.cat(parts)
+    def _layout_into(item: _Item, cut: int, types: np.ndarray, pos: np.ndarray) -> None:
+        """Write a cached-path item's token types and 3-D rope positions from id ``cut`` on.
 
-    @staticmethod
-    def _item_positions(item: _Item) -> torch.Tensor:
-        """3-D rope positions [3, len(ids)]: text runs count up, each image adds its cached block."""
-        parts, cursor = [], 0
+        Types: 0 for text, each image's own; positions: text runs count up, each image adds its
+        cached block (``pos`` only matters for mrope models).
+        """
+        at, cursor = 0, 0  # index into the item's ids, text position reached
         for seg in item.segments:
-            if isinstance(seg, int):
-                parts.append(torch.arange(cursor, cursor + seg).expand(3, -1))
-                cursor += seg
-            else:
-                parts.append(seg.rel_pos + cursor)
-                cursor += seg.advance
-        return torch.cat(parts, dim=1)
+            n = seg if isinstance(seg, int) else len(seg.ids)
+            lo, hi = max(at, cut), at + n
+            if hi > lo:
+                a, b = lo - cut, hi - cut
+                if isinstance(seg, int):
+                    pos[:, a:b] = np.arange(cursor + lo - at, cursor + hi - at)
+                else:
+                    types[a:b] = seg.types_np[lo - at :]
+                    if seg.rel_pos is not None:
+                        pos[:, a:b] = seg.rel_pos_np[:, lo - at :] + cursor
+            at = hi
+            cursor += n if isinstance(seg, int) else seg.advance
 
     def _check_positions(self, inputs: dict, pos: torch.Tensor) -> bool:
         """Once per backend: composed positions must equal the model's own; else stop composing."""
@@ -794,38 +804,78 @@ class HFBackend:
         return None
 
     def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
-        """Keep the keys/values of each item's demonstration prefixes longer than ``done[r]``."""
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        """Keep the keys/values of each item's demonstration prefixes longer than ``done[r]``.
+
+        The rows and columns the new prefixes occupy are copied out of the forward's cache in
+        one piece per layer (the forward's own cache, padding and query tokens included, is
+        not kept alive).
+        """
+        new = []  # (key, row, column, length, n_images)
         for r, it in enumerate(items):
             for length, j in self._boundaries(it):
                 key = self._prefix_key(it, length, j)
-                if length <= done[r] or key in self._prefix_kv:
-                    continue
-                o = offsets[r]
-                kv = [(k[r, :, o : o + length].clone(), v[r, :, o : o + length].clone()) for k, v in layers]
-                self._prefix_kv[key] = _PrefixKV(length, j, kv)
-                while len(self._prefix_kv) > self.prefix_cache_size:
-                    self._prefix_kv.popitem(last=False)
+                if length > done[r] and key not in self._prefix_kv:
+                    new.append((key, r, offsets[r], length, j))
+        if not new:
+            return
+        rows = sorted({r for _, r, *_ in new})
+        lo = min(o for _, _, o, _, _ in new)
+        hi = max(o + n for _, _, o, n, _ in new)
+        if rows == list(range(len(items))):
+            layers = [(lay.keys[:, :, lo:hi].clone(), lay.values[:, :, lo:hi].clone()) for lay in cache.layers]
+        else:
+            idx = torch.tensor(rows, device=cache.layers[0].keys.device)
+            layers = [(lay.keys[idx, :, lo:hi], lay.values[idx, :, lo:hi]) for lay in cache.layers]  # copies
+        at = {r: i for i, r in enumerate(rows)}
+        for key, r, o, length, j in new:
+            self._prefix_kv[key] = _PrefixKV(length, j, layers, at[r], o - lo)
+        while len(self._prefix_kv) > self.prefix_cache_size:
+            self._prefix_kv.popitem(last=False)
 
     def _stack_prefixes(self, prefixes: Sequence[_PrefixKV | None]):
-        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
+        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask.
+
+        Rows whose prefixes share one stored copy are gathered together, one indexing per layer;
+        a padding column repeats a real column of its row (finite, and masked out).
+        """
         from transformers import DynamicCache
 
-        width = max(pk.length if pk else 0 for pk in prefixes)
-        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-        ref = next(pk for pk in prefixes if pk).layers
-        data = []
-        for li, (k0, v0) in enumerate(ref):
-            k = k0.new_zeros((len(prefixes), k0.shape[0], width, k0.shape[2]))
-            v = v0.new_zeros((len(prefixes), v0.shape[0], width, v0.shape[2]))
-            for r, pk in enumerate(prefixes):
-                if pk:
-                    k[r, :, width - pk.length :] = pk.layers[li][0]
-                    v[r, :, width - pk.length :] = pk.layers[li][1]
-            data.append((k, v))
+        n = len(prefixes)
+        lengths = torch.tensor([pk.length if pk else 0 for pk in prefixes])
+        width = int(lengths.max())
+        mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+        groups: dict[int, tuple[list, list[int], list[int], list[int]]] = {}
         for r, pk in enumerate(prefixes):
             if pk:
-                mask[r, width - pk.length :] = 1
+                g = groups.setdefault(id(pk.layers), (pk.layers, [], [], []))
+                g[1].append(r)
+                g[2].append(pk.row)
+                g[3].append(pk.column + pk.length - width)  # source column of output column 0
+        ref = next(iter(groups.values()))[0]
+        dev = ref[0][0].device
+        index = []
+        for layers, out_rows, src_rows, first in groups.values():
+            cols = (torch.tensor(first)[:, None] + torch.arange(width)[None, :])
+            starts = torch.tensor([prefixes[r].column for r in out_rows])[:, None]
+            cols = torch.maximum(cols, starts)  # padding columns repeat the prefix's first column
+            index.append((layers, torch.tensor(out_rows, device=dev), torch.tensor(src_rows, device=dev)[:, None], cols.to(dev)))
+        # [g, width, heads, dim] -> [g, heads, width, dim]
+        def take(t, src_rows, cols):
+            return t[src_rows, :, cols].transpose(1, 2)
+
+        data = []
+        if len(index) == 1 and len(index[0][1]) == n:  # every row from one stored copy (the usual case)
+            layers, _, src_rows, cols = index[0]
+            data = [(take(ks, src_rows, cols), take(vs, src_rows, cols)) for ks, vs in layers]
+        else:
+            for li, (k0, v0) in enumerate(ref):
+                shape = (n, k0.shape[1], width, k0.shape[3])
+                k, v = k0.new_zeros(shape), v0.new_zeros(shape)
+                for layers, out_rows, src_rows, cols in index:
+                    ks, vs = layers[li]
+                    k[out_rows] = take(ks, src_rows, cols)
+                    v[out_rows] = take(vs, src_rows, cols)
+                data.append((k, v))
         return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
@@ -853,20 +903,18 @@ class HFBackend:
             pks = [prefixes[i] for i in idx]
             if self.image_cache != "none":
                 self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
-            inputs, offs = self._collate(batch, left, positions=True, prefixes=pks if pks[0] else None)
+            feed = [self._without_last_token(it) for it in batch]
+            inputs, offs = self._collate(feed, left, positions=True, prefixes=pks if pks[0] else None)
             store = self._prefix_on  # after collate: the first batch checks the composed positions
+            # row r's answer tokens it.ids[start + j] are predicted at input column offs[r] + start - 1 + j
+            # (minus the prefix columns); shorter answers repeat their last token, masked out by ``valid``
             n = [it.end - it.start for it in batch]
             m = max(n)
-            pos = torch.zeros((len(batch), m), dtype=torch.long)
-            tgt = torch.zeros((len(batch), m), dtype=torch.long)
-            valid = torch.zeros((len(batch), m), dtype=torch.bool)
             shift = inputs["attention_mask"].shape[1] - inputs["input_ids"].shape[1]  # prefix columns
-            for r, it in enumerate(batch):
-                for j in range(m):
-                    jj = min(j, n[r] - 1)
-                    pos[r, j] = offs[r] + it.start - 1 + jj - shift
-                    tgt[r, j] = it.ids[it.start + jj]
-                    valid[r, j] = j < n[r]
+            steps = [[min(j, k - 1) for j in range(m)] for k in n]
+            pos = torch.tensor([[o + it.start - 1 - shift + j for j in js] for o, it, js in zip(offs, batch, steps)])
+            tgt = torch.tensor([[it.ids[it.start + j] for j in js] for it, js in zip(batch, steps)])
+            valid = torch.arange(m)[None, :] < torch.tensor(n)[:, None]
             use_cache = store or "cache" in inputs
             if self._keeps_logits:  # project only the positions that predict answer tokens
                 out = self.model(**inputs, logits_to_keep=pos.to(self.device), use_cache=use_cache)
@@ -876,16 +924,23 @@ class HFBackend:
                 logits = out.logits.gather(1, pos.to(out.logits.device)[..., None].expand(-1, -1, out.logits.shape[-1]))
             self.stats["forward_batches"] += 1
             if store:
-                self._store_prefixes(batch, offs, out.cache, [pk.length if pk else 0 for pk in pks])
+                self._store_prefixes(feed, offs, out.cache, [pk.length if pk else 0 for pk in pks])
             logp = torch.log_softmax(logits.float(), dim=-1)
             tok_lp = logp.gather(-1, tgt.to(logp.device)[..., None]).squeeze(-1).cpu()
-            tok_lp = torch.where(valid, tok_lp, torch.zeros_like(tok_lp))
+            sums = torch.where(valid, tok_lp, torch.zeros_like(tok_lp)).sum(-1).tolist()
             for r, i in enumerate(idx):
-                s = float(tok_lp[r].sum())
+                s = sums[r]
                 if not math.isfinite(s):
                     raise BackendError(f"answer_logprobs: non-finite log-prob for answer {answers[i]!r}")
                 results[i] = AnswerScore(sum_logprob=s, n_tokens=n[r])
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _without_last_token(item: _Item) -> _Item:
+        """``item`` without its last answer token (and anything after it): no scored position reads it."""
+        cut = len(item.ids) - (item.end - 1)
+        segments = (*item.segments[:-1], item.segments[-1] - cut) if item.segments else item.segments
+        return replace(item, ids=item.ids[: item.end - 1], segments=segments)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
