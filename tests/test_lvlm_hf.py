@@ -334,6 +334,34 @@ def test_full_logits_fallback_gives_the_same_numbers(prompts):
     )
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, prompts, ex):
+    """The last layer's o_proj and MLP see one row per scored answer token; scores are unchanged."""
+    fast = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint(family)))
+    plain = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint(family)))
+    plain._rowwise = []  # every column through every module, as transformers runs it
+    mods = fast._last_layer_rowwise()
+    assert len(mods) == 2
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(a[0].shape[:2]))) for m in mods]
+    calls = [prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])], [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])]]
+    answers = [ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2]
+    try:
+        for pr, ans in zip(calls, answers):  # the last call runs on cached prefixes (qwen)
+            want = sums(plain.answer_logprobs(pr, ans))
+            assert sums(fast.answer_logprobs(pr, ans)) == pytest.approx(want, abs=TOL)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = [len(fast.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in ANSWERS]
+    assert max(n_tokens) > 1  # a multi-token answer among them
+    # [rows, longest answer in the batch] instead of [rows, prompt length] (tens of tokens)
+    assert all(1 <= cols <= max(n_tokens) for _, cols in seen) and any(cols > 1 for _, cols in seen)
+    assert sum(rows for rows, _ in seen) == 2 * (len(prompts) + 4)
+    if family == "qwen":
+        assert fast.stats["prefix_hits"] >= 2
+
+
 @pytest.fixture(scope="session")
 def hub_qwen(tmp_path_factory):
     import shutil

@@ -53,6 +53,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -245,6 +246,7 @@ class HFBackend:
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._rowwise = self._last_layer_rowwise()  # run at the scored columns only (answer_logprobs)
         self._segments_checked = False
         self._use_skeletons = True
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
@@ -290,6 +292,53 @@ class HFBackend:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def _last_layer_rowwise(self) -> list:
+        """The last decoder layer's position-wise modules whose output feeds only that position's logits.
+
+        Its attention output projection and its MLP: after them come only the residual add, the
+        final norm and the LM head, all per position, and no later layer reads their output.
+        [] where the model is not laid out that way (then nothing is skipped).
+        """
+        try:
+            layer = self.model.get_decoder().layers[-1]
+            mods = [layer.self_attn.o_proj, layer.mlp]
+        except (AttributeError, IndexError, TypeError):
+            return []
+        return mods if all(isinstance(m, torch.nn.Module) for m in mods) else []
+
+    @contextmanager
+    def _last_layer_at(self, pos: torch.Tensor):
+        """Within the block, the modules of :meth:`_last_layer_rowwise` run only at columns ``pos``.
+
+        ``pos`` [rows, m]: per row the input columns whose logits are scored. Their inputs are
+        gathered to [rows, m, ...] and their outputs scattered back as a zero tensor of the full
+        shape, so every other column's final hidden state is wrong, but nothing reads it (the
+        logits are taken at ``pos`` only; keys and values, the prefix cache included, come from
+        each layer's input). Exact for the scored columns: both modules act on each position alone.
+        """
+        if not self._rowwise:
+            yield
+            return
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+        width = []
+
+        def gather(module, args):
+            (h, *rest) = args
+            width.append(h.shape[1])
+            return (h[rows, pos], *rest)
+
+        def scatter(module, args, out):
+            full = out.new_zeros((out.shape[0], width.pop(), *out.shape[2:]))
+            full[rows, pos] = out
+            return full
+
+        handles = [h for m in self._rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _supports_features(self) -> bool:
         import inspect
@@ -916,12 +965,14 @@ class HFBackend:
             tgt = torch.tensor([[it.ids[it.start + j] for j in js] for it, js in zip(batch, steps)])
             valid = torch.arange(m)[None, :] < torch.tensor(n)[:, None]
             use_cache = store or "cache" in inputs
-            if self._keeps_logits:  # project only the positions that predict answer tokens
-                out = self.model(**inputs, logits_to_keep=pos.to(self.device), use_cache=use_cache)
-                logits = out.logits
-            else:
-                out = self.model(**inputs, use_cache=use_cache)
-                logits = out.logits.gather(1, pos.to(out.logits.device)[..., None].expand(-1, -1, out.logits.shape[-1]))
+            pos = pos.to(self.device)
+            with self._last_layer_at(pos):
+                if self._keeps_logits:  # project only the positions that predict answer tokens
+                    out = self.model(**inputs, logits_to_keep=pos, use_cache=use_cache)
+                    logits = out.logits
+                else:
+                    out = self.model(**inputs, use_cache=use_cache)
+                    logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1]))
             self.stats["forward_batches"] += 1
             if store:
                 self._store_prefixes(feed, offs, out.cache, [pk.length if pk else 0 for pk in pks])
