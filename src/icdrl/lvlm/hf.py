@@ -112,9 +112,10 @@ class _ImageEntry:
 class _PrefixKV:
     """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images).
 
-    They sit in row ``row`` of ``layers``, columns ``column`` to ``column + length``: ``layers``
-    is one copy, per layer ``(keys [rows, kv_heads, columns, head_dim], values)``, shared by the
-    prefixes that one forward pass stored (one copy per layer per batch instead of one per row).
+    They sit in row ``row`` of ``layers``, columns ``column`` to ``column + length``, which is
+    the copy's last column: ``layers`` is one copy per layer ``(keys [rows, kv_heads, columns,
+    head_dim], values)``, shared by the prefixes that one forward pass stored, each
+    right-aligned (one copy per layer per batch instead of one per row).
     """
 
     length: int
@@ -852,12 +853,25 @@ class HFBackend:
                 return pk
         return None
 
+    @staticmethod
+    def _right_aligned(layers, rows: list[int], starts: list[int], lengths: list[int], width: int, device) -> list:
+        """Per layer, ``(keys, values)[rows, :, start : start + length]`` of each row, right-aligned in
+        ``width`` columns: [len(rows), kv_heads, width, head_dim], one indexing per layer.
+
+        A column left of a row's span repeats the span's first column (finite; always masked out).
+        """
+        first = torch.tensor([s + n - width for s, n in zip(starts, lengths)])[:, None] + torch.arange(width)[None, :]
+        cols = torch.maximum(first, torch.tensor(starts)[:, None]).to(device)
+        src = torch.tensor(rows, device=device)[:, None]
+        # t[src, :, cols]: [rows, width, heads, dim] -> [rows, heads, width, dim]
+        return [(k[src, :, cols].transpose(1, 2), v[src, :, cols].transpose(1, 2)) for k, v in layers]
+
     def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
         """Keep the keys/values of each item's demonstration prefixes longer than ``done[r]``.
 
-        The rows and columns the new prefixes occupy are copied out of the forward's cache in
-        one piece per layer (the forward's own cache, padding and query tokens included, is
-        not kept alive).
+        The new prefixes of one forward are copied out of its cache together, right-aligned
+        (each ends in the copy's last column), so that stacking rows from one copy later is a
+        row selection and a slice; the forward's own cache is not kept alive.
         """
         new = []  # (key, row, column, length, n_images)
         for r, it in enumerate(items):
@@ -867,64 +881,40 @@ class HFBackend:
                     new.append((key, r, offsets[r], length, j))
         if not new:
             return
-        rows = sorted({r for _, r, *_ in new})
-        lo = min(o for _, _, o, _, _ in new)
-        hi = max(o + n for _, _, o, n, _ in new)
-        if rows == list(range(len(items))):
-            layers = [(lay.keys[:, :, lo:hi].clone(), lay.values[:, :, lo:hi].clone()) for lay in cache.layers]
-        else:
-            idx = torch.tensor(rows, device=cache.layers[0].keys.device)
-            layers = [(lay.keys[idx, :, lo:hi], lay.values[idx, :, lo:hi]) for lay in cache.layers]  # copies
-        at = {r: i for i, r in enumerate(rows)}
-        for key, r, o, length, j in new:
-            self._prefix_kv[key] = _PrefixKV(length, j, layers, at[r], o - lo)
+        width = max(n for *_, n, _ in new)
+        layers = [(lay.keys, lay.values) for lay in cache.layers]
+        copy = self._right_aligned(
+            layers, [r for _, r, *_ in new], [o for _, _, o, _, _ in new], [n for *_, n, _ in new], width, layers[0][0].device
+        )
+        for i, (key, _, _, length, j) in enumerate(new):
+            self._prefix_kv[key] = _PrefixKV(length, j, copy, i, width - length)
         while len(self._prefix_kv) > self.prefix_cache_size:
             self._prefix_kv.popitem(last=False)
 
     def _stack_prefixes(self, prefixes: Sequence[_PrefixKV | None]):
-        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask.
-
-        Rows whose prefixes share one stored copy are gathered together, one indexing per layer;
-        a padding column repeats a real column of its row (finite, and masked out).
-        """
+        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
         from transformers import DynamicCache
 
         n = len(prefixes)
         lengths = torch.tensor([pk.length if pk else 0 for pk in prefixes])
         width = int(lengths.max())
         mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
-        groups: dict[int, tuple[list, list[int], list[int], list[int]]] = {}
-        for r, pk in enumerate(prefixes):
-            if pk:
-                g = groups.setdefault(id(pk.layers), (pk.layers, [], [], []))
-                g[1].append(r)
-                g[2].append(pk.row)
-                g[3].append(pk.column + pk.length - width)  # source column of output column 0
-        ref = next(iter(groups.values()))[0]
+        copies = {id(pk.layers): pk.layers for pk in prefixes if pk}
+        ref = next(iter(copies.values()))
         dev = ref[0][0].device
-        index = []
-        for layers, out_rows, src_rows, first in groups.values():
-            cols = (torch.tensor(first)[:, None] + torch.arange(width)[None, :])
-            starts = torch.tensor([prefixes[r].column for r in out_rows])[:, None]
-            cols = torch.maximum(cols, starts)  # padding columns repeat the prefix's first column
-            index.append((layers, torch.tensor(out_rows, device=dev), torch.tensor(src_rows, device=dev)[:, None], cols.to(dev)))
-        # [g, width, heads, dim] -> [g, heads, width, dim]
-        def take(t, src_rows, cols):
-            return t[src_rows, :, cols].transpose(1, 2)
-
-        data = []
-        if len(index) == 1 and len(index[0][1]) == n:  # every row from one stored copy (the usual case)
-            layers, _, src_rows, cols = index[0]
-            data = [(take(ks, src_rows, cols), take(vs, src_rows, cols)) for ks, vs in layers]
-        else:
-            for li, (k0, v0) in enumerate(ref):
-                shape = (n, k0.shape[1], width, k0.shape[3])
-                k, v = k0.new_zeros(shape), v0.new_zeros(shape)
-                for layers, out_rows, src_rows, cols in index:
-                    ks, vs = layers[li]
-                    k[out_rows] = take(ks, src_rows, cols)
-                    v[out_rows] = take(vs, src_rows, cols)
-                data.append((k, v))
+        if len(copies) == 1 and all(prefixes):  # the usual case: one stored copy, right-aligned
+            stored = ref[0][0].shape[2]
+            src = torch.tensor([pk.row for pk in prefixes], device=dev)
+            data = [(k.index_select(0, src)[:, :, stored - width :], v.index_select(0, src)[:, :, stored - width :]) for k, v in ref]
+            return DynamicCache(ddp_cache_data=data), mask
+        data = [(k.new_zeros((n, k.shape[1], width, k.shape[3])), v.new_zeros((n, v.shape[1], width, v.shape[3]))) for k, v in ref]
+        for layers in copies.values():
+            out = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
+            pks = [prefixes[r] for r in out]
+            got = self._right_aligned(layers, [pk.row for pk in pks], [pk.column for pk in pks], [pk.length for pk in pks], width, dev)
+            at = torch.tensor(out, device=dev)
+            for (k, v), (gk, gv) in zip(data, got):
+                k[at], v[at] = gk, gv
         return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
