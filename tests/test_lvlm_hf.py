@@ -500,6 +500,21 @@ def test_prefix_cache_gives_the_numbers_of_full_forwards(ex, insert, side):
     assert plain.stats["prefix_hits"] == 0
 
 
+def test_prefix_max_demos_keeps_only_the_prefixes_a_deeper_prompt_can_read(ex):
+    """Depth 2: the step-2 prompts' 2-demonstration prefixes are not stored; the step-1 ones
+    stay (a small cache would otherwise lose them to the step-2 ones) and serve later calls."""
+    b = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 5}, str(cached_checkpoint("qwen")))
+    plain = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen")))
+    b.prefix_max_demos = 1
+    step1, step2, _ = _steps(ex, "first")
+    extra = [([c, d], ex[5]) for c, d in ((ex[3], ex[4]), (ex[4], ex[2]))]  # 2-demonstration extras
+    for call in (step1, step2, extra):
+        answers = ["fire hydrant"] * len(call)
+        assert sums(b.answer_logprobs(call, answers)) == pytest.approx(sums(plain.answer_logprobs(call, answers)), abs=1e-5)
+        assert {pk.n_images for pk in b._prefix_kv.values()} == {1} and len(b._prefix_kv) == 5
+    assert b.stats["prefix_hits"] == len(step2) + len(extra)
+
+
 def test_prefix_cache_mixed_batches_and_eviction(ex, prompts):
     """Rows with and without a cached prefix in one call; a cache of 2 entries stays bounded."""
     b = load_backend({"kind": "hf", "batch_size": 3, "prefix_cache_size": 2}, str(cached_checkpoint("qwen")))

@@ -51,8 +51,14 @@ def test_all_stages_on_small_embedded_config(model_dir, tmp_path):
 
     cand = {"beam_width": 2, "depth": 2, "insert": "first", "n_random": 2, "n_similar": 2, "seed": 0, "shards": 2}
     shards = [str(tmp_path / f"c{s}.jsonl") for s in range(2)]
+    from icdrl.lvlm import load_backend
+
+    backend = load_backend(MODEL, model_dir)
     for s in range(2):
-        generate_shard(DATASET, MODEL, model_dir, str(tmp_path / "anchors.jsonl"), tr, cand, s, 2, shards[s])
+        generate_shard(DATASET, MODEL, model_dir, str(tmp_path / "anchors.jsonl"), tr, cand, s, 2, shards[s],
+                       backend=backend)
+    assert backend.prefix_max_demos == 1  # depth 2: only 1-demonstration prefixes are read again
+    assert {pk.n_images for pk in backend._prefix_kv.values()} == {1}
     concat_jsonl(shards, "icdrl.candidates", str(tmp_path / "cand.jsonl"))
     recs = read_records(tmp_path / "cand.jsonl", CandidateRecord)
     assert len(recs) == 6

@@ -367,6 +367,8 @@ def generate_shard(
         from icdrl.lvlm import load_backend
 
         backend = load_backend(model_cfg, model_path)
+    if hasattr(backend, "prefix_max_demos"):  # no prompt here has more than `depth` demonstrations
+        backend.prefix_max_demos = cfg.depth - 1
     try:
         for i, r in enumerate(todo):
             t0 = time.perf_counter()

@@ -19,16 +19,18 @@ is preprocessed once per backend instance (``image_cache``):
   features, so a demonstration that recurs in many candidate sequences costs its vision
   encoding once.
 * ``"pixels"``: the processor runs once per image; the vision encoder runs on every batch.
-* ``"none"``: the reference path. The processor is called normally for every prompt (text and
-  images) and the answer span is taken from the tokenizer's character offsets. Tests check that
-  it gives the same ids, spans and numbers as the cached paths.
+* ``"none"``: the reference path, plain transformers usage as the seed's code did it: the chat
+  template is rendered by ``apply_chat_template`` and the processor called normally for every
+  prompt (text and images), the answer span is taken from the tokenizer's character offsets,
+  and the whole sequence runs through the whole model. None of the savings below apply to it;
+  tests check that it gives the same ids, spans and numbers as the cached paths.
 
 In the cached paths the chat text is split at the processor's image placeholder, each text
 piece is tokenised on its own (and cached), and the placeholder is replaced by the ids the
 processor produced for that image; the placeholder is a special token, so this equals
 tokenising the expanded text in one go (checked once per backend, and by the tests).
 
-Three more savings on the cached paths, each checked against the slow way before it is trusted:
+More savings on the cached paths, each checked against the slow way before it is trusted:
 
 * the chat template is rendered once per prompt shape (number of demonstrations, answer turn or
   not) with sentinels for the text items, which are then put back (compared with
@@ -40,7 +42,11 @@ Three more savings on the cached paths, each checked against the slow way before
   the first j demonstrations, keyed by token ids *and* image paths). A later prompt that starts
   with a cached prefix runs only its remaining tokens. Beam search gets this for free: with
   ``insert="first"`` every step-2 prompt ``(c, b)`` starts with the step-1 prompt ``(c)``'s
-  prefix, with ``insert="last"`` every ``(b, c)`` with ``(b)``'s.
+  prefix, with ``insert="last"`` every ``(b, c)`` with ``(b)``'s;
+* scoring feeds no answer token that predicts nothing scored (the last one), and runs the last
+  decoder layer's attention output projection and MLP only at the answer-predicting columns
+  (exact: those modules act on each position alone, and nothing after them reads the others;
+  compared with the reference path by the tests).
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
@@ -53,8 +59,8 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -224,6 +230,11 @@ class HFBackend:
         self.image_cache_size = int(image_cache_size)
         #: demonstration prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
         self.prefix_cache_size = int(prefix_cache_size)
+        #: keep only prefixes of at most this many demonstrations (None: all). A caller that
+        #: knows its longest prompt (beam search of depth D: D demonstrations) sets D - 1, so
+        #: that the last step's prefixes, which nothing reads, neither cost a copy nor evict
+        #: the ones the extra candidate sequences still read.
+        self.prefix_max_demos: int | None = None
         self._prefix_kv: OrderedDict[tuple, _PrefixKV] = OrderedDict()
         self.image_token = getattr(processor, "image_token", None)
         if not self.image_token:
@@ -247,9 +258,10 @@ class HFBackend:
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._rowwise = self._last_layer_rowwise()  # run at the scored columns only (answer_logprobs)
+        # cached paths: the last layer's row-wise modules run at the scored columns only (answer_logprobs)
+        self._rowwise = self._last_layer_rowwise() if image_cache != "none" else []
         self._segments_checked = False
-        self._use_skeletons = True
+        self._use_skeletons = image_cache != "none"
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
         self._skeleton_checks: dict[tuple[int, bool], int] = {}
         self._tok = functools.lru_cache(maxsize=200_000)(self._tokenize_uncached)
@@ -876,6 +888,8 @@ class HFBackend:
         new = []  # (key, row, column, length, n_images)
         for r, it in enumerate(items):
             for length, j in self._boundaries(it):
+                if self.prefix_max_demos is not None and j > self.prefix_max_demos:
+                    break
                 key = self._prefix_key(it, length, j)
                 if length > done[r] and key not in self._prefix_kv:
                     new.append((key, r, offsets[r], length, j))
@@ -942,7 +956,7 @@ class HFBackend:
             pks = [prefixes[i] for i in idx]
             if self.image_cache != "none":
                 self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
-            feed = [self._without_last_token(it) for it in batch]
+            feed = batch if self.image_cache == "none" else [self._without_last_token(it) for it in batch]
             inputs, offs = self._collate(feed, left, positions=True, prefixes=pks if pks[0] else None)
             store = self._prefix_on  # after collate: the first batch checks the composed positions
             # row r's answer tokens it.ids[start + j] are predicted at input column offs[r] + start - 1 + j
