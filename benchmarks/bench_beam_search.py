@@ -8,8 +8,10 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
   prompt per forward pass, the processor re-run on every prompt's images;
 * project: ``HFBackend(batch_size=--batch-size, image_cache="features")`` with its defaults:
   every expansion of a step in one batched call, each distinct image preprocessed and
-  vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, and the
-  demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix).
+  vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, the
+  demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix;
+  ``prefix_max_demos = D - 1`` as the candidates stage sets it), and the last decoder layer's
+  o_proj and MLP run only at the answer-predicting columns.
 
 The two paths run side by side, anchor by anchor (the order alternating), so that both see the
 same machine conditions; the times are summed over the anchors.
@@ -18,18 +20,23 @@ The beams (pool positions, in order) must be identical, rank by rank their info 
 to ``TIE_TOL``; two candidates whose scores agree that closely may swap places (float32 forwards
 batched and one at a time sum in different orders, about 1e-7 apart), which is reported.
 
-    python benchmarks/bench_beam_search.py [--model PATH] [--anchors 20] [--threads 2]
+    python benchmarks/bench_beam_search.py [--model auto|untrained|PATH] [--anchors 20] [--threads 2]
 
-``--model``: a trained embedded checkpoint folder (``icdrl.lvlm.embedded.train_embedded``);
-without it an untrained model of the embedded architecture and size (``EmbeddedConfig()``
-defaults) is built in memory, which costs the same per forward pass. The last line printed is
-``speedup <ratio>`` (naive seconds per anchor / project seconds per anchor).
+``--model``: the embedded LVLM the workflow trained (``auto``, the default: the newest
+``results/lvlm/embedded-*/model``, built by ``snakemake`` or by its ``train_lvlm`` rule), a
+checkpoint folder, or ``untrained``: a randomly initialised model of the same architecture and
+size (``EmbeddedConfig()`` defaults), built in memory, which ``auto`` falls back to when no
+trained one exists. Its forward passes cost the same, but its beams differ, and so does the
+work (it measured a few per cent slower on the project path). The first line printed names the
+model. The last line is ``speedup <ratio>`` (naive seconds per anchor / project seconds per
+anchor).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +49,13 @@ from icdrl.pools import build_pools
 
 #: info scores this close are ties at float32 precision
 TIE_TOL = 1e-6
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def trained_embedded() -> str | None:
+    """The newest embedded LVLM the workflow trained in this checkout's ``results/``, if any."""
+    found = sorted(RESULTS.glob("lvlm/embedded-*/model/config.json"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else None
 
 
 def embedded_model(path: str | None):
@@ -98,7 +112,8 @@ def run_interleaved(paths: list[Tally], anchors, pools, **kw) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="trained embedded checkpoint folder (default: untrained, same size)")
+    ap.add_argument("--model", default="auto",
+                    help="auto (the workflow's trained embedded LVLM, else untrained), untrained, or a checkpoint folder")
     ap.add_argument("--anchors", type=int, default=20)
     ap.add_argument("--pool", type=int, default=32)
     ap.add_argument("--beam", type=int, default=5)
@@ -110,7 +125,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, proc, label = embedded_model(args.model)
+    path = {"auto": trained_embedded(), "untrained": None}.get(args.model, args.model)
+    model, proc, label = embedded_model(path)
     train = load_dataset({"name": "easyvqa"}, "train")
     anchors = seeded_subset(train, args.anchors, args.seed)
     pools = build_pools(anchors, train, sampler="random", size=args.pool, seed=args.seed)
@@ -122,6 +138,7 @@ def main() -> None:
     kw = dict(beam_width=args.beam, depth=args.depth)
     naive = Tally(HFBackend(model, proc, batch_size=1, image_cache="none"))
     fast = Tally(HFBackend(model, proc, batch_size=args.batch_size, image_cache="features"))
+    fast.backend.prefix_max_demos = args.depth - 1  # as the candidates stage sets it (icdrl.beam.generate_shard)
     run_interleaved([naive, fast], anchors, pool_examples, **kw)
     b_naive, t_naive, c_naive, n_naive = naive.beams, naive.wall, naive.cpu, naive.prompts
     b_fast, t_fast, c_fast, n_fast = fast.beams, fast.wall, fast.cpu, fast.prompts
