@@ -472,6 +472,7 @@ class HFBackend:
             return_tensors="pt",
             add_special_tokens=False,
             return_text_replacement_offsets=True,
+            return_mm_token_type_ids=False,  # types come per image layout (_finish_entry)
         )
         self.stats["image_preprocess"] += 1
         return self._entry(out, 0, {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)})
@@ -491,6 +492,7 @@ class HFBackend:
             return_tensors="pt",
             add_special_tokens=False,
             return_text_replacement_offsets=True,
+            return_mm_token_type_ids=False,
             padding=True,
         )
         n = len(paths)
