@@ -335,17 +335,31 @@ def test_full_logits_fallback_gives_the_same_numbers(prompts):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, prompts, ex):
-    """The last layer's o_proj and MLP see one row per scored answer token; scores are unchanged."""
+def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, prompts, ex, monkeypatch):
+    """The last layer's attention queries, o_proj and MLP cover one column per scored answer
+    token; the scores equal those of the unchanged forward."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from icdrl.lvlm import hf
+
     fast = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint(family)))
     plain = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint(family)))
-    plain._rowwise = []  # every column through every module, as transformers runs it
-    mods = fast._last_layer_rowwise()
-    assert len(mods) == 2
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(a[0].shape[:2]))) for m in mods]
-    calls = [prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])], [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])]]
-    answers = [ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2]
+    plain._last = None  # every column through every part, as transformers runs it
+    last = fast._last_layer_parts()
+    assert len(last.rowwise) == 2 and last.attn is not None
+    seen, queries, no_mask = [], [], []
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(a[0].shape[:2]))) for m in last.rowwise]
+
+    def counted(module, query, *args, **kwargs):
+        out = hf._scored_columns_attention(module, query, *args, **kwargs)
+        queries.append((query.shape[2], hf._scored.pos.shape[1]))
+        no_mask.append(args[2] is None)
+        return out
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, hf._SCORED_COLUMNS, counted)
+    calls = [prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])], [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])],
+             [([ex[4]], ex[3])]]  # one row, no padding: transformers passes no mask (causal)
+    answers = [ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2, [ex[3].answer]]
     try:
         for pr, ans in zip(calls, answers):  # the last call runs on cached prefixes (qwen)
             want = sums(plain.answer_logprobs(pr, ans))
@@ -357,7 +371,10 @@ def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, pr
     assert max(n_tokens) > 1  # a multi-token answer among them
     # [rows, longest answer in the batch] instead of [rows, prompt length] (tens of tokens)
     assert all(1 <= cols <= max(n_tokens) for _, cols in seen) and any(cols > 1 for _, cols in seen)
-    assert sum(rows for rows, _ in seen) == 2 * (len(prompts) + 4)
+    assert sum(rows for rows, _ in seen) == 2 * (len(prompts) + 5)
+    assert len(queries) == len(seen) // 2 and all(m <= max(n_tokens) < n for n, m in queries)
+    assert any(no_mask) and not all(no_mask)  # both the causal and the padded/prefix masks
+    assert last.attn.config._attn_implementation in ("sdpa", "eager")  # restored after each forward
     if family == "qwen":
         assert fast.stats["prefix_hits"] >= 2
 

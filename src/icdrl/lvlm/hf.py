@@ -54,10 +54,12 @@ Cached features and prefixes belong to the weights they were computed with: call
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -66,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from icdrl.data import load_image
 from icdrl.lvlm import qwen as _qwen  # noqa: F401  (registers the torchvision-free Qwen processor)
@@ -79,6 +82,47 @@ CACHE_MODES = ("features", "pixels", "none")
 PADDING_SIDES = ("left", "right")
 #: Processor outputs that belong to the text, not to an image.
 TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "offset_mapping"})
+
+
+#: name under which :func:`_scored_columns_attention` is registered with transformers
+_SCORED_COLUMNS = "icdrl_scored_columns"
+_scored = threading.local()  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
+
+
+def _scored_columns_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of the queries at columns ``_scored.pos`` only, by the implementation ``_scored.inner``.
+
+    ``query`` [rows, heads, columns, dim]; keys and values as given (every column, and any cached
+    prefix). The mask keeps its rows at ``pos`` (a causal one is built where transformers passes
+    none). Returns [rows, columns, heads, dim] like the wrapped function, zeros at the other
+    columns: only the attention output projection reads them, and it runs at ``pos`` only.
+    """
+    pos = _scored.pos
+    b, h, n, d = query.shape
+    m = pos.shape[1]
+    q = query.gather(2, pos[:, None, :, None].expand(b, h, m, d))
+    if attention_mask is None:  # causal: column i sees key j iff j <= (cached columns) + i
+        past = key.shape[2] - n
+        mask = torch.arange(key.shape[2], device=q.device)[None, None, None, :] <= (past + pos)[:, None, :, None]
+    else:
+        full_mask = attention_mask.expand(b, -1, -1, -1)
+        mask = full_mask.gather(2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3]))
+    kwargs["is_causal"] = False
+    out, _ = ALL_ATTENTION_FUNCTIONS[_scored.inner](module, q, key, value, mask, **kwargs)
+    full = out.new_zeros((b, n, *out.shape[2:]))
+    full.scatter_(1, pos[:, :, None, None].expand(b, m, *out.shape[2:]), out)
+    return full, None
+
+
+AttentionInterface.register(_SCORED_COLUMNS, _scored_columns_attention)
+
+
+@dataclass
+class _LastLayer:
+    """The parts of the last decoder layer that scoring runs at the scored columns only."""
+
+    rowwise: list  # its attention output projection and MLP (act on each position alone)
+    attn: torch.nn.Module | None  # its attention module, where the implementation is sdpa or eager
 
 
 class BackendError(ValueError):
@@ -258,8 +302,8 @@ class HFBackend:
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # cached paths: the last layer's row-wise modules run at the scored columns only (answer_logprobs)
-        self._rowwise = self._last_layer_rowwise() if image_cache != "none" else []
+        # cached paths: parts of the last layer run at the scored columns only (answer_logprobs)
+        self._last = self._last_layer_parts() if image_cache != "none" else None
         self._segments_checked = False
         self._use_skeletons = image_cache != "none"
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
@@ -306,31 +350,40 @@ class HFBackend:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _last_layer_rowwise(self) -> list:
-        """The last decoder layer's position-wise modules whose output feeds only that position's logits.
+    def _last_layer_parts(self) -> _LastLayer | None:
+        """The last decoder layer's parts whose output feeds only the scored positions' logits.
 
-        Its attention output projection and its MLP: after them come only the residual add, the
-        final norm and the LM head, all per position, and no later layer reads their output.
-        [] where the model is not laid out that way (then nothing is skipped).
+        Its attention output projection and its MLP (position-wise; after them come only the
+        residual add, the final norm and the LM head, all per position, and no later layer), and
+        its attention's queries (keys and values still come from every position), where that
+        attention runs on ``sdpa`` or ``eager``. None where the model is not laid out that way.
         """
         try:
-            layer = self.model.get_decoder().layers[-1]
-            mods = [layer.self_attn.o_proj, layer.mlp]
+            decoder = self.model.get_decoder()
+            layer = decoder.layers[-1]
+            rowwise = [layer.self_attn.o_proj, layer.mlp]
         except (AttributeError, IndexError, TypeError):
-            return []
-        return mods if all(isinstance(m, torch.nn.Module) for m in mods) else []
+            return None
+        if not all(isinstance(m, torch.nn.Module) for m in rowwise):
+            return None
+        attn = layer.self_attn
+        cfg = getattr(attn, "config", None)
+        ok = cfg is not None and not getattr(cfg, "sub_configs", None) and cfg._attn_implementation in ("sdpa", "eager")
+        return _LastLayer(rowwise, attn if ok else None)
 
     @contextmanager
     def _last_layer_at(self, pos: torch.Tensor):
-        """Within the block, the modules of :meth:`_last_layer_rowwise` run only at columns ``pos``.
+        """Within the block, the parts of :meth:`_last_layer_parts` run only at columns ``pos``.
 
-        ``pos`` [rows, m]: per row the input columns whose logits are scored. Their inputs are
-        gathered to [rows, m, ...] and their outputs scattered back as a zero tensor of the full
-        shape, so every other column's final hidden state is wrong, but nothing reads it (the
-        logits are taken at ``pos`` only; keys and values, the prefix cache included, come from
-        each layer's input). Exact for the scored columns: both modules act on each position alone.
+        ``pos`` [rows, m]: per row the input columns whose logits are scored. The row-wise
+        modules' inputs are gathered to [rows, m, ...] and their outputs scattered back as a
+        zero tensor of the full shape; the attention computes only the queries at ``pos`` (see
+        :func:`_scored_columns_attention`). Every other column's final hidden state is thus
+        wrong, but nothing reads it: the logits are taken at ``pos`` only, and keys and values,
+        the prefix cache included, come from each layer's input. Exact for the scored columns.
         """
-        if not self._rowwise:
+        last = self._last
+        if last is None:
             yield
             return
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
@@ -346,12 +399,21 @@ class HFBackend:
             full[rows, pos] = out
             return full
 
-        handles = [h for m in self._rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+        handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+        saved = last.attn.config if last.attn is not None else None
+        if saved is not None:
+            cfg = copy.copy(saved)
+            cfg._attn_implementation = _SCORED_COLUMNS
+            _scored.pos, _scored.inner = pos, saved._attn_implementation
+            last.attn.config = cfg
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            if saved is not None:
+                last.attn.config = saved
+                _scored.pos = None
 
     def _supports_features(self) -> bool:
         import inspect
