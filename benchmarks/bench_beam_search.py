@@ -11,7 +11,7 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
   vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, the
   demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix;
   ``prefix_max_demos = D - 1`` as the candidates stage sets it), and the last decoder layer's
-  o_proj and MLP run only at the answer-predicting columns.
+  attention queries, o_proj and MLP run only at the answer-predicting columns.
 
 The two paths run side by side, anchor by anchor (the order alternating), so that both see the
 same machine conditions; the times are summed over the anchors.
@@ -140,31 +140,30 @@ def main() -> None:
     fast = Tally(HFBackend(model, proc, batch_size=args.batch_size, image_cache="features"))
     fast.backend.prefix_max_demos = args.depth - 1  # as the candidates stage sets it (icdrl.beam.generate_shard)
     run_interleaved([naive, fast], anchors, pool_examples, **kw)
-    b_naive, t_naive, c_naive, n_naive = naive.beams, naive.wall, naive.cpu, naive.prompts
-    b_fast, t_fast, c_fast, n_fast = fast.beams, fast.wall, fast.cpu, fast.prompts
-    f_naive, f_fast = naive.backend.stats["forward_batches"], fast.backend.stats["forward_batches"]
-    stats = fast.backend.stats
+    pairs = [(b, c) for x, y in zip(naive.beams, fast.beams) for b, c in zip(x, y)]
 
-    same = sum([b.pos for b in x] == [b.pos for b in y] for x, y in zip(b_naive, b_fast))
+    same = sum([b.pos for b in x] == [b.pos for b in y] for x, y in zip(naive.beams, fast.beams))
     # rank by rank the info scores must agree; where the sequences differ, the two are tied within
     # float32 precision (batched and one-at-a-time forwards sum in different orders)
-    dev = max(abs(b.info_score - c.info_score) for x, y in zip(b_naive, b_fast) for b, c in zip(x, y))
-    ties = [abs(b.info_score - c.info_score) for x, y in zip(b_naive, b_fast) for b, c in zip(x, y) if b.pos != c.pos]
+    dev = max(abs(b.info_score - c.info_score) for b, c in pairs)
+    ties = [abs(b.info_score - c.info_score) for b, c in pairs if b.pos != c.pos]
     n = len(anchors)
-    print(f"naive:   {n_naive} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
-          f"{t_naive / n:.3f} s/anchor wall, {c_naive / n:.3f} s/anchor CPU")
-    print(f"project: {n_fast} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
-          f"{t_fast / n:.3f} s/anchor wall, {c_fast / n:.3f} s/anchor CPU "
+    f_naive, f_fast = naive.backend.stats["forward_batches"], fast.backend.stats["forward_batches"]
+    stats = fast.backend.stats
+    print(f"naive:   {naive.prompts} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
+          f"{naive.wall / n:.3f} s/anchor wall, {naive.cpu / n:.3f} s/anchor CPU")
+    print(f"project: {fast.prompts} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
+          f"{fast.wall / n:.3f} s/anchor wall, {fast.cpu / n:.3f} s/anchor CPU "
           f"({stats['image_preprocess']} images preprocessed, {stats['vision_encoded']} vision-encoded, "
           f"{stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
-    print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {c_naive / c_fast:.2f}")
+    print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {naive.cpu / fast.cpu:.2f}")
     print(f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
           + (f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}" if ties else ""))
-    spread = np.mean([b[0].info_score - b[-1].info_score for b in b_fast])
+    spread = np.mean([b[0].info_score - b[-1].info_score for b in fast.beams])
     print(f"mean info_score gap best-vs-{args.beam}th beam: {spread:.4f}")
     if dev > TIE_TOL:
         raise SystemExit(f"beams differ between the naive and the project path (info scores by {dev:.2e} > {TIE_TOL})")
-    print(f"speedup {t_naive / t_fast:.2f}")
+    print(f"speedup {naive.wall / fast.wall:.2f}")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ More savings on the cached paths, each checked against the slow way before it is
   ``insert="first"`` every step-2 prompt ``(c, b)`` starts with the step-1 prompt ``(c)``'s
   prefix, with ``insert="last"`` every ``(b, c)`` with ``(b)``'s;
 * scoring feeds no answer token that predicts nothing scored (the last one), and runs the last
-  decoder layer's attention output projection and MLP only at the answer-predicting columns
-  (exact: those modules act on each position alone, and nothing after them reads the others;
-  compared with the reference path by the tests).
+  decoder layer's attention queries, attention output projection and MLP only at the
+  answer-predicting columns (exact: nothing after that layer reads the other columns, whose
+  keys and values still come from every column; compared with the reference path by the
+  tests).
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
@@ -151,11 +152,9 @@ class _ImageEntry:
     tensors: dict  # per-image processor outputs; pixel tensors dropped once features exist
     features: torch.Tensor | None = None  # vision encoder output (features mode)
     text: str = ""  # the placeholder's expansion as text
-    rel_pos: torch.Tensor | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
-    types: torch.Tensor | None = None  # the processor's mm_token_type_ids of ``ids``
+    rel_pos: np.ndarray | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
+    types: np.ndarray | None = None  # the processor's mm_token_type_ids of ``ids`` (zeros if it gives none)
     advance: int = 0  # how far the text position moves past this image (mrope models)
-    types_np: np.ndarray | None = None  # ``types`` (zeros where the processor gives none) and
-    rel_pos_np: np.ndarray | None = None  # ``rel_pos`` as arrays, for collating rows
 
 
 @dataclass
@@ -563,8 +562,7 @@ class HFBackend:
             self._batch_checked = True
             one = self._preprocess(paths[0])
             self.stats["image_preprocess"] -= 1
-            (rep,) = out["text_replacement_offsets"][0]
-            first = _ImageEntry(ids=self._row_ids(out, 0), tensors=per_image[0], text=rep["replacement"])
+            first = self._entry(out, 0, per_image[0])
             same = one.ids == first.ids and one.text == first.text and one.tensors.keys() == first.tensors.keys() and all(
                 one.tensors[k].shape == first.tensors[k].shape and torch.allclose(one.tensors[k].float(), first.tensors[k].float(), atol=1e-6)
                 for k in one.tensors
@@ -616,16 +614,14 @@ class HFBackend:
         key = (entry.ids, tuple(grid.flatten().tolist()) if isinstance(grid, torch.Tensor) else None)
         known = self._layouts.get(key)
         if known is None:
-            types = rel_pos = None
-            advance = 0
+            types = torch.zeros(len(entry.ids), dtype=torch.long)
+            rel_pos, advance = None, 0
             if self._needs_mm_types:
                 types = torch.tensor(self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long)
                 if self._mrope:
                     rel_pos, advance = self._image_positions(entry, types)
-            types_np = types.numpy() if types is not None else np.zeros(len(entry.ids), dtype=np.int64)
-            rel_np = rel_pos.numpy() if rel_pos is not None else None
-            known = self._layouts[key] = (types, rel_pos, advance, types_np, rel_np)
-        entry.types, entry.rel_pos, entry.advance, entry.types_np, entry.rel_pos_np = known
+            known = self._layouts[key] = (types.numpy(), rel_pos.numpy() if rel_pos is not None else None, advance)
+        entry.types, entry.rel_pos, entry.advance = known
         return entry
 
     def _image_positions(self, entry: _ImageEntry, types: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -863,9 +859,9 @@ class HFBackend:
                 if isinstance(seg, int):
                     pos[:, a:b] = np.arange(cursor + lo - at, cursor + hi - at)
                 else:
-                    types[a:b] = seg.types_np[lo - at :]
+                    types[a:b] = seg.types[lo - at :]
                     if seg.rel_pos is not None:
-                        pos[:, a:b] = seg.rel_pos_np[:, lo - at :] + cursor
+                        pos[:, a:b] = seg.rel_pos[:, lo - at :] + cursor
             at = hi
             cursor += n if isinstance(seg, int) else seg.advance
 
