@@ -8,6 +8,8 @@ transformers generation, and config errors.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -579,3 +581,57 @@ def test_batched_image_preprocessing_equals_one_at_a_time(family, images):
             assert torch.allclose(e.tensors[k].float(), one.tensors[k].float(), atol=1e-6)
         if family == "qwen":
             assert np.array_equal(e.rel_pos, one.rel_pos) and e.advance == one.advance
+
+
+def test_segment_attention_equals_one_call_per_segment():
+    """Packed segments (equal lengths back to back, equal lengths apart, odd ones out) in one
+    batched call per length give the numbers of transformers' loop of one call per segment."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from icdrl.lvlm import hf
+
+    torch.manual_seed(0)
+    lengths = [16, 16, 16, 12, 16, 7, 12, 16]
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()])
+    q, k, v = (torch.randn(1, 2, int(cu[-1]), 8) for _ in range(3))
+    module = torch.nn.Module()  # no GQA; non-causal as the vision tower's attention
+    hf._segments.inner = "sdpa"
+    got, _ = hf._segments_attention(
+        module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=16, max_length_k=16,
+        scaling=0.3, dropout=0.0, is_causal=False,
+    )
+    parts = zip(*(t.split(lengths, dim=2) for t in (q, k, v)))
+    want = torch.cat([sdpa_attention_forward(module, a, b, c, None, scaling=0.3, is_causal=False)[0] for a, b, c in parts], dim=1)
+    assert got.shape == want.shape == (1, int(cu[-1]), 2, 8)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_vision_encoder_runs_segments_batched_with_the_same_features(images, monkeypatch):
+    """Mixed image sizes (so windows and images of several lengths): the vision tower's attention
+    runs once per segment length instead of once per window or image, with the same features."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from icdrl.lvlm import hf
+
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
+    assert b._vision and all(m.config._attn_implementation == "sdpa" for m in b._vision)
+    calls = []
+
+    def counted(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+        calls.append(len(set(torch.diff(cu_seq_lens_q).tolist())))
+        return hf._segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, hf._SEGMENTS, counted)
+    entries = b._preprocess_many(images)
+    plain = [replace(e, tensors=dict(e.tensors)) for e in entries]
+    b._encode_vision(entries)
+    modules, b._vision = b._vision, []  # transformers' own loop over the segments
+    b._encode_vision(plain)
+    b._vision = modules
+    depth = b.model.config.vision_config.depth
+    assert len(calls) == depth and max(calls) > 1  # one call per layer; several segment lengths
+    assert all(m.config._attn_implementation == "sdpa" for m in modules)  # restored
+    for e, p in zip(entries, plain):
+        assert e.features.shape == p.features.shape and torch.allclose(e.features, p.features, atol=1e-6)
+    assert not load_backend({"kind": "hf"}, str(cached_checkpoint("llava")))._vision
+    assert not load_backend({"kind": "hf", "image_cache": "none"}, str(cached_checkpoint("qwen")))._vision

@@ -47,7 +47,10 @@ More savings on the cached paths, each checked against the slow way before it is
   decoder layer's attention queries, attention output projection and MLP only at the
   answer-predicting columns (exact: nothing after that layer reads the other columns, whose
   keys and values still come from every column; compared with the reference path by the
-  tests).
+  tests);
+* the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
+  length, all images (or windows) of that length in one batch, instead of once per image or
+  window as transformers loops (same features; compared with that loop by the tests).
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
@@ -116,6 +119,51 @@ def _scored_columns_attention(module, query, key, value, attention_mask, **kwarg
 
 
 AttentionInterface.register(_SCORED_COLUMNS, _scored_columns_attention)
+
+
+#: name under which :func:`_segments_attention` is registered. It contains "flash" because that
+#: is what makes Qwen2.5-VL's vision attention take its packed-sequence branch, the one that
+#: passes the segment boundaries (``cu_seq_lens_q``) instead of looping over the segments itself.
+_SEGMENTS = "icdrl_flash_segments"
+_segments = threading.local()  # .inner (the wrapped implementation) while the vision encoder runs
+
+
+def _segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """Attention within each segment of a packed sequence, by the implementation ``_segments.inner``.
+
+    ``query``/``key``/``value`` [1, heads, total, dim] hold the segments (images, or windows of
+    an image) one after another, ``cu_seq_lens_q`` their boundaries. Segments of equal length
+    run as one batch of ``inner`` calls' worth, instead of one call per segment: the same
+    numbers as transformers' loop for non-flash implementations, in a handful of calls.
+    Returns [1, total, heads, dim] like that loop.
+    """
+    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(k, None)
+    inner = ALL_ATTENTION_FUNCTIONS[_segments.inner]
+    if cu_seq_lens_q is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    _, h, total, d = query.shape
+    bounds = cu_seq_lens_q.tolist()
+    groups: dict[int, list[int]] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            groups.setdefault(b - a, []).append(a)
+    out = query.new_empty((total, h, value.shape[-1]))
+    for length, starts in groups.items():
+        n, first = len(starts), starts[0]
+        if starts == list(range(first, first + n * length, length)):  # back to back: views, no copies
+            span = slice(first, first + n * length)
+            q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
+        else:
+            span = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(query.device)
+            q, k, v = (t[0][:, span].transpose(0, 1) for t in (query, key, value))
+            span = span.reshape(-1)
+        o, _ = inner(module, q, k, v, None, **kwargs)  # [n, heads, length, dim] in, [n, length, heads, dim] out
+        out[span] = o.reshape(-1, *o.shape[2:])
+    return out[None], None
+
+
+AttentionInterface.register(_SEGMENTS, _segments_attention)
 
 
 @dataclass
@@ -303,6 +351,8 @@ class HFBackend:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # cached paths: parts of the last layer run at the scored columns only (answer_logprobs)
         self._last = self._last_layer_parts() if image_cache != "none" else None
+        # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
+        self._vision = self._vision_modules() if image_cache != "none" else []
         self._segments_checked = False
         self._use_skeletons = image_cache != "none"
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
@@ -413,6 +463,37 @@ class HFBackend:
             if saved is not None:
                 last.attn.config = saved
                 _scored.pos = None
+
+    def _vision_modules(self) -> list[torch.nn.Module]:
+        """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
+        or eager (flash implementations already take the segment boundaries); else none."""
+        mods = [m for m in self.model.modules() if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"]
+        if not mods or any(m.config._attn_implementation not in ("sdpa", "eager") for m in mods):
+            return []
+        return mods
+
+    @contextmanager
+    def _vision_in_segments(self):
+        """Within the block, the vision tower's attention runs as :func:`_segments_attention`.
+
+        Its modules get a copy of their config naming that function; the wrapped implementation
+        is the one they named. Same numbers (tests compare the features with plain transformers).
+        """
+        mods = self._vision
+        saved = [m.config for m in mods]
+        copies: dict[int, object] = {}
+        for m, cfg in zip(mods, saved):
+            if id(cfg) not in copies:
+                copies[id(cfg)] = copy.copy(cfg)
+                copies[id(cfg)]._attn_implementation = _SEGMENTS
+            m.config = copies[id(cfg)]
+        if mods:
+            _segments.inner = saved[0]._attn_implementation
+        try:
+            yield
+        finally:
+            for m, cfg in zip(mods, saved):
+                m.config = cfg
 
     def _supports_features(self) -> bool:
         import inspect
@@ -669,7 +750,8 @@ class HFBackend:
         for k, v in kwargs.items():
             if v.is_floating_point():
                 kwargs[k] = v.to(self.dtype)
-        feats = fn(**kwargs, return_dict=True).pooler_output
+        with self._vision_in_segments():
+            feats = fn(**kwargs, return_dict=True).pooler_output
         feats = list(feats)
         if len(feats) != len(entries):
             raise BackendError(f"vision encoder returned {len(feats)} feature blocks for {len(entries)} images")
