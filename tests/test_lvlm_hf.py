@@ -635,3 +635,49 @@ def test_vision_encoder_runs_segments_batched_with_the_same_features(images, mon
         assert e.features.shape == p.features.shape and torch.allclose(e.features, p.features, atol=1e-6)
     assert not load_backend({"kind": "hf"}, str(cached_checkpoint("llava")))._vision
     assert not load_backend({"kind": "hf", "image_cache": "none"}, str(cached_checkpoint("qwen")))._vision
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_processor_alone_once_the_layout_is_known(family, images, monkeypatch):
+    """The whole processor runs on the first image of each layout only; every entry equals the
+    one the processor gives for that image alone."""
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint(family)))
+    whole = []
+    many = b._preprocess_many
+    monkeypatch.setattr(b, "_preprocess_many", lambda paths: whole.append(list(paths)) or many(paths))
+    first = b._preprocess_images(images[:2])  # two 64x64 images: one layout, both new
+    got = b._preprocess_images(images)  # 32x128 and 96x48 bring new layouts
+    assert b._image_only and whole[0] == images[:2]
+    # the 64x64 ones were known; Qwen gives the two other sizes patch grids of their own,
+    # LLaVA resizes every image to one size (one layout)
+    assert whole[1:] == ([[images[2], images[4]]] if family == "qwen" else [])
+    for path, e in zip(images[:2] + images, first + got):
+        one = b._preprocess(path)
+        assert e.ids == one.ids and e.text == one.text and _same(e.tensors, one.tensors)
+        if family == "qwen":
+            assert np.array_equal(e.rel_pos, one.rel_pos) and e.advance == one.advance
+            assert np.array_equal(e.types, one.types)
+
+
+def test_image_processor_alone_that_differs_switches_off(images):
+    """An image processor whose output differs from the processor's (here: shifted pixels) is
+    not used on its own."""
+    b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
+    ip = b._image_processor
+
+    def shifted(*args, **kwargs):
+        out = ip(*args, **kwargs)
+        out["pixel_values"] = out["pixel_values"] + 1.0
+        return out
+
+    b._image_processor = shifted
+    got = b._preprocess_images(images[:3])
+    assert not b._image_only
+    got += b._preprocess_images(images[3:])
+    for path, e in zip(images, got):
+        one = b._preprocess(path)
+        assert e.ids == one.ids and _same(e.tensors, one.tensors)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

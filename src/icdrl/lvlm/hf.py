@@ -48,6 +48,10 @@ More savings on the cached paths, each checked against the slow way before it is
   answer-predicting columns (exact: nothing after that layer reads the other columns, whose
   keys and values still come from every column; compared with the reference path by the
   tests);
+* a new image goes through the image processor alone once an image of the same layout (tensor
+  shapes, patch grid) went through the whole processor, whose placeholder expansion for that
+  layout is then reused (the first image of each layout checks the image processor's tensors
+  against the processor's);
 * the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
   length, all images (or windows) of that length in one batch, instead of once per image or
   window as transformers loops (same features; compared with that loop by the tests).
@@ -275,6 +279,22 @@ def load_processor(path: str | Path):
     return AutoProcessor.from_pretrained(str(path), local_files_only=True)
 
 
+def _layout_key(tensors: dict) -> tuple:
+    """What an image's placeholder expansion can depend on: its tensors' shapes, and the values
+    of its integer tensors (Qwen2-VL's ``image_grid_thw``, LLaVA-NeXT's ``image_sizes``)."""
+    return tuple(
+        (k, tuple(v.shape), None if v.is_floating_point() else tuple(v.flatten().tolist()))
+        for k, v in sorted(tensors.items())
+    )
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    """Same keys, shapes and values (to 1e-6) in two per-image tensor dicts."""
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a
+    )
+
+
 def _is_prefix(short: Sequence[int], long: Sequence[int]) -> bool:
     return len(short) <= len(long) and list(long[: len(short)]) == list(short)
 
@@ -345,6 +365,10 @@ class HFBackend:
         self._positions_checked = False
         self._batch_preprocess = True  # several new images per processor call (checked once)
         self._batch_checked = False
+        #: image layout (:func:`_layout_key`) -> the placeholder's expansion (ids, text) there
+        self._expansions: dict[tuple, tuple[tuple[int, ...], str]] = {}
+        self._image_only = True  # the image processor alone where the expansion is known (checked per layout)
+        self._image_processor = getattr(processor, "image_processor", None)
         self._layouts: dict[tuple, tuple] = {}  # (image ids, grid) -> (types, rel. positions, advance)
         import inspect
 
@@ -644,11 +668,7 @@ class HFBackend:
             one = self._preprocess(paths[0])
             self.stats["image_preprocess"] -= 1
             first = self._entry(out, 0, per_image[0])
-            same = one.ids == first.ids and one.text == first.text and one.tensors.keys() == first.tensors.keys() and all(
-                one.tensors[k].shape == first.tensors[k].shape and torch.allclose(one.tensors[k].float(), first.tensors[k].float(), atol=1e-6)
-                for k in one.tensors
-            )
-            if not same:
+            if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
                 log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
                 per_image = None
         if per_image is None:
@@ -656,6 +676,43 @@ class HFBackend:
             return [self._preprocess(p) for p in paths]
         self.stats["image_preprocess"] += n
         return [self._entry(out, i, per_image[i]) for i in range(n)]
+
+    def _preprocess_images(self, paths: Sequence[str]) -> list[_ImageEntry]:
+        """Cache entries for ``paths``: the image processor alone where the placeholder's expansion
+        for the image's layout is known, the whole processor (:meth:`_preprocess_many`) where not.
+
+        The expansion (the ids and text the processor puts in place of the placeholder) depends
+        on an image only through its tensors' layout (:func:`_layout_key`: shapes, and values
+        of integer tensors such as the patch grid). It is learnt from the whole-processor call
+        on the first image of each layout, whose tensors must equal the image processor's own;
+        a difference switches the image processor alone off for this backend.
+        """
+        if not self._image_only or self._image_processor is None:
+            return self._preprocess_many(paths)
+        out = self._image_processor(images=[load_image(p) for p in paths], return_tensors="pt")
+        per_image = self._split_per_image(out, len(paths))
+        if per_image is None:
+            self._image_only = False
+            return self._preprocess_many(paths)
+        keys = [_layout_key(t) for t in per_image]
+        new = [i for i, k in enumerate(keys) if k not in self._expansions]
+        whole = dict(zip(new, self._preprocess_many([paths[i] for i in new]))) if new else {}
+        for i, e in whole.items():
+            if not _same_tensors(e.tensors, per_image[i]):
+                log.warning("the image processor alone differs from the processor; preprocessing with the processor")
+                self._image_only = False
+                rest = [i for i in range(len(paths)) if i not in whole]
+                whole.update(zip(rest, self._preprocess_many([paths[i] for i in rest])))
+                return [whole[i] for i in range(len(paths))]
+            self._expansions[keys[i]] = (e.ids, e.text)
+        self.stats["image_preprocess"] += len(paths) - len(new)
+        entries = []
+        for i, (key, tensors) in enumerate(zip(keys, per_image)):
+            if i not in whole:
+                ids, text = self._expansions[key]
+                whole[i] = self._finish_entry(_ImageEntry(ids=ids, tensors=tensors, text=text))
+            entries.append(whole[i])
+        return entries
 
     @staticmethod
     def _split_per_image(out, n: int) -> list[dict] | None:
@@ -729,7 +786,7 @@ class HFBackend:
             found[p] = e
         for i in range(0, len(new), 64):
             chunk = new[i : i + 64]
-            for p, e in zip(chunk, self._preprocess_many(chunk)):
+            for p, e in zip(chunk, self._preprocess_images(chunk)):
                 found[p] = self._cache[p] = e
         if self.image_cache == "features" and new:
             step = max(64, self.batch_size)
