@@ -608,7 +608,8 @@ def test_segment_attention_equals_one_call_per_segment():
 
 def test_vision_encoder_runs_segments_batched_with_the_same_features(images, monkeypatch):
     """Mixed image sizes (so windows and images of several lengths): the vision tower's attention
-    runs once per segment length instead of once per window or image, with the same features."""
+    runs once per segment length instead of once per window or image, and its grid-only inputs
+    are reused for the same grids, with the same features."""
     from transformers.modeling_utils import AttentionInterface
 
     from icdrl.lvlm import hf
@@ -624,15 +625,19 @@ def test_vision_encoder_runs_segments_batched_with_the_same_features(images, mon
     monkeypatch.setitem(AttentionInterface._global_mapping, hf._SEGMENTS, counted)
     entries = b._preprocess_many(images)
     plain = [replace(e, tensors=dict(e.tensors)) for e in entries]
+    again = [replace(e, tensors=dict(e.tensors)) for e in entries]
     b._encode_vision(entries)
-    modules, b._vision = b._vision, []  # transformers' own loop over the segments
+    b._encode_vision(again)  # same grids: the grid-only inputs come from b._geometry
+    assert len(b._geometry) == 1
+    modules, b._vision = b._vision, []  # transformers' own loop over the segments, its own geometry
     b._encode_vision(plain)
     b._vision = modules
     depth = b.model.config.vision_config.depth
-    assert len(calls) == depth and max(calls) > 1  # one call per layer; several segment lengths
+    assert len(calls) == 2 * depth and max(calls) > 1  # one call per layer; several segment lengths
     assert all(m.config._attn_implementation == "sdpa" for m in modules)  # restored
-    for e, p in zip(entries, plain):
+    for e, a, p in zip(entries, again, plain):
         assert e.features.shape == p.features.shape and torch.allclose(e.features, p.features, atol=1e-6)
+        assert torch.equal(a.features, e.features)
     assert not load_backend({"kind": "hf"}, str(cached_checkpoint("llava")))._vision
     assert not load_backend({"kind": "hf", "image_cache": "none"}, str(cached_checkpoint("qwen")))._vision
 

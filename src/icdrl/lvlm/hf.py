@@ -54,7 +54,8 @@ More savings on the cached paths, each checked against the slow way before it is
   against the processor's);
 * the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
   length, all images (or windows) of that length in one batch, instead of once per image or
-  window as transformers loops (same features; compared with that loop by the tests).
+  window as transformers loops (same features; compared with that loop by the tests), and
+  its grid-only inputs (rope positions, window order) are computed once per list of grids.
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
@@ -377,6 +378,7 @@ class HFBackend:
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
         self._vision = self._vision_modules() if image_cache != "none" else []
+        self._geometry: dict[tuple, dict] = {}  # patch grids of a batch -> _vision_geometry's tensors
         self._segments_checked = False
         self._use_skeletons = image_cache != "none"
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
@@ -518,6 +520,45 @@ class HFBackend:
         finally:
             for m, cfg in zip(mods, saved):
                 m.config = cfg
+
+    def _vision_geometry(self, grid: torch.Tensor) -> dict:
+        """The vision tower's inputs that depend on the patch grids alone (rope positions, window
+        order, segment boundaries), as ``image_*`` keyword arguments of ``get_image_features``.
+
+        Computed by transformers' own helpers, exactly as the tower would, and kept per list of
+        grids: batches of equally sized images, the usual case, reuse them. Called while
+        :meth:`_vision_in_segments` holds (the boundaries' maximum lengths depend on the
+        attention implementation); empty where the tower is not Qwen2.5-VL's.
+        """
+        tower = next((m for m in self._vision if hasattr(m, "fullatt_block_indexes")), None)
+        if tower is None:
+            return {}
+        key = tuple(grid.flatten().tolist())
+        got = self._geometry.get(key)
+        if got is None:
+            from transformers.utils.generic import get_max_seqlen
+            from transformers.vision_utils import (
+                get_vision_attention_seqlens,
+                get_vision_position_ids,
+                get_vision_window_index,
+            )
+
+            cu, longest = get_vision_attention_seqlens(grid, tower.config)
+            window_index, cu_window = get_vision_window_index(
+                grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
+            )
+            got = {
+                "image_position_ids": get_vision_position_ids(grid, tower.spatial_merge_size),
+                "image_cu_seqlens": cu,
+                "image_max_seqlen": longest,
+                "image_window_index": window_index,
+                "image_cu_window_seqlens": cu_window,
+                "image_max_window_seqlen": get_max_seqlen(cu_window, tower.config),
+            }
+            self._geometry[key] = got
+            while len(self._geometry) > 64:
+                self._geometry.pop(next(iter(self._geometry)))
+        return dict(got)
 
     def _supports_features(self) -> bool:
         import inspect
@@ -808,6 +849,8 @@ class HFBackend:
             if v.is_floating_point():
                 kwargs[k] = v.to(self.dtype)
         with self._vision_in_segments():
+            if "image_grid_thw" in kwargs:
+                kwargs.update(self._vision_geometry(kwargs["image_grid_thw"]))
             feats = fn(**kwargs, return_dict=True).pooler_output
         feats = list(feats)
         if len(feats) != len(entries):
