@@ -155,7 +155,7 @@ def main() -> None:
     print(f"project: {fast.prompts} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
           f"{fast.wall / n:.3f} s/anchor wall, {fast.cpu / n:.3f} s/anchor CPU "
           f"({stats['image_preprocess']} images preprocessed, {stats['vision_encoded']} vision-encoded, "
-          f"{stats['prefix_hits']} prompts ran on a cached demonstration prefix)")
+          f"{stats['prefix_hits']} prompts ran on a cached prefix: chat header, or header and demonstrations)")
     print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {naive.cpu / fast.cpu:.2f}")
     print(f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
           + (f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}" if ties else ""))

@@ -360,11 +360,12 @@ def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, pr
         return out
 
     monkeypatch.setitem(AttentionInterface._global_mapping, hf._SCORED_COLUMNS, counted)
-    calls = [prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])], [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])],
-             [([ex[4]], ex[3])]]  # one row, no padding: transformers passes no mask (causal)
-    answers = [ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2, [ex[3].answer]]
+    # first one row, no padding, nothing cached yet: transformers passes no mask (causal)
+    calls = [[([ex[4]], ex[3])], prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])],
+             [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])]]
+    answers = [[ex[3].answer], ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2]
     try:
-        for pr, ans in zip(calls, answers):  # the last call runs on cached prefixes (qwen)
+        for pr, ans in zip(calls, answers):  # later calls run on cached prefixes (qwen)
             want = sums(plain.answer_logprobs(pr, ans))
             assert sums(fast.answer_logprobs(pr, ans)) == pytest.approx(want, abs=TOL)
     finally:
@@ -556,8 +557,24 @@ def test_prefix_cache_is_keyed_by_image_not_only_tokens(ex, images):
     plain = backend("qwen", prefix_cache_size=0)
     b.answer_logprobs([([ex[1]], ex[0])], ["red"])
     step = [([ex[1], ex[2]], ex[0]), ([twin, ex[2]], ex[0])]
+    assert [b._lookup_prefix(it).n_images for it in b._items(step, ["red", "red"])] == [1, 0]
+    b.stats["prefix_hits"] = 0
     assert sums(b.answer_logprobs(step, ["red", "red"])) == pytest.approx(sums(plain.answer_logprobs(step, ["red", "red"])), abs=1e-5)
-    assert b.stats["prefix_hits"] == 1
+    assert b.stats["prefix_hits"] == 2  # ex[1]'s row on its 1-demonstration prefix, the twin's on the chat header
+
+
+def test_chat_header_prefix_serves_every_later_prompt(ex, prompts):
+    """The ids before the first image (the chat header) are one cached prefix: once any prompt
+    ran, a zero-shot prompt or one with new demonstrations runs on it, with the same numbers."""
+    b = load_backend({"kind": "hf", "batch_size": 4}, str(cached_checkpoint("qwen")))
+    plain = backend("qwen", prefix_cache_size=0)
+    b.answer_logprobs([([ex[1]], ex[0])], ["red"])
+    fresh = [([], ex[2]), ([ex[3]], ex[4]), ([ex[5], ex[0]], ex[1])]
+    answers = ["yes", "2", "circle"]
+    assert sums(b.answer_logprobs(fresh, answers)) == pytest.approx(sums(plain.answer_logprobs(fresh, answers)), abs=1e-5)
+    assert b.stats["prefix_hits"] == len(fresh)
+    header = [pk for pk in b._prefix_kv.values() if pk.n_images == 0]
+    assert len(header) == 1 and 0 < header[0].length < len(b._items(fresh[:1], answers[:1])[0].ids)
 
 
 def test_llava_has_no_prefix_cache(prompts):

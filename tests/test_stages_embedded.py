@@ -58,7 +58,7 @@ def test_all_stages_on_small_embedded_config(model_dir, tmp_path):
         generate_shard(DATASET, MODEL, model_dir, str(tmp_path / "anchors.jsonl"), tr, cand, s, 2, shards[s],
                        backend=backend)
     assert backend.prefix_max_demos == 1  # depth 2: only 1-demonstration prefixes are read again
-    assert {pk.n_images for pk in backend._prefix_kv.values()} == {1}
+    assert {pk.n_images for pk in backend._prefix_kv.values()} == {0, 1}  # the chat header, 1 demonstration
     concat_jsonl(shards, "icdrl.candidates", str(tmp_path / "cand.jsonl"))
     recs = read_records(tmp_path / "cand.jsonl", CandidateRecord)
     assert len(recs) == 6

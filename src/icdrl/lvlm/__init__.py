@@ -35,7 +35,7 @@ MODEL_DEFAULTS: dict = {
     "padding_side": "left",  # left | right (scoring; generation always pads left)
     "image_cache": "features",  # features | pixels | none
     "image_cache_size": 1024,  # distinct images kept per backend (LRU); 0 = unbounded
-    "prefix_cache_size": 128,  # demonstration prefixes whose keys/values are reused (LRU; 0 = off)
+    "prefix_cache_size": 128,  # prompt prefixes (chat header, + demonstrations) whose keys/values are reused (LRU; 0 = off)
     "attn_implementation": None,  # e.g. sdpa / eager; null = transformers' default
 }
 KINDS = ("embedded", "hf")

@@ -38,9 +38,10 @@ More savings on the cached paths, each checked against the slow way before it is
 * for 3-D rope models (Qwen2-VL family) the position ids are composed from per-image blocks the
   model itself computed, instead of transformers' per-row loop (compared with
   ``get_rope_index`` on the first batch);
-* ``prefix_cache_size`` keeps the keys and values of demonstration prefixes (the chat header and
+* ``prefix_cache_size`` keeps the keys and values of prompt prefixes (the chat header alone, or with
   the first j demonstrations, keyed by token ids *and* image paths). A later prompt that starts
-  with a cached prefix runs only its remaining tokens. Beam search gets this for free: with
+  with a cached prefix runs only its remaining tokens (any prompt after the first at least skips
+  the chat header). Beam search gets this for free: with
   ``insert="first"`` every step-2 prompt ``(c, b)`` starts with the step-1 prompt ``(c)``'s
   prefix, with ``insert="last"`` every ``(b, c)`` with ``(b)``'s;
 * scoring feeds no answer token that predicts nothing scored (the last one), and runs the last
@@ -340,7 +341,7 @@ class HFBackend:
             image_cache = "pixels"
         self.image_cache = image_cache
         self.image_cache_size = int(image_cache_size)
-        #: demonstration prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
+        #: prompt prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
         self.prefix_cache_size = int(prefix_cache_size)
         #: keep only prefixes of at most this many demonstrations (None: all). A caller that
         #: knows its longest prompt (beam search of depth D: D demonstrations) sets D - 1, so
@@ -1080,12 +1081,13 @@ class HFBackend:
 
     @staticmethod
     def _boundaries(item: _Item) -> list[tuple[int, int]]:
-        """(ids before image j+1, j) for every demonstration j >= 1: where a demonstration prefix ends."""
+        """(ids before image j+1, j) for every j >= 0: where the chat header (j = 0) or the
+        prefix of the first j demonstrations ends."""
         out, at, j = [], 0, 0
         for seg in item.segments[:-1]:
             if isinstance(seg, int):
                 at += seg
-                if j:
+                if at:
                     out.append((at, j))
             else:
                 at += len(seg.ids)
@@ -1097,7 +1099,7 @@ class HFBackend:
         return (tuple(item.ids[:length]), item.images[:n_images])
 
     def _lookup_prefix(self, item: _Item) -> _PrefixKV | None:
-        """The longest cached demonstration prefix of ``item``, or None."""
+        """The longest cached prefix of ``item`` (chat header, then demonstrations), or None."""
         for length, j in reversed(self._boundaries(item)):
             key = self._prefix_key(item, length, j)
             pk = self._prefix_kv.get(key)
@@ -1121,7 +1123,7 @@ class HFBackend:
         return [(k[src, :, cols].transpose(1, 2), v[src, :, cols].transpose(1, 2)) for k, v in layers]
 
     def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
-        """Keep the keys/values of each item's demonstration prefixes longer than ``done[r]``.
+        """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than ``done[r]``.
 
         The new prefixes of one forward are copied out of its cache together, right-aligned
         (each ends in the copy's last column), so that stacking rows from one copy later is a
