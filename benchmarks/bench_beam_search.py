@@ -7,9 +7,10 @@ B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths r
 * naive (as the seed's codebase did): ``HFBackend(batch_size=1, image_cache="none")``: one
   prompt per forward pass, the processor re-run on every prompt's images;
 * project: ``HFBackend(batch_size=--batch-size, image_cache="features")`` with its defaults:
-  every expansion of a step in one batched call, each distinct image preprocessed and
-  vision-encoded once per run, chat-template skeletons, composed 3-D rope positions, the
-  demonstration-prefix key/value cache (step 2 runs only the tokens after the step-1 prefix;
+  every expansion of a step in one batched call, each distinct image preprocessed (by the image
+  processor alone once its layout is known) and vision-encoded once per run (the vision tower's
+  per-image attention batched), chat-template skeletons, composed 3-D rope positions, the
+  prefix key/value cache (the chat header; step 2 runs only the tokens after the step-1 prefix;
   ``prefix_max_demos = D - 1`` as the candidates stage sets it), and the last decoder layer's
   attention queries, o_proj and MLP run only at the answer-predicting columns.
 

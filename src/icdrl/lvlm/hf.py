@@ -138,10 +138,10 @@ def _segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q
     """Attention within each segment of a packed sequence, by the implementation ``_segments.inner``.
 
     ``query``/``key``/``value`` [1, heads, total, dim] hold the segments (images, or windows of
-    an image) one after another, ``cu_seq_lens_q`` their boundaries. Segments of equal length
-    run as one batch of ``inner`` calls' worth, instead of one call per segment: the same
-    numbers as transformers' loop for non-flash implementations, in a handful of calls.
-    Returns [1, total, heads, dim] like that loop.
+    an image) one after another, ``cu_seq_lens_q`` their boundaries. The segments of each
+    length run as one batch in one ``inner`` call, where transformers' loop for non-flash
+    implementations makes one call per segment; same numbers. Returns [1, total, heads, dim]
+    like that loop.
     """
     for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(k, None)
