@@ -172,6 +172,24 @@ def _segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q
 AttentionInterface.register(_SEGMENTS, _segments_attention)
 
 
+@contextmanager
+def _attention_as(modules: Sequence[torch.nn.Module], name: str):
+    """Within the block, ``modules`` read a copy of their config (one per shared config) whose
+    attention implementation is ``name``; yields the implementation they named (None: no modules)."""
+    saved = [m.config for m in modules]
+    copies: dict[int, object] = {}
+    for m, cfg in zip(modules, saved):
+        if id(cfg) not in copies:
+            copies[id(cfg)] = copy.copy(cfg)
+            copies[id(cfg)]._attn_implementation = name
+        m.config = copies[id(cfg)]
+    try:
+        yield saved[0]._attn_implementation if saved else None
+    finally:
+        for m, cfg in zip(modules, saved):
+            m.config = cfg
+
+
 @dataclass
 class _LastLayer:
     """The parts of the last decoder layer that scoring runs at the scored columns only."""
@@ -476,20 +494,14 @@ class HFBackend:
             return full
 
         handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
-        saved = last.attn.config if last.attn is not None else None
-        if saved is not None:
-            cfg = copy.copy(saved)
-            cfg._attn_implementation = _SCORED_COLUMNS
-            _scored.pos, _scored.inner = pos, saved._attn_implementation
-            last.attn.config = cfg
         try:
-            yield
+            with _attention_as([last.attn] if last.attn is not None else [], _SCORED_COLUMNS) as inner:
+                _scored.pos, _scored.inner = pos, inner
+                yield
         finally:
             for h in handles:
                 h.remove()
-            if saved is not None:
-                last.attn.config = saved
-                _scored.pos = None
+            _scored.pos = None
 
     def _vision_modules(self) -> list[torch.nn.Module]:
         """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
@@ -506,21 +518,9 @@ class HFBackend:
         Its modules get a copy of their config naming that function; the wrapped implementation
         is the one they named. Same numbers (tests compare the features with plain transformers).
         """
-        mods = self._vision
-        saved = [m.config for m in mods]
-        copies: dict[int, object] = {}
-        for m, cfg in zip(mods, saved):
-            if id(cfg) not in copies:
-                copies[id(cfg)] = copy.copy(cfg)
-                copies[id(cfg)]._attn_implementation = _SEGMENTS
-            m.config = copies[id(cfg)]
-        if mods:
-            _segments.inner = saved[0]._attn_implementation
-        try:
+        with _attention_as(self._vision, _SEGMENTS) as inner:
+            _segments.inner = inner
             yield
-        finally:
-            for m, cfg in zip(mods, saved):
-                m.config = cfg
 
     def _vision_geometry(self, grid: torch.Tensor) -> dict:
         """The vision tower's inputs that depend on the patch grids alone (rope positions, window
@@ -1141,11 +1141,11 @@ class HFBackend:
             return
         width = max(n for *_, n, _ in new)
         layers = [(lay.keys, lay.values) for lay in cache.layers]
-        copy = self._right_aligned(
+        aligned = self._right_aligned(
             layers, [r for _, r, *_ in new], [o for _, _, o, _, _ in new], [n for *_, n, _ in new], width, layers[0][0].device
         )
         for i, (key, _, _, length, j) in enumerate(new):
-            self._prefix_kv[key] = _PrefixKV(length, j, copy, i, width - length)
+            self._prefix_kv[key] = _PrefixKV(length, j, aligned, i, width - length)
         while len(self._prefix_kv) > self.prefix_cache_size:
             self._prefix_kv.popitem(last=False)
 
