@@ -64,25 +64,23 @@ Cached features and prefixes belong to the weights they were computed with: call
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
 import re
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from icdrl.data import load_image
+from icdrl.lvlm import hf_patches as patches
 from icdrl.lvlm import qwen as _qwen  # noqa: F401  (registers the torchvision-free Qwen processor)
 from icdrl.lvlm.base import AnswerScore, Generation, Prompt
+from icdrl.lvlm.prefix_cache import PrefixCache, PrefixKV, next_wave
 from icdrl.lvlm.prompt import build_messages, postprocess
 
 log = logging.getLogger(__name__)
@@ -93,109 +91,11 @@ PADDING_SIDES = ("left", "right")
 #: Processor outputs that belong to the text, not to an image.
 TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "offset_mapping"})
 
-
-#: name under which :func:`_scored_columns_attention` is registered with transformers
-_SCORED_COLUMNS = "icdrl_scored_columns"
-_scored = threading.local()  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
-
-
-def _scored_columns_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention of the queries at columns ``_scored.pos`` only, by the implementation ``_scored.inner``.
-
-    ``query`` [rows, heads, columns, dim]; keys and values as given (every column, and any cached
-    prefix). The mask keeps its rows at ``pos`` (a causal one is built where transformers passes
-    none). Returns [rows, columns, heads, dim] like the wrapped function, zeros at the other
-    columns: only the attention output projection reads them, and it runs at ``pos`` only.
-    """
-    pos = _scored.pos
-    b, h, n, d = query.shape
-    m = pos.shape[1]
-    q = query.gather(2, pos[:, None, :, None].expand(b, h, m, d))
-    if attention_mask is None:  # causal: column i sees key j iff j <= (cached columns) + i
-        past = key.shape[2] - n
-        mask = torch.arange(key.shape[2], device=q.device)[None, None, None, :] <= (past + pos)[:, None, :, None]
-    else:
-        full_mask = attention_mask.expand(b, -1, -1, -1)
-        mask = full_mask.gather(2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3]))
-    kwargs["is_causal"] = False
-    out, _ = ALL_ATTENTION_FUNCTIONS[_scored.inner](module, q, key, value, mask, **kwargs)
-    full = out.new_zeros((b, n, *out.shape[2:]))
-    full.scatter_(1, pos[:, :, None, None].expand(b, m, *out.shape[2:]), out)
-    return full, None
-
-
-AttentionInterface.register(_SCORED_COLUMNS, _scored_columns_attention)
-
-
-#: name under which :func:`_segments_attention` is registered. It contains "flash" because that
-#: is what makes Qwen2.5-VL's vision attention take its packed-sequence branch, the one that
-#: passes the segment boundaries (``cu_seq_lens_q``) instead of looping over the segments itself.
-_SEGMENTS = "icdrl_flash_segments"
-_segments = threading.local()  # .inner (the wrapped implementation) while the vision encoder runs
-
-
-def _segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """Attention within each segment of a packed sequence, by the implementation ``_segments.inner``.
-
-    ``query``/``key``/``value`` [1, heads, total, dim] hold the segments (images, or windows of
-    an image) one after another, ``cu_seq_lens_q`` their boundaries. The segments of each
-    length run as one batch in one ``inner`` call, where transformers' loop for non-flash
-    implementations makes one call per segment; same numbers. Returns [1, total, heads, dim]
-    like that loop.
-    """
-    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
-        kwargs.pop(k, None)
-    inner = ALL_ATTENTION_FUNCTIONS[_segments.inner]
-    if cu_seq_lens_q is None:
-        return inner(module, query, key, value, attention_mask, **kwargs)
-    _, h, total, d = query.shape
-    bounds = cu_seq_lens_q.tolist()
-    groups: dict[int, list[int]] = {}
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            groups.setdefault(b - a, []).append(a)
-    out = query.new_empty((total, h, value.shape[-1]))
-    for length, starts in groups.items():
-        n, first = len(starts), starts[0]
-        if starts == list(range(first, first + n * length, length)):  # back to back: views, no copies
-            span = slice(first, first + n * length)
-            q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
-        else:
-            span = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(query.device)
-            q, k, v = (t[0][:, span].transpose(0, 1) for t in (query, key, value))
-            span = span.reshape(-1)
-        o, _ = inner(module, q, k, v, None, **kwargs)  # [n, heads, length, dim] in, [n, length, heads, dim] out
-        out[span] = o.reshape(-1, *o.shape[2:])
-    return out[None], None
-
-
-AttentionInterface.register(_SEGMENTS, _segments_attention)
-
-
-@contextmanager
-def _attention_as(modules: Sequence[torch.nn.Module], name: str):
-    """Within the block, ``modules`` read a copy of their config (one per shared config) whose
-    attention implementation is ``name``; yields the implementation they named (None: no modules)."""
-    saved = [m.config for m in modules]
-    copies: dict[int, object] = {}
-    for m, cfg in zip(modules, saved):
-        if id(cfg) not in copies:
-            copies[id(cfg)] = copy.copy(cfg)
-            copies[id(cfg)]._attn_implementation = name
-        m.config = copies[id(cfg)]
-    try:
-        yield saved[0]._attn_implementation if saved else None
-    finally:
-        for m, cfg in zip(modules, saved):
-            m.config = cfg
-
-
-@dataclass
-class _LastLayer:
-    """The parts of the last decoder layer that scoring runs at the scored columns only."""
-
-    rowwise: list  # its attention output projection and MLP (act on each position alone)
-    attn: torch.nn.Module | None  # its attention module, where the implementation is sdpa or eager
+# the attention implementations and their state live in icdrl.lvlm.hf_patches; these names stay
+# importable from here (tests and older callers read them)
+_SCORED_COLUMNS, _SEGMENTS = patches.SCORED_COLUMNS, patches.SEGMENTS
+_scored, _segments = patches.SCORED_STATE, patches.SEGMENT_STATE
+_scored_columns_attention, _segments_attention = patches.scored_columns_attention, patches.segments_attention
 
 
 class BackendError(ValueError):
@@ -227,23 +127,6 @@ class _ImageEntry:
     rel_pos: np.ndarray | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
     types: np.ndarray | None = None  # the processor's mm_token_type_ids of ``ids`` (zeros if it gives none)
     advance: int = 0  # how far the text position moves past this image (mrope models)
-
-
-@dataclass
-class _PrefixKV:
-    """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images).
-
-    They sit in row ``row`` of ``layers``, columns ``column`` to ``column + length``, which is
-    the copy's last column: ``layers`` is one copy per layer ``(keys [rows, kv_heads, columns,
-    head_dim], values)``, shared by the prefixes that one forward pass stored, each
-    right-aligned (one copy per layer per batch instead of one per row).
-    """
-
-    length: int
-    n_images: int
-    layers: list
-    row: int
-    column: int
 
 
 @dataclass
@@ -361,12 +244,7 @@ class HFBackend:
         self.image_cache_size = int(image_cache_size)
         #: prompt prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
         self.prefix_cache_size = int(prefix_cache_size)
-        #: keep only prefixes of at most this many demonstrations (None: all). A caller that
-        #: knows its longest prompt (beam search of depth D: D demonstrations) sets D - 1, so
-        #: that the last step's prefixes, which nothing reads, neither cost a copy nor evict
-        #: the ones the extra candidate sequences still read.
-        self.prefix_max_demos: int | None = None
-        self._prefix_kv: OrderedDict[tuple, _PrefixKV] = OrderedDict()
+        self.prefixes = PrefixCache(self.prefix_cache_size)
         self.image_token = getattr(processor, "image_token", None)
         if not self.image_token:
             raise BackendError(f"{type(processor).__name__} has no image placeholder token (processor.image_token)")
@@ -444,123 +322,23 @@ class HFBackend:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _last_layer_parts(self) -> _LastLayer | None:
-        """The last decoder layer's parts whose output feeds only the scored positions' logits.
+    def _last_layer_parts(self) -> patches.LastLayer | None:
+        """The last decoder layer's parts run at the read columns only (:func:`~icdrl.lvlm.hf_patches.last_layer_parts`)."""
+        return patches.last_layer_parts(self.model)
 
-        Its attention output projection and its MLP (position-wise; after them come only the
-        residual add, the final norm and the LM head, all per position, and no later layer), and
-        its attention's queries (keys and values still come from every position), where that
-        attention runs on ``sdpa`` or ``eager``. None where the model is not laid out that way.
-        """
-        try:
-            decoder = self.model.get_decoder()
-            layer = decoder.layers[-1]
-            rowwise = [layer.self_attn.o_proj, layer.mlp]
-        except (AttributeError, IndexError, TypeError):
-            return None
-        if not all(isinstance(m, torch.nn.Module) for m in rowwise):
-            return None
-        attn = layer.self_attn
-        cfg = getattr(attn, "config", None)
-        ok = cfg is not None and not getattr(cfg, "sub_configs", None) and cfg._attn_implementation in ("sdpa", "eager")
-        return _LastLayer(rowwise, attn if ok else None)
-
-    @contextmanager
     def _last_layer_at(self, pos: torch.Tensor):
-        """Within the block, the parts of :meth:`_last_layer_parts` run only at columns ``pos``.
-
-        ``pos`` [rows, m]: per row the input columns whose logits are scored. The row-wise
-        modules' inputs are gathered to [rows, m, ...] and their outputs scattered back as a
-        zero tensor of the full shape; the attention computes only the queries at ``pos`` (see
-        :func:`_scored_columns_attention`). Every other column's final hidden state is thus
-        wrong, but nothing reads it: the logits are taken at ``pos`` only, and keys and values,
-        the prefix cache included, come from each layer's input. Exact for the scored columns.
-        """
-        last = self._last
-        if last is None:
-            yield
-            return
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
-        width = []
-
-        def gather(module, args):
-            (h, *rest) = args
-            width.append(h.shape[1])
-            return (h[rows, pos], *rest)
-
-        def scatter(module, args, out):
-            full = out.new_zeros((out.shape[0], width.pop(), *out.shape[2:]))
-            full[rows, pos] = out
-            return full
-
-        handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
-        try:
-            with _attention_as([last.attn] if last.attn is not None else [], _SCORED_COLUMNS) as inner:
-                _scored.pos, _scored.inner = pos, inner
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            _scored.pos = None
+        """Within the block, :meth:`_last_layer_parts` run only at columns ``pos`` [rows, m]."""
+        return patches.last_layer_at(self._last, pos)
 
     def _vision_modules(self) -> list[torch.nn.Module]:
-        """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
-        or eager (flash implementations already take the segment boundaries); else none."""
-        mods = [m for m in self.model.modules() if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"]
-        if not mods or any(m.config._attn_implementation not in ("sdpa", "eager") for m in mods):
-            return []
-        return mods
+        return patches.vision_modules(self.model)
 
-    @contextmanager
     def _vision_in_segments(self):
-        """Within the block, the vision tower's attention runs as :func:`_segments_attention`.
-
-        Its modules get a copy of their config naming that function; the wrapped implementation
-        is the one they named. Same numbers (tests compare the features with plain transformers).
-        """
-        with _attention_as(self._vision, _SEGMENTS) as inner:
-            _segments.inner = inner
-            yield
+        """Within the block, the vision tower's attention runs in batched segments."""
+        return patches.vision_in_segments(self._vision)
 
     def _vision_geometry(self, grid: torch.Tensor) -> dict:
-        """The vision tower's inputs that depend on the patch grids alone (rope positions, window
-        order, segment boundaries), as ``image_*`` keyword arguments of ``get_image_features``.
-
-        Computed by transformers' own helpers, exactly as the tower would, and kept per list of
-        grids: batches of equally sized images, the usual case, reuse them. Called while
-        :meth:`_vision_in_segments` holds (the boundaries' maximum lengths depend on the
-        attention implementation); empty where the tower is not Qwen2.5-VL's.
-        """
-        tower = next((m for m in self._vision if hasattr(m, "fullatt_block_indexes")), None)
-        if tower is None:
-            return {}
-        key = tuple(grid.flatten().tolist())
-        got = self._geometry.get(key)
-        if got is None:
-            from transformers.utils.generic import get_max_seqlen
-            from transformers.vision_utils import (
-                get_vision_attention_seqlens,
-                get_vision_position_ids,
-                get_vision_window_index,
-            )
-
-            cu, longest = get_vision_attention_seqlens(grid, tower.config)
-            window_index, cu_window = get_vision_window_index(
-                grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
-            )
-            got = {
-                "image_position_ids": get_vision_position_ids(grid, tower.spatial_merge_size),
-                "image_cu_seqlens": cu,
-                "image_max_seqlen": longest,
-                "image_window_index": window_index,
-                "image_cu_window_seqlens": cu_window,
-                "image_max_window_seqlen": get_max_seqlen(cu_window, tower.config),
-            }
-            self._geometry[key] = got
-            while len(self._geometry) > 64:
-                self._geometry.pop(next(iter(self._geometry)))
-        return dict(got)
-
+        return patches.vision_geometry(self._vision, grid, self._geometry)
     def _supports_features(self) -> bool:
         import inspect
 
@@ -580,7 +358,7 @@ class HFBackend:
     def clear_cache(self) -> None:
         """Forget cached image encodings and prefix keys/values (needed after the model's weights change)."""
         self._cache.clear()
-        self._prefix_kv.clear()
+        self.prefixes.clear()
 
     # ------------------------------------------------------------------ chat text
 
@@ -967,10 +745,10 @@ class HFBackend:
     # ------------------------------------------------------------------ batching
 
     def _collate(self, items: list[_Item], left: bool, positions: bool = False,
-                 prefixes: Sequence[_PrefixKV | None] | None = None) -> tuple[dict, list[int]]:
+                 prefixes: Sequence[PrefixKV | None] | None = None) -> tuple[dict, list[int]]:
         """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
 
-        ``prefixes`` (cached paths): per item a cached :class:`_PrefixKV` of its first ids or None.
+        ``prefixes`` (cached paths): per item a cached :class:`~icdrl.lvlm.prefix_cache.PrefixKV` of its first ids or None.
         The rows then hold only the ids after their prefix (right-padded), and ``inputs["cache"]``
         holds the prefixes' keys and values, left-padded to a common length; the attention mask
         covers both. Offsets are into the rows' *full* token index: ``column = offset + index``.
@@ -1079,6 +857,21 @@ class HFBackend:
     def _prefix_on(self) -> bool:
         return bool(self.prefix_cache_size and self._mrope and self._positions_checked)
 
+    @property
+    def prefix_max_demos(self) -> int | None:
+        """Keep only prefixes of at most this many demonstrations (None: all); see
+        :attr:`~icdrl.lvlm.prefix_cache.PrefixCache.max_demos` (beam search sets its depth - 1)."""
+        return self.prefixes.max_demos
+
+    @prefix_max_demos.setter
+    def prefix_max_demos(self, value: int | None) -> None:
+        self.prefixes.max_demos = value
+
+    @property
+    def _prefix_kv(self):
+        """The stored prefixes (key -> :class:`~icdrl.lvlm.prefix_cache.PrefixKV`), oldest first."""
+        return self.prefixes.entries
+
     @staticmethod
     def _boundaries(item: _Item) -> list[tuple[int, int]]:
         """(ids before image j+1, j) for every j >= 0: where the chat header (j = 0) or the
@@ -1094,85 +887,25 @@ class HFBackend:
                 j += 1
         return out
 
-    @staticmethod
-    def _prefix_key(item: _Item, length: int, n_images: int) -> tuple:
-        return (tuple(item.ids[:length]), item.images[:n_images])
-
-    def _lookup_prefix(self, item: _Item) -> _PrefixKV | None:
+    def _lookup_prefix(self, item: _Item) -> PrefixKV | None:
         """The longest cached prefix of ``item`` (chat header, then demonstrations), or None."""
-        for length, j in reversed(self._boundaries(item)):
-            key = self._prefix_key(item, length, j)
-            pk = self._prefix_kv.get(key)
-            if pk is not None:
-                self._prefix_kv.move_to_end(key)
-                self.stats["prefix_hits"] += 1
-                return pk
-        return None
-
-    @staticmethod
-    def _right_aligned(layers, rows: list[int], starts: list[int], lengths: list[int], width: int, device) -> list:
-        """Per layer, ``(keys, values)[rows, :, start : start + length]`` of each row, right-aligned in
-        ``width`` columns: [len(rows), kv_heads, width, head_dim], one indexing per layer.
-
-        A column left of a row's span repeats the span's first column (finite; always masked out).
-        """
-        first = torch.tensor([s + n - width for s, n in zip(starts, lengths)])[:, None] + torch.arange(width)[None, :]
-        cols = torch.maximum(first, torch.tensor(starts)[:, None]).to(device)
-        src = torch.tensor(rows, device=device)[:, None]
-        # t[src, :, cols]: [rows, width, heads, dim] -> [rows, heads, width, dim]
-        return [(k[src, :, cols].transpose(1, 2), v[src, :, cols].transpose(1, 2)) for k, v in layers]
+        pk = self.prefixes.lookup(item.ids, item.images, self._boundaries(item))
+        if pk is not None:
+            self.stats["prefix_hits"] += 1
+        return pk
 
     def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
-        """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than ``done[r]``.
-
-        The new prefixes of one forward are copied out of its cache together, right-aligned
-        (each ends in the copy's last column), so that stacking rows from one copy later is a
-        row selection and a slice; the forward's own cache is not kept alive.
-        """
-        new = []  # (key, row, column, length, n_images)
-        for r, it in enumerate(items):
-            for length, j in self._boundaries(it):
-                if self.prefix_max_demos is not None and j > self.prefix_max_demos:
-                    break
-                key = self._prefix_key(it, length, j)
-                if length > done[r] and key not in self._prefix_kv:
-                    new.append((key, r, offsets[r], length, j))
-        if not new:
-            return
-        width = max(n for *_, n, _ in new)
+        """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than
+        ``done[r]``, copied out of the forward's ``cache`` (which is not kept alive)."""
         layers = [(lay.keys, lay.values) for lay in cache.layers]
-        aligned = self._right_aligned(
-            layers, [r for _, r, *_ in new], [o for _, _, o, _, _ in new], [n for *_, n, _ in new], width, layers[0][0].device
-        )
-        for i, (key, _, _, length, j) in enumerate(new):
-            self._prefix_kv[key] = _PrefixKV(length, j, aligned, i, width - length)
-        while len(self._prefix_kv) > self.prefix_cache_size:
-            self._prefix_kv.popitem(last=False)
+        rows = [(it.ids, it.images, self._boundaries(it), o, d) for it, o, d in zip(items, offsets, done)]
+        self.prefixes.store(rows, layers)
 
-    def _stack_prefixes(self, prefixes: Sequence[_PrefixKV | None]):
+    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None]):
         """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
         from transformers import DynamicCache
 
-        n = len(prefixes)
-        lengths = torch.tensor([pk.length if pk else 0 for pk in prefixes])
-        width = int(lengths.max())
-        mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
-        copies = {id(pk.layers): pk.layers for pk in prefixes if pk}
-        ref = next(iter(copies.values()))
-        dev = ref[0][0].device
-        if len(copies) == 1 and all(prefixes):  # the usual case: one stored copy, right-aligned
-            stored = ref[0][0].shape[2]
-            src = torch.tensor([pk.row for pk in prefixes], device=dev)
-            data = [(k.index_select(0, src)[:, :, stored - width :], v.index_select(0, src)[:, :, stored - width :]) for k, v in ref]
-            return DynamicCache(ddp_cache_data=data), mask
-        data = [(k.new_zeros((n, k.shape[1], width, k.shape[3])), v.new_zeros((n, v.shape[1], width, v.shape[3]))) for k, v in ref]
-        for layers in copies.values():
-            out = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
-            pks = [prefixes[r] for r in out]
-            got = self._right_aligned(layers, [pk.row for pk in pks], [pk.column for pk in pks], [pk.length for pk in pks], width, dev)
-            at = torch.tensor(out, device=dev)
-            for (k, v), (gk, gv) in zip(data, got):
-                k[at], v[at] = gk, gv
+        data, mask = self.prefixes.stack(prefixes)
         return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
