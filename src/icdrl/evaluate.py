@@ -13,8 +13,10 @@ answer's VQA accuracy is recorded (``icdrl.eval``: one line per method, k, query
 * ``v2`` / ``v3``: the selector in ``selector_ckpt`` decodes k positions greedily
   (``icdrl.selector.select_for_query``); its output order is the prompt order.
 
-Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks go to
-``<out>.partial``, so a killed evaluation resumes where it stopped.
+Generation runs in chunks of whole queries (every k of a query together, so that its prompts
+share their cached demonstration prefixes) of at least ``chunk_prompts`` prompts; finished
+chunks go to ``<out>.partial``, so a killed evaluation resumes where it stopped. The output
+lists the records by k, then query, whatever the chunks.
 """
 
 from __future__ import annotations
@@ -120,6 +122,29 @@ def plan_method(
     return jobs
 
 
+def chunks_by_query(jobs: Sequence[tuple], min_prompts: int) -> list[list[tuple]]:
+    """``jobs`` ((query id, k, ...) tuples) in chunks of whole queries, each of at least ``min_prompts``
+    jobs (the last may hold fewer).
+
+    Every k of a query lands in the same chunk, hence in one ``generate`` call, where the backend
+    runs the prompt with the most demonstrations first and the query's shorter prompts, whose
+    demonstrations it starts with (a k-shot selection extends the (k−1)-shot one), on its cached
+    prefix. Queries keep the order of their first job, each query's jobs their order in ``jobs``.
+    """
+    by_query: dict[int, list[tuple]] = {}
+    for j in jobs:
+        by_query.setdefault(j[0], []).append(j)
+    out, cur = [], []
+    for group in by_query.values():
+        cur += group
+        if len(cur) >= min_prompts:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
 def summarize(records: Sequence[dict]) -> dict[int, float]:
     """Mean accuracy per k."""
     by_k: dict[int, list[float]] = {}
@@ -203,9 +228,9 @@ def evaluate_method(
         (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"]) for d in done.values()
     }
     try:
-        for start in range(0, len(todo), chunk):
+        for jobs_part in chunks_by_query(todo, chunk):
             t0 = time.perf_counter()
-            part = [(q, k, pos, tuple(int(pool_of[q][p]) for p in pos)) for q, k, pos in todo[start:start + chunk]]
+            part = [(q, k, pos, tuple(int(pool_of[q][p]) for p in pos)) for q, k, pos in jobs_part]
             need = list(dict.fromkeys((q, ids) for q, _k, _pos, ids in part if (q, ids) not in answered))
             prompts = []
             for q, ids in need:

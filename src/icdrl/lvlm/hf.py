@@ -68,7 +68,7 @@ import functools
 import logging
 import math
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -202,6 +202,53 @@ def _is_prefix(short: Sequence[int], long: Sequence[int]) -> bool:
     return len(short) <= len(long) and list(long[: len(short)]) == list(short)
 
 
+#: a greedy step whose two best logits (of the reference) are at most
+#: ``max(absolute, relative * |best logit|)`` apart is a near-tie: float rounding may pick either
+#: token, so a path that does the same sums in another order may pick the other. float32:
+#: 1e-5, or 1e-6 of the logit (about 8 float32 rounding steps); bfloat16 / float16: their own
+#: rounding step at the logit's size (2^-7 / 2^-10 of it), at least that of a logit of 8 (bf16
+#: scores of the cached paths agree with the reference within 0.06 in mean log-prob).
+NEAR_TIE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (0.0625, 2.0**-7), torch.float16: (0.0078125, 2.0**-10)}
+
+
+def near_tie_tolerance(dtype: torch.dtype, best: float) -> float:
+    """How close the two best logits of a step may be for it to count as a near-tie."""
+    absolute, relative = NEAR_TIE.get(dtype, NEAR_TIE[torch.float32])
+    return max(absolute, relative * abs(best))
+
+
+#: rows of a batch the generation check runs through plain ``model.generate`` as well
+_CHECK_ROWS = 8
+
+
+def _until_end(row: Sequence[int], eos: frozenset[int]) -> tuple[int, ...]:
+    """``row`` up to and including its first end token (all of it if none)."""
+    for k, t in enumerate(row):
+        if t in eos:
+            return tuple(row[: k + 1])
+    return tuple(row)
+
+
+def compare_greedy(
+    fast: Sequence[Sequence[int]], ref: Sequence[Sequence[int]], tied: Sequence[Sequence[bool]]
+) -> tuple[list[int], list[int]]:
+    """Rows whose greedy answers differ: ``(mismatches, near_ties)``.
+
+    ``fast[r]``/``ref[r]``: row r's new token ids by two paths (each up to its end token);
+    ``tied[r][t]``: whether the reference's two best logits at step t are a near-tie
+    (:func:`near_tie_tolerance`). A row whose first differing step is tied is a near-tie (either
+    token is the argmax within float rounding; the steps after it cannot be compared), any other
+    difference a mismatch.
+    """
+    mismatches, ties = [], []
+    for r, (a, b) in enumerate(zip(fast, ref)):
+        if tuple(a) == tuple(b):
+            continue
+        t = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        (ties if t < len(tied[r]) and tied[r][t] else mismatches).append(r)
+    return mismatches, ties
+
+
 class HFBackend:
     """An :class:`~icdrl.lvlm.base.LVLMBackend` on a transformers image-text-to-text model."""
 
@@ -271,6 +318,7 @@ class HFBackend:
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._n_layers = int(model.config.get_text_config().num_hidden_layers)
         # cached paths: parts of the last layer run at the scored columns only (answer_logprobs)
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
@@ -281,9 +329,15 @@ class HFBackend:
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
         self._skeleton_checks: dict[tuple[int, bool], int] = {}
         self._tok = functools.lru_cache(maxsize=200_000)(self._tokenize_uncached)
-        #: counters: processor calls on a single image, cache hits, images through the vision encoder
+        # cached paths: greedy decoding on the prefix cache (checked against model.generate once
+        # without and once with cached prefixes)
+        self._fast_generate = image_cache != "none"
+        self._generation_checked: set[str] = set()
+        #: counters: processor calls on a single image, cache hits, images through the vision
+        #: encoder, forward passes over prompts, rows run on a cached prefix, decoding steps of
+        #: cached greedy decoding, near-ties its checks met (not mismatches)
         self.stats = {"image_preprocess": 0, "image_hits": 0, "vision_encoded": 0, "forward_batches": 0,
-                      "prefix_hits": 0}
+                      "prefix_hits": 0, "decode_steps": 0, "generate_near_ties": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -389,16 +443,7 @@ class HFBackend:
         out = [pieces[0]]
         for t, piece in zip(texts, pieces[1:]):
             out += (t, piece)
-        text = "".join(out)
-        checks = self._skeleton_checks.get(key, 0)
-        if checks < 3:
-            self._skeleton_checks[key] = checks + 1
-            real = self._render_template(messages, answer is None)
-            if real != text:
-                log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
-                self._use_skeletons = False
-                return real
-        return text
+        return self._check_skeleton(key, messages, answer is None, "".join(out))
 
     def _render_template(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -483,14 +528,8 @@ class HFBackend:
         )
         n = len(paths)
         per_image = self._split_per_image(out, n)
-        if per_image is not None and not self._batch_checked:
-            self._batch_checked = True
-            one = self._preprocess(paths[0])
-            self.stats["image_preprocess"] -= 1
-            first = self._entry(out, 0, per_image[0])
-            if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
-                log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
-                per_image = None
+        if per_image is not None and not self._check_batch_preprocess(paths[0], out, per_image[0]):
+            per_image = None
         if per_image is None:
             self._batch_preprocess = False
             return [self._preprocess(p) for p in paths]
@@ -518,9 +557,7 @@ class HFBackend:
         new = [i for i, k in enumerate(keys) if k not in self._expansions]
         whole = dict(zip(new, self._preprocess_many([paths[i] for i in new]))) if new else {}
         for i, e in whole.items():
-            if not _same_tensors(e.tensors, per_image[i]):
-                log.warning("the image processor alone differs from the processor; preprocessing with the processor")
-                self._image_only = False
+            if not self._check_image_processor(e, per_image[i]):
                 rest = [i for i in range(len(paths)) if i not in whole]
                 whole.update(zip(rest, self._preprocess_many([paths[i] for i in rest])))
                 return [whole[i] for i in range(len(paths))]
@@ -682,22 +719,6 @@ class HFBackend:
         ids += last_f if full else last_pa
         return _Item(ids, images, start, end, [], (*segments, len(ids) - head))
 
-    def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
-        """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""
-        if self._segments_checked:
-            return
-        pieces = self._split(text, len(images))
-        expanded = pieces[0]
-        for piece, path in zip(pieces[1:], images):
-            expanded += self._cache[path].text + piece
-        whole = self.tokenizer(expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0"))
-        if list(whole["input_ids"]) != list(ids):
-            raise BackendError(
-                "tokenizer: tokenising the chat text piecewise around image placeholders differs from "
-                "tokenising it whole; use model.image_cache: none"
-            )
-        self._segments_checked = True
-
     def _item_reference(self, prompt: Prompt, answer: str | None, *, full: bool = False) -> _Item:
         """The processor called normally; the answer span from the tokenizer's character offsets."""
         images = self._images(prompt)
@@ -745,13 +766,15 @@ class HFBackend:
     # ------------------------------------------------------------------ batching
 
     def _collate(self, items: list[_Item], left: bool, positions: bool = False,
-                 prefixes: Sequence[PrefixKV | None] | None = None) -> tuple[dict, list[int]]:
+                 prefixes: Sequence[PrefixKV | None] | None = None, room: int | None = None) -> tuple[dict, list[int]]:
         """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
 
         ``prefixes`` (cached paths): per item a cached :class:`~icdrl.lvlm.prefix_cache.PrefixKV` of its first ids or None.
         The rows then hold only the ids after their prefix (right-padded), and ``inputs["cache"]``
         holds the prefixes' keys and values, left-padded to a common length; the attention mask
         covers both. Offsets are into the rows' *full* token index: ``column = offset + index``.
+        ``room`` (decoding): ``inputs["cache"]`` is a :func:`~icdrl.lvlm.hf_patches.roomy_cache`
+        with room for the rows and ``room`` more columns.
         """
         cut = [pk.length if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
         n_img = [pk.n_images if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
@@ -795,9 +818,11 @@ class HFBackend:
             if has_prefix or self._check_positions(inputs, torch.from_numpy(pos)):
                 inputs["position_ids"] = torch.from_numpy(pos)
         if has_prefix:
-            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes)
+            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes, None if room is None else width + room)
             inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
             offsets = [o + prefix_mask.shape[1] for o in offsets]
+        elif room is not None:
+            inputs["cache"] = patches.roomy_cache(self._n_layers, room)
         dev, dt = self.device, self.dtype
         for k, v in list(inputs.items()):
             if isinstance(v, torch.Tensor):
@@ -826,6 +851,80 @@ class HFBackend:
             at = hi
             cursor += n if isinstance(seg, int) else seg.advance
 
+    def _order(self, items: list[_Item]) -> list[int]:
+        """Indices sorted by length, longest first (less padding per batch)."""
+        return sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+
+    # ------------------------------------------------------------------ once-per-backend checks
+    #
+    # Every saving of the cached paths is compared with the slow way the first time(s) it is used;
+    # a difference switches that saving off for this backend (a warning says which), except where
+    # it cannot be done the slow way without changing the numbers (then it raises).
+
+    def fast_paths(self) -> dict[str, bool]:
+        """Which fast paths are on (True) or off (False: never applicable here, or switched off by
+        its check); the cached paths' state at a glance (benchmarks print it)."""
+        cached = self.image_cache != "none"
+        return {
+            "vision_features_cached": self.image_cache == "features",
+            "chat_template_skeletons": cached and self._use_skeletons,
+            "batched_image_preprocessing": cached and self._batch_preprocess,
+            "image_processor_alone": cached and self._image_only and self._image_processor is not None,
+            "composed_3d_positions": self._mrope,
+            "prefix_cache": bool(self.prefix_cache_size and self._mrope),
+            "last_layer_at_read_columns": self._last is not None and self._last.attn is not None,
+            "vision_attention_in_segments": bool(self._vision),
+            "cached_greedy_decoding": self._fast_generate_on,
+        }
+
+    def _check_skeleton(self, key: tuple[int, bool], messages: list[dict], generation_prompt: bool, text: str) -> str:
+        """The first 3 renders of each shape: a skeleton render must equal ``apply_chat_template``'s."""
+        checks = self._skeleton_checks.get(key, 0)
+        if checks >= 3:
+            return text
+        self._skeleton_checks[key] = checks + 1
+        real = self._render_template(messages, generation_prompt)
+        if real != text:
+            log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
+            self._use_skeletons = False
+        return real
+
+    def _check_batch_preprocess(self, path: str, out, tensors: dict) -> bool:
+        """Once: image 0 of a batched processor call must equal the processor on that image alone."""
+        if self._batch_checked:
+            return True
+        self._batch_checked = True
+        one = self._preprocess(path)
+        self.stats["image_preprocess"] -= 1
+        first = self._entry(out, 0, tensors)
+        if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
+            log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
+            self._batch_preprocess = False
+        return self._batch_preprocess
+
+    def _check_image_processor(self, entry: _ImageEntry, tensors: dict) -> bool:
+        """Per image layout: the image processor alone must give the processor's tensors."""
+        if not _same_tensors(entry.tensors, tensors):
+            log.warning("the image processor alone differs from the processor; preprocessing with the processor")
+            self._image_only = False
+        return self._image_only
+
+    def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
+        """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""
+        if self._segments_checked:
+            return
+        pieces = self._split(text, len(images))
+        expanded = pieces[0]
+        for piece, path in zip(pieces[1:], images):
+            expanded += self._cache[path].text + piece
+        whole = self.tokenizer(expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0"))
+        if list(whole["input_ids"]) != list(ids):
+            raise BackendError(
+                "tokenizer: tokenising the chat text piecewise around image placeholders differs from "
+                "tokenising it whole; use model.image_cache: none"
+            )
+        self._segments_checked = True
+
     def _check_positions(self, inputs: dict, pos: torch.Tensor) -> bool:
         """Once per backend: composed positions must equal the model's own; else stop composing."""
         if self._positions_checked:
@@ -847,9 +946,26 @@ class HFBackend:
             self._mrope = False
         return self._mrope
 
-    def _order(self, items: list[_Item]) -> list[int]:
-        """Indices sorted by length, longest first (less padding per batch)."""
-        return sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+    def _check_generation(self, batch: list[_Item], fast: list[tuple[int, ...]], n_new: int, kind: str) -> list[tuple[int, ...]]:
+        """Once per kind of batch (``"full"``; ``"prefix"``: rows on cached prefixes): the cached
+        greedy decoding's answers must equal plain ``model.generate``'s on the batch's first
+        ``_CHECK_ROWS`` rows (its longest: the batch is sorted), token
+        for token, except at near-ties (:func:`compare_greedy`), which are counted in
+        ``stats["generate_near_ties"]``. A real difference switches cached decoding off for this
+        backend; the batch's answers are then plain ``generate``'s."""
+        self._generation_checked.add(kind)
+        n = min(len(batch), _CHECK_ROWS)
+        ref, tied = self._plain_tokens(batch[:n], n_new, gaps=True)
+        mismatches, ties = compare_greedy(fast[:n], ref, tied)
+        self.stats["generate_near_ties"] += len(ties)
+        if mismatches:
+            r = mismatches[0]
+            log.warning(
+                "cached greedy decoding differs from model.generate (%d of %d rows checked, e.g. %s vs %s); "
+                "generating with model.generate", len(mismatches), n, list(fast[r]), list(ref[r]))
+            self._fast_generate = False
+            return list(ref) + self._plain_tokens(batch[n:], n_new)[0] if n < len(batch) else ref
+        return fast
 
     # ------------------------------------------------------------------ prefix key/value cache
 
@@ -901,11 +1017,14 @@ class HFBackend:
         rows = [(it.ids, it.images, self._boundaries(it), o, d) for it, o, d in zip(items, offsets, done)]
         self.prefixes.store(rows, layers)
 
-    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None]):
-        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
+    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None], room: int | None = None):
+        """A DynamicCache of the rows' prefixes, left-padded to one length (with ``room``: a
+        :func:`~icdrl.lvlm.hf_patches.roomy_cache` with that many spare columns), and its attention mask."""
         from transformers import DynamicCache
 
         data, mask = self.prefixes.stack(prefixes)
+        if room is not None:
+            return patches.roomy_cache(self._n_layers, room, data), mask
         return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
@@ -976,25 +1095,184 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
-        """Greedy answers (left padding), decoded without special tokens, post-processed."""
+        """Greedy answers, decoded without special tokens, post-processed (SPEC §3)."""
+        toks = self.generate_ids(prompts, max_new_tokens)
+        texts = self.tokenizer.batch_decode([list(t) for t in toks], skip_special_tokens=True) if toks else []
+        return [Generation(raw=raw, answer=postprocess(raw)) for raw in texts]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
+        """Each prompt's greedy new token ids, up to and including its first end token, at most
+        ``max_new_tokens`` (default: the backend's).
+
+        Cached paths: :meth:`_generate_cached` (prefix cache, batched greedy decoding with a
+        key/value cache, each row stopping at its own end). The reference path and a backend
+        whose cached decoding failed its check: plain ``model.generate``, ``batch_size`` prompts
+        at a time, longest first.
+        """
         n_new = int(max_new_tokens or self.max_new_tokens)
+        if n_new < 1:
+            raise BackendError(f"generate: max_new_tokens must be >= 1, got {n_new}")
         items = self._items(prompts, [None] * len(prompts))
+        if self._fast_generate_on:
+            return self._generate_cached(items, n_new)
+        return self._generate_plain(items, n_new)
+
+    @property
+    def _fast_generate_on(self) -> bool:
+        """Cached greedy decoding applies: cached paths, and positions the backend composes itself
+        (3-D rope) or a model without 3-D rope (1-D positions from the attention mask)."""
+        return self.image_cache != "none" and self._fast_generate and (self._mrope or self._rope_index is None)
+
+    def _eos_ids(self, n_new: int) -> frozenset[int]:
+        eos = self._generation_config(n_new).eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else list(eos or []))
+
+    def _generate_plain(self, items: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        results: list[tuple[int, ...] | None] = [None] * len(items)
         order = self._order(items)
-        gen_cfg = self._generation_config(n_new)
-        results: list[Generation | None] = [None] * len(prompts)
         for c in range(0, len(order), self.batch_size):
             idx = order[c : c + self.batch_size]
-            batch = [items[i] for i in idx]
-            if self.image_cache != "none":
-                self._entries([p for it in batch for p in it.images])
-            inputs, _ = self._collate(batch, left=True)
-            out = self.model.generate(**inputs, generation_config=gen_cfg)
-            self.stats["forward_batches"] += 1
-            new = out[:, inputs["input_ids"].shape[1] :].cpu()
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            for i, raw in zip(idx, texts):
-                results[i] = Generation(raw=raw, answer=postprocess(raw))
+            for i, t in zip(idx, self._plain_tokens([items[i] for i in idx], n_new)[0]):
+                results[i] = t
         return results  # type: ignore[return-value]
+
+    def _plain_tokens(self, batch: list[_Item], n_new: int, gaps: bool = False):
+        """One batch through plain ``model.generate`` (left padding, the purely greedy config):
+        (each row's new ids up to its first end token, and with ``gaps`` per row and step whether
+        its two best logits are a near-tie (:func:`near_tie_tolerance`), else None)."""
+        if self.image_cache != "none":
+            self._entries([p for it in batch for p in it.images])
+        inputs, _ = self._collate(batch, left=True)
+        cfg = self._generation_config(n_new)
+        cfg.return_dict_in_generate, cfg.output_logits = True, gaps
+        out = self.model.generate(**inputs, generation_config=cfg)
+        self.stats["forward_batches"] += 1
+        eos = self._eos_ids(n_new)
+        new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu().tolist()
+        toks = [_until_end(row, eos) for row in new]
+        if not gaps:
+            return toks, None
+        top = torch.stack([lg.float() for lg in out.logits], 1).topk(2, dim=-1).values.cpu().tolist()  # [rows, steps, 2]
+        tied = [[a - b <= near_tie_tolerance(self.dtype, a) for a, b in row[: len(t)]] for row, t in zip(top, toks)]
+        return toks, tied
+
+    def _generate_cached(self, items: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        """Greedy decoding on the prefix cache, in waves (:func:`~icdrl.lvlm.prefix_cache.next_wave`).
+
+        The longest prompts run first (most demonstrations, then most ids), so that one prompt
+        stores the prefixes of the shorter ones nested in it; a prompt whose prefix another
+        prompt of this call stores waits for it. Each wave runs in batches of ``batch_size``,
+        longest remainder (the ids after the row's cached prefix) first, rows with and without
+        cached prefixes mixed. The first batch of each kind (without, with cached prefixes) is
+        compared with plain ``model.generate`` (:meth:`_check_generation`).
+        """
+        results: list[tuple[int, ...] | None] = [None] * len(items)
+        pending = sorted(range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i))
+        waves = bool(self.prefix_cache_size and self._mrope)
+        try:
+            while pending:
+                if waves:
+                    keys = [self.prefixes.shareable(items[i].ids, items[i].images, self._boundaries(items[i])) for i in pending]
+                    ready, wait = next_wave(keys, self.prefixes.__contains__)
+                    shared = Counter(k for ks in keys for k in ks)
+                    self.prefixes.protected = frozenset(k for k, n in shared.items() if n > 1)
+                    now, pending = [pending[i] for i in ready], [pending[i] for i in wait]
+                else:
+                    now, pending = pending, []
+                self._run_wave(items, now, n_new, results)
+        finally:
+            self.prefixes.protected = frozenset()
+            self.prefixes.evict()
+        return results  # type: ignore[return-value]
+
+    def _run_wave(self, items: list[_Item], now: list[int], n_new: int, results: list) -> None:
+        """The rows ``now`` in batches, longest remainder first; answers into ``results``."""
+
+        def rest(i: int) -> int:
+            pk = self.prefixes.lookup(items[i].ids, items[i].images, self._boundaries(items[i])) if self._prefix_on else None
+            return len(items[i].ids) - (pk.length if pk else 0)
+
+        now.sort(key=lambda i: (-rest(i), i))
+        for c in range(0, len(now), self.batch_size):
+            idx = now[c : c + self.batch_size]
+            if self._fast_generate_on:
+                got = self._greedy_batch([items[i] for i in idx], n_new)
+            else:  # switched off by a check
+                got = self._generate_plain([items[i] for i in idx], n_new)
+            for i, t in zip(idx, got):
+                results[i] = t
+
+    def _greedy_batch(self, batch: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        """One batch of cached greedy decoding (see :meth:`_generate_cached`).
+
+        The first step runs each row's ids after its cached prefix (right-padded, the prefixes'
+        keys and values left-padded in front), the last decoder layer only at each row's last
+        column, and stores the rows' new prefixes. Each later step feeds every unfinished row its
+        last token at its next position (3-D rope: one past the prompt's last position, as
+        transformers' rope deltas give; else the count of the row's ids so far), attending to
+        the key/value cache; a row that produced an end token leaves the batch.
+        """
+        if self.image_cache != "none":
+            self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
+        pks = [self._lookup_prefix(it) for it in batch] if self._prefix_on else [None] * len(batch)
+        has_prefix = any(pks)
+        inputs, offs = self._collate(batch, left=True, positions=True, prefixes=pks if has_prefix else None, room=n_new)
+        dev = self.device
+        mask = inputs["attention_mask"]
+        shift = mask.shape[1] - inputs["input_ids"].shape[1]  # prefix columns
+        last = torch.tensor([[o + len(it.ids) - 1 - shift] for o, it in zip(offs, batch)], device=dev)
+        if "position_ids" in inputs:  # composed 3-D positions
+            mrope = True
+            nxt = inputs["position_ids"][0].gather(1, last)[:, 0] + 1
+        elif self._rope_index is None:
+            mrope = False
+            full = mask.long().cumsum(-1) - 1
+            inputs["position_ids"] = full.masked_fill(mask == 0, 0)[:, shift:]
+            nxt = mask.sum(-1)
+        else:  # 3-D rope whose positions the backend does not compose (its check failed)
+            self._fast_generate = False
+            return self._plain_tokens(batch, n_new)[0]
+        with self._last_layer_at(last):
+            if self._keeps_logits:
+                out = self.model(**inputs, logits_to_keep=last, use_cache=True)
+                logits = out.logits[:, -1]
+            else:
+                out = self.model(**inputs, use_cache=True)
+                logits = out.logits.gather(1, last[..., None].expand(-1, -1, out.logits.shape[-1]))[:, -1]
+        self.stats["forward_batches"] += 1
+        cache = out.cache
+        if self._prefix_on:
+            self._store_prefixes(batch, offs, cache, [pk.length if pk else 0 for pk in pks])
+        eos = self._eos_ids(n_new)
+        toks: list[list[int]] = [[] for _ in batch]
+        alive = list(range(len(batch)))
+        tok = logits.float().argmax(-1)
+        for step in range(n_new):
+            got = tok.tolist()
+            for r, t in zip(alive, got):
+                toks[r].append(t)
+            keep = [k for k, t in enumerate(got) if t not in eos]
+            if step == n_new - 1 or not keep:
+                break
+            if len(keep) < len(alive):  # finished rows leave the batch
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, nxt, tok = mask[sel], nxt[sel], tok[sel]
+                alive = [alive[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            pos = (nxt + step)[:, None]
+            out = self.model(
+                input_ids=tok[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                position_ids=pos[None].expand(3, -1, -1) if mrope else pos,
+            )
+            self.stats["decode_steps"] += 1
+            tok = out.logits[:, -1].float().argmax(-1)
+        result = [tuple(t) for t in toks]
+        kind = "prefix" if has_prefix else "full"
+        if kind not in self._generation_checked:
+            result = self._check_generation(batch, result, n_new, kind)
+        return result
 
     def _generation_config(self, max_new_tokens: int):
         """The checkpoint's generation config made purely greedy.

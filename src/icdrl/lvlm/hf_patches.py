@@ -12,6 +12,8 @@ context managers that switch modules to them for one forward pass:
   one batch, instead of once per image or window as transformers loops. Same numbers.
 * :func:`vision_geometry`: the tower's grid-only inputs (rope positions, window order, segment
   boundaries), computed by transformers' own helpers once per list of grids.
+* :func:`roomy_cache`: a key/value cache whose layers (:class:`RoomyLayer`) keep spare columns,
+  so that a decoding step writes its column in place instead of copying the cache.
 
 Each switch is made on a *copy* of the modules' config (:func:`attention_as`), restored after
 the block, so nothing outside the block sees it. The backend checks every one of these against
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 #: name under which :func:`scored_columns_attention` is registered with transformers
@@ -254,3 +257,62 @@ def vision_geometry(modules: Sequence[torch.nn.Module], grid: torch.Tensor, memo
         while len(memo) > 64:
             memo.pop(next(iter(memo)))
     return dict(got)
+
+
+def roomy_cache(n_layers: int, room: int, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A ``DynamicCache`` of ``n_layers`` :class:`RoomyLayer` (each with ``room`` spare columns),
+    holding ``data`` (per layer ``(keys, values)``) if given."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [RoomyLayer(room) for _ in range(n_layers)]
+    for layer, (k, v) in zip(cache.layers, data or ()):
+        layer.update(k, v)
+    return cache
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values sit in buffers with ``room`` spare columns past
+    the first update, so that later updates (a decoding step's one column) are written in
+    place; ``DynamicLayer`` concatenates, copying the whole cache at every generated token.
+    ``keys``/``values`` are views of the filled columns (what attention and callers read).
+    """
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = int(room)
+        self.n = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        m = key_states.shape[-2]
+        if not self.is_initialized:
+            self.device = key_states.device
+            self._k = key_states.new_empty((*key_states.shape[:2], m + self.room, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:2], m + self.room, value_states.shape[-1]))
+            self.is_initialized = True
+        elif self.n + m > self._k.shape[-2]:  # out of room: grow (never in the backend's use)
+            self._k = torch.cat([self._k[..., : self.n, :], key_states.new_empty((*self._k.shape[:2], m + self.room, self._k.shape[-1]))], -2)
+            self._v = torch.cat([self._v[..., : self.n, :], value_states.new_empty((*self._v.shape[:2], m + self.room, self._v.shape[-1]))], -2)
+        self._k[..., self.n : self.n + m, :] = key_states
+        self._v[..., self.n : self.n + m, :] = value_states
+        self.n += m
+        self._views()
+        return self.keys, self.values
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.is_initialized:
+            self.n = max(0, self.n + tokens_to_remove)
+            self._views()
+        elif tokens_to_remove > 0:
+            raise ValueError("RoomyLayer.crop: pass a negative number of tokens to remove")

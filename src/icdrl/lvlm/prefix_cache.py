@@ -93,7 +93,12 @@ def next_wave(keys: Sequence[Sequence[Hashable]], cached: Callable[[Hashable], b
 
 class PrefixCache:
     """An LRU of :class:`PrefixKV` (``size`` entries; 0: off), keeping prefixes of at most
-    ``max_demos`` demonstrations (None: all)."""
+    ``max_demos`` demonstrations (None: all).
+
+    Eviction (oldest first) skips chat headers (every later prompt reads them; there is one per
+    system prompt) and the keys in :attr:`protected` (those the rest of a request still reads),
+    so the cache may exceed ``size`` while they are protected; :meth:`evict` trims it again.
+    """
 
     def __init__(self, size: int, max_demos: int | None = None):
         if size < 0:
@@ -105,6 +110,8 @@ class PrefixCache:
         #: the ones the extra candidate sequences still read.
         self.max_demos = max_demos
         self.entries: OrderedDict[tuple, PrefixKV] = OrderedDict()
+        #: keys eviction skips (set by a caller for the duration of a request)
+        self.protected: frozenset = frozenset()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -173,9 +180,16 @@ class PrefixCache:
             at = {r: i for i, r in enumerate(order)}
             for key, r, length, j in group:
                 self.entries[key] = PrefixKV(length, j, copy, at[r], width - longest[r])
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        self.evict()
         return len(new)
+
+    def evict(self) -> None:
+        """Drop the oldest entries beyond ``size``, except chat headers and :attr:`protected` keys."""
+        excess = len(self.entries) - self.size
+        if excess <= 0:
+            return
+        for key in [k for k in self.entries if k[1] and k not in self.protected][:excess]:
+            del self.entries[key]
 
     @staticmethod
     def stack(prefixes: Sequence[PrefixKV | None]) -> tuple[list, torch.Tensor]:
