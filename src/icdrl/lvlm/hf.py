@@ -219,6 +219,8 @@ def near_tie_tolerance(dtype: torch.dtype, best: float) -> float:
 
 #: rows of a batch the generation check runs through plain ``model.generate`` as well
 _CHECK_ROWS = 8
+#: cached greedy decoding packs rows with short remainders up to this many times ``batch_size``
+_ROWS_PER_BATCH = 4
 
 
 def _until_end(row: Sequence[int], eos: frozenset[int]) -> tuple[int, ...]:
@@ -1170,6 +1172,7 @@ class HFBackend:
         results: list[tuple[int, ...] | None] = [None] * len(items)
         pending = sorted(range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i))
         waves = bool(self.prefix_cache_size and self._mrope)
+        budget = self.batch_size * max(len(it.ids) for it in items) if items else 0
         try:
             while pending:
                 if waves:
@@ -1180,22 +1183,33 @@ class HFBackend:
                     now, pending = [pending[i] for i in ready], [pending[i] for i in wait]
                 else:
                     now, pending = pending, []
-                self._run_wave(items, now, n_new, results)
+                self._run_wave(items, now, n_new, results, budget)
         finally:
             self.prefixes.protected = frozenset()
             self.prefixes.evict()
         return results  # type: ignore[return-value]
 
-    def _run_wave(self, items: list[_Item], now: list[int], n_new: int, results: list) -> None:
-        """The rows ``now`` in batches, longest remainder first; answers into ``results``."""
+    def _run_wave(self, items: list[_Item], now: list[int], n_new: int, results: list, budget: int) -> None:
+        """The rows ``now`` in batches, longest remainder first; answers into ``results``.
+
+        A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
+        their cached prefix) are short: as many as fit in ``budget`` new ids (``batch_size`` times
+        the call's longest prompt, what a batch of whole prompts may hold), at most
+        ``_ROWS_PER_BATCH`` times ``batch_size``.
+        """
 
         def rest(i: int) -> int:
             pk = self.prefixes.lookup(items[i].ids, items[i].images, self._boundaries(items[i])) if self._prefix_on else None
             return len(items[i].ids) - (pk.length if pk else 0)
 
-        now.sort(key=lambda i: (-rest(i), i))
-        for c in range(0, len(now), self.batch_size):
-            idx = now[c : c + self.batch_size]
+        rests = {i: rest(i) for i in now}
+        now.sort(key=lambda i: (-rests[i], i))
+        cap = _ROWS_PER_BATCH * self.batch_size
+        at = 0
+        while at < len(now):
+            rows = max(self.batch_size, min(cap, budget // max(1, rests[now[at]])))
+            idx = now[at : at + rows]
+            at += len(idx)
             if self._fast_generate_on:
                 got = self._greedy_batch([items[i] for i in idx], n_new)
             else:  # switched off by a check
