@@ -9,9 +9,14 @@ whose processor has a chat template and an image placeholder token (Qwen2.5-VL, 
   generation prompt, and the answer is the tokens between the two (ANCHORS defect 1 is a
   plain-text length; this never looks at one). The answer ends before the end-of-turn tokens.
 * :meth:`HFBackend.generate` — greedy decoding of ``max_new_tokens`` new tokens from the
-  generation prompt, decoded without special tokens and post-processed (SPEC §3).
+  generation prompt, decoded without special tokens and post-processed (SPEC §3);
+  :meth:`HFBackend.generate_ids` gives the new token ids.
 
-Speed. Prompts are sorted by length and run ``batch_size`` at a time. Every distinct image path
+This module is the backend; the prefix key/value cache is :mod:`icdrl.lvlm.prefix_cache` (no
+model needed), the transformers internals the fast paths patch are :mod:`icdrl.lvlm.hf_patches`.
+
+Speed. Prompts are sorted by length and run ``batch_size`` at a time (generation on cached
+prefixes packs more rows when their remainders are short, see below). Every distinct image path
 is preprocessed once per backend instance (``image_cache``):
 
 * ``"features"`` (default where the model accepts ``mm_encoder_outputs``): the processor runs
@@ -56,7 +61,19 @@ More savings on the cached paths, each checked against the slow way before it is
 * the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
   length, all images (or windows) of that length in one batch, instead of once per image or
   window as transformers loops (same features; compared with that loop by the tests), and
-  its grid-only inputs (rope positions, window order) are computed once per list of grids.
+  its grid-only inputs (rope positions, window order) are computed once per list of grids;
+* generation decodes greedily on the same prefix cache (:meth:`HFBackend._generate_cached`):
+  the longest prompts of a call run first and store the prefixes of the shorter ones nested in
+  them (a 4-shot selection holds the 1-3-shot ones), a prompt whose prefix another prompt of
+  the call stores waits for it, the first step runs each row's ids after its cached prefix
+  (the last decoder layer at the last column only), and later steps feed one token per row
+  against a key/value cache with room to grow in place, a row leaving the batch at its end
+  token. It equals plain ``model.generate`` token for token except at near-ties
+  (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
+  prefixes, a real difference switching it off for the backend.
+
+The once-per-backend checks sit together in the class (``_check_*``); :meth:`HFBackend.fast_paths`
+says which savings are on.
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
