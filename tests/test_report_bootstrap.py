@@ -14,6 +14,7 @@ from icdrl.report.bootstrap import (
     trend,
 )
 from icdrl.report.compare import compare, method_accuracy
+from icdrl.grid import Cell, reward_spec
 from icdrl.report.inputs import EvalData, MethodInfo
 
 
@@ -102,8 +103,8 @@ def _data(runs: dict) -> EvalData:
     methods = {}
     acc = {}
     for (key, k, seed), qa in runs.items():
-        methods[key] = MethodInfo(key=key, method="v3" if key.startswith("v3") else key,
-                                  cell=key[3:] if key.startswith("v3") else None)
+        cell = Cell(reward_spec("hard_plus_soft", hard_weight=len(key)), True) if key.startswith("v3") else None
+        methods[key] = MethodInfo(key=key, method="v3" if key.startswith("v3") else key, cell=cell)
         acc.setdefault((key, k), {})[seed] = pd.Series(qa, dtype=float)
     return EvalData(methods=methods, acc=acc, shots=sorted({k for _, k in acc}))
 

@@ -39,21 +39,27 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _grid(args: argparse.Namespace) -> int:
     from icdrl.grid import Layout, experiment_cells
+    from icdrl.report.experiments import fmt_level
 
     cfg = _load(args.config)
     if cfg is None:
         return 1
     layout = Layout(cfg)
+    exps = {e.name: e for e in layout.experiments()}
     for name, block in experiment_cells(cfg).items():
-        print(f"{name}: {', '.join(c.slug for c in block)}")
+        e = exps.get(name)
+        what = f" ({e.contrast} vs {fmt_level(e.contrast, e.reference)})" if e else ""
+        print(f"{name}{what}: {', '.join(c.slug for c in block)}")
     merged = layout.cells()
     print(f"merged: {len(merged)} cells x seeds {layout.seeds()}")
-    for c in merged:
-        print(f"  {c.slug}")
+    for tc in layout.trained_cells():
+        print(f"  {tc.cell.slug}  ({tc.v3_tag}, from {tc.v2_tag})")
     print("reward files:")
     for p in layout.all_rewards():
         print(f"  {p}")
     print(f"candidates: {layout.candidates}")
+    if layout.per_shot:
+        print(f"per_shot:   {layout.per_shot} (chosen on {layout.n_val} validation queries)")
     print(f"report:     {layout.report_dir}/")
     return 0
 

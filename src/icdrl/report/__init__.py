@@ -2,7 +2,7 @@
 
 Entry point for the workflow's final rule::
 
-    build_report(eval_paths, metrics_paths, rewards_paths, scored_path, report_cfg, out_dir)
+    build_report(eval_paths, metrics_paths, rewards_paths, scored_path, report_cfg, out_dir, experiments)
 
 * ``eval_paths``: list of ``icdrl.eval`` JSONL files (every method, every seed).
 * ``metrics_paths``: training-metrics CSVs, either a mapping label → path (label = the cell slug
@@ -13,7 +13,10 @@ Entry point for the workflow's final rule::
 * ``report_cfg``: ``{"n_boot": 1000, "seed": 0}`` (both optional; other keys are errors).
   Intervals are 95% (``LEVEL``).
 * ``out_dir``: folder for the outputs; it always receives exactly :func:`report_files` (fixed
-  names, independent of the inputs; a category without data holds a "not available" note).
+  names plus ``exp-<name>.*`` / ``exp-<name>-delta.*`` per experiment, independent of the
+  results; a category without data holds a "not available" note).
+* ``experiments``: :meth:`icdrl.grid.Experiment.as_dict` of every configured experiment (one
+  table, delta plot and summary paragraph each, :mod:`.experiments`).
 """
 
 from __future__ import annotations
@@ -33,19 +36,19 @@ from .plots import (
     accuracy_plot,
     advantage_hist_plot,
     delta_plot,
+    experiment_plot,
     reward_hist_plot,
     save_figure,
     training_curves_plot,
 )
+from .experiments import ExperimentSpec, experiment_table
 from .summary import build_summary
 from .tables import (
     TABLE_NAMES,
     accuracy_table,
     advantage_values,
-    exp1_table,
-    exp2_table,
-    exp3_table,
     group_stats,
+    per_shot_table,
     rl_advantages_table,
     rl_groups_table,
     sources_table,
@@ -84,9 +87,16 @@ REPORT_FILES: tuple[str, ...] = (
 )
 
 
-def report_files(out_dir: str | os.PathLike = "") -> list[str]:
-    """The exact list of files :func:`build_report` writes into ``out_dir`` (same order)."""
-    return [os.path.join(str(out_dir), f) if str(out_dir) else f for f in REPORT_FILES]
+def experiment_files(name: str) -> tuple[str, ...]:
+    """The files of one experiment: its table and its delta plot."""
+    return (tuple(f"exp-{name}.{e}" for e in TABLE_EXTS) + tuple(f"exp-{name}-delta.{e}" for e in PLOT_EXTS))
+
+
+def report_files(out_dir: str | os.PathLike = "", experiments: Sequence[str] = ()) -> list[str]:
+    """The exact list of files :func:`build_report` writes into ``out_dir`` (same order), for
+    experiments named ``experiments``."""
+    names = list(REPORT_FILES) + [f for e in experiments for f in experiment_files(e)]
+    return [os.path.join(str(out_dir), f) if str(out_dir) else f for f in names]
 
 
 def _check_cfg(report_cfg: Mapping | None) -> dict:
@@ -110,10 +120,11 @@ def build_report(
     scored_path: str | os.PathLike | None,
     report_cfg: Mapping | None,
     out_dir: str | os.PathLike,
+    experiments: Sequence[Mapping] = (),
 ) -> None:
     """Write every table (CSV, Markdown, HTML), plot (PNG, SVG) and the summary into ``out_dir``.
 
-    See the module docstring for the arguments; the written names are :data:`REPORT_FILES`.
+    See the module docstring for the arguments; the written names are :func:`report_files`.
     """
     cfg = _check_cfg(report_cfg)
     n_boot, seed, level = cfg["n_boot"], cfg["seed"], LEVEL
@@ -132,9 +143,7 @@ def build_report(
         "accuracy": accuracy_table(data, n_boot, seed, level),
         "vs_legacy": vs_legacy_table(data, n_boot, seed, level),
         "vs_v2": vs_v2_table(data, n_boot, seed, level),
-        "exp1_modes": exp1_table(data, n_boot, seed, level),
-        "exp2_use_rank": exp2_table(data, n_boot, seed, level),
-        "exp3_weights": exp3_table(data, n_boot, seed, level),
+        "per_shot": per_shot_table(data),
         "rl_groups": rl_groups_table(rewards),
         "rl_advantages": rl_advantages_table(adv),
         "candidates_by_source": sources_table(scored),
@@ -156,7 +165,13 @@ def build_report(
     for name, fig in figures.items():
         save_figure(fig, out, name)
 
-    summary = build_summary(data, tables, n_boot, seed, level)
+    specs = [ExperimentSpec.from_dict(e) for e in experiments]
+    exp_tables = [experiment_table(data, e, n_boot, seed, level) for e in specs]
+    for e, t in zip(specs, exp_tables):
+        write_table(t, out)
+        save_figure(experiment_plot(t.data, e.title), out, f"{t.name}-delta")
+
+    summary = build_summary(data, tables, n_boot, seed, level, exp_tables)
     atomic_write_text(out / "summary.md", summary.markdown())
     atomic_write_text(out / "summary.html", summary.html())
-    log.info("report written to %s (%d files)", out, len(REPORT_FILES))
+    log.info("report written to %s (%d files)", out, len(report_files("", [e.name for e in specs])))

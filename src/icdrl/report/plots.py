@@ -29,6 +29,7 @@ __all__ = [
     "RC",
     "accuracy_plot",
     "delta_plot",
+    "experiment_plot",
     "reward_hist_plot",
     "advantage_hist_plot",
     "training_curves_plot",
@@ -123,16 +124,15 @@ def _mode_list(modes) -> list[str]:
     return [m for m in MODE_ORDER if m in present] + sorted(set(present) - set(MODE_ORDER))
 
 
-def _weight_colors(df: pd.DataFrame) -> dict[tuple, str]:
-    # (null, null) — legacy, which reads no weight — always takes the first colour, so that one
-    # weight setting gets the same colour in every figure
-    keys = sorted({(_nz(h), _nz(s)) for h, s in zip(df["hard_weight"], df["soft_weight"])} | {(-math.inf, -math.inf)})
+def _setting(r) -> tuple[str, str]:
+    """A cell's reward knobs and training overrides (its colour key, whatever its mode and use_rank)."""
+    return (str(r.knobs) if isinstance(r.knobs, str) else "", str(r.train) if isinstance(r.train, str) else "")
+
+
+def _setting_colors(df: pd.DataFrame) -> dict[tuple, str]:
+    """One colour per (knobs, training overrides), sorted, so a setting keeps its colour per figure."""
+    keys = sorted({_setting(r) for r in df.itertuples()})
     return {k: CELL_COLORS[i % len(CELL_COLORS)] for i, k in enumerate(keys)}
-
-
-def _nz(v) -> float:
-    """Weights as sortable keys: null (ignored knob) sorts first."""
-    return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def _is_rank(v) -> bool:
@@ -164,7 +164,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
     v3 = acc[acc["method_kind"] == "v3"]
     modes = _mode_list(v3["mode"])
     panels = (["baselines"] if not base.empty else []) + modes
-    colors = _weight_colors(v3) if not v3.empty else {}
+    colors = _setting_colors(v3) if not v3.empty else {}
     shots = sorted(acc["k"].unique())
     with mpl.rc_context(RC):
         fig = Figure()
@@ -187,7 +187,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
                 groups = list(v3[v3["mode"] == panel].groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
                     r = g.iloc[0]
-                    style = {"color": colors[(_nz(r.hard_weight), _nz(r.soft_weight))],
+                    style = {"color": colors[_setting(r)],
                              "linestyle": "-" if _is_rank(r.use_rank) else "--",
                              "marker": "o" if _is_rank(r.use_rank) else "s"}
                     label = name[len(f"v3 {panel} "):] if name.startswith(f"v3 {panel} ") else name
@@ -206,13 +206,64 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
 
 # ----------------------------------------------------------------------------- deltas
 
+def _draw_deltas(ax, g: pd.DataFrame, x_off: float, color: str, marker: str, label: str) -> None:
+    """One comparison's Δ per shot with its interval; hollow markers = not distinguishable."""
+    g = g.sort_values("k")
+    x = g["k"].to_numpy(dtype=float) + x_off
+    d = g["delta"].to_numpy(dtype=float)
+    yerr = np.vstack([d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d])
+    ax.errorbar(x, d, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
+    dist = g["distinguishable"].astype(bool).to_numpy()
+    ax.scatter(x[dist], d[dist], marker=marker, s=36, color=color, zorder=3)
+    ax.scatter(x[~dist], d[~dist], marker=marker, s=36, facecolors="white", edgecolors=color,
+               linewidths=1.4, zorder=3)
+    ax.plot([], [], marker=marker, color=color, linestyle="none", label=label)
+
+
+def _delta_legend(ax) -> None:
+    ax.axhline(0.0, color="black", linewidth=0.9)
+    ax.set_ylabel("Δ accuracy (points)")
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], marker="o", color="0.3", linestyle="none"),
+                Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none")]
+    labels += ["interval excludes 0", "n.s. (contains 0)"]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def experiment_plot(df: pd.DataFrame, title: str) -> Figure:
+    """Δ (level − reference) per shot of one experiment table, one panel per context."""
+    df = df[df["delta"].notna()] if "delta" in df else df.iloc[0:0]
+    if df.empty:
+        return _message("no comparison of this experiment is available", title)
+    contexts = list(dict.fromkeys(df["context"]))
+    shots = sorted(df["k"].unique())
+    with mpl.rc_context(RC):
+        fig = Figure()
+        axes = fig.subplots(len(contexts), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+        for ax, ctx in zip(axes, contexts):
+            groups = list(df[df["context"] == ctx].groupby("level", sort=False))
+            n = len(groups)
+            for i, (lev, g) in enumerate(groups):
+                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), CELL_COLORS[i % len(CELL_COLORS)], "o",
+                             f"{lev} − {g['reference'].iloc[0]}")
+            ax.set_title(ctx or "all")
+            _delta_legend(ax)
+        axes[-1].set_xticks(shots)
+        axes[-1].set_xlabel("shots (k)")
+        longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
+        _, H = _fix_layout(fig, len(contexts), 1, 6.8, 2.3, left=0.85, right=0.9 + _text_w(longest), top=0.75,
+                           bottom=0.6, wspace=0.0, hspace=0.5)
+        _suptitle(fig, f"{title}: Δ with 95% paired bootstrap intervals", H)
+    return fig
+
+
 def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
     """Δ accuracy vs legacy per shot with 95% paired intervals; hollow markers = not distinguishable."""
     df = vs_legacy[vs_legacy["delta"].notna()] if "delta" in vs_legacy else vs_legacy.iloc[0:0]
     if df.empty:
         return _message("no mode vs legacy comparison is available", "Δ accuracy vs legacy")
     modes = _mode_list(df["mode"])
-    colors = _weight_colors(df)
+    colors = _setting_colors(df)
     shots = sorted(df["k"].unique())
     with mpl.rc_context(RC):
         fig = Figure()
@@ -221,28 +272,14 @@ def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
             sub = df[df["mode"] == mode]
             groups = list(sub.groupby(["method", "baseline"], sort=False))
             n = len(groups)
-            ax.axhline(0.0, color="black", linewidth=0.9)
             for i, ((method, _), g) in enumerate(groups):
                 g = g.sort_values("k")
                 r = g.iloc[0]
-                color = colors[(_nz(r.hard_weight), _nz(r.soft_weight))]
+                color = colors[_setting(r)]
                 marker = "o" if _is_rank(r.use_rank) else "s"
-                x = g["k"].to_numpy(dtype=float) + (i - (n - 1) / 2) * (0.6 / max(n, 1))
-                d = g["delta"].to_numpy(dtype=float)
-                yerr = np.vstack([d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d])
-                ax.errorbar(x, d, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
-                dist = g["distinguishable"].astype(bool).to_numpy()
-                ax.scatter(x[dist], d[dist], marker=marker, s=36, color=color, zorder=3)
-                ax.scatter(x[~dist], d[~dist], marker=marker, s=36, facecolors="white", edgecolors=color,
-                           linewidths=1.4, zorder=3)
-                ax.plot([], [], marker=marker, color=color, linestyle="none", label=r.cell_label)
+                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), color, marker, r.cell_label)
             ax.set_title(f"{mode} − legacy (same use_rank, paired seeds)")
-            ax.set_ylabel("Δ accuracy (points)")
-            handles, labels = ax.get_legend_handles_labels()
-            handles += [Line2D([], [], marker="o", color="0.3", linestyle="none"),
-                        Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none")]
-            labels += ["interval excludes 0", "n.s. (contains 0)"]
-            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            _delta_legend(ax)
         axes[-1].set_xticks(shots)
         axes[-1].set_xlabel("shots (k)")
         longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])

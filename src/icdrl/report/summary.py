@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +77,12 @@ def _comparison_block(s: Summary, t: Table, describe, heading: str, level: float
     df = t.data
     avail = df[df["delta"].notna()] if "delta" in df else df.iloc[0:0]
     n_na = int(df["note"].astype(str).str.startswith(NA).sum())
+    n_same = int(df["note"].astype(str).str.startswith("same ").sum())
     s.h2(heading)
+    if n_same:
+        s.p(f"{n_same} {'level trains' if n_same == 1 else 'levels train'} the same cell as {'its' if n_same == 1 else 'their'} "
+            f"reference, or repeat a comparison listed under another setting: identical by construction, not tested "
+            f"(see {t.name}.md).")
     if avail.empty:
         s.p(f"No comparison is available ({n_na} {'row says' if n_na == 1 else 'rows say'} why in {t.name}.md).")
         return
@@ -99,8 +105,10 @@ def _comparison_block(s: Summary, t: Table, describe, heading: str, level: float
             "of the size of the effect there (see per_seed_delta).")
 
 
-def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: int, level: float) -> Summary:
-    """Headline findings: best method per shot, distinguishable deltas, RL-data shares."""
+def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: int, level: float,
+                  experiments: Sequence[Table] = ()) -> Summary:
+    """Headline findings: best method per shot, distinguishable deltas per comparison family
+    (every mode vs legacy, each configured experiment, v3 vs v2), per_shot's choices, RL-data shares."""
     s = Summary()
     s.h1("Report summary")
     acc = tables["accuracy"].data
@@ -115,8 +123,8 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
         "The intervals cover test-set sampling, not training noise: compare the per-seed deltas in the tables. "
         "'n.s.' = the interval contains 0 (not distinguishable).")
     widths = []
-    for name in ("vs_legacy", "exp2_use_rank", "exp3_weights", "vs_v2"):
-        d = tables[name].data
+    for t in [tables["vs_legacy"], *experiments, tables["vs_v2"]]:
+        d = t.data
         if "delta" in d:
             d = d[d["delta"].notna()]
             widths += list((d["ci_high"] - d["ci_low"]) / 2)
@@ -152,11 +160,11 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
         return f"{r.mode} {r.cell_label}"
 
     _comparison_block(s, tables["vs_legacy"], lambda r: f"{cell(r)} vs legacy", "Reward modes vs legacy", level)
-    _comparison_block(s, tables["exp2_use_rank"], lambda r: f"{r.mode} w={r.weights}: z-score − rank",
-                      "Experiment 2: use_rank", level)
-    _comparison_block(s, tables["exp3_weights"], lambda r: f"{r.mode} use_rank={str(r.use_rank).lower()} "
-                      f"w={r.setting} vs (1, 1)", "Experiment 3: weights", level)
+    for t in experiments:
+        _comparison_block(s, t, lambda r: (f"{r.context}: " if isinstance(r.context, str) and r.context else "")
+                          + f"{r.contrast} {r.level} vs {r.reference}", f"Experiment {t.name[4:]}: {t.title}", level)
     _comparison_block(s, tables["vs_v2"], lambda r: f"v3 {cell(r)} vs v2", "v3 cells vs v2", level)
+    _per_shot_block(s, tables["per_shot"])
 
     s.h2("RL data")
     g = tables["rl_groups"].data
@@ -182,6 +190,15 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
             s.p(f"Largest share of zero advantages: {worst['label']} with {worst['advantage']} advantages, "
                 f"{100 * worst['share_zero']:.1f}% of candidates carry no GRPO signal.")
     return s
+
+
+def _per_shot_block(s: Summary, t: Table) -> None:
+    df = t.data
+    if "cell" not in df or not df["cell"].map(lambda v: isinstance(v, str) and bool(v)).any():
+        return
+    s.h2("per_shot: the cell chosen at each shot (on validation queries)")
+    s.ul([f"k={r.k}" + (f" seed {int(r.seed)}" if pd.notna(r.seed) else "") + f": {r.method} "
+          f"(validation accuracy {r.val_acc:.2f}% over {int(r.n_val)} queries)" for r in df.itertuples()])
 
 
 def _key_of(data: EvalData, r) -> str:

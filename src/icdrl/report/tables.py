@@ -9,6 +9,7 @@ Comparisons the data cannot support are rows whose ``note`` says "not available:
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,19 +21,16 @@ import pandas as pd
 from icdrl.records import atomic_write_text
 
 from .compare import Comparison, compare, method_accuracy
+from icdrl.grid import reward_spec
+
 from .inputs import MODE_ORDER, EvalData, MethodInfo, RewardGroups
 
 __all__ = [
     "Table",
     "TABLE_NAMES",
-    "SEED_WEIGHTS",
-    "DEFAULT_WEIGHTS",
     "accuracy_table",
     "vs_legacy_table",
     "vs_v2_table",
-    "exp1_table",
-    "exp2_table",
-    "exp3_table",
     "rl_groups_table",
     "rl_advantages_table",
     "sources_table",
@@ -46,16 +44,12 @@ TABLE_NAMES = (
     "accuracy",
     "vs_legacy",
     "vs_v2",
-    "exp1_modes",
-    "exp2_use_rank",
-    "exp3_weights",
+    "per_shot",
     "rl_groups",
     "rl_advantages",
     "candidates_by_source",
     "training_summary",
 )
-DEFAULT_WEIGHTS = (1.0, 1.0)  # the seed's experiment 3.1 ("当前默认")
-SEED_WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.5))  # experiment 3.1–3.4
 POS_RATIO_THRESHOLD = 0.2  # the seed's plan-4 min_positive_ratio
 ADV_MIN_STD = 0.1
 ADV_CLIP = 5.0
@@ -163,18 +157,19 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
     )
 
 
-_METHOD_COLS = ["method", "method_kind", "cell", "mode", "use_rank", "hard_weight", "soft_weight"]
+_METHOD_COLS = ["method", "method_kind", "cell", "mode", "use_rank", "knobs", "train"]
 
 
 def _method_cols(m: MethodInfo) -> dict:
+    c = m.cell
     return {
         "method": m.long(),
         "method_kind": m.method,
-        "cell": m.cell or "",
-        "mode": m.mode or "",
-        "use_rank": "" if m.use_rank is None else m.use_rank,
-        "hard_weight": m.hard_weight,
-        "soft_weight": m.soft_weight,
+        "cell": c.slug if c else "",
+        "mode": c.mode if c else "",
+        "use_rank": "" if c is None else c.use_rank,
+        "knobs": json.dumps(c.reward.as_dict(), sort_keys=True) if c else "",
+        "train": json.dumps(dict(c.train), sort_keys=True) if c and c.train else "",
     }
 
 
@@ -232,8 +227,9 @@ def _blank(s: pd.Series) -> pd.Series:
 
 
 def _delta_str(r) -> str:
-    if isinstance(r.note, str) and r.note.startswith(NA):
-        return r.note
+    """The Δ cell of a display row: the interval, or why there is none (never '– [–, –]')."""
+    if pd.isna(r.delta):
+        return r.note if isinstance(r.note, str) and r.note else NA
     return _ci(r.delta, r.ci_low, r.ci_high, sign=True)
 
 
@@ -268,22 +264,29 @@ def _cell_label(m: MethodInfo) -> str:
     return m.short()
 
 
+def _legacy_reference(data: EvalData, m: MethodInfo) -> MethodInfo | None:
+    """The legacy cell ``m`` is compared with: same use_rank and training overrides, at the default
+    legacy knobs (alpha 1, beta 0: InfoScore) if that cell was run, else the first such cell."""
+    same = [b for b in data.v3() if b.mode == "legacy" and b.use_rank == m.use_rank and b.cell.train == m.cell.train]
+    default = reward_spec("legacy")
+    return next((b for b in same if b.cell.reward == default), same[0] if same else None)
+
+
 def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """The seed's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank, seed)."""
+    """The seed's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank,
+    training overrides and seed)."""
     rows = []
-    legacy = [m for m in data.v3() if m.mode == "legacy"]
     others = [m for m in data.v3() if m.mode != "legacy"]
     for m in others:
-        base = [b for b in legacy if b.use_rank == m.use_rank]
+        b = _legacy_reference(data, m)
         lead = _method_cols(m) | {"cell_label": _cell_label(m)}
-        if not base:
-            reason = f"no legacy cell with use_rank={str(m.use_rank).lower()}"
+        if b is None:
+            reason = f"no legacy cell with use_rank={str(m.use_rank).lower()} and the same training settings"
             rows += [lead | {"baseline": ""} | r for r in _na_rows(data.shots, reason)]
             continue
-        for b in base:
-            for k in data.shots:
-                c = compare(data, m.key, b.key, k, n_boot, seed, level)
-                rows.append(lead | {"baseline": b.long()} | _comp_cols(c))
+        for k in data.shots:
+            c = compare(data, m.key, b.key, k, n_boot, seed, level)
+            rows.append(lead | {"baseline": b.long()} | _comp_cols(c))
     if not others:
         rows += [{"mode": "", "cell_label": "", "baseline": ""} | r
                  for r in _na_rows(data.shots, "no v3 cell of a mode other than legacy")]
@@ -295,8 +298,9 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
     return Table(
         "vs_legacy",
         "Every reward mode vs legacy (the seed's 'shot | new vs old | trend')",
-        "Δ = accuracy(cell) − accuracy(legacy with the same use_rank), in points, paired over test "
-        "queries and seeds. 'n.s.' = the 95% interval contains 0: not distinguishable.",
+        "Δ = accuracy(cell) − accuracy(legacy with the same use_rank and training settings, at α=1, β=0 "
+        "where run), in points, paired over test queries and seeds. 'n.s.' = the 95% interval contains 0: "
+        "not distinguishable.",
         df, sections,
     )
 
@@ -325,170 +329,26 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
     )
 
 
-def _wmatch(w: float | None, target: float) -> bool:
-    return w is None or math.isclose(w, target, rel_tol=0, abs_tol=1e-9)
-
-
-def _effective(mode: str | None, setting: tuple[float, float]) -> tuple[float, float]:
-    """The weights as the mode reads them: hybrid uses clip(hard_weight, 0, 1) (SPEC §6)."""
-    hw, sw = setting
-    if mode == "hybrid":
-        hw = min(1.0, max(0.0, hw))
-    return hw, sw
-
-
-def _matches(m: MethodInfo, setting: tuple[float, float]) -> bool:
-    """A cell runs a weight setting when every weight it reads equals the setting's (as read)."""
-    hw, sw = _effective(m.mode, setting)
-    return _wmatch(m.hard_weight, hw) and _wmatch(m.soft_weight, sw)
-
-
-def _preferred(cells: list[MethodInfo]) -> MethodInfo | None:
-    """The cell at the seed's default legacy knobs (alpha 1, beta 0) if any, else the first."""
-    for m in cells:
-        if _wmatch(m.alpha, 1.0) and _wmatch(m.beta, 0.0):
-            return m
-    return cells[0] if cells else None
-
-
-def exp1_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 1: the reward modes at the default weights (1, 1), each vs legacy."""
+def per_shot_table(data: EvalData) -> Table:
+    """Which v3 cell ``per_shot`` uses at each shot and seed, and its validation accuracy (SPEC §8)."""
     rows = []
-    use_ranks = sorted({m.use_rank for m in data.v3()}, key=lambda u: not u)
-    modes = list(MODE_ORDER) + [m for m in _modes(data) if m not in MODE_ORDER]
-    for ur in use_ranks:
-        legacy = _preferred([m for m in data.v3() if m.mode == "legacy" and m.use_rank == ur])
-        for i, mode in enumerate(modes, start=1):
-            cands = [m for m in data.v3() if m.mode == mode and m.use_rank == ur and _matches(m, DEFAULT_WEIGHTS)]
-            cands = [_preferred(cands)] if cands else []
-            lead = {"experiment": f"1.{i}", "mode": mode, "use_rank": ur}
-            if not cands:
-                reason = f"no {mode} cell with weights (1, 1) and use_rank={str(ur).lower()}"
-                rows += [lead | {"method": ""} | r for r in _na_rows(data.shots, reason)]
-                continue
-            m = cands[0]
-            for k in data.shots:
-                acc = method_accuracy(data, m.key, k, n_boot, seed, level)
-                accd = ({"acc_mean": acc.interval.estimate, "acc_low": acc.interval.low,
-                         "acc_high": acc.interval.high} if acc else {})
-                row = lead | {"method": m.long()} | accd
-                if mode == "legacy":
-                    row |= {"k": k, "n_queries": acc.interval.n if acc else 0,
-                            "seeds": _seeds(acc.seeds) if acc else "", "note": "baseline"}
-                elif legacy is None:
-                    row |= {"k": k, "n_queries": 0,
-                            "note": f"{NA}: no legacy cell with use_rank={str(ur).lower()}"}
-                else:
-                    row |= _comp_cols(compare(data, m.key, legacy.key, k, n_boot, seed, level))
-                rows.append(row)
-    if not use_ranks:
-        rows += [{"experiment": "1", "mode": ""} | r for r in _na_rows(data.shots, "no v3 results")]
-    df = _frame(rows, ["experiment", "mode", "use_rank", "method", "acc_mean", "acc_low", "acc_high"] + _COMP_COLS)
-    sections = []
-    for ur in use_ranks or [None]:
-        sub = df[df["use_rank"] == ur] if use_ranks else df
-        disp = _comp_display(sub, {"experiment": "exp", "mode": "mode"}, "Δ vs legacy (pts) [95% CI]")
-        disp.insert(3, "accuracy [95% CI]", [
-            "" if pd.isna(r.acc_mean) else _ci(r.acc_mean, r.acc_low, r.acc_high) for r in sub.itertuples()
-        ])
-        disp.loc[sub["note"].to_numpy() == "baseline", "Δ vs legacy (pts) [95% CI]"] = "baseline"
-        order = np.lexsort((sub["experiment"].to_numpy(), _shot_key(sub["k"]).to_numpy()))
-        heading = f"use_rank = {str(ur).lower()}" if isinstance(ur, (bool, np.bool_)) else None
-        sections.append((heading, disp.iloc[order]))
+    for (s_, k), (cell, acc, n) in sorted(data.per_shot.items(), key=lambda kv: (kv[0][1], -1 if kv[0][0] is None else kv[0][0])):
+        m = data.methods.get(f"v3:{cell}")
+        rows.append({"k": k, "seed": s_, "cell": cell, "method": m.long() if m else f"v3 {cell}",
+                     "val_acc": 100.0 * acc, "n_val": n, "note": ""})
+    if not rows:
+        rows = [{"k": ALL_SHOTS, "note": f"{NA}: no per_shot results (pools.n_val is 0, or no v3 cells)"}]
+    df = _frame(rows, ["k", "seed", "cell", "method", "val_acc", "n_val", "note"])
+    disp = pd.DataFrame({"shot": df["k"], "seed": _blank(df["seed"]), "chosen cell": _blank(df["method"]),
+                         "validation accuracy (%)": [_f(v) for v in df["val_acc"]], "validation queries": _blank(df["n_val"]),
+                         "note": df["note"]})
     return Table(
-        "exp1_modes",
-        "Experiment 1: reward modes (weights (1, 1)) vs legacy",
-        "The seed's experiment 1 (1.1 legacy, 1.2 hard_plus_soft, 1.3 hard_plus_soft_v2, 1.4 hybrid) "
-        "at the default weights (1, 1) (a mode that ignores a weight matches any value), per use_rank. "
-        "Δ = accuracy(mode) − accuracy(legacy), same use_rank and seed.",
-        df, sections,
-    )
-
-
-def exp2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 2: use_rank false (z-score) − true (rank) for every mode and weight setting."""
-    rows = []
-    groups: dict[tuple, dict[bool, MethodInfo]] = {}
-    for m in data.v3():
-        groups.setdefault((m.mode, m.hard_weight, m.soft_weight, m.alpha, m.beta, m.info_scale), {})[m.use_rank] = m
-    for (mode, hw, sw, a, b, _), by_rank in groups.items():
-        knobs = f"({_w(hw)}, {_w(sw)})" + (f" α={_w(a)}, β={_w(b)}" if a is not None or b is not None else "")
-        lead = {"mode": mode, "hard_weight": hw, "soft_weight": sw, "weights": knobs,
-                "rank_method": by_rank[True].long() if True in by_rank else "",
-                "zscore_method": by_rank[False].long() if False in by_rank else ""}
-        if len(by_rank) < 2:
-            only = "true" if True in by_rank else "false"
-            rows += [lead | r for r in _na_rows(data.shots, f"only use_rank={only} was run")]
-            continue
-        for k in data.shots:
-            rows.append(lead | _comp_cols(compare(data, by_rank[False].key, by_rank[True].key, k, n_boot, seed, level)))
-    if not groups:
-        rows += [{"mode": "", "weights": ""} | r for r in _na_rows(data.shots, "no v3 results")]
-    df = _frame(rows, ["mode", "hard_weight", "soft_weight", "weights", "rank_method", "zscore_method"] + _COMP_COLS)
-    sections = _sections_by(df, "mode", lambda v: f"{v}: z-score − rank" if v else "z-score − rank",
-                            {"weights": "knobs (hard, soft)"}, "Δ z-score − rank (pts) [95% CI]")
-    return Table(
-        "exp2_use_rank",
-        "Experiment 2: advantage by rank (2.1, use_rank=true) vs z-score (2.2, use_rank=false)",
-        "Δ = accuracy(use_rank=false) − accuracy(use_rank=true), same mode, weights and seed.",
-        df, sections,
-    )
-
-
-def exp3_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 3: weight settings (2,1), (1,0.5), (2,0.5) vs (1,1), per mode that uses weights."""
-    rows = []
-    modes = [md for md in _modes(data) if any(m.uses_weights for m in data.v3() if m.mode == md)]
-    for mode in modes:
-        for ur in sorted({m.use_rank for m in data.v3() if m.mode == mode}, key=lambda u: not u):
-            cells = [m for m in data.v3() if m.mode == mode and m.use_rank == ur]
-            base = next((m for m in cells if _matches(m, DEFAULT_WEIGHTS)), None)
-            present = [(m.hard_weight, m.soft_weight) for m in cells]
-            settings = list(SEED_WEIGHTS[1:]) + [w for w in present if not any(
-                all(_wmatch(x, t) for x, t in zip(w, s)) for s in SEED_WEIGHTS)]
-            seen = {base.key} if base else set()
-            for j, setting in enumerate(settings):
-                seed_setting = j < len(SEED_WEIGHTS) - 1
-                exp_id = f"3.{j + 2}" if seed_setting else "extra"
-                if seed_setting:  # a weight the cell ignores (null) matches any value
-                    match = next((m for m in cells if _matches(m, setting)), None)
-                else:
-                    match = next((m for m in cells if m.weights == setting), None)
-                lead = {"experiment": exp_id, "mode": mode, "use_rank": ur,
-                        "setting": f"({_w(setting[0])}, {_w(setting[1])})",
-                        "method": match.long() if match else "",
-                        "baseline": base.long() if base else ""}
-                if match is None:
-                    rows += [lead | r for r in _na_rows(
-                        data.shots, f"no {mode} cell with weights {lead['setting']}, use_rank={str(ur).lower()}")]
-                    continue
-                if match.key in seen:  # the mode ignores (or clips) the knob that differs
-                    same = "(1, 1)" if base is not None and match.key == base.key else "a setting listed above"
-                    rows.append(lead | {"k": ALL_SHOTS, "n_queries": 0,
-                                        "note": f"same cell as {same}: {mode} reads these weights identically"})
-                    continue
-                seen.add(match.key)
-                if base is None:
-                    rows += [lead | r for r in _na_rows(
-                        data.shots, f"no {mode} cell with weights (1, 1), use_rank={str(ur).lower()}")]
-                    continue
-                for k in data.shots:
-                    rows.append(lead | _comp_cols(compare(data, match.key, base.key, k, n_boot, seed, level)))
-    if not modes:
-        rows += [{"mode": "", "setting": ""} | r for r in _na_rows(data.shots, "no v3 cell of a mode that uses weights")]
-    df = _frame(rows, ["experiment", "mode", "use_rank", "setting", "method", "baseline"] + _COMP_COLS)
-    df["_sec"] = [f"{m}, use_rank = {str(u).lower()}" if m else "" for m, u in zip(df["mode"], df["use_rank"])]
-    sections = _sections_by(df, "_sec", lambda v: v or None, {"experiment": "exp", "setting": "weights (hard, soft)"},
-                            "Δ vs (1, 1) (pts) [95% CI]")
-    df = df.drop(columns="_sec")
-    return Table(
-        "exp3_weights",
-        "Experiment 3: weight settings vs (1, 1)",
-        "The seed's experiment 3: (hard_weight, soft_weight) = 3.2 (2, 1), 3.3 (1, 0.5), 3.4 (2, 0.5), "
-        "each vs 3.1 (1, 1), same mode, use_rank and seed; modes that use no weights are left out, "
-        "and a setting that differs only in a weight its mode ignores is the same cell (listed once). "
-        "Δ = accuracy(setting) − accuracy((1, 1)).",
-        df, sections,
+        "per_shot",
+        "per_shot: the v3 cell chosen at each shot on the validation queries",
+        "per_shot (the seed's 'different strategies per shot') uses, at each k and seed, the v3 cell with the "
+        "best accuracy on the validation queries (disjoint from the test queries; ties: first cell by slug). "
+        "Nothing here is chosen on the test queries; its test accuracy is in the accuracy table.",
+        df, [(None, disp)],
     )
 
 
