@@ -418,7 +418,7 @@ def experiment(name: str, block: Mapping[str, Any], config: Mapping[str, Any]) -
     if reference not in levels:
         raise ValueError(f"config key {where}.reference: {block.get('reference')!r} is not a level of "
                          f"{contrast} ({', '.join(map(str, levels))})")
-    title = block.get("title") or f"{name}: {contrast}"
+    title = block.get("title") or f"{contrast} levels vs {_spell(list(reference) if isinstance(reference, tuple) else reference)}"
     return Experiment(name, title, tuple(axes), contrast, reference, members)
 
 
@@ -504,7 +504,7 @@ class TrainedCell:
     cell: Cell
     v3_tag: str
     v2_tag: str
-    v3_config: dict[str, Any]  # effective train.v3 (runtime keys included)
+    v3_config: dict[str, Any]  # effective train.v3 (runtime keys included), canonical: sorted keys
 
 
 class Layout:
@@ -592,7 +592,7 @@ class Layout:
             v2 = {**v2_base, "label_order": label_order(v2_base, v3)}
             v2_tag = self._add_v2(v2)
             v3_tag = f"v3-{short_hash({'v2': canonical(v2), 'v3': effective_v3(v3)})}"
-            self._cells[(v3_tag, c.reward.slug, c.adv)] = TrainedCell(c, v3_tag, v2_tag, v3)
+            self._cells[(v3_tag, c.reward.slug, c.adv)] = TrainedCell(c, v3_tag, v2_tag, canonical(v3))
         v2_dir = _join(cand_dir, "{v2}", "seed{seed}")
         self.v2_ckpt = _join(v2_dir, "selector.pt")
         self.v2_metrics = _join(v2_dir, "metrics.csv")
@@ -634,10 +634,11 @@ class Layout:
             raise KeyError(f"no grid cell trains at {v3}/{reward}/{adv} in this config") from None
 
     def v2_config(self, v2: str) -> dict[str, Any]:
-        """The ``train.v2`` settings behind a ``{v2}`` tag (runtime keys from the config)."""
+        """The ``train.v2`` settings behind a ``{v2}`` tag (runtime keys from the config), canonical
+        (sorted keys), so that a reordered config file changes no rule's params."""
         if v2 not in self._v2:
             raise KeyError(f"no v2 selector {v2} in this config")
-        return {**self.config["train"]["v2"], **self._v2[v2]}
+        return canonical({**self.config["train"]["v2"], **self._v2[v2]})
 
     def v3_path(self, pattern: str, tc: TrainedCell, seed: int, **extra: Any) -> str:
         return pattern.format(v3=tc.v3_tag, reward=tc.cell.reward.slug, adv=tc.cell.adv, seed=seed, **extra)
