@@ -30,7 +30,7 @@ from icdrl.grid import (
     short_hash,
     train_overrides,
 )
-from icdrl.rewards import KNOBS, MODES, knobs_used
+from icdrl.rewards import KNOBS, MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,6 +37,10 @@ from icdrl.records import METHODS, EvalRecord, PartialJsonl, PoolRecord, fingerp
 
 log = logging.getLogger(__name__)
 
+#: the methods that run the LVLM (``per_shot`` reuses the chosen cells' records)
+LVLM_METHODS = tuple(m for m in METHODS if m != "per_shot")
+
+
 def random_positions(pool_size: int, k: int, seed: int, query_id: int) -> list[int]:
     """The first ``k`` of a permutation of ``range(pool_size)`` seeded by (seed, query id)."""
     if k > pool_size:
@@ -87,8 +91,8 @@ def plan_method(
     ``query_vecs[i]`` and ``pool_vecs[i]`` ([K, d]) are the embeddings of ``pools[i]``'s query and
     pool (similarity, v2, v3); ``selector`` is a ``PointerSelector`` (v2, v3).
     """
-    if method not in METHODS or method == "per_shot":
-        raise ValueError(f"method must be one of {METHODS[:-1]}, got {method!r}")
+    if method not in LVLM_METHODS:
+        raise ValueError(f"method must be one of {LVLM_METHODS}, got {method!r}")
     if any(k < 1 for k in shots):
         raise ValueError(f"evaluation.shots must all be >= 1, got {list(shots)}")
     if method == "zero_shot":
@@ -148,8 +152,8 @@ def evaluate_method(
     from icdrl.embeddings import EmbeddingTable
     from icdrl.metrics import vqa_accuracy
 
-    if method not in METHODS or method == "per_shot":
-        raise ValueError(f"method must be one of {METHODS[:-1]} (per_shot: select_per_shot), got {method!r}")
+    if method not in LVLM_METHODS:
+        raise ValueError(f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}")
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
     shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
@@ -238,21 +242,19 @@ def evaluate_method(
 # --------------------------------------------------------------------------- per_shot (SPEC §8)
 
 
-def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
-    """``acc[cell][k][query_id]`` and the cells' dicts from v3 eval files of one seed."""
+def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, dict[int, float]]]:
+    """``acc[cell][k][query_id]`` from v3 eval files of one seed."""
     acc: dict[str, dict[int, dict[int, float]]] = {}
-    specs: dict[str, dict] = {}
     seeds = set()
     for path in paths:
         for r in read_records(path, EvalRecord):
             if r.method != "v3":
                 raise ValueError(f"{path}: per_shot chooses among v3 cells; found a {r.method} record")
             seeds.add(r.seed)
-            specs[r.cell] = r.spec
             acc.setdefault(r.cell, {}).setdefault(r.k, {})[r.query_id] = r.acc
     if len(seeds) > 1:
         raise ValueError(f"per_shot: the {what} files mix seeds {sorted(seeds)}; choose per seed")
-    return acc, specs
+    return acc
 
 
 def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int, tuple[str, float]]:
@@ -283,7 +285,7 @@ def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict
     """
     from icdrl.records import write_records
 
-    val_acc, _ = _accuracy_by_cell_and_k(val_paths, "validation")
+    val_acc = _accuracy_by_cell_and_k(val_paths, "validation")
     choice = choose_per_shot(val_acc)
     n_val = {k: len(val_acc[c][k]) for k, (c, _) in choice.items()}
     test = [r for p in test_paths for r in read_records(p, EvalRecord)]

@@ -23,10 +23,10 @@ This module is imported by the Snakefile at parse time: keep it free of torch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -260,10 +260,6 @@ class Cell:
         if "slug" in d and d["slug"] != cell.slug:
             raise ValueError(f"{where}: slug {d['slug']!r} does not match its knobs (expected {cell.slug!r})")
         return cell
-
-
-def make_cell(spec: RewardSpec, use_rank: bool, train: tuple[tuple[str, Any], ...] = ()) -> Cell:
-    return Cell(spec, bool(use_rank), tuple(train))
 
 
 # ----------------------------------------------------------------------------- experiments
