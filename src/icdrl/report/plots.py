@@ -230,6 +230,16 @@ def _delta_legend(ax) -> None:
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
+def _finish_delta_panels(fig: Figure, axes, shots, ax_h: float, hspace: float, title: str) -> None:
+    """Shot ticks, a layout that fits the legends, and the title of a column of delta panels."""
+    axes[-1].set_xticks(shots)
+    axes[-1].set_xlabel("shots (k)")
+    longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
+    _, H = _fix_layout(fig, len(axes), 1, 6.8, ax_h, left=0.85, right=0.9 + _text_w(longest), top=0.75,
+                       bottom=0.6, wspace=0.0, hspace=hspace)
+    _suptitle(fig, title, H)
+
+
 def experiment_plot(df: pd.DataFrame, title: str) -> Figure:
     """Δ (level − reference) per shot of one experiment table, one panel per context."""
     df = df[df["delta"].notna()] if "delta" in df else df.iloc[0:0]
@@ -248,12 +258,7 @@ def experiment_plot(df: pd.DataFrame, title: str) -> Figure:
                              f"{lev} − {g['reference'].iloc[0]}")
             ax.set_title(ctx or "all")
             _delta_legend(ax)
-        axes[-1].set_xticks(shots)
-        axes[-1].set_xlabel("shots (k)")
-        longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
-        _, H = _fix_layout(fig, len(contexts), 1, 6.8, 2.3, left=0.85, right=0.9 + _text_w(longest), top=0.75,
-                           bottom=0.6, wspace=0.0, hspace=0.5)
-        _suptitle(fig, f"{title}: Δ with 95% paired bootstrap intervals", H)
+        _finish_delta_panels(fig, axes, shots, 2.3, 0.5, f"{title}: Δ with 95% paired bootstrap intervals")
     return fig
 
 
@@ -280,12 +285,8 @@ def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
                 _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), color, marker, r.cell_label)
             ax.set_title(f"{mode} − legacy (same use_rank, paired seeds)")
             _delta_legend(ax)
-        axes[-1].set_xticks(shots)
-        axes[-1].set_xlabel("shots (k)")
-        longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
-        _, H = _fix_layout(fig, len(modes), 1, 6.8, 2.5, left=0.85, right=0.9 + _text_w(longest), top=0.75,
-                           bottom=0.6, wspace=0.0, hspace=0.45)
-        _suptitle(fig, "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)", H)
+        _finish_delta_panels(fig, axes, shots, 2.5, 0.45,
+                             "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)")
     return fig
 
 
