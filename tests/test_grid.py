@@ -194,7 +194,8 @@ def test_paths_carry_config_segments(default_cfg):
     assert "{shard}-of-2" in L.candidates_shard and "of-2" not in L.candidates
     assert L.rewards.endswith("rewards/{reward}.jsonl")
     assert "{reward}/{adv}/seed{seed}" in L.v3_ckpt
-    assert L.eval_baseline.endswith("eval-n200-k1.2.3.4-mnt10/{method}.jsonl")
+    assert L.eval_baseline.endswith("eval-n200-k1.2.3.4-mnt10-official/{method}.jsonl")
+    assert "/scored-t1-mnt10-official/" in L.scored
     assert "random-r0" in " ".join(L.all_eval())
 
 
@@ -235,6 +236,20 @@ def test_scoring_threshold_keeps_candidates(default_cfg):
     changed = _changed(default_cfg, lambda c: c["scoring"].__setitem__("correct_threshold", 0.5))
     assert "candidates" not in changed and "v2_ckpt" not in changed and "eval_baseline" not in changed
     assert {"scored", "rewards", "v3_ckpt", "eval_v3"} <= changed
+
+
+def test_scoring_metric_moves_scored_and_every_evaluation(default_cfg):
+    # the metric decides vqa_acc_score (scored) and every evaluation record's acc (SPEC §5)
+    changed = _changed(default_cfg, lambda c: c["scoring"].__setitem__("metric", "normalised"))
+    assert "candidates" not in changed and "v2_ckpt" not in changed and "pools_test" not in changed
+    assert {"scored", "rewards", "v3_ckpt", "eval_v3", "eval_v2", "eval_baseline", "all_eval"} <= changed
+    assert "-normalised" in Layout(_with(default_cfg, "scoring", "metric", "normalised")).eval_v2
+
+
+def _with(cfg, section, key, value):
+    new = copy.deepcopy(cfg)
+    new[section][key] = value
+    return new
 
 
 def test_embedded_lvlm_knobs_move_everything_that_used_the_model(default_cfg):

@@ -387,7 +387,8 @@ class Layout:
         self.cand_dir = cand_dir
         self.candidates_shard = _join(cand_dir, "shards", f"candidates-{{shard}}-of-{self.n_shards}.jsonl")
         self.candidates = _join(cand_dir, "candidates.jsonl")
-        self.scored_tag = f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+        self.scored_tag = (f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+                           f"-{scoring['metric']}")
         scored_dir = _join(cand_dir, self.scored_tag)
         self.scored_shard = _join(scored_dir, "shards", f"scored-{{shard}}-of-{self.n_shards}.jsonl")
         self.scored = _join(scored_dir, "scored.jsonl")
@@ -406,6 +407,7 @@ class Layout:
         # evaluation: test queries (n_test), shots, generation length (+ random's seed)
         self.eval_tag = (
             f"eval-n{self.n_test}-k{'.'.join(str(k) for k in ev['shots'])}-mnt{model['max_new_tokens']}"
+            f"-{scoring['metric']}"
         )
         self.eval_baseline = _join(run, self.eval_tag, "{method}.jsonl")
         self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]

@@ -352,7 +352,9 @@ class EvalRecord:
     has one record per k in the evaluated shots, all with no ICD and the same answer (generated
     once), so that every method has a value at every shot. The cell's knobs ``mode, use_rank,
     hard_weight, soft_weight, alpha, beta, info_scale`` are set for v3 cells (null where the
-    mode ignores a knob) and null for every other method.
+    mode ignores a knob) and null for every other method. ``image_id`` is the query's
+    ``Example.image_id`` (null if unknown): questions sharing an image are one cluster of the
+    report's bootstrap.
     """
 
     SCHEMA: ClassVar[str] = "icdrl.eval"
@@ -373,6 +375,7 @@ class EvalRecord:
     alpha: float | None = None
     beta: float | None = None
     info_scale: float | None = None
+    image_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> EvalRecord:
@@ -400,6 +403,7 @@ class EvalRecord:
             alpha=_opt_float(d, "alpha", where),
             beta=_opt_float(d, "beta", where),
             info_scale=_opt_float(d, "info_scale", where),
+            image_id=_opt_str(d, "image_id", where),
         )
 
     def to_dict(self) -> dict:

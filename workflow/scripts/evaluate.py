@@ -18,8 +18,9 @@ def main(sm):
         cell = parse_cell(w.reward, w.adv)
         method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed),
                             "cell": {"slug": cell.slug, **cell.as_record()}}
+    eval_cfg = {**c["evaluation"], "metric": c["scoring"]["metric"]}  # acc uses the scoring metric
     evaluate_method(c["dataset"], c["model"], model_path(sm), str(sm.input.test_pools), str(sm.input.eval_emb),
-                    str(sm.input.train_emb), method, c["evaluation"], str(sm.output[0]), **kw)
+                    str(sm.input.train_emb), method, eval_cfg, str(sm.output[0]), **kw)
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake
