@@ -164,8 +164,13 @@ def test_summary_names_distinguishable_findings(report):
     s = (report / "summary.md").read_text()
     assert "Best method per shot" in s and "Reward modes vs legacy" in s
     vs = _csv(report, "vs_legacy")
-    n_dist = int(vs["distinguishable"].astype(str).eq("True").sum())
-    assert f"{n_dist} of {len(vs)} deltas are distinguishable" in s
+    tested = vs[vs["status"] == "tested"]
+    n_holm = int(tested["significant_holm"].astype(str).eq("True").sum())
+    n_dist = int(tested["distinguishable"].astype(str).eq("True").sum())
+    assert f"{n_holm} of {len(tested)} tested deltas are significant after Holm" in s
+    assert (f"Unadjusted, {n_dist} of {len(tested)} 95% intervals exclude 0, where chance alone would give "
+            f"about {0.05 * len(tested):.1f}.") in s
+    assert "Test queries needed to resolve 1 point" in s
     assert "<h1>Report summary</h1>" in (report / "summary.html").read_text()
 
 

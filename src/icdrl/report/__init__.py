@@ -10,8 +10,16 @@ Entry point for the workflow's final rule::
   (label = the path relative to the folder common to all of them, without suffix).
 * ``rewards_paths``: ``icdrl.rewards`` JSONL files, mapping label → path or list (same rule).
 * ``scored_path``: the gathered ``icdrl.scored`` JSONL, or None.
-* ``report_cfg``: ``{"n_boot": 1000, "seed": 0}`` (both optional; other keys are errors).
-  Intervals are 95% (``LEVEL``).
+* ``report_cfg``: ``{"n_boot": 10000, "seed": 0}`` (both optional; other keys are errors).
+  Intervals are 95% (``LEVEL``); p-values come from the same resamples, so n_boot bounds the
+  smallest one (2/(n_boot + 1)) and with it how large a family Holm can resolve.
+
+The statistics (SPEC §10) are a library the tables call: :mod:`.bootstrap` (two-level clustered
+paired bootstrap: ``paired_bootstrap``, ``Interval`` with ``p``, ``se``, ``mde()``, ``parts``),
+:mod:`.compare` (``compare`` one pair at one shot, ``family`` one experiment's comparisons: repeats
+counted once, Holm), :mod:`.multiplicity` (``holm``), :mod:`.power` (``power_plan``,
+``plan_lines``) and :mod:`.degenerate` (comparisons that cannot differ). The delta tables are
+built by :func:`comparison_tables`, which ``icdrl power`` calls too.
 * ``out_dir``: folder for the outputs; it always receives exactly :func:`report_files` (fixed
   names, independent of the inputs; a category without data holds a "not available" note).
 """
@@ -26,7 +34,8 @@ from pathlib import Path
 from icdrl.records import atomic_write_text
 
 from .bootstrap import Interval, bootstrap_mean, paired_bootstrap, trend
-from .compare import Comparison, compare, method_accuracy
+from .compare import Comparison, compare, family, method_accuracy
+from .degenerate import reward_equivalence
 from .inputs import EvalData, load_eval, load_metrics, load_rewards, load_scored
 from .plots import (
     PLOT_NAMES,
@@ -66,6 +75,8 @@ __all__ = [
     "trend",
     "Comparison",
     "compare",
+    "comparison_tables",
+    "family",
     "method_accuracy",
     "EvalData",
     "load_eval",
@@ -73,7 +84,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPORT_CFG = {"n_boot": 1000, "seed": 0}
+DEFAULT_REPORT_CFG = {"n_boot": 10000, "seed": 0}
 LEVEL = 0.95  # the tables' and captions' texts say 95%
 TABLE_EXTS = ("csv", "md", "html")
 PLOT_EXTS = ("png", "svg")
@@ -103,6 +114,17 @@ def _check_cfg(report_cfg: Mapping | None) -> dict:
     return cfg
 
 
+def comparison_tables(data: EvalData, n_boot: int, seed: int, level: float = LEVEL) -> dict:
+    """The delta tables, each one family of comparisons (``Table.comparisons``), in report order."""
+    return {
+        "vs_legacy": vs_legacy_table(data, n_boot, seed, level),
+        "vs_v2": vs_v2_table(data, n_boot, seed, level),
+        "exp1_modes": exp1_table(data, n_boot, seed, level),
+        "exp2_use_rank": exp2_table(data, n_boot, seed, level),
+        "exp3_weights": exp3_table(data, n_boot, seed, level),
+    }
+
+
 def build_report(
     eval_paths: Sequence[str | os.PathLike],
     metrics_paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None,
@@ -124,17 +146,14 @@ def build_report(
     metrics = load_metrics(metrics_paths)
     rewards = load_rewards(rewards_paths)
     scored = load_scored(scored_path)
+    data.reward_orders = reward_equivalence(rewards)
     log.info("report: %d methods, shots %s, %d metrics files, %d rewards files",
              len(data.methods), data.shots, len(metrics), len(rewards))
 
     adv = {(lab, ur): advantage_values(g, ur) for lab, g in rewards.items() for ur in (True, False)}
     tables = {
         "accuracy": accuracy_table(data, n_boot, seed, level),
-        "vs_legacy": vs_legacy_table(data, n_boot, seed, level),
-        "vs_v2": vs_v2_table(data, n_boot, seed, level),
-        "exp1_modes": exp1_table(data, n_boot, seed, level),
-        "exp2_use_rank": exp2_table(data, n_boot, seed, level),
-        "exp3_weights": exp3_table(data, n_boot, seed, level),
+        **comparison_tables(data, n_boot, seed, level),
         "rl_groups": rl_groups_table(rewards),
         "rl_advantages": rl_advantages_table(adv),
         "candidates_by_source": sources_table(scored),
