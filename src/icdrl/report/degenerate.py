@@ -7,7 +7,9 @@ Two ways a paired delta is zero by construction:
   (``use_rank: true``) and identical rank RCE weights, so two rank cells that differ only in
   those rewards train on the same signal. Typical case: ``hard_plus_soft`` at any weights (and
   ``hard_plus_soft_v2``) on a single-answer dataset, where s = h and every such reward is a
-  positive multiple of h. Found from the rewards files (:func:`reward_equivalence`).
+  positive multiple of h. More generally, since h = 1[s ≥ threshold], every w_h·h + w_s·s with
+  w_s > 0 increases with s, so all such weightings order candidates as s does. Found from the
+  rewards files (:func:`reward_equivalence`).
 * **(b) identical choices.** Two methods that choose the same demonstrations for every test
   query at a shot (same seeds), and so get the same answers: found from the evaluation records
   (:func:`identical_choices`).
@@ -40,6 +42,7 @@ __all__ = [
 
 ADV_SUFFIXES = ("-rank", "-zscore")
 SINGLE_ANSWER = "single-answer dataset (soft = hard on every candidate)"
+BY_SOFT = "every such reward increases with soft (hard is soft thresholded), so it orders candidates as soft does"
 ORDER = "the rewards order every group's candidates the same way"
 
 
@@ -77,6 +80,13 @@ def _soft_is_hard(g: RewardGroups) -> bool:
     return g.soft is not None and all(np.array_equal(s, h) for s, h in zip(g.soft, g.hard))
 
 
+def _orders_as_soft(g: RewardGroups) -> bool:
+    """Every group's rewards have the tie pattern and ranks of its soft scores."""
+    return g.soft is not None and all(
+        np.array_equal(np.unique(r, return_inverse=True)[1], np.unique(s, return_inverse=True)[1])
+        for r, s in zip(g.rewards, g.soft))
+
+
 def reward_equivalence(rewards: Mapping[str, RewardGroups]) -> RewardEquivalence:
     """Group rewards files whose rewards order every group's candidates the same way.
 
@@ -91,7 +101,12 @@ def reward_equivalence(rewards: Mapping[str, RewardGroups]) -> RewardEquivalence
     classes = tuple(tuple(v) for v in by_sig.values() if len(v) >= 2)
     why = {}
     for cls in classes:
-        cause = SINGLE_ANSWER if all(_soft_is_hard(rewards[lab]) for lab in cls) else ORDER
+        if all(_soft_is_hard(rewards[lab]) for lab in cls):
+            cause = SINGLE_ANSWER
+        elif all(_orders_as_soft(rewards[lab]) for lab in cls):
+            cause = BY_SOFT
+        else:
+            cause = ORDER
         why.update(dict.fromkeys(cls, cause))
     return RewardEquivalence(classes, why)
 
@@ -145,6 +160,8 @@ def cannot_differ(data: EvalData, a: str, b: str, k: int) -> str:
     """Why ``a − b`` at shot ``k`` is zero by construction, or "" if it can differ."""
     why = _rank_equivalent(data, a, b)
     if why:
+        if data.icds.get((a, k)) and data.icds.get((b, k)) and not identical_choices(data, a, b, k):
+            why += "; yet their records differ (choices or answers), so the two trainings did not reproduce each other"
         return f"cannot differ: {why}"
     if identical_choices(data, a, b, k):
         if all(identical_choices(data, a, b, kk) for kk in data.shots):
