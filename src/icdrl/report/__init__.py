@@ -76,6 +76,7 @@ __all__ = [
     "Comparison",
     "compare",
     "comparison_tables",
+    "power_from_files",
     "family",
     "method_accuracy",
     "EvalData",
@@ -123,6 +124,21 @@ def comparison_tables(data: EvalData, n_boot: int, seed: int, level: float = LEV
         "exp2_use_rank": exp2_table(data, n_boot, seed, level),
         "exp3_weights": exp3_table(data, n_boot, seed, level),
     }
+
+
+def power_from_files(eval_paths, rewards_paths=None, *, delta: float = 1.0, n_boot: int = 2000, seed: int = 0,
+                     alpha: float = 0.05, power: float = 0.8):
+    """The power plan of a finished run (what the summary prints), from its evaluation records.
+
+    The comparisons are those of :func:`comparison_tables` (rewards files, if given, let it
+    recognise rank cells that cannot differ). Returns a :class:`.power.PowerPlan`.
+    """
+    from .power import power_plan
+
+    data = load_eval(eval_paths)
+    data.reward_orders = reward_equivalence(load_rewards(rewards_paths))
+    tables = comparison_tables(data, n_boot, seed, LEVEL)
+    return power_plan([c for t in tables.values() for c in t.comparisons], delta=delta, alpha=alpha, power=power)
 
 
 def build_report(
