@@ -199,8 +199,12 @@ def index_matrix(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 @lru_cache(maxsize=4)  # a report uses a few cluster counts
 def _weights(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """``[n_boot, n]`` multiplicities of each unit in each resample (rows sum to n), read-only."""
-    out = np.empty((n_boot, n), dtype=np.float64)
+    """``[n_boot, n]`` multiplicities of each unit in each resample (rows sum to n), read-only.
+
+    Stored as small unsigned integers (exact: a count is at most n), a quarter of float64's
+    memory; ``einsum`` with float64 values casts in buffers and sums in float64.
+    """
+    out = np.empty((n_boot, n), dtype=np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32)
     row = 0
     for idx in _draw_blocks(n, n_boot, seed):
         flat = idx + (np.arange(idx.shape[0], dtype=np.int64) * n)[:, None]

@@ -45,6 +45,7 @@ class PowerPlan:
     mde_range: tuple[float, float] | None
     seed_measured: bool          # False: some comparison has one seeded run per side
     rows: tuple[PlanRow, ...]
+    n_no_variance: int = 0       # left out: no query (and no seed) differs, so nothing to scale
 
 
 def _need(c, delta: float, s: int, alpha: float, power: float) -> float:
@@ -59,6 +60,11 @@ def power_plan(comparisons: Sequence, delta: float = 1.0, alpha: float = 0.05, p
         raise ValueError(f"delta must be > 0, got {delta}")
     cs = [c for c in comparisons if getattr(c, "tested", c.available) and c.interval is not None
           and c.interval.parts is not None]
+    def measured(c) -> float:
+        return c.interval.parts.at(c.interval.parts.n_seeds, c.interval.parts.n_queries)
+
+    flat = [c for c in cs if measured(c) <= 0.0]
+    cs = [c for c in cs if measured(c) > 0.0]
     z = z_mde(alpha, power)
     mdes = [z * math.sqrt(c.interval.parts.at(c.interval.parts.n_seeds, c.interval.parts.n_queries))
             for c in cs]
@@ -79,6 +85,7 @@ def power_plan(comparisons: Sequence, delta: float = 1.0, alpha: float = 0.05, p
         (float(min(mdes)), float(max(mdes))) if mdes else None,
         all(c.interval.parts.seed_measured for c in cs),
         tuple(rows),
+        len(flat),
     )
 
 
@@ -101,7 +108,7 @@ def _unit(unit: str, x: float) -> str:
 def plan_lines(plan: PowerPlan, unit: str = "points") -> list[str]:
     """The plan as sentences (the report's summary and ``icdrl power`` print these)."""
     if plan.n_comparisons == 0:
-        return ["No tested comparison: nothing to plan from."]
+        return ["No tested comparison with any variance: nothing to plan from."]
     lo, hi = plan.mde_range
     out = [
         f"{plan.n_comparisons} comparisons on {_span(plan.n_queries)} test queries ({_span(plan.n_clusters)} "
@@ -116,6 +123,9 @@ def plan_lines(plan: PowerPlan, unit: str = "points") -> list[str]:
             continue  # seed variance unknown: more seeds cannot be planned
         out.append(f"  {r.n_seeds} seed{'s' if r.n_seeds > 1 else ''}: median comparison {_count(r.median_queries)}; "
                    f"every comparison {_count(r.max_queries)}")
+    if plan.n_no_variance:
+        out.append(f"{plan.n_no_variance} tested comparison{'s' if plan.n_no_variance > 1 else ''} where the two "
+                   "sides score the same on every query (zero observed variance) are left out of the plan.")
     if not plan.seed_measured:
         out.append("One seeded run per method: the seed-to-seed variance is not measured and counted as 0, so "
                    "these counts are lower bounds, and how more seeds would help cannot be said; a run with 2+ "

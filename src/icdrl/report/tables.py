@@ -162,8 +162,9 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
     return Table(
         "accuracy",
         "Accuracy per method and shot",
-        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval over "
-        "test queries of the seed-averaged per-query accuracy; 'seed sd' and 'seed min–max' are "
+        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval that resamples "
+        "the seeds (where there are two or more), then the test queries (questions about one image "
+        "together); 'seed sd' and 'seed min–max' are "
         "the spread of the per-seed accuracies (v2/v3 have seeds; other methods one run).",
         df,
         [("Mean accuracy [95% CI] by shot", pd.DataFrame(list(wide.values()))), ("Details", long_disp)],
