@@ -83,8 +83,12 @@ def _acc(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
 
 
 def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0, 1), shots=(1, 2, 3, 4),
-               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2")) -> list[str]:
-    """One eval file per (method[, cell], seed), like the workflow writes them."""
+               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2"),
+               per_image: int = 2) -> list[str]:
+    """One eval file per (method[, cell], seed), like the workflow writes them.
+
+    ``per_image`` consecutive queries share an image (``image_id``; 0: no image ids recorded).
+    """
     rng = np.random.default_rng(rng_seed)
     qids = np.arange(1000, 1000 + n_queries) * 7
     difficulty = rng.normal(0.3, 1.3, size=n_queries)
@@ -101,6 +105,8 @@ def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0
                 rec = {"method": method, "cell": c["cell"] if c else None, "seed": seed, "k": k,
                        "query_id": int(q), "icd_ids": list(range(k)), "prediction_raw": "x",
                        "prediction": "x", "acc": float(a)}
+                if per_image:
+                    rec["image_id"] = f"img{(int(q) // 7) // per_image}"
                 if c:
                     rec["spec"] = {key: c[key] for key in ("slug", "mode", "knobs", "use_rank", "train")}
                 recs.append(rec)

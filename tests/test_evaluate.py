@@ -70,6 +70,7 @@ def test_methods_choose_from_own_pool(setup, method):
         assert r.method == method and len(r.icd_ids) == (0 if method == "zero_shot" else r.k) == len(set(r.icd_ids))
         assert [pool_of[r.query_id][p] for p in r.icd_pos] == list(r.icd_ids)
         assert r.acc == vqa_accuracy(r.prediction, by_id[r.query_id].answers)
+        assert r.image_id == by_id[r.query_id].image_id  # the report's bootstrap clusters by image
         if method == "similarity":
             assert list(r.icd_pos) == similarity_positions(EVAL_T.vector(r.query_id),
                                                            TRAIN_T.vectors(pool_of[r.query_id]), r.k)
@@ -82,6 +83,38 @@ def test_methods_choose_from_own_pool(setup, method):
         assert summary[k] == pytest.approx(np.mean([r.acc for r in recs if r.k == k]))
     head = read_jsonl(tmp / "e.jsonl", "icdrl.eval")[0]
     assert {"method", "cell", "seed", "k", "query_id", "icd_ids", "prediction", "acc"} <= set(head)
+
+
+class _Says:
+    """A backend that answers every prompt with the same text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def generate(self, prompts, max_new_tokens=None):
+        from icdrl.lvlm.base import Generation
+
+        return [Generation(self.text, self.text) for _ in prompts]
+
+
+def test_acc_uses_the_configured_metric(setup, monkeypatch):
+    import dataclasses
+
+    tmp, _ = setup
+    unanimous = [dataclasses.replace(ex, answers=("dog",) * 10, answer="dog") for ex in EVAL]
+    patch_dataset(monkeypatch, {"train": TRAIN, "eval": unanimous})
+    cfg = {"shots": [1], "random_seed": 5}
+    accs = {}
+    for metric in ("official", "normalised"):
+        evaluate_method({}, {"batch_size": 4}, None, str(tmp / "test_pools.jsonl"), str(tmp / "eval.npz"),
+                        str(tmp / "train.npz"), "random", {**cfg, "metric": metric}, str(tmp / f"{metric}.jsonl"),
+                        backend=_Says("a dog"))
+        accs[metric] = {r.acc for r in read_records(tmp / f"{metric}.jsonl", EvalRecord)}
+    assert accs == {"official": {0.0}, "normalised": {1.0}}  # "a dog" vs ten "dog" (SPEC §5)
+    with pytest.raises(ValueError, match="scoring.metric"):
+        evaluate_method({}, {"batch_size": 4}, None, str(tmp / "test_pools.jsonl"), str(tmp / "eval.npz"),
+                        str(tmp / "train.npz"), "random", {**cfg, "metric": "exact"}, str(tmp / "x.jsonl"),
+                        backend=_Says("a dog"))
 
 
 def test_v3_records_carry_the_cell(setup):

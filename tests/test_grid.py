@@ -269,8 +269,9 @@ def test_paths_carry_config_segments(default_cfg):
     assert "{shard}-of-2" in L.candidates_shard and "of-2" not in L.candidates
     assert L.rewards.endswith("rewards/{reward}.jsonl")
     assert "{v3}/{reward}/{adv}/seed{seed}" in L.v3_ckpt and "{v2}/seed{seed}" in L.v2_ckpt
-    assert L.eval_baseline.endswith("test-n200-k1.2.3.4-mnt10/{method}.jsonl")
-    assert L.val_v3.endswith("val-n100-k1.2.3.4-mnt10.jsonl") and L.pools_val.endswith("val-n100.jsonl")
+    assert L.eval_baseline.endswith("test-n200-k1.2.3.4-mnt10-official/{method}.jsonl")
+    assert "/scored-t1-mnt10-official/" in L.scored
+    assert L.val_v3.endswith("val-n100-k1.2.3.4-mnt10-official.jsonl") and L.pools_val.endswith("val-n100.jsonl")
     assert "random-r0" in " ".join(L.all_eval()) and L.per_shot.format(seed=0) in L.all_eval()
     # training overrides move only their cells' {v3} folder; the label order also its v2
     tags = {tc.cell.slug: tc for tc in L.trained_cells()}
@@ -327,6 +328,20 @@ def test_scoring_threshold_keeps_candidates(default_cfg):
     changed = _changed(default_cfg, lambda c: c["scoring"].__setitem__("correct_threshold", 0.5))
     assert "candidates" not in changed and "all_v2" not in changed and "eval_baseline" not in changed
     assert {"scored", "rewards", "all_v3", "all_eval"} <= changed
+
+
+def test_scoring_metric_moves_scored_and_every_evaluation(default_cfg):
+    # the metric decides vqa_acc_score (scored) and every evaluation record's acc (SPEC §5)
+    changed = _changed(default_cfg, lambda c: c["scoring"].__setitem__("metric", "normalised"))
+    assert "candidates" not in changed and "all_v2" not in changed and "pools_test" not in changed
+    assert {"scored", "rewards", "all_v3", "eval_v3", "eval_v2", "eval_baseline", "all_eval", "val_v3"} <= changed
+    assert "-normalised" in Layout(_with(default_cfg, "scoring", "metric", "normalised")).eval_v2
+
+
+def _with(cfg, section, key, value):
+    new = copy.deepcopy(cfg)
+    new[section][key] = value
+    return new
 
 
 def test_embedded_lvlm_knobs_move_everything_that_used_the_model(default_cfg):

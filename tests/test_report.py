@@ -183,9 +183,83 @@ def test_summary_names_distinguishable_findings(report):
     s = (report / "summary.md").read_text()
     assert "Best method per shot" in s and "Reward modes vs legacy" in s
     vs = _csv(report, "vs_legacy")
-    n_dist = int(vs["distinguishable"].astype(str).eq("True").sum())
-    assert f"{n_dist} of {len(vs)} deltas are distinguishable" in s
+    tested = vs[vs["status"] == "tested"]
+    n_holm = int(tested["significant_holm"].astype(str).eq("True").sum())
+    n_dist = int(tested["distinguishable"].astype(str).eq("True").sum())
+    assert f"{n_holm} of {len(tested)} tested deltas are significant after Holm" in s
+    assert (f"Unadjusted, {n_dist} of {len(tested)} 95% intervals exclude 0, where chance alone would give "
+            f"about {0.05 * len(tested):.1f}.") in s
+    assert "Test queries needed to resolve 1 point" in s
     assert "<h1>Report summary</h1>" in (report / "summary.html").read_text()
+
+
+DELTA_TABLES = ("vs_legacy", "vs_v2", "exp-modes", "exp-use_rank", "exp-weights")
+
+
+@pytest.mark.parametrize("name", DELTA_TABLES)
+def test_delta_tables_carry_holm_mde_and_status(report, name):
+    t = _csv(report, name)
+    for col in ("p", "p_holm", "significant_holm", "mde", "family_size", "status", "n_clusters", "resampled"):
+        assert col in t.columns, col
+    tested = t[t["status"] == "tested"]
+    assert len(tested) > 0
+    assert tested["p"].between(0, 1).all() and (tested["p_holm"] >= tested["p"] - 1e-12).all()
+    assert (tested["family_size"] == len(tested)).all()  # one table = one family
+    assert (tested["mde"] > 0).all()
+    assert (tested["n_clusters"] == 60).all()  # 120 queries, two per image
+    holm_sig = tested["significant_holm"].astype(str).eq("True")
+    assert (tested.loc[holm_sig, "p_holm"] <= 0.05).all() and (tested.loc[~holm_sig, "p_holm"] > 0.05).all()
+    # Holm never flags more than the unadjusted intervals do
+    assert holm_sig.sum() <= tested["distinguishable"].astype(str).eq("True").sum()
+    v3_pairs = tested[tested["pairing"] == "paired by seed"]
+    assert (v3_pairs["resampled"] == "seeds, then queries").all()
+
+
+def test_rank_weight_cells_cannot_differ_and_are_not_tested(report):
+    # the synthetic soft is 1 where hard is 1, so every positive weighting orders candidates as soft
+    e3 = _csv(report, "exp-weights")
+    rank = e3[e3["context"].isin(["hard_plus_soft, rank", "hard_plus_soft_v2, rank"]) & e3["delta"].notna()]
+    assert len(rank) == 2 * len(SHOTS) and (rank["status"] == "cannot differ").all()
+    assert rank["note"].str.contains("increases with soft").all()
+    assert rank["p_holm"].isna().all()
+    # their synthetic accuracies differ: the note says the records do not reproduce each other
+    assert rank["note"].str.contains("did not reproduce").all()
+    s = (report / "summary.md").read_text()
+    assert "cannot differ by construction and are not tested" in s
+
+
+def test_summary_says_what_the_intervals_resample(report):
+    s = (report / "summary.md").read_text()
+    assert "Seeds are resampled, then test queries" in s
+    assert "60 images for 120 queries" in s
+    assert "by -0.000" not in s and "by 0.000" not in s
+
+
+def test_within_group_gaps_and_tie_wording():
+    from icdrl.report.summary import _within_text
+    from icdrl.report.tables import within_group_gaps
+
+    g = RewardGroups("x", "x",
+                     [np.array([1.0, 0.5, 0.7]),   # mixed: correct 1.0 / 0.5 vs incorrect 0.7 -> gap -0.2
+                      np.array([1.0, 1.0]),        # mixed: tie
+                      np.array([2.0, 0.0]),        # mixed: gap 2
+                      np.array([0.3, 0.1])],       # all incorrect: not mixed
+                     [np.array([1, 1, 0.0]), np.array([1, 0.0]), np.array([1, 0.0]), np.array([0, 0.0])],
+                     np.zeros(4, dtype=int))
+    st = within_group_gaps(g)
+    assert st["n_mixed"] == 3
+    assert st["share_inverted"] == pytest.approx(1 / 3) and st["share_tied"] == pytest.approx(1 / 3)
+    assert st["within_gap_min"] == pytest.approx(-0.2) and st["within_gap_median"] == pytest.approx(0.0)
+    row = pd.Series(st)
+    text = _within_text(row)
+    assert "33.3% an incorrect candidate outscores a correct one (by up to 0.200)" in text
+    assert "33.3% the best incorrect candidate ties the worst correct one" in text
+    tie_only = pd.Series(within_group_gaps(RewardGroups("t", "t", [np.array([1.0, 1.0])], [np.array([1, 0.0])],
+                                                        np.zeros(1, dtype=int))))
+    assert "-0.000" not in _within_text(tie_only) and "ties" in _within_text(tie_only)
+    sep = pd.Series(within_group_gaps(RewardGroups("s", "s", [np.array([2.0, 0.0])], [np.array([1, 0.0])],
+                                                   np.zeros(1, dtype=int))))
+    assert "every correct candidate scores above every incorrect one" in _within_text(sep)
 
 
 def test_group_stats_known_case():
@@ -290,3 +364,27 @@ def test_training_runs_are_grouped_by_mode_from_their_labels():
     assert _split_run("v3 hard_plus_soft-hw2-sw0.5-zscore seed0")[0] == "hard_plus_soft"
     assert _split_run("legacy-a1-b0-rank/seed0/metrics") == ("legacy", "a1-b0-rank/seed0/metrics")
     assert _split_run("hybridish-run") == ("other", "hybridish-run")
+
+
+def test_training_curves_separate_rce_and_grpo_loss_and_mark_identical_runs(inputs):
+    from icdrl.report.inputs import load_metrics
+    from icdrl.report.plots import identical_runs, training_curves_plot
+
+    metrics = load_metrics(inputs["metrics_paths"])
+    label = next(lab for lab in metrics if lab.startswith("v3 hard_plus_soft-hw1-sw1-rank"))
+    twin_label = "v3 hard_plus_soft-hw2-sw1-rank seed9"
+    twin = metrics[label].copy()
+    twin["val_reward"] = twin["val_reward"] * 1.5  # the same training on a reward of another scale
+    metrics = dict(metrics) | {twin_label: twin}
+    assert identical_runs(metrics) == {twin_label: label}
+    fig = training_curves_plot(metrics)
+    ylabels = {ax.get_ylabel() for ax in fig.axes}
+    assert {"v2 / RCE loss", "GRPO loss"} <= ylabels
+    grpo_row = [ax for ax in fig.axes if ax.get_ylabel() == "GRPO loss"][0]
+    rce_row = [ax for ax in fig.axes if ax.get_ylabel() == "v2 / RCE loss"][0]
+    # each loss on its own axis: GRPO's range is not stretched by RCE's (about 2 here)
+    assert grpo_row.get_ylim()[1] < 0.5 < rce_row.get_ylim()[1]
+    legend_texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert any(t.endswith("(identical)") and "hw2-sw1-rank seed9" in t for t in legend_texts)
+    hollow = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert hollow and all(ln.get_linestyle() == "None" for ln in hollow)

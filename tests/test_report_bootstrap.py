@@ -60,18 +60,22 @@ def test_interval_width_matches_normal_theory():
     assert iv.low < x.mean() < iv.high
 
 
-def test_seeds_are_averaged_per_query_like_joint_resampling():
+def test_seeds_share_query_draws_and_add_a_seed_level():
     rng = np.random.default_rng(7)
-    a = rng.random((2, 60))
-    b = rng.random((2, 60))
+    a1, b = rng.random(60), rng.random((2, 60))
+    a = np.stack([a1, a1 + (b[1] - b[0])])  # every seed's delta has the same mean: no seed effect
     iv = paired_bootstrap(a, b, n_boot=500, seed=4)
     idx = index_matrix(60, 500, 4)
-    # resample the same query indices in every seed, average over seeds and queries
+    # the same query indices in every seed; the seed part vanishes (row means equal)
     joint = (a[:, idx] - b[:, idx]).mean(axis=(0, 2))
     lo, hi = np.quantile(joint, [0.025, 0.975])
     assert iv.low == pytest.approx(lo, abs=1e-12)
     assert iv.high == pytest.approx(hi, abs=1e-12)
     assert iv.estimate == pytest.approx((a - b).mean(), abs=1e-12)
+    assert iv.levels == "seeds, then queries" and iv.n_seeds == 2
+    # a seed offset widens the interval beyond query resampling alone
+    shifted = paired_bootstrap(a + np.array([[0.3], [-0.3]]), b, n_boot=500, seed=4)
+    assert shifted.high - shifted.low > 2 * (iv.high - iv.low)
 
 
 def test_deterministic_given_seed_and_seed_matters():

@@ -146,17 +146,22 @@ def evaluate_method(
     """Write ``icdrl.eval`` for one method (one v3 cell) and return the mean accuracy per k.
 
     ``seed``: the v2/v3 training seed written into the records; for ``random`` it replaces
-    ``eval_cfg['random_seed']``. ``backend`` (tests) replaces ``icdrl.lvlm.load_backend``.
+    ``eval_cfg['random_seed']``. ``eval_cfg['metric']`` (the workflow passes ``scoring.metric``;
+    default ``official``) is the VQA accuracy of ``acc`` (``icdrl.metrics``). ``backend``
+    (tests) replaces ``icdrl.lvlm.load_backend``.
     """
     from icdrl.data import load_dataset
     from icdrl.embeddings import EmbeddingTable
-    from icdrl.metrics import vqa_accuracy
+    from icdrl.metrics import METRICS, vqa_accuracy
 
     if method not in LVLM_METHODS:
         raise ValueError(f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}")
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
     shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
+    metric = eval_cfg.get("metric", "official")
+    if metric not in METRICS:
+        raise ValueError(f"evaluation metric (scoring.metric) must be one of {METRICS}, got {metric!r}")
     if method == "random":
         seed = int(eval_cfg.get("random_seed", 0)) if seed is None else int(seed)
     elif method in ("zero_shot", "similarity"):
@@ -182,7 +187,8 @@ def evaluate_method(
     pool_of = {r.query_id: r.pool for r in pools}
     slug, spec = cell_fields(cell if method == "v3" else None)
     base = {"method": method, "seed": seed, "cell": slug, "spec": spec}
-    fp = fingerprint({"base": base, "model": model_fingerprint(model_cfg, model_path), "jobs": jobs,
+    fp = fingerprint({"base": base, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
+                      "jobs": jobs,
                       "pools": [(r.query_id, r.pool) for r in pools],
                       "ckpt": _file_digest(selector_ckpt) if selector is not None else None})
     partial = PartialJsonl(out_path, EvalRecord.SCHEMA, fp)
@@ -220,8 +226,9 @@ def evaluate_method(
                 g = answered[(q, ids)]
                 rec = EvalRecord(
                     method=method, cell=slug, seed=seed, k=k, query_id=q, icd_ids=ids, icd_pos=tuple(pos),
-                    prediction_raw=g.raw, prediction=g.answer, acc=float(vqa_accuracy(g.answer, queries[q].answers)),
-                    spec=spec,
+                    prediction_raw=g.raw, prediction=g.answer,
+                    acc=float(vqa_accuracy(g.answer, queries[q].answers, metric)),
+                    spec=spec, image_id=queries[q].image_id or None,
                 )
                 d = rec.to_dict()
                 done[key(q, k)] = d

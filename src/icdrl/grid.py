@@ -563,16 +563,17 @@ class Layout:
         self.cand_dir = cand_dir
         self.candidates_shard = _join(cand_dir, "shards", f"candidates-{{shard}}-of-{self.n_shards}.jsonl")
         self.candidates = _join(cand_dir, "candidates.jsonl")
-        self.scored_tag = f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+        self.scored_tag = (f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+                           f"-{scoring['metric']}")
         scored_dir = _join(cand_dir, self.scored_tag)
         self.scored_dir = scored_dir
         self.scored_shard = _join(scored_dir, "shards", f"scored-{{shard}}-of-{self.n_shards}.jsonl")
         self.scored = _join(scored_dir, "scored.jsonl")
         self.rewards = _join(scored_dir, "rewards", "{reward}.jsonl")
 
-        # evaluation file names: query role and count, shots, generation length
+        # evaluation file names: query role and count, shots, generation length, VQA metric
         shots = ".".join(str(k) for k in ev["shots"])
-        self.eval_name = {r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}.jsonl"
+        self.eval_name = {r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}-{scoring['metric']}.jsonl"
                           for r in EVAL_ROLES}
         self.eval_baseline = _join(run, self.eval_name["test"][: -len(".jsonl")], "{method}.jsonl")
         self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]

@@ -354,6 +354,8 @@ class EvalRecord:
     its slug and canonical dict (:meth:`icdrl.grid.Cell.as_dict`: mode, knobs, use_rank, training
     overrides); for ``per_shot`` the slug of the cell chosen at this k and
     ``{"chosen": <that cell's dict>, "val_acc": ..., "n_val": ...}``; null for other methods.
+    ``image_id`` is the query's ``Example.image_id`` (null if unknown): questions sharing an
+    image are one cluster of the report's bootstrap.
     """
 
     SCHEMA: ClassVar[str] = "icdrl.eval"
@@ -368,6 +370,7 @@ class EvalRecord:
     prediction: str
     acc: float
     spec: dict | None = None
+    image_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> EvalRecord:
@@ -391,6 +394,7 @@ class EvalRecord:
             prediction=_str(d, "prediction", where),
             acc=_float(d, "acc", where),
             spec=spec,
+            image_id=_opt_str(d, "image_id", where),
         )
 
     def to_dict(self) -> dict:

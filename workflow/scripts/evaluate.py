@@ -18,6 +18,7 @@ def main(sm):
         method, kw = "v2", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed)}
     else:
         method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": sm.params.cell}
+    eval_cfg = {**c["evaluation"], "metric": c["scoring"]["metric"]}  # acc uses the scoring metric
     # (pools, output) per query role: the test queries, and for v3 the validation queries (one backend)
     jobs = [(str(sm.input.pools), str(sm.output[0]))]
     if method == "v3" and sm.output.val:
@@ -25,7 +26,7 @@ def main(sm):
     backend = load_backend(c["model"], model_path(sm)) if len(jobs) > 1 else None
     for pools, out in jobs:
         evaluate_method(c["dataset"], c["model"], model_path(sm), pools, str(sm.input.eval_emb), str(sm.input.train_emb),
-                        method, c["evaluation"], out, backend=backend, **kw)
+                        method, eval_cfg, out, backend=backend, **kw)
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

@@ -10,8 +10,16 @@ Entry point for the workflow's final rule::
   (label = the path relative to the folder common to all of them, without suffix).
 * ``rewards_paths``: ``icdrl.rewards`` JSONL files, mapping label → path or list (same rule).
 * ``scored_path``: the gathered ``icdrl.scored`` JSONL, or None.
-* ``report_cfg``: ``{"n_boot": 1000, "seed": 0}`` (both optional; other keys are errors).
-  Intervals are 95% (``LEVEL``).
+* ``report_cfg``: ``{"n_boot": 10000, "seed": 0}`` (both optional; other keys are errors).
+  Intervals are 95% (``LEVEL``); p-values come from the same resamples, so n_boot bounds the
+  smallest one (2/(n_boot + 1)) and with it how large a family Holm can resolve.
+
+The statistics (SPEC §10) are a library the tables call: :mod:`.bootstrap` (two-level clustered
+paired bootstrap: ``paired_bootstrap``, ``Interval`` with ``p``, ``se``, ``mde()``, ``parts``),
+:mod:`.compare` (``compare`` one pair at one shot, ``family`` one experiment's comparisons: repeats
+counted once, Holm), :mod:`.multiplicity` (``holm``), :mod:`.power` (``power_plan``,
+``plan_lines``) and :mod:`.degenerate` (comparisons that cannot differ). The delta tables are
+built by :func:`comparison_tables`, which ``icdrl power`` calls too.
 * ``out_dir``: folder for the outputs; it always receives exactly :func:`report_files` (fixed
   names plus ``exp-<name>.*`` / ``exp-<name>-delta.*`` per experiment, independent of the
   results; a category without data holds a "not available" note).
@@ -29,7 +37,8 @@ from pathlib import Path
 from icdrl.records import atomic_write_text
 
 from .bootstrap import Interval, bootstrap_mean, paired_bootstrap, trend
-from .compare import Comparison, compare, method_accuracy
+from .compare import Comparison, compare, family, method_accuracy
+from .degenerate import reward_equivalence
 from .inputs import EvalData, load_eval, load_metrics, load_rewards, load_scored
 from .plots import (
     PLOT_NAMES,
@@ -69,6 +78,9 @@ __all__ = [
     "trend",
     "Comparison",
     "compare",
+    "comparison_tables",
+    "power_from_files",
+    "family",
     "method_accuracy",
     "EvalData",
     "load_eval",
@@ -76,7 +88,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPORT_CFG = {"n_boot": 1000, "seed": 0}
+DEFAULT_REPORT_CFG = {"n_boot": 10000, "seed": 0}
 LEVEL = 0.95  # the tables' and captions' texts say 95%
 TABLE_EXTS = ("csv", "md", "html")
 PLOT_EXTS = ("png", "svg")
@@ -113,6 +125,33 @@ def _check_cfg(report_cfg: Mapping | None) -> dict:
     return cfg
 
 
+def comparison_tables(data: EvalData, n_boot: int, seed: int, level: float = LEVEL,
+                      experiments: Sequence[Mapping] = ()) -> dict:
+    """The delta tables, each one family of comparisons (``Table.comparisons``), in report order:
+    every mode vs legacy, v3 vs v2, then one table per experiment (``exp-<name>``)."""
+    out = {"vs_legacy": vs_legacy_table(data, n_boot, seed, level), "vs_v2": vs_v2_table(data, n_boot, seed, level)}
+    for e in experiments:
+        t = experiment_table(data, ExperimentSpec.from_dict(e), n_boot, seed, level)
+        out[t.name] = t
+    return out
+
+
+def power_from_files(eval_paths, rewards_paths=None, *, experiments: Sequence[Mapping] = (), delta: float = 1.0,
+                     n_boot: int = 2000, seed: int = 0, alpha: float = 0.05, power: float = 0.8):
+    """The power plan of a finished run (what the summary prints), from its evaluation records.
+
+    The comparisons are those of :func:`comparison_tables` (rewards files, if given, let it
+    recognise rank cells that cannot differ; ``experiments`` add their families). Returns a
+    :class:`.power.PowerPlan`.
+    """
+    from .power import power_plan
+
+    data = load_eval(eval_paths)
+    data.reward_orders = reward_equivalence(load_rewards(rewards_paths))
+    tables = comparison_tables(data, n_boot, seed, LEVEL, experiments)
+    return power_plan([c for t in tables.values() for c in t.comparisons], delta=delta, alpha=alpha, power=power)
+
+
 def build_report(
     eval_paths: Sequence[str | os.PathLike],
     metrics_paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None,
@@ -135,6 +174,7 @@ def build_report(
     metrics = load_metrics(metrics_paths)
     rewards = load_rewards(rewards_paths)
     scored = load_scored(scored_path)
+    data.reward_orders = reward_equivalence(rewards)
     log.info("report: %d methods, shots %s, %d metrics files, %d rewards files",
              len(data.methods), data.shots, len(metrics), len(rewards))
 
@@ -167,9 +207,9 @@ def build_report(
 
     specs = [ExperimentSpec.from_dict(e) for e in experiments]
     exp_tables = [experiment_table(data, e, n_boot, seed, level) for e in specs]
-    for e, t in zip(specs, exp_tables):
+    for t in exp_tables:
         write_table(t, out)
-        save_figure(experiment_plot(t.data, e.title), out, f"{t.name}-delta")
+        save_figure(experiment_plot(t.data, t.title), out, f"{t.name}-delta")
 
     summary = build_summary(data, tables, n_boot, seed, level, exp_tables)
     atomic_write_text(out / "summary.md", summary.markdown())

@@ -22,7 +22,7 @@ from icdrl.rewards import KNOBS
 
 from .compare import compare, method_accuracy
 from .inputs import EvalData
-from .tables import ALL_SHOTS, Table, _ci, _comp_cols, _comp_display, _frame, _na_rows, _shot_key
+from .tables import _COMP_COLS, ALL_SHOTS, Table, _ci, _comp_display, _frame, _na_rows, _pending, _resolve, _shot_key
 
 __all__ = ["ExperimentSpec", "experiment_table", "experiment_names", "fmt_level"]
 
@@ -130,11 +130,12 @@ def experiment_table(data: EvalData, spec: ExperimentSpec, n_boot: int, seed: in
                 acc = method_accuracy(data, a, k, n_boot, seed, level)
                 accd = ({"acc_level": acc.interval.estimate, "acc_level_low": acc.interval.low,
                          "acc_level_high": acc.interval.high} if acc else {})
-                rows.append(lead | accd | _comp_cols(compare(data, a, b, k, n_boot, seed, level)))
+                rows.append(lead | accd | _pending(compare(data, a, b, k, n_boot, seed, level)))
     if not rows:
         rows = [{"experiment": spec.name, "contrast": contrast} | r
                 for r in _na_rows(data.shots, f"{contrast} has a single level")]
-    df = _frame(rows, _COLS + list(dict.fromkeys(c for r in rows for c in r if c not in _COLS)))
+    rows, fam = _resolve(rows, data)  # the experiment's comparisons are one family (Holm)
+    df = _frame(rows, _COLS + _COMP_COLS)
     sections = []
     for ctx in dict.fromkeys(df["context"].fillna("")):
         sub = df[df["context"].fillna("") == ctx]
@@ -149,6 +150,7 @@ def experiment_table(data: EvalData, spec: ExperimentSpec, n_boot: int, seed: in
         spec.title,
         f"Experiment '{spec.name}': Δ = accuracy({contrast} = level) − accuracy({contrast} = "
         f"{fmt_level(contrast, ref)}), same other settings and seed, in points, paired over test queries. "
-        "Levels that train the same cell as the reference are named, not tested.",
-        df, sections,
+        "Levels that train the same cell as the reference are named, not tested; significance is judged "
+        "after Holm's correction over the experiment's comparisons (p_holm).",
+        df, sections, fam,
     )

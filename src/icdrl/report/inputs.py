@@ -77,7 +77,14 @@ class MethodInfo:
 
 @dataclass
 class EvalData:
-    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id."""
+    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id.
+
+    ``image_of[query_id]``: the query's image (records' ``image_id``; absent if not recorded),
+    the cluster of the bootstrap. ``icds[(key, k)][seed][query_id]``: the demonstrations chosen
+    (ids in prompt order). ``reward_orders``: which rewards files order every RL group the same
+    way (:class:`icdrl.report.degenerate.RewardEquivalence`, set by the report when it has the
+    rewards files).
+    """
 
     methods: dict[str, MethodInfo]
     acc: dict[tuple[str, int], dict[int | None, pd.Series]]
@@ -85,6 +92,16 @@ class EvalData:
     sources: list[str] = field(default_factory=list)
     #: per_shot's choice: ``{(seed, k): (cell slug, validation accuracy, validation queries)}``
     per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = field(default_factory=dict)
+    image_of: dict = field(default_factory=dict)
+    icds: dict = field(default_factory=dict)
+    reward_orders: object | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def clusters(self, query_ids) -> list | None:
+        """The image of each query (None where unknown), or None when no record names an image."""
+        if not self.image_of:
+            return None
+        return [self.image_of.get(q) for q in query_ids]
 
     def v3(self) -> list[MethodInfo]:
         return [m for m in self.methods.values() if m.method == "v3"]
@@ -116,6 +133,8 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
     methods: dict[str, MethodInfo] = {}
     rows: dict[tuple[str, int, int | None], dict] = {}
     per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = {}
+    chosen: dict[tuple[str, int, int | None], dict] = {}
+    image_of: dict = {}
     for path in paths:
         for i, rec in enumerate(read_jsonl(path, "icdrl.eval"), start=1):
             where = f"{path}: record {i}"
@@ -159,14 +178,27 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                     f"{where}: duplicate record for method={info.key} seed={seed} k={k} query_id={qid!r}"
                 )
             bucket[qid] = float(acc)
+            icd_ids = rec.get("icd_ids")
+            chosen.setdefault((info.key, k, seed), {})[qid] = tuple(icd_ids) if isinstance(icd_ids, list) else None
+            img = rec.get("image_id")
+            if img is not None:
+                if not isinstance(img, str):
+                    raise ValueError(f"{where}: field 'image_id' must be a string or null, got {img!r}")
+                if image_of.setdefault(qid, img) != img:
+                    raise ValueError(f"{where}: query_id {qid!r} has image_id {img!r} but earlier records say "
+                                     f"{image_of[qid]!r}")
     ordered = dict(sorted(methods.items(), key=lambda kv: kv[1].sort_key()))
     acc: dict[tuple[str, int], dict[int | None, pd.Series]] = {}
     for (key, k, seed), qa in rows.items():
         s = pd.Series(qa, dtype=np.float64)
         s = s.sort_index() if _sortable(s.index) else s
         acc.setdefault((key, k), {})[seed] = s
+    icds: dict = {}
+    for (key, k, seed), qc in chosen.items():
+        icds.setdefault((key, k), {})[seed] = qc
     shots = sorted({k for (_, k) in acc})
-    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot)
+    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot,
+                    image_of=image_of, icds=icds)
 
 
 def _sortable(index: pd.Index) -> bool:
@@ -241,6 +273,8 @@ class RewardGroups:
     rewards: list[np.ndarray]
     hard: list[np.ndarray]
     missing: np.ndarray  # [G] missing-input counts
+    soft: list[np.ndarray] | None = None  # per group; None if a file lacks the field
+    anchors: list | None = None  # anchor_id per group
 
     @property
     def n_groups(self) -> int:
@@ -251,7 +285,7 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
     """Read ``icdrl.rewards`` files, checking list lengths and finiteness."""
     out = {}
     for label, path in labelled_paths(paths, "rewards_paths").items():
-        rewards, hard, missing = [], [], []
+        rewards, hard, missing, soft, anchors = [], [], [], [], []
         for i, rec in enumerate(read_jsonl(path, "icdrl.rewards"), start=1):
             where = f"{path}: record {i}"
             r = np.asarray(_require(rec, "rewards", where), dtype=np.float64)
@@ -265,7 +299,14 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
             rewards.append(r)
             hard.append(h)
             missing.append(int(rec.get("missing", 0) or 0))
-        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64))
+            anchors.append(rec.get("anchor_id"))
+            sv = rec.get("soft")
+            if soft is not None and isinstance(sv, list) and len(sv) == len(r) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv):
+                soft.append(np.asarray(sv, dtype=np.float64))
+            else:  # a missing or null soft value: unknown for this file
+                soft = None
+        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64), soft, anchors)
     return out
 
 

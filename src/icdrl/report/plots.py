@@ -63,8 +63,11 @@ BASELINE_STYLE = {
 # colours for v3 weight settings (no grey/brown/purple: those are the baselines)
 CELL_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#17becf", "#bcbd22", "#e377c2", "#393b79"]
 PHASE_COLORS = {"v2": "#7f7f7f", "rce": "#ff7f0e", "grpo": "#1f77b4"}
-CURVE_METRICS = (("loss", "loss"), ("kl", "KL"), ("ratio_mean", "mean ratio"), ("adv_std", "advantage std"),
-                 ("groups_kept", "groups kept"))
+#: (column, axis label, phases drawn or None = all): RCE (and v2) loss and GRPO loss differ by
+#: orders of magnitude (≈6 vs ≈0), so each gets its own axis
+CURVE_METRICS = (("loss", "v2 / RCE loss", ("v2", "rce")), ("loss", "GRPO loss", ("grpo",)), ("kl", "KL", None),
+                 ("ratio_mean", "mean ratio", None), ("adv_std", "advantage std", None),
+                 ("groups_kept", "groups kept", None))
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
@@ -400,14 +403,39 @@ def _run_group(label: str) -> str:
     return _split_run(label)[0]
 
 
+def identical_runs(metrics: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    """label -> the earlier label whose training metrics are identical (identical runs).
+
+    Every column but ``val_reward`` is compared: that one is the mean reward of the selector's
+    choices under the run's own reward, so two identical trainings on rewards of different scale
+    (e.g. 2h and 3h) differ there and nowhere else.
+    """
+    first: dict[str, str] = {}
+    twin: dict[str, str] = {}
+    for lab, df in metrics.items():
+        if df.empty:
+            continue
+        key = df.drop(columns=["val_reward"], errors="ignore").to_csv(index=False)
+        if key in first:
+            twin[lab] = first[key]
+        else:
+            first[key] = lab
+    return twin
+
+
 def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
     """Rows = metrics, columns = run groups (v2 and each reward mode); one line per run.
 
-    x is the epoch in file order across phases; RCE (and v2) epochs are dashed, GRPO solid.
+    x is the epoch in file order across phases; RCE (and v2) epochs are dashed, GRPO solid. RCE and
+    GRPO losses have separate rows (their scales differ by orders of magnitude). A run whose
+    training metrics equal an earlier run's (:func:`identical_runs`) is drawn with hollow markers
+    over it and its legend entry says which run it repeats, so identical runs do not hide each
+    other.
     """
     labels = [lab for lab, df in metrics.items() if not df.empty]
     if not labels:
         return _message("no training metrics given", "Training curves")
+    twins = identical_runs(metrics)
     groups: dict[str, list[str]] = {}
     for lab in labels:
         groups.setdefault(_run_group(lab), []).append(lab)
@@ -420,25 +448,36 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
         most_runs = max(len(v) for v in groups.values())
         for j, grp in enumerate(order):
             runs = groups[grp]
+            colors = {}
+            legend = []
             for n_run, lab in enumerate(runs):
                 df = metrics[lab]
                 x = np.arange(len(df))
                 color = CELL_COLORS[n_run % len(CELL_COLORS)] if len(runs) <= len(CELL_COLORS) else \
                     mpl.colormaps["viridis"](n_run / max(1, len(runs) - 1))
-                short = _split_run(lab)[1]
-                for i, (col, name) in enumerate(CURVE_METRICS):
+                colors[lab] = color
+                short = _split_run(lab)[1] or lab
+                twin = twins.get(lab)
+                if twin is not None:
+                    tg, ts = _split_run(twin)
+                    short = f"{short} = {ts if tg == grp else (twin if tg == 'other' else f'{tg} {ts}')} (identical)"
+                legend.append((color, short, twin is not None))
+                for i, (col, name, phases) in enumerate(CURVE_METRICS):
                     ax = axes[i, j]
                     y = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-                    first = True
                     for phase in dict.fromkeys(df["phase"]):
+                        if phases is not None and phase not in phases:
+                            continue
                         m = (df["phase"] == phase).to_numpy() & np.isfinite(y)
                         if not m.any():
                             continue
-                        ax.plot(x[m], y[m], color=color, linestyle="-" if phase == "grpo" else "--",
-                                linewidth=1.3,
-                                label=(short or lab) if (i == 0 and first) else None)
-                        first = False
-            for i, (col, name) in enumerate(CURVE_METRICS):
+                        if twin is None:
+                            ax.plot(x[m], y[m], color=color, linestyle="-" if phase == "grpo" else "--",
+                                    linewidth=1.3)
+                        else:
+                            ax.plot(x[m], y[m], color=color, linestyle="none", marker="o", markersize=3.5,
+                                    markerfacecolor="none", markeredgewidth=0.9)
+            for i, (col, name, _) in enumerate(CURVE_METRICS):
                 ax = axes[i, j]
                 ax.locator_params(nbins=4)
                 if not ax.lines:
@@ -450,7 +489,7 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
                 if i == 0:
                     ax.set_title(grp if grp != "other" else "other runs")
             if j == len(order) - 1:  # each row's metric name on its first panel with data
-                for i, (_, name) in enumerate(CURVE_METRICS):
+                for i, (_, name, _) in enumerate(CURVE_METRICS):
                     first = next((axes[i, c] for c in range(ncols) if axes[i, c].lines), None)
                     if first is not None:
                         first.set_ylabel(name)
@@ -458,12 +497,14 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
             if shown:  # x tick labels on the lowest panel with data (shared x hides the others)
                 axes[shown[-1], j].tick_params(labelbottom=True)
                 axes[shown[-1], j].set_xlabel("epoch (all phases)")
-            hl = [t for t in (axes[0, j].get_legend_handles_labels()[1])]
-            handles = [Line2D([], [], color=ln.get_color(), linewidth=1.6) for ln in axes[0, j].get_lines()
-                       if not ln.get_label().startswith("_")]
-            axes[-1, j].legend(handles, hl, loc="upper center", bbox_to_anchor=(0.5, -0.6 / ax_h), frameon=False,
-                               fontsize=8, ncols=1, title="run", title_fontsize=8)
+            handles = [Line2D([], [], color=c, linewidth=1.6) if not tw else
+                       Line2D([], [], color=c, linestyle="none", marker="o", markerfacecolor="none")
+                       for c, _, tw in legend]
+            axes[-1, j].legend(handles, [t for _, t, _ in legend], loc="upper center",
+                               bbox_to_anchor=(0.5, -0.6 / ax_h), frameon=False, fontsize=8, ncols=1, title="run",
+                               title_fontsize=8)
         _, H = _fix_layout(fig, nrows, ncols, 3.2, ax_h, left=0.95, right=0.25, top=0.8,
                            bottom=0.75 + 0.17 * (most_runs + 1), wspace=0.7, hspace=0.3)
-        _suptitle(fig, "Training curves (columns: runs by reward mode; dashed = v2/RCE epochs, solid = GRPO)", H)
+        _suptitle(fig, "Training curves (dashed = v2/RCE, solid = GRPO; hollow markers = identical to an earlier run)",
+                  H)
     return fig

@@ -1,9 +1,14 @@
 """The report's tables: pandas frames for CSV plus display sections for Markdown/HTML.
 
 Units: accuracies and deltas are VQA accuracy in percentage points (0–100). Every delta
-carries a 95% paired bootstrap interval over test queries (see :mod:`.bootstrap`); trend is
-"up"/"down" when the interval excludes 0 and "n.s." (not distinguishable) when it contains 0.
-Comparisons the data cannot support are rows whose ``note`` says "not available: …".
+carries a 95% paired bootstrap interval (seeds, then image clusters of test queries; see
+:mod:`.bootstrap`); trend is "up"/"down" when the interval excludes 0 and "n.s." (not
+distinguishable) when it contains 0. Each delta table is one family (:func:`.compare.family`):
+``p`` is the bootstrap p-value, ``p_holm``/``significant_holm`` Holm's step-down over the
+family's tested comparisons, ``mde`` the minimum detectable effect (80% power, two-sided 5%).
+``status`` is "tested", "cannot differ" (zero by construction: not tested, the note says why),
+"duplicate" (the same selectors as an earlier row: counted once) or "not available" (the note
+says why).
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import pandas as pd
 
 from icdrl.records import atomic_write_text
 
-from .compare import Comparison, compare, method_accuracy
 from icdrl.grid import reward_spec
 
+from .compare import Comparison, compare, family, method_accuracy
 from .inputs import MODE_ORDER, EvalData, MethodInfo, RewardGroups
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "training_table",
     "write_table",
     "group_stats",
+    "within_group_gaps",
     "advantage_values",
 ]
 
@@ -65,6 +71,7 @@ class Table:
     intro: str
     data: pd.DataFrame
     sections: list[tuple[str | None, pd.DataFrame]] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)  # the family, row order (delta tables)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -149,8 +156,9 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
     return Table(
         "accuracy",
         "Accuracy per method and shot",
-        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval over "
-        "test queries of the seed-averaged per-query accuracy; 'seed sd' and 'seed min–max' are "
+        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval that resamples "
+        "the seeds (where there are two or more), then the test queries (questions about one image "
+        "together); 'seed sd' and 'seed min–max' are "
         "the spread of the per-seed accuracies (v2/v3 have seeds; other methods one run).",
         df,
         [("Mean accuracy [95% CI] by shot", pd.DataFrame(list(wide.values()))), ("Details", long_disp)],
@@ -173,8 +181,14 @@ def _method_cols(m: MethodInfo) -> dict:
     }
 
 
+_COUNT_COLS = ("n_clusters", "family_size")  # counts that are blank where no comparison was made
+
+
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
+    for c in _COUNT_COLS:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c]).astype("Int64")
     for c in df.columns:
         if df[c].dtype == object:
             continue
@@ -185,29 +199,67 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- comparisons
 
-_COMP_COLS = ["k", "n_queries", "seeds", "delta", "ci_low", "ci_high", "trend", "distinguishable",
-              "per_seed_delta", "seeds_agree", "pairing", "note"]
+_COMP_COLS = ["k", "n_queries", "n_clusters", "seeds", "resampled", "delta", "ci_low", "ci_high", "trend",
+              "distinguishable", "p", "p_holm", "significant_holm", "family_size", "mde", "per_seed_delta",
+              "seeds_agree", "pairing", "status", "note"]
 
 
 def _comp_cols(c: Comparison) -> dict:
     if not c.available:
         return {"k": c.k, "n_queries": 0, "seeds": "", "trend": "", "distinguishable": "",
-                "per_seed_delta": "", "seeds_agree": "", "pairing": "", "note": f"{NA}: {c.reason}"}
+                "per_seed_delta": "", "seeds_agree": "", "pairing": "", "status": c.status, "note": f"{NA}: {c.reason}"}
     iv = c.interval
+    if c.degenerate:
+        note = c.degenerate
+    elif c.duplicate_of:
+        note = f"same selectors as {c.duplicate_of}: the same comparison, counted once"
+    elif not c.distinguishable:
+        note = "not distinguishable (interval contains 0)"
+    elif not c.significant_holm:
+        note = f"interval excludes 0, but not significant after Holm over {c.family_size} comparisons"
+    else:
+        note = ""
     return {
         "k": c.k,
         "n_queries": iv.n,
+        "n_clusters": iv.n_clusters,
         "seeds": _seeds(c.seeds),
+        "resampled": iv.levels,
         "delta": iv.estimate,
         "ci_low": iv.low,
         "ci_high": iv.high,
-        "trend": c.trend,
-        "distinguishable": c.distinguishable,
+        "trend": c.trend if not c.degenerate else "",
+        "distinguishable": c.distinguishable if not c.degenerate else "",
+        "p": iv.p if not c.degenerate else None,
+        "p_holm": c.p_holm,
+        "significant_holm": c.significant_holm if c.significant_holm is not None else "",
+        "family_size": c.family_size if c.tested or c.duplicate_of else None,
+        "mde": c.mde if not c.degenerate else None,
         "per_seed_delta": _per_seed(c.per_seed),
         "seeds_agree": _yn(c.seeds_agree),
         "pairing": c.pairing,
-        "note": "" if c.distinguishable else "not distinguishable (interval contains 0)",
+        "status": c.status,
+        "note": note,
     }
+
+
+_PENDING = "_comparison"
+
+
+def _pending(c: Comparison) -> dict:
+    """A row's comparison, resolved with its family by :func:`_resolve` before the frame is built."""
+    return {_PENDING: c}
+
+
+def _resolve(rows: list[dict], data: EvalData) -> tuple[list[dict], list[Comparison]]:
+    """Apply :func:`.compare.family` to the comparisons of ``rows`` (one table = one family)."""
+    idx = [i for i, r in enumerate(rows) if _PENDING in r]
+    fam = family([rows[i][_PENDING] for i in idx], data)
+    out = [dict(r) for r in rows]
+    for i, c in zip(idx, fam):
+        del out[i][_PENDING]
+        out[i] |= _comp_cols(c)
+    return out, fam
 
 
 ALL_SHOTS = "all"
@@ -233,16 +285,29 @@ def _delta_str(r) -> str:
     return _ci(r.delta, r.ci_low, r.ci_high, sign=True)
 
 
+def _p(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
+        return ""
+    return "<0.001" if v < 0.001 else f"{v:.3f}"
+
+
 def _comp_display(df: pd.DataFrame, label_cols: dict[str, str], delta_name: str) -> pd.DataFrame:
-    """Display frame: shot | <labels> | Δ [95% CI] | trend | seeds | n | per-seed Δ."""
+    """Display frame: shot | <labels> | Δ [95% CI] | trend | p (Holm) | Holm | MDE | seeds | n | per-seed Δ | note."""
     out = {"shot": df["k"]}
     for col, name in label_cols.items():
         out[name] = df[col]
     out[delta_name] = [_delta_str(r) for r in df.itertuples()]
-    out["trend"] = _blank(df["trend"])
+    status = df["status"].astype(object).where(df["status"].notna(), "") if "status" in df else pd.Series("", df.index)
+    out["trend"] = [t if st in ("tested", "duplicate") else (st if st == "cannot differ" else "")
+                    for t, st in zip(_blank(df["trend"]), status)]
+    out["p (Holm)"] = ["" if not _p(a) else f"{_p(a)} ({_p(b)})" for a, b in zip(df["p"], df["p_holm"])]
+    out["Holm 5%"] = [_yn(v) if isinstance(v, (bool, np.bool_)) else "" for v in df["significant_holm"]]
+    out["MDE"] = ["" if pd.isna(v) else _f(v, 1) for v in df["mde"]]
     out["seeds"] = _blank(df["seeds"])
     out["n"] = df["n_queries"]
     out["per-seed Δ"] = _blank(df["per_seed_delta"])
+    out["note"] = [n if isinstance(n, str) and not n.startswith((NA, "not distinguishable")) else ""
+                   for n in df["note"]]
     return pd.DataFrame(out)
 
 
@@ -286,10 +351,11 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
             continue
         for k in data.shots:
             c = compare(data, m.key, b.key, k, n_boot, seed, level)
-            rows.append(lead | {"baseline": b.long()} | _comp_cols(c))
+            rows.append(lead | {"baseline": b.long()} | _pending(c))
     if not others:
         rows += [{"mode": "", "cell_label": "", "baseline": ""} | r
                  for r in _na_rows(data.shots, "no v3 cell of a mode other than legacy")]
+    rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label", "baseline"] + _COMP_COLS)
     sections = _sections_by(
         df, "mode", lambda v: f"{v} vs legacy" if v else "vs legacy",
@@ -301,7 +367,7 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
         "Δ = accuracy(cell) − accuracy(legacy with the same use_rank and training settings, at α=1, β=0 "
         "where run), in points, paired over test queries and seeds. 'n.s.' = the 95% interval contains 0: "
         "not distinguishable.",
-        df, sections,
+        df, sections, fam,
     )
 
 
@@ -315,9 +381,10 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
             rows += [lead | r for r in _na_rows(data.shots, "no v2 results")]
             continue
         for k in data.shots:
-            rows.append(lead | _comp_cols(compare(data, m.key, "v2", k, n_boot, seed, level)))
+            rows.append(lead | _pending(compare(data, m.key, "v2", k, n_boot, seed, level)))
     if not data.v3():
         rows += [{"mode": ""} | r for r in _na_rows(data.shots, "no v3 results")]
+    rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label"] + _COMP_COLS)
     sections = _sections_by(df, "mode", lambda v: f"v3 {v} vs v2" if v else "v3 vs v2",
                             {"cell_label": "cell"}, "Δ vs v2 (pts) [95% CI]")
@@ -325,7 +392,7 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
         "vs_v2",
         "v3 cells vs the v2 SFT selector",
         "Δ = accuracy(v3 cell) − accuracy(v2), in points, paired over test queries and seeds.",
-        df, sections,
+        df, sections, fam,
     )
 
 
@@ -383,12 +450,34 @@ def group_stats(g: RewardGroups) -> dict:
         "missing_inputs": int(g.missing.sum()),
         "anchors_with_missing": int((g.missing > 0).sum()),
     }
-    return st
+    return st | within_group_gaps(g)
+
+
+TIE_TOL = 1e-12
+
+
+def within_group_gaps(g: RewardGroups) -> dict:
+    """Correct vs incorrect candidates *within* each mixed group (GRPO sees only these differences).
+
+    Per group with both h = 1 and h = 0: gap = lowest reward of a correct candidate − highest of an
+    incorrect one. ``share_inverted``: groups with gap < 0 (an incorrect candidate outscores a
+    correct one); ``share_tied``: gap = 0 (|gap| ≤ 1e-12); ``within_gap_min`` / ``_median``.
+    """
+    gaps = np.array([float(r[h == 1].min() - r[h == 0].max())
+                     for r, h in zip(g.rewards, g.hard) if (h == 1).any() and (h == 0).any()])
+    if gaps.size == 0:
+        return {"n_mixed": 0, "share_inverted": None, "share_tied": None, "within_gap_min": None,
+                "within_gap_median": None}
+    tied = np.abs(gaps) <= TIE_TOL
+    return {"n_mixed": int(gaps.size), "share_inverted": float(((gaps < 0) & ~tied).mean()),
+            "share_tied": float(tied.mean()), "within_gap_min": float(gaps.min()),
+            "within_gap_median": float(np.median(gaps))}
 
 
 _GROUP_COLS = ["label", "n_groups", "mean_group_size", "share_flat", "share_all_negative", "share_all_positive",
                "share_mixed", "share_flat_mixed", "share_pos_ratio_ge_0.2", "mean_positive_ratio", "reward_min",
-               "reward_max", "reward_mean", "reward_std", "pos_reward_min", "neg_reward_max", "missing_inputs",
+               "reward_max", "reward_mean", "reward_std", "pos_reward_min", "neg_reward_max", "n_mixed",
+               "share_inverted", "share_tied", "within_gap_min", "within_gap_median", "missing_inputs",
                "anchors_with_missing", "note"]
 
 
@@ -411,6 +500,8 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "pos ratio ≥ 0.2": [pct(v) for v in df["share_pos_ratio_ge_0.2"]],
         "reward range": [f"{_f(a, 3)} … {_f(b, 3)}" for a, b in zip(df["reward_min"], df["reward_max"])],
         "min pos / max neg": [f"{_f(a, 3)} / {_f(b, 3)}" for a, b in zip(df["pos_reward_min"], df["neg_reward_max"])],
+        "within group: inverted / tied": [f"{pct(a)} / {pct(b)}" for a, b in zip(df["share_inverted"], df["share_tied"])],
+        "min within-group gap": [_f(v, 3) for v in df["within_gap_min"]],
         "missing": df["missing_inputs"],
         "note": df["note"],
     })
@@ -420,8 +511,11 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "One RL group = the scored candidates of one anchor. flat = all rewards equal (zero advantage, "
         "no GRPO signal); all-neg / all-pos = every candidate has vqa_correct 0 / 1; mixed = both; "
         "'pos ratio ≥ 0.2' = share of groups the seed's conditional GRPO (plan 4) would keep; "
-        "'min pos / max neg' = lowest reward of a correct candidate / highest of an incorrect one "
-        "(a gap means the reward separates them); missing = inputs counted as 0.",
+        "'min pos / max neg' = lowest reward of a correct candidate / highest of an incorrect one, over "
+        "all groups; GRPO sees only differences within a group, so 'within group' counts the mixed groups "
+        "(both correct and incorrect candidates) where an incorrect candidate outscores a correct one "
+        "(inverted) or ties the worst correct one (tied), and 'min within-group gap' is the smallest "
+        "correct-minus-incorrect gap (negative = inverted); missing = inputs counted as 0.",
         df, [(None, disp)],
     )
 
@@ -569,13 +663,16 @@ def training_table(metrics: dict[str, pd.DataFrame]) -> Table:
         nd = 0 if c.startswith(("groups_kept", "groups_skipped")) else 3
         disp[c] = [_f(v, nd) for v in disp[c]]
     disp["epochs"] = ["" if pd.isna(v) else str(int(v)) for v in disp["epochs"]]
-    disp = disp.rename(columns={"label": "run"})
+    disp = disp.rename(columns={"label": "run", "clip_frac_last": "clip binding (last)"})
     return Table(
         "training_summary",
         "Training runs: first and last epoch per phase",
         "Per run and phase (v2 = SFT, rce = RCE warm-up, grpo): loss at the first and last epoch and the "
-        "last epoch's KL, mean ratio, advantage std and kept/skipped groups; ratio_max_max is the largest "
-        "ratio seen in the phase. '–' = not logged in that phase.",
+        "last epoch's KL, mean ratio, binding clip share, advantage std and kept/skipped groups; "
+        "ratio_max_max is the largest ratio seen in the phase; 'clip binding' (CSV clip_frac_last) is the "
+        "share of candidates whose PPO clip binds (ratio < 1−ε with a negative advantage or > 1+ε with a "
+        "positive one, TRL's clip_ratio): they give no gradient. Metrics files written before this "
+        "definition counted every ratio outside [1−ε, 1+ε]. '–' = not logged in that phase.",
         df, [(None, disp)],
     )
 
