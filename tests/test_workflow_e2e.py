@@ -151,6 +151,10 @@ def test_report_outputs_and_html_report(run):
     html = run.dir / "report.html"
     snakemake("--report", str(html), "--configfile", str(run.config), workdir=run.dir, check=True)
     assert html.stat().st_size > 10_000
+    text = html.read_text(errors="replace")
+    # entries are labelled by what they show; the config and the LVLM's check are in it too
+    for shown in ("config.yaml", "icl_check.json", "exp-modes.html", "embedded LVLM in-context check"):
+        assert shown in text, shown
 
 
 def test_every_job_logged_beside_its_output(run):

@@ -45,6 +45,8 @@ def report_output(path):
     """`path`, marked for the HTML report if it is a table's HTML, a plot's PNG or the summary;
     an experiment's files (exp-<name>, exp-<name>-delta) share one caption per kind."""
     stem, ext = Path(path).stem, Path(path).suffix
+    if stem == "config":
+        return report(path, caption="../report/config.rst", category="8 Config", labels={"shows": "config"})
     if ext not in (".html", ".png"):
         return path
     if stem.startswith("exp-"):

@@ -25,6 +25,7 @@ built by :func:`comparison_tables`, which ``icdrl power`` calls too.
   results; a category without data holds a "not available" note).
 * ``experiments``: :meth:`icdrl.grid.Experiment.as_dict` of every configured experiment (one
   table, delta plot and summary paragraph each, :mod:`.experiments`).
+* ``config``: the validated workflow config, written beside the tables as ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ PLOT_EXTS = ("png", "svg")
 REPORT_FILES: tuple[str, ...] = (
     tuple(f"{t}.{e}" for t in TABLE_NAMES for e in TABLE_EXTS)
     + tuple(f"{p}.{e}" for p in PLOT_NAMES for e in PLOT_EXTS)
-    + ("summary.md", "summary.html")
+    + ("summary.md", "summary.html", "config.yaml")
 )
 
 
@@ -152,6 +153,16 @@ def power_from_files(eval_paths, rewards_paths=None, *, experiments: Sequence[Ma
     return power_plan([c for t in tables.values() for c in t.comparisons], delta=delta, alpha=alpha, power=power)
 
 
+def _config_text(config: Mapping | None) -> str:
+    """The config the report was made from (validated, defaults filled in), as YAML."""
+    import yaml
+
+    if config is None:
+        return "# the report was built without a config (icdrl.report.build_report(config=None))\n"
+    return "# the validated workflow config of this report (defaults filled in)\n" + yaml.safe_dump(
+        dict(config), sort_keys=True, default_flow_style=None, width=100)
+
+
 def build_report(
     eval_paths: Sequence[str | os.PathLike],
     metrics_paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None,
@@ -160,6 +171,7 @@ def build_report(
     report_cfg: Mapping | None,
     out_dir: str | os.PathLike,
     experiments: Sequence[Mapping] = (),
+    config: Mapping | None = None,
 ) -> None:
     """Write every table (CSV, Markdown, HTML), plot (PNG, SVG) and the summary into ``out_dir``.
 
@@ -214,4 +226,5 @@ def build_report(
     summary = build_summary(data, tables, n_boot, seed, level, exp_tables)
     atomic_write_text(out / "summary.md", summary.markdown())
     atomic_write_text(out / "summary.html", summary.html())
+    atomic_write_text(out / "config.yaml", _config_text(config))
     log.info("report written to %s (%d files)", out, len(report_files("", [e.name for e in specs])))
