@@ -115,7 +115,7 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
     good = acc[acc["acc_mean"].notna()]
     nq = sorted(set(int(n) for n in good["n_queries"])) if not good.empty else []
     seeds_v3 = sorted({x for m in data.v3() for k in data.shots for x in data.seeds(m.key, k) if x is not None})
-    s.p(f"{len(data.methods)} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
+    s.p(f"{len(data.main())} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
         f"test queries per (method, shot): {nq[0] if len(nq) == 1 else (f'{nq[0]}–{nq[-1]}' if nq else 0)}; "
         f"v3 seeds: {', '.join(map(str, seeds_v3)) or 'none'}.")
     s.p(f"Intervals: {int(round(level * 100))}% percentile bootstrap over test queries ({n_boot} resamples, seed {seed}); "
