@@ -165,6 +165,8 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
                           + f"{r.contrast} {r.level} vs {r.reference}", f"Experiment {t.name[4:]}: {t.title}", level)
     _comparison_block(s, tables["vs_v2"], lambda r: f"v3 {cell(r)} vs v2", "v3 cells vs v2", level)
     _per_shot_block(s, tables["per_shot"])
+    _retrieval_block(s, data, n_boot, seed, level)
+    _diagnostics_block(s, tables.get("diagnostics"), tables.get("ablations"), level)
 
     s.h2("RL data")
     g = tables["rl_groups"].data
@@ -199,6 +201,54 @@ def _per_shot_block(s: Summary, t: Table) -> None:
     s.h2("per_shot: the cell chosen at each shot (on validation queries)")
     s.ul([f"k={r.k}" + (f" seed {int(r.seed)}" if pd.notna(r.seed) else "") + f": {r.method} "
           f"(validation accuracy {r.val_acc:.2f}% over {int(r.n_val)} queries)" for r in df.itertuples()])
+
+
+#: the trained methods compared with RICES and the copy baseline in the summary
+_TRAINED = ("v2", "per_shot")
+
+
+def _retrieval_block(s: Summary, data: EvalData, n_boot: int, seed: int, level: float) -> None:
+    """The trained selectors (v2; per_shot, the v3 cells chosen on validation queries) against RICES
+    and the copy baseline. No cell is chosen on the test queries here."""
+    refs = [r for r in ("rices", "copy") if r in data.methods]
+    trained = [t for t in _TRAINED if t in data.methods]
+    if not refs or not trained:
+        return
+    s.h2("Trained selectors vs RICES and the copy baseline")
+    items = []
+    for k in data.shots:
+        for key in trained:
+            for ref in refs:
+                c = compare(data, key, ref, k, n_boot, seed, level)
+                if c.available:
+                    items.append(f"k={k} {data.methods[key].long()} − {data.methods[ref].long()}: "
+                                 f"{c.interval.estimate:+.2f} [{c.interval.low:+.2f}, {c.interval.high:+.2f}] points "
+                                 f"({c.trend})")
+    s.ul(_cap(items, "comparisons"))
+
+
+def _diagnostics_block(s: Summary, diag: Table | None, abl: Table | None, level: float) -> None:
+    """Copy rates of RICES and v2, and the distinguishable ablation deltas."""
+    if diag is None or "copies_last" not in diag.data or not diag.data["copies_last"].notna().any():
+        return
+    s.h2("How the LVLM uses the demonstrations")
+    d = diag.data
+    items = []
+    for kind in ("rices", "v2", "per_shot"):
+        sub = d[(d["method_kind"] == kind) & d["copies_last"].notna()]
+        if len(sub):
+            items.append(f"{sub['method'].iloc[0]} copies the last demonstration's answer in "
+                         + ", ".join(f"{r.copies_last:.1f}% (k={r.k})" for r in sub.itertuples())
+                         + " of its predictions; any demonstration's in "
+                         + ", ".join(f"{r.copies_any:.1f}%" for r in sub.itertuples()) + ".")
+    s.ul(items)
+    if abl is not None and "delta" in abl.data:
+        a = abl.data[abl.data["delta"].notna()]
+        dist = a[a["distinguishable"].astype(bool)]
+        s.p(f"Ablations: {len(dist)} of {len(a)} deltas are distinguishable from 0 at {int(round(100 * level))}% "
+            f"(see ablations.md)." if len(a) else "No ablation comparison is available (see ablations.md).")
+        s.ul(_cap([f"k={r.k} {r.method} [{r.ablation_label}]: {_fmt_delta(r)} points ({r.trend})"
+                   for r in dist.itertuples()], "ablation deltas"))
 
 
 def _key_of(data: EvalData, r) -> str:
