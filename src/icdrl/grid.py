@@ -462,8 +462,6 @@ BASELINE_RE = "zero_shot|similarity|random-r[0-9]+"
 RICES = ("rices_image", "rices_text", "rices")
 #: methods ``evaluation.ablate`` may name (``icdrl.ablations``); null = v2, plus per_shot with validation queries
 ABLATABLE = ("random", "similarity", *RICES, "v2", "per_shot")
-#: the ablations of every ablated method (file-name tag: ``shuffled-r<evaluation.random_seed>``, ``no_images``)
-ABLATIONS = ("shuffled", "no_images")
 #: ``{v2}`` / ``{v3}`` path segments: the short hash of the training settings
 V2_TAG_RE = "v2-[0-9a-f]{8}"
 V3_TAG_RE = "v3-[0-9a-f]{8}"
