@@ -61,7 +61,7 @@ def reward_specs(modes=MODES, weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
 def _effect(c: dict | None, method: str, k: int) -> float:
     """Logit effect of a method at shot k (seed-like pattern)."""
     base = {"zero_shot": -0.7, "random": 0.05 - 0.08 * (k - 1), "similarity": 0.2 - 0.03 * (k - 1),
-            "v2": 0.25 - 0.03 * (k - 1)}
+            "v2": 0.25 - 0.03 * (k - 1), "rices": 0.6 + 0.05 * (k - 1), "copy": 0.3}
     if method != "v3":
         return base[method]
     eff = 0.32 - 0.07 * (k - 1)
@@ -82,14 +82,55 @@ def _acc(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
     return np.where(right, 1.0, partial)
 
 
+#: the training answers of the synthetic ICDs (ids 0..N_TRAIN-1) and the closed vocabulary
+VOCAB = ("red", "blue", "green", "circle", "yes", "no")
+N_TRAIN = 60
+
+
+def train_answer(i: int) -> str:
+    return VOCAB[(i * 7) % len(VOCAB)]
+
+
+def _demos_and_prediction(rng: np.random.Generator, method: str, k: int) -> tuple[list[int], str]:
+    """ICD ids and a prediction that copies the last / some demonstration, says another word, or is
+    in the verbose form, with method-dependent rates (for the diagnostics)."""
+    if method == "zero_shot":
+        return [], ("the answer is red" if rng.random() < 0.7 else "blue")
+    ids = [int(i) for i in rng.choice(N_TRAIN, size=k, replace=False)]
+    u = rng.random()
+    last = {"rices": 0.6, "copy": 0.6}.get(method, 0.3)
+    if u < last:
+        return ids, train_answer(ids[-1])
+    if u < last + 0.2:
+        return ids, train_answer(ids[int(rng.integers(0, k))])
+    if u < last + 0.3:
+        return ids, "the answer is " + VOCAB[int(rng.integers(0, len(VOCAB)))]
+    return ids, VOCAB[int(rng.integers(0, len(VOCAB)))]
+
+
+def write_answers(root: Path) -> str:
+    """The answers table of the synthetic training split (``icdrl.answers``)."""
+    import json
+
+    from icdrl.metrics import normalize_answer
+
+    doc = {"schema": "icdrl.answers", "version": 1, "split": "train", "dataset": "synth",
+           "vocabulary": sorted(normalize_answer(a) for a in VOCAB), "answers": [[i, train_answer(i)] for i in range(N_TRAIN)]}
+    p = root / "answers-train.json"
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
 def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0, 1), shots=(1, 2, 3, 4),
-               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2"),
+               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2"), ablate_v2: bool = False,
                per_image: int = 2) -> list[str]:
-    """One eval file per (method[, cell], seed), like the workflow writes them.
+    """One eval file per (method[, cell], seed), like the workflow writes them; ``ablate_v2``: also
+    the shuffled (k >= 2) and no-images ablations of v2, with the same ICDs.
 
     ``per_image`` consecutive queries share an image (``image_id``; 0: no image ids recorded).
     """
     rng = np.random.default_rng(rng_seed)
+    demo_rng = np.random.default_rng(rng_seed + 1000)  # a stream of its own: accuracies do not depend on it
     qids = np.arange(1000, 1000 + n_queries) * 7
     difficulty = rng.normal(0.3, 1.3, size=n_queries)
     paths = []
@@ -102,9 +143,10 @@ def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0
         for k in shots:
             acc = _acc(rng, difficulty + _effect(c, method, k) + seed_off)
             for q, a in zip(qids, acc):
+                ids, pred = _demos_and_prediction(demo_rng, method, k)
                 rec = {"method": method, "cell": c["cell"] if c else None, "seed": seed, "k": k,
-                       "query_id": int(q), "icd_ids": list(range(k)), "prediction_raw": "x",
-                       "prediction": "x", "acc": float(a)}
+                       "query_id": int(q), "icd_ids": ids, "prediction_raw": pred,
+                       "prediction": pred, "acc": float(a)}
                 if per_image:
                     rec["image_id"] = f"img{(int(q) // 7) // per_image}"
                 if c:
@@ -112,6 +154,29 @@ def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0
                 recs.append(rec)
         name = method if c is None else c["cell"]
         p = root / "eval" / f"{name}{'' if seed is None else f'-seed{seed}'}.jsonl"
+        write_jsonl(p, "icdrl.eval", recs)
+        paths.append(str(p))
+        if ablate_v2 and method == "v2":
+            paths += write_ablations(root, recs, rng)
+    return paths
+
+
+def write_ablations(root: Path, base: list[dict], rng: np.random.Generator) -> list[str]:
+    """The two ablations of one method's records: shuffled (k >= 2: about 10 points worse) and
+    no_images (about 30 points worse), with the base records' ICDs."""
+    paths = []
+    for ablation, drop in (("shuffled", 0.1), ("no_images", 0.3)):
+        recs = []
+        for r in base:
+            if ablation == "shuffled" and r["k"] < 2:
+                continue
+            ids = r["icd_ids"][::-1] if ablation == "shuffled" else r["icd_ids"]
+            acc = 0.0 if rng.random() < drop else r["acc"]
+            recs.append(r | {"method": ablation, "icd_ids": ids, "acc": acc,
+                             "spec": {"ablation": ablation, "of": {"method": r["method"], "cell": r["cell"],
+                                                                   "spec": r.get("spec")},
+                                      "shuffle_seed": 0 if ablation == "shuffled" else None}})
+        p = root / "eval" / f"{base[0]['method']}-seed{base[0]['seed']}.{ablation}.jsonl"
         write_jsonl(p, "icdrl.eval", recs)
         paths.append(str(p))
     return paths
@@ -203,8 +268,10 @@ def make_inputs(root, n_queries: int = 200, seeds=(0, 1), modes=MODES, use_rank=
     """Write a full set of report inputs under ``root``; return build_report's arguments."""
     root = Path(root)
     cl = cells(modes, use_rank, weights)
-    eval_paths = write_eval(root, cl, n_queries=n_queries, seeds=seeds)
+    eval_paths = write_eval(root, cl, n_queries=n_queries, seeds=seeds,
+                            baselines=("zero_shot", "random", "similarity", "rices", "copy", "v2"), ablate_v2=True)
     metrics = write_metrics(root, cl, seeds=seeds)
     scored, rewards = write_scored_and_rewards(root, reward_specs(modes, weights), n_anchors=n_anchors)
     return {"eval_paths": eval_paths, "metrics_paths": metrics, "rewards_paths": rewards,
-            "scored_path": scored, "cells": cl, "experiments": experiments(modes, use_rank, weights)}
+            "scored_path": scored, "cells": cl, "experiments": experiments(modes, use_rank, weights),
+            "answers": write_answers(root)}

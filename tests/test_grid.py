@@ -363,3 +363,63 @@ def test_restricted_run_gets_its_own_report_folder(default_cfg):
     restricted = validate(apply_env_overrides(copy.deepcopy(default_cfg), {}, {"reward_mode": "hybrid"}))
     assert Layout(restricted).report_dir != Layout(default_cfg).report_dir
     assert Layout(copy.deepcopy(default_cfg)).report_dir == Layout(default_cfg).report_dir
+
+
+# ----------------------------------------------------------------------------- RICES, ablations, exclusions
+
+
+def test_rices_copy_answers_and_ablation_paths(default_cfg):
+    L = Layout(default_cfg)
+    folder = L.eval_baseline.format(method="X")[: -len("X.jsonl")]
+    assert L.eval_rices == {m: f"{folder}{m}.jsonl" for m in ("rices_image", "rices_text", "rices", "copy")}
+    assert L.answers == "results/easyvqa/answers/train.json"
+    # the default ablates v2 and per_shot (validation queries exist), at the first seed, beside their files
+    assert L.ablate == ["v2", "per_shot"]
+    v2, ps = L.eval_v2.format(v2=L.v2_tag, seed=0), L.per_shot.format(seed=0)
+    assert L.ablation_bases() == [v2, ps]
+    assert L.ablation_outputs(v2) == {"shuffled": v2[:-6] + ".shuffled-r0.jsonl", "no_images": v2[:-6] + ".no_images.jsonl"}
+    evals = L.all_eval()
+    assert set(L.eval_rices.values()) <= set(evals) and L.ablation_outputs(ps)["no_images"] in evals
+    assert len(evals) == len(set(evals))
+    # null: v2, plus per_shot only with validation queries; [] = none
+    cfg = copy.deepcopy(default_cfg)
+    cfg["evaluation"]["ablate"] = None
+    assert Layout(cfg).ablate == ["v2", "per_shot"]
+    cfg["pools"]["n_val"] = 0
+    assert Layout(cfg).ablate == ["v2"]
+    cfg["evaluation"]["ablate"] = []
+    assert Layout(cfg).ablation_bases() == []
+    cfg["evaluation"]["ablate"], cfg["evaluation"]["rices"] = ["rices_text", "random"], ["rices_text"]
+    L2 = Layout(cfg)
+    assert L2.ablation_bases() == [L2.eval_rices["rices_text"], L2.eval_baseline.format(method="random-r0")]
+    assert set(L2.eval_rices) == {"rices_text", "copy"}
+
+
+def test_ablation_config_errors(tmp_path):
+    import yaml
+
+    from icdrl.config import ConfigError
+
+    base = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    for edit, match in (
+        (lambda c: (c["pools"].__setitem__("n_val", 0), c["evaluation"].__setitem__("ablate", ["per_shot"])),
+         "evaluation.ablate: per_shot needs validation queries"),
+        (lambda c: c["evaluation"].update(rices=["rices"], ablate=["rices_image"]),
+         "evaluation.ablate: rices_image is not evaluated"),
+        (lambda c: c["evaluation"].__setitem__("ablate", ["copy"]), "evaluation.ablate"),
+        (lambda c: c["evaluation"].__setitem__("rices", ["rices", "rices"]), "evaluation.rices"),
+        (lambda c: c["pools"].__setitem__("exclude_same_image", "yes"), "pools.exclude_same_image"),
+    ):
+        cfg = copy.deepcopy(base)
+        edit(cfg)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ConfigError, match=match):
+            load_config(tmp_path / "c.yaml")
+
+
+def test_exclude_same_image_moves_pools_and_everything_after(default_cfg):
+    changed = _changed(default_cfg, lambda c: c["pools"].__setitem__("exclude_same_image", True))
+    assert {"pools", "pools_test", "candidates", "eval_baseline", "all_eval", "report_dir"} <= changed
+    assert "emb" not in changed and "answers" not in changed and "lvlm_model" not in changed
+    assert Layout({**default_cfg, "pools": {**default_cfg["pools"], "exclude_same_image": True}}).pool_tag.endswith("-xi")
+    assert not Layout(default_cfg).pool_tag.endswith("-xi")  # the default's paths are unchanged

@@ -34,7 +34,7 @@ def inputs(tmp_path_factory):
 def report(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_out")
     build_report(inputs["eval_paths"], inputs["metrics_paths"], inputs["rewards_paths"],
-                 inputs["scored_path"], CFG, out, experiments=inputs["experiments"])
+                 inputs["scored_path"], CFG, out, experiments=inputs["experiments"], answers=inputs["answers"])
     return out
 
 
@@ -76,9 +76,8 @@ def test_plot_files_are_valid_images(report, files):
 def test_accuracy_table_has_every_method_and_shot(report, inputs):
     acc = _csv(report, "accuracy")
     cells = {c["cell"] for c in inputs["cells"]}
-    expected = {("zero_shot", k) for k in SHOTS} | {("random", k) for k in SHOTS} \
-        | {("similarity", k) for k in SHOTS} | {("v2", k) for k in SHOTS} \
-        | {(c, k) for c in cells for k in SHOTS}
+    expected = {(m, k) for m in ("zero_shot", "random", "similarity", "rices", "copy", "v2") for k in SHOTS} \
+        | {(c, k) for c in cells for k in SHOTS}  # the ablations have a table of their own
     got = {(r.cell if r.method_kind == "v3" else r.method_kind, int(r.k)) for r in acc.itertuples()}
     assert got == expected and len(acc) == len(expected)
     assert (acc["n_queries"] == 120).all()
@@ -87,8 +86,10 @@ def test_accuracy_table_has_every_method_and_shot(report, inputs):
     assert ((acc["ci_low"] <= acc["acc_mean"]) & (acc["acc_mean"] <= acc["ci_high"])).all()
     assert acc["acc_mean"].between(0, 100).all()
     md = (report / "accuracy.md").read_text()
-    for c in ["zero_shot", "random", "similarity", "v2"]:
+    for c in ["zero_shot", "random", "similarity (within pool)", "RICES (image+question)",
+              "copy (RICES majority answer)", "v2"]:
         assert f"| {c} " in md
+    assert "shuffled" not in md and "no demonstration images" not in md
 
 
 def test_accuracy_matches_records(report, inputs):

@@ -20,6 +20,8 @@ def test_default_dry_run_lists_every_stage(tmp_path):
     assert counts["train_v2"] == 2  # the v2 method, and the selection-order parent of one v3 cell
     assert counts["rewards"] == 10 and counts["evaluate_baseline"] == 3 and counts["report"] == 1
     assert counts["select_per_shot"] == 1
+    # RICES x 3 and copy in one job; both ablations of v2 and of per_shot, one job each
+    assert counts["evaluate_rices"] == 1 and counts["evaluate_ablation"] == 2 and counts["answers"] == 1
     assert not (tmp_path / "results").exists()  # a dry run plans only
 
 
@@ -37,6 +39,7 @@ def test_seed_config_dry_run_without_data_or_weights(tmp_path):
     # exp 1-3, plans 2, 4, 5, adaptive and label order merged: 15 cells x 3 seeds
     assert counts["train_v3"] == counts["evaluate_v3"] == 15 * 3
     assert counts["rewards"] == 11 and counts["evaluate_baseline"] == 3 and counts["select_per_shot"] == 3
+    assert counts["evaluate_rices"] == 1 and counts["evaluate_ablation"] == 2  # ablations: the first seed only
     # the DAG holds every plan's jobs (their v3 folders and reward files)
     out = proc.stdout
     for plan in ("hard_plus_soft_v2-hw1-sw1/zscore",  # plan 4's reference and label order's
@@ -129,7 +132,8 @@ def test_slurm_profile_plans(tmp_path):
 
 
 @pytest.mark.parametrize("rule", ["embed", "candidates_shard", "score_shard", "train_v2", "train_v3",
-                                  "evaluate_baseline", "evaluate_v2", "evaluate_v3"])
+                                  "evaluate_baseline", "evaluate_rices", "evaluate_v2", "evaluate_v3",
+                                  "evaluate_ablation"])
 def test_gpu_rules_declare_one_gpu_and_have_profile_resources(rule):
     smk = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
     body = smk.split(f"rule {rule}:")[1].split("\nrule ")[0]

@@ -136,6 +136,11 @@ def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None
         raise ConfigError(f"config key evaluation.shots: {max(config['evaluation']['shots'])} exceeds pools.size={pools['size']}")
     if cand["shards"] > pools["n_anchors"]:
         raise ConfigError(f"config key candidates.shards: {cand['shards']} shards for only {pools['n_anchors']} anchors")
+    for m in config["evaluation"].get("ablate") or ():
+        if m == "per_shot" and not pools.get("n_val"):
+            raise ConfigError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+        if m.startswith("rices") and m not in config["evaluation"].get("rices", ()):
+            raise ConfigError(f"config key evaluation.ablate: {m} is not evaluated (add it to evaluation.rices)")
     from icdrl.grid import cells  # noqa: PLC0415 (light; avoids an import cycle at module load)
 
     try:

@@ -458,6 +458,10 @@ def seeds(config: Mapping[str, Any]) -> list[int]:
 
 #: the ``{method}`` segment of a baseline's eval file: random carries its seed (random-r0)
 BASELINE_RE = "zero_shot|similarity|random-r[0-9]+"
+#: RICES over the whole training split (``icdrl.retrieval``), one job with the copy baseline
+RICES = ("rices_image", "rices_text", "rices")
+#: methods ``evaluation.ablate`` may name (``icdrl.ablations``); null = v2, plus per_shot with validation queries
+ABLATABLE = ("random", "similarity", *RICES, "v2", "per_shot")
 #: ``{v2}`` / ``{v3}`` path segments: the short hash of the training settings
 V2_TAG_RE = "v2-[0-9a-f]{8}"
 V3_TAG_RE = "v3-[0-9a-f]{8}"
@@ -543,8 +547,9 @@ class Layout:
             self.enc_tag = emb.get("name") or f"clip-{PurePosixPath(str(emb['clip_path'])).name}"
         self.emb = _join(root, "emb", self.enc_tag, "{split}.npz")
 
-        # pools: sampler, K, pool seed (+ n per role)
-        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}"
+        # pools: sampler, K, pool seed (+ no ICD of the query's image at all: -xi) (+ n per role)
+        self.exclude_same_image = bool(pools.get("exclude_same_image", False))
+        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}" + ("-xi" if self.exclude_same_image else "")
         self.n_queries = {"anchors": int(pools["n_anchors"]), "test": int(pools["n_test"]),
                           "val": int(pools.get("n_val", 0))}
         self.n_anchors, self.n_test, self.n_val = (self.n_queries[r] for r in ROLES)
@@ -577,6 +582,12 @@ class Layout:
                           for r in EVAL_ROLES}
         self.eval_baseline = _join(run, self.eval_name["test"][: -len(".jsonl")], "{method}.jsonl")
         self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]
+        # RICES over the whole training split and the copy baseline: one job, beside the baselines
+        self.rices = [m for m in RICES if m in ev.get("rices", RICES)]
+        self.eval_rices = {m: self.eval_baseline.format(method=m) for m in [*self.rices, "copy"]}
+        # the training split's answers, read by the report's diagnostics (dataset only)
+        self.answers = _join(root, "answers", "train.json")
+        self.shuffle_tag = f"shuffled-r{ev['random_seed']}"
 
         # training: v2 on candidates ({v2} = hash of its settings); v3 on v2 + scored + rewards
         # ({v3} = hash of the parent v2's and its own settings, per cell)
@@ -607,8 +618,48 @@ class Layout:
             among = short_hash(sorted(self._cells))
             self.per_shot = _join(scored_dir, f"per_shot-{among}", "seed{seed}", self.eval_name["test"])
 
+        # ablations (evaluation.ablate): beside each ablated method's eval file
+        self.ablate = self._ablated_methods(ev.get("ablate"))
+
         # the report of this config's methods: one folder per set of evaluation files
         self.report_dir = _join(root, mtag, "report", short_hash(sorted(self.all_eval())))
+
+    def _ablated_methods(self, ablate: Sequence[str] | None) -> list[str]:
+        """``evaluation.ablate``, or its default: v2, plus per_shot where there are validation queries."""
+        if ablate is None:
+            return ["v2"] + (["per_shot"] if self.per_shot else [])
+        for m in ablate:
+            if m not in ABLATABLE:
+                raise ValueError(f"config key evaluation.ablate: {m!r} is not one of {', '.join(ABLATABLE)}")
+            if m == "per_shot" and not self.per_shot:
+                raise ValueError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+            if m in RICES and m not in self.rices:
+                raise ValueError(f"config key evaluation.ablate: {m} is not evaluated (evaluation.rices)")
+        return list(dict.fromkeys(ablate))
+
+    def ablation_bases(self) -> list[str]:
+        """The eval files (test queries) of the ablated methods; seeded methods (v2, per_shot) at the
+        first training seed only: an ablation is paired with that seed's records, and the seeds'
+        cost would multiply the most expensive evaluation jobs."""
+        out = []
+        first = self.seeds()[0]
+        for m in self.ablate:
+            if m == "v2":
+                out.append(self.eval_v2.format(v2=self.v2_tag, seed=first))
+            elif m == "per_shot":
+                out.append(self.per_shot.format(seed=first))
+            elif m == "random":
+                out.append(self.eval_baseline.format(method=self.baselines[1]))
+            elif m in RICES:
+                out.append(self.eval_rices[m])
+            else:
+                out.append(self.eval_baseline.format(method=m))
+        return out
+
+    def ablation_outputs(self, base: str) -> dict[str, str]:
+        """``{ablation: eval file}`` of one ablated eval file: beside it, ``<name>.<ablation tag>.jsonl``."""
+        stem = base[: -len(".jsonl")]
+        return {"shuffled": f"{stem}.{self.shuffle_tag}.jsonl", "no_images": f"{stem}.no_images.jsonl"}
 
     def _add_v2(self, v2: Mapping[str, Any]) -> str:
         tag = f"v2-{short_hash(canonical(dict(v2)))}"
@@ -672,12 +723,12 @@ class Layout:
         return [self.v3_path(pattern, tc, s) for tc in self._cells.values() for s in ss]
 
     def all_eval(self) -> list[str]:
-        """Every evaluation file on the test queries the report reads."""
-        out = ([self.eval_baseline.format(method=m) for m in self.baselines]
+        """Every evaluation file on the test queries the report reads (ablations included)."""
+        out = ([self.eval_baseline.format(method=m) for m in self.baselines] + list(self.eval_rices.values())
                + self.all_v2(self.eval_v2) + self.v3_evals("test"))
         if self.per_shot:
             out += [self.per_shot.format(seed=s) for s in self.seeds()]
-        return out
+        return out + [p for b in self.ablation_bases() for p in self.ablation_outputs(b).values()]
 
     def labelled_metrics(self) -> dict[str, str]:
         """Training-metrics CSVs by label (``v2 seed0``, ``v3 <cell slug> seed0``)."""

@@ -4,7 +4,9 @@ One code path builds pools for every role: ``anchors`` (queries = a seeded subse
 split), ``test`` (queries = a seeded subset of the eval split) and ``val`` (validation queries:
 another seeded subset of the eval split, disjoint from the test queries, SPEC §8). A pool never holds its query
 nor an exact duplicate of it (same image and same question), so no leakage at training or
-test time, and each query gets its own pool (ANCHORS defect 9).
+test time, and each query gets its own pool (ANCHORS defect 9). With ``pools.exclude_same_image``
+a pool holds no train example that shows the query's image at all (:class:`Exclusions`, shared
+with RICES, ``icdrl.retrieval``).
 
 Samplers (config ``pools.sampler``), each over the eligible train examples:
 
@@ -39,9 +41,38 @@ ROLES = {"anchors": ("train", 0), "test": ("eval", 1), "val": ("eval", 2)}  # ro
 N_KEY = {"anchors": "n_anchors", "test": "n_test", "val": "n_val"}  # role -> its pools config key
 
 
+def image_key(ex: Example) -> str:
+    """Two examples with the same key show the same image (its dataset id, else its file)."""
+    return ex.image_id or ex.image
+
+
 def duplicate_key(ex: Example) -> tuple[str, str]:
     """Two examples with the same key are exact duplicates (same image, same question)."""
-    return (ex.image_id or ex.image, " ".join(ex.question.lower().split()))
+    return (image_key(ex), " ".join(ex.question.lower().split()))
+
+
+class Exclusions:
+    """Which train rows a query may never be shown (SPEC §2, §8): its exact duplicates (same image
+    and question), itself when it is a train example, and with ``exclude_same_image`` every train
+    example showing its image."""
+
+    def __init__(self, train: Sequence[Example], exclude_same_image: bool = False):
+        self.exclude_same_image = bool(exclude_same_image)
+        self.train_ids = np.array([ex.id for ex in train], dtype=np.int64)
+        self._by_dup: dict[tuple[str, str], list[int]] = {}
+        self._by_image: dict[str, list[int]] = {}
+        for r, ex in enumerate(train):
+            self._by_dup.setdefault(duplicate_key(ex), []).append(r)
+            self._by_image.setdefault(image_key(ex), []).append(r)
+
+    def rows(self, query: Example, is_train: bool) -> np.ndarray:
+        """Sorted unique train rows banned for ``query`` (``is_train``: it is a train example)."""
+        banned = list(self._by_dup.get(duplicate_key(query), []))
+        if self.exclude_same_image:
+            banned += self._by_image.get(image_key(query), [])
+        if is_train:
+            banned += np.flatnonzero(self.train_ids == query.id).tolist()
+        return np.unique(np.asarray(banned, dtype=np.int64))
 
 
 def top_k(sims: np.ndarray, k: int) -> np.ndarray:
@@ -111,22 +142,21 @@ def build_pools(
     role: str = "anchors",
     query_table: EmbeddingTable | None = None,
     train_table: EmbeddingTable | None = None,
+    exclude_same_image: bool = False,
 ) -> list[PoolRecord]:
     """A pool of ``size`` train ids for every query (see the module docstring).
 
     ``role`` says where the queries come from: ``anchors`` = the train split (a query is then
-    excluded from its own pool by id too), ``test`` = the eval split.
+    excluded from its own pool by id too), ``test`` = the eval split. ``exclude_same_image``:
+    no train example showing the query's image (``pools.exclude_same_image``).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     split, salt = ROLES[role]
     if sampler not in SAMPLERS:
         raise ValueError(f"pools.sampler must be one of {SAMPLERS}, got {sampler!r}")
-    train_ids = np.array([ex.id for ex in train], dtype=np.int64)
-    keys = [duplicate_key(ex) for ex in train]
-    rows_by_key: dict[tuple[str, str], list[int]] = {}
-    for r, key in enumerate(keys):
-        rows_by_key.setdefault(key, []).append(r)
+    excl = Exclusions(train, exclude_same_image)
+    train_ids = excl.train_ids
     train_vecs = None
     if sampler != "random":
         if query_table is None or train_table is None:
@@ -134,15 +164,13 @@ def build_pools(
         train_vecs = _vecs(train_table, train_table.rows(train_ids))
     out = []
     for q in queries:
-        banned = list(rows_by_key.get(duplicate_key(q), []))
-        if split == "train":  # the query itself is a train example
-            banned += np.flatnonzero(train_ids == q.id).tolist()
-        n_eligible = len(train) - len(set(banned))
+        banned = excl.rows(q, is_train=split == "train")
+        n_eligible = len(train) - len(banned)
         if size > n_eligible:
             raise ValueError(f"query {q.id}: pool size {size} exceeds the {n_eligible} eligible train examples")
         rng = np.random.default_rng([seed, salt, q.id])
         qv = _vecs(query_table, query_table.row(q.id)) if train_vecs is not None else None
-        rows = sample_pool(sampler, size, np.array(banned, dtype=np.int64), len(train), rng, qv, train_vecs)
+        rows = sample_pool(sampler, size, banned, len(train), rng, qv, train_vecs)
         out.append(PoolRecord(query_id=q.id, pool=tuple(int(i) for i in train_ids[rows])))
     return out
 
@@ -189,6 +217,7 @@ def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, t
         role=role,
         query_table=EmbeddingTable.load(query_emb_path) if need_emb else None,
         train_table=EmbeddingTable.load(train_emb_path) if need_emb else None,
+        exclude_same_image=bool(pools_cfg.get("exclude_same_image", False)),
     )
     write_jsonl(out_path, PoolRecord.SCHEMA, [r.to_dict() for r in recs])
     log.info("%s: %d %s queries, pools of %d (%s)", out_path, len(recs), role, int(pools_cfg.get("size", 64)),

@@ -124,8 +124,10 @@ def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
 #: Where a candidate sequence came from (SPEC §4).
 SOURCES: tuple[str, ...] = ("beam", "random", "similar")
 
-#: Evaluation methods (SPEC §8).
-METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "v2", "v3", "per_shot")
+#: Evaluation methods (SPEC §8): the ablations (``shuffled``, ``no_images``) re-answer another
+#: method's ICDs, named in their ``spec`` (``icdrl.ablations``).
+METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy",
+                            "v2", "v3", "per_shot", "shuffled", "no_images")
 
 
 def _field_error(where: str, name: str, msg: str) -> SchemaError:
@@ -353,9 +355,12 @@ class EvalRecord:
     once), so that every method has a value at every shot. ``cell`` and ``spec``: for a v3 cell
     its slug and canonical dict (:meth:`icdrl.grid.Cell.as_dict`: mode, knobs, use_rank, training
     overrides); for ``per_shot`` the slug of the cell chosen at this k and
-    ``{"chosen": <that cell's dict>, "val_acc": ..., "n_val": ...}``; null for other methods.
-    ``image_id`` is the query's ``Example.image_id`` (null if unknown): questions sharing an
-    image are one cluster of the report's bootstrap.
+    ``{"chosen": <that cell's dict>, "val_acc": ..., "n_val": ...}``; for an ablation
+    (``shuffled``, ``no_images``) the ablated record's cell and ``{"ablation": ..., "of": {"method",
+    "cell", "spec"} of the ablated record, "shuffle_seed": ...}``; null for other methods. RICES
+    and ``copy`` records have no pool positions (``icd_pos`` empty). ``image_id`` is the query's
+    ``Example.image_id`` (null if unknown): questions sharing an image are one cluster of the
+    report's bootstrap.
     """
 
     SCHEMA: ClassVar[str] = "icdrl.eval"
@@ -382,6 +387,8 @@ class EvalRecord:
             raise _field_error(where, "spec", f"must be an object or null, got {spec!r}")
         if method in ("v3", "per_shot") and (spec is None or d.get("cell") is None):
             raise _field_error(where, "spec", f"and 'cell' are required for method {method}")
+        if method in ("shuffled", "no_images") and not isinstance((spec or {}).get("of"), dict):
+            raise _field_error(where, "spec", f"of an ablation ({method}) must name the method it ablates ('of')")
         return cls(
             method=method,
             cell=_opt_str(d, "cell", where),

@@ -1,6 +1,8 @@
-# Stage 5: every method at shots 1-4 (per-query records): the baselines, v2 and every v3 cell
-# on the test queries; every v3 cell on the validation queries too (pools.n_val > 0), from
-# which per_shot picks, per shot, the best cell.
+# Stage 5: every method at shots 1-4 (per-query records): the baselines, RICES over the whole
+# training split and the copy baseline, v2 and every v3 cell on the test queries; every v3 cell
+# on the validation queries too (pools.n_val > 0), from which per_shot picks, per shot, the best
+# cell; and the ablations (shuffled order, no demonstration images) of evaluation.ablate.
+import re
 
 EVAL_INPUT = dict(
     model=MODEL_INPUT,
@@ -19,6 +21,27 @@ rule evaluate_baseline:
         logfile(L.eval_baseline),
     benchmark:
         benchfile(L.eval_baseline)
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_rices:
+    # the RICES variants (one backend for all of them) and the copy baseline (no LVLM)
+    input:
+        **EVAL_INPUT,
+    output:
+        list(L.eval_rices.values()),
+    params:
+        methods=list(L.eval_rices),
+    log:
+        logfile(L.eval_rices["copy"]),
+    benchmark:
+        benchfile(L.eval_rices["copy"])
     threads: 1
     resources:
         gpu=1,
@@ -86,3 +109,27 @@ if L.per_shot:
             "../envs/icdrl.yaml"
         script:
             "../scripts/select_per_shot.py"
+
+
+if L.ablate:
+
+    rule evaluate_ablation:
+        # both ablations of one ablated method's eval file (one backend), beside it
+        input:
+            model=MODEL_INPUT,
+            base="{ablated}.jsonl",
+        output:
+            **L.ablation_outputs("{ablated}.jsonl"),
+        wildcard_constraints:
+            ablated="|".join(re.escape(b[: -len(".jsonl")]) for b in L.ablation_bases()),
+        log:
+            "{ablated}.ablations.log",
+        benchmark:
+            "{ablated}.ablations.benchmark.tsv"
+        threads: 1
+        resources:
+            gpu=1,
+        conda:
+            "../envs/icdrl.yaml"
+        script:
+            "../scripts/evaluate.py"

@@ -5,9 +5,25 @@
 # Marked files appear in `snakemake --report`, with captions from workflow/report/<name>.rst.
 
 
+rule answers:
+    # the training split's answers, for the report's copy-rate diagnostics (written once per dataset)
+    output:
+        L.answers,
+    log:
+        logfile(L.answers),
+    benchmark:
+        benchfile(L.answers)
+    threads: 1
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/answers.py"
+
+
 rule report:
     input:
         evals=L.all_eval(),
+        answers=L.answers,
         metrics=list(L.labelled_metrics().values()),
         rewards=L.all_rewards(),
         scored=L.scored,

@@ -25,6 +25,8 @@ built by :func:`comparison_tables`, which ``icdrl power`` calls too.
   results; a category without data holds a "not available" note).
 * ``experiments``: :meth:`icdrl.grid.Experiment.as_dict` of every configured experiment (one
   table, delta plot and summary paragraph each, :mod:`.experiments`).
+* ``answers``: the training split's answers table (``icdrl.answers``, :func:`icdrl.answers.write_answers`)
+  the copy-rate diagnostics read (:mod:`.diagnostics`); None: those columns say "not available".
 * ``config``: the validated workflow config, written beside the tables as ``config.yaml``.
 """
 
@@ -35,6 +37,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from icdrl.answers import load_answers
 from icdrl.records import atomic_write_text
 
 from .bootstrap import Interval, bootstrap_mean, paired_bootstrap, trend
@@ -51,6 +54,7 @@ from .plots import (
     save_figure,
     training_curves_plot,
 )
+from .diagnostics import ablation_plot, ablations_table, diagnostics_plot, diagnostics_table
 from .experiments import ExperimentSpec, experiment_table
 from .summary import build_summary
 from .tables import (
@@ -171,6 +175,7 @@ def build_report(
     report_cfg: Mapping | None,
     out_dir: str | os.PathLike,
     experiments: Sequence[Mapping] = (),
+    answers: str | os.PathLike | None = None,
     config: Mapping | None = None,
 ) -> None:
     """Write every table (CSV, Markdown, HTML), plot (PNG, SVG) and the summary into ``out_dir``.
@@ -187,8 +192,9 @@ def build_report(
     rewards = load_rewards(rewards_paths)
     scored = load_scored(scored_path)
     data.reward_orders = reward_equivalence(rewards)
-    log.info("report: %d methods, shots %s, %d metrics files, %d rewards files",
-             len(data.methods), data.shots, len(metrics), len(rewards))
+    train_answers = load_answers(answers) if answers is not None else None
+    log.info("report: %d methods (%d ablations), shots %s, %d metrics files, %d rewards files",
+             len(data.main()), len(data.ablations()), data.shots, len(metrics), len(rewards))
 
     adv = {(lab, ur): advantage_values(g, ur) for lab, g in rewards.items() for ur in (True, False)}
     tables = {
@@ -200,6 +206,8 @@ def build_report(
         "rl_advantages": rl_advantages_table(adv),
         "candidates_by_source": sources_table(scored),
         "training_summary": training_table(metrics),
+        "diagnostics": diagnostics_table(data, train_answers, n_boot, seed, level),
+        "ablations": ablations_table(data, n_boot, seed, level),
     }
     assert tuple(tables) == TABLE_NAMES
     for t in tables.values():
@@ -212,6 +220,8 @@ def build_report(
         "reward_hist": reward_hist_plot(rewards, stats),
         "advantage_hist": advantage_hist_plot(adv),
         "training_curves": training_curves_plot(metrics),
+        "copy_rates": diagnostics_plot(tables["diagnostics"].data),
+        "ablation_delta": ablation_plot(tables["ablations"].data),
     }
     assert tuple(figures) == PLOT_NAMES
     for name, fig in figures.items():

@@ -19,7 +19,9 @@ from icdrl.records import read_jsonl
 from icdrl.rewards import MODES
 
 __all__ = [
+    "ABLATIONS",
     "BASELINES",
+    "DISPLAY",
     "MODE_ORDER",
     "MethodInfo",
     "EvalData",
@@ -32,8 +34,19 @@ __all__ = [
     "METRIC_COLUMNS",
 ]
 
-BASELINES = ("zero_shot", "random", "similarity", "v2", "per_shot")
-METHODS = BASELINES + ("v3",)
+BASELINES = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy", "v2", "per_shot")
+#: ablations of another method (``icdrl.ablations``): reported against it, not as methods of their own
+ABLATIONS = ("shuffled", "no_images")
+METHODS = BASELINES + ("v3",) + ABLATIONS
+#: what a reader sees for a method (the record's ``method`` stays the key)
+DISPLAY = {
+    "similarity": "similarity (within pool)",
+    "rices_image": "RICES (image)",
+    "rices_text": "RICES (question)",
+    "rices": "RICES (image+question)",
+    "copy": "copy (RICES majority answer)",
+}
+ABLATION_DISPLAY = {"shuffled": "shuffled order", "no_images": "no demonstration images"}
 MODE_ORDER = MODES
 METRIC_COLUMNS = (
     "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
@@ -43,11 +56,18 @@ METRIC_COLUMNS = (
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """One evaluated method: a baseline, ``per_shot``, or a v3 grid cell (seeds are replicates of it)."""
+    """One evaluated method: a baseline, ``per_shot``, a v3 grid cell (seeds are replicates of it),
+    or an ablation of one of them (``of``: the ablated method's key, ``of_label`` its name)."""
 
     key: str
     method: str
     cell: Cell | None = None
+    of: str | None = None
+    of_label: str | None = None
+
+    @property
+    def ablation(self) -> str | None:
+        return self.method if self.method in ABLATIONS else None
 
     @property
     def mode(self) -> str | None:
@@ -64,10 +84,15 @@ class MethodInfo:
         return self.cell.label()[len(self.cell.mode) + 1:]
 
     def long(self) -> str:
-        """'v3 <cell label>' for a v3 cell, the method name otherwise."""
-        return self.method if self.cell is None else f"v3 {self.cell.label()}"
+        """'v3 <cell label>' for a v3 cell, '<method> [<ablation>]' for an ablation, the method's
+        display name otherwise ('similarity (within pool)', 'RICES (image)', ...)."""
+        if self.ablation:
+            return f"{self.of_label} [{ABLATION_DISPLAY[self.method]}]"
+        return DISPLAY.get(self.method, self.method) if self.cell is None else f"v3 {self.cell.label()}"
 
     def sort_key(self) -> tuple:
+        if self.ablation:
+            return (len(BASELINES) + 1, str(self.of_label), ABLATIONS.index(self.method))
         if self.cell is None:
             return (BASELINES.index(self.method),)
         c = self.cell
@@ -96,6 +121,8 @@ class EvalData:
     icds: dict = field(default_factory=dict)
     reward_orders: object | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: what the diagnostics read: ``answers[(key, k)][seed][query_id] = (prediction, icd_ids)``
+    answers: dict[tuple[str, int], dict[int | None, dict]] = field(default_factory=dict)
 
     def clusters(self, query_ids) -> list | None:
         """The image of each query (None where unknown), or None when no record names an image."""
@@ -105,6 +132,13 @@ class EvalData:
 
     def v3(self) -> list[MethodInfo]:
         return [m for m in self.methods.values() if m.method == "v3"]
+
+    def main(self) -> list[MethodInfo]:
+        """Every method but the ablations (those are reported against the method they ablate)."""
+        return [m for m in self.methods.values() if not m.ablation]
+
+    def ablations(self) -> list[MethodInfo]:
+        return [m for m in self.methods.values() if m.ablation]
 
     def seeds(self, key: str, k: int) -> list[int | None]:
         runs = self.acc.get((key, k), {})
@@ -135,6 +169,7 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
     per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = {}
     chosen: dict[tuple[str, int, int | None], dict] = {}
     image_of: dict = {}
+    answers: dict[tuple[str, int], dict[int | None, dict]] = {}
     for path in paths:
         for i, rec in enumerate(read_jsonl(path, "icdrl.eval"), start=1):
             where = f"{path}: record {i}"
@@ -162,6 +197,8 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                 if c.slug != cell:
                     raise ValueError(f"{where}: field 'cell' is {cell!r} but its spec says {c.slug!r}")
                 info = MethodInfo(key=f"v3:{cell}", method="v3", cell=c)
+            elif method in ABLATIONS:
+                info = _ablation_info(method, rec.get("spec"), where)
             else:
                 info = MethodInfo(key=method, method=method)
                 if method == "per_shot":
@@ -180,6 +217,8 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
             bucket[qid] = float(acc)
             icd_ids = rec.get("icd_ids")
             chosen.setdefault((info.key, k, seed), {})[qid] = tuple(icd_ids) if isinstance(icd_ids, list) else None
+            answers.setdefault((info.key, k), {}).setdefault(seed, {})[qid] = (
+                str(rec.get("prediction", "")), tuple(rec.get("icd_ids") or ()))
             img = rec.get("image_id")
             if img is not None:
                 if not isinstance(img, str):
@@ -198,7 +237,20 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
         icds.setdefault((key, k), {})[seed] = qc
     shots = sorted({k for (_, k) in acc})
     return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot,
-                    image_of=image_of, icds=icds)
+                    image_of=image_of, icds=icds, answers=answers)
+
+
+def _ablation_info(method: str, spec, where: str) -> MethodInfo:
+    """The :class:`MethodInfo` of an ablation record: keyed by the ablation and the method it ablates."""
+    of = (spec or {}).get("of") if isinstance(spec, dict) else None
+    if not isinstance(of, dict) or of.get("method") not in BASELINES + ("v3",):
+        raise ValueError(f"{where}: an ablation ({method}) needs spec.of naming the ablated method")
+    if of["method"] == "v3":
+        c = Cell.from_dict(of.get("spec") or {}, f"{where}: field 'spec.of.spec'")
+        of_key, of_label = f"v3:{c.slug}", f"v3 {c.label()}"
+    else:
+        of_key, of_label = of["method"], DISPLAY.get(of["method"], of["method"])
+    return MethodInfo(key=f"{method}:{of_key}", method=method, of=of_key, of_label=of_label)
 
 
 def _sortable(index: pd.Index) -> bool:

@@ -36,7 +36,8 @@ __all__ = [
     "save_figure",
 ]
 
-PLOT_NAMES = ("accuracy_vs_shot", "delta_vs_legacy", "reward_hist", "advantage_hist", "training_curves")
+PLOT_NAMES = ("accuracy_vs_shot", "delta_vs_legacy", "reward_hist", "advantage_hist", "training_curves",
+              "copy_rates", "ablation_delta")  # the last two: .diagnostics
 
 RC = {
     "font.size": 10,
@@ -58,7 +59,12 @@ BASELINE_STYLE = {
     "zero_shot": {"color": "#000000", "linestyle": ":", "marker": "x"},
     "random": {"color": "#7f7f7f", "linestyle": "--", "marker": "v"},
     "similarity": {"color": "#8c564b", "linestyle": "-.", "marker": "^"},
+    "rices_image": {"color": "#bc80bd", "linestyle": "-.", "marker": "<"},
+    "rices_text": {"color": "#80b1d3", "linestyle": "-.", "marker": ">"},
+    "rices": {"color": "#e7298a", "linestyle": "-", "marker": "*", "linewidth": 2.0},
+    "copy": {"color": "#a6761d", "linestyle": ":", "marker": "P"},
     "v2": {"color": "#9467bd", "linestyle": "-", "marker": "D", "linewidth": 2.2},
+    "per_shot": {"color": "#1b9e77", "linestyle": "-", "marker": "h"},
 }
 # colours for v3 weight settings (no grey/brown/purple: those are the baselines)
 CELL_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#17becf", "#bcbd22", "#e377c2", "#393b79"]
@@ -156,7 +162,8 @@ def _line_with_band(ax, g: pd.DataFrame, x_off: float, label: str, style: dict, 
 def accuracy_plot(acc: pd.DataFrame) -> Figure:
     """Accuracy vs shot with 95% interval bands.
 
-    First panel: the baselines (zero-shot, random, similarity, v2), each with its band. Then one
+    First panel: the baselines (zero-shot, random, similarity within the pool, RICES, copy, v2,
+    per_shot), each with its band. Then one
     panel per v3 reward mode: its cells with bands (colour = weights, solid = rank, dashed =
     z-score) and v2 as a thin reference line without band.
     """
@@ -180,7 +187,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
                 groups = list(base.groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
                     _line_with_band(ax, g, (i - (len(groups) - 1) / 2) * 0.03, name,
-                                    BASELINE_STYLE.get(name, {"color": "0.3"}), band=True)
+                                    BASELINE_STYLE.get(g["method_kind"].iloc[0], {"color": "0.3"}), band=True)
                 ax.set_title("Baselines")
             else:
                 if "v2" in set(base["method"]):

@@ -179,7 +179,7 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
     good = acc[acc["acc_mean"].notna()]
     nq = sorted(set(int(n) for n in good["n_queries"])) if not good.empty else []
     seeds_v3 = sorted({x for m in data.v3() for k in data.shots for x in data.seeds(m.key, k) if x is not None})
-    s.p(f"{len(data.methods)} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
+    s.p(f"{len(data.main())} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
         f"test queries per (method, shot): {nq[0] if len(nq) == 1 else (f'{nq[0]}–{nq[-1]}' if nq else 0)}; "
         f"v3 seeds: {', '.join(map(str, seeds_v3)) or 'none'}.")
     families = [tables["vs_legacy"], *experiments, tables["vs_v2"]]
@@ -236,6 +236,8 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
                           level, n_boot)
     _comparison_block(s, tables["vs_v2"], lambda r: f"v3 {cell(r)} vs v2", "v3 cells vs v2", level, n_boot)
     _per_shot_block(s, tables["per_shot"])
+    _retrieval_block(s, data, n_boot, seed, level)
+    _diagnostics_block(s, tables.get("diagnostics"), tables.get("ablations"), level)
 
     s.h2("Power: what would resolve 1 point")
     plan = power_plan([c for t in families for c in t.comparisons], delta=1.0)
@@ -317,6 +319,54 @@ def _intervals_text(comps, n_boot: int, seed: int, level: float) -> str:
         text += "Each test query is its own cluster (no two share an image, or the records name no images). "
     return text + ("'n.s.' = the interval contains 0; significance within an experiment is judged after Holm's "
                    "step-down correction over its comparisons.")
+
+
+#: the trained methods compared with RICES and the copy baseline in the summary
+_TRAINED = ("v2", "per_shot")
+
+
+def _retrieval_block(s: Summary, data: EvalData, n_boot: int, seed: int, level: float) -> None:
+    """The trained selectors (v2; per_shot, the v3 cells chosen on validation queries) against RICES
+    and the copy baseline. No cell is chosen on the test queries here."""
+    refs = [r for r in ("rices", "copy") if r in data.methods]
+    trained = [t for t in _TRAINED if t in data.methods]
+    if not refs or not trained:
+        return
+    s.h2("Trained selectors vs RICES and the copy baseline")
+    items = []
+    for k in data.shots:
+        for key in trained:
+            for ref in refs:
+                c = compare(data, key, ref, k, n_boot, seed, level)
+                if c.available:
+                    items.append(f"k={k} {data.methods[key].long()} − {data.methods[ref].long()}: "
+                                 f"{c.interval.estimate:+.2f} [{c.interval.low:+.2f}, {c.interval.high:+.2f}] points "
+                                 f"({c.trend})")
+    s.ul(_cap(items, "comparisons"))
+
+
+def _diagnostics_block(s: Summary, diag: Table | None, abl: Table | None, level: float) -> None:
+    """Copy rates of RICES and v2, and the distinguishable ablation deltas."""
+    if diag is None or "copies_last" not in diag.data or not diag.data["copies_last"].notna().any():
+        return
+    s.h2("How the LVLM uses the demonstrations")
+    d = diag.data
+    items = []
+    for kind in ("rices", "v2", "per_shot"):
+        sub = d[(d["method_kind"] == kind) & d["copies_last"].notna()]
+        if len(sub):
+            items.append(f"{sub['method'].iloc[0]} copies the last demonstration's answer in "
+                         + ", ".join(f"{r.copies_last:.1f}% (k={r.k})" for r in sub.itertuples())
+                         + " of its predictions; any demonstration's in "
+                         + ", ".join(f"{r.copies_any:.1f}%" for r in sub.itertuples()) + ".")
+    s.ul(items)
+    if abl is not None and "delta" in abl.data:
+        a = abl.data[abl.data["delta"].notna()]
+        dist = a[a["distinguishable"].astype(bool)]
+        s.p(f"Ablations: {len(dist)} of {len(a)} deltas are distinguishable from 0 at {int(round(100 * level))}% "
+            f"(see ablations.md)." if len(a) else "No ablation comparison is available (see ablations.md).")
+        s.ul(_cap([f"k={r.k} {r.method} [{r.ablation_label}]: {_fmt_delta(r)} points ({r.trend})"
+                   for r in dist.itertuples()], "ablation deltas"))
 
 
 def _key_of(data: EvalData, r) -> str:

@@ -55,6 +55,8 @@ TABLE_NAMES = (
     "rl_advantages",
     "candidates_by_source",
     "training_summary",
+    "diagnostics",  # .diagnostics
+    "ablations",  # .diagnostics
 )
 POS_RATIO_THRESHOLD = 0.2  # the seed's plan-4 min_positive_ratio
 ADV_MIN_STD = 0.1
@@ -108,7 +110,7 @@ def _w(w: float | None) -> str:
 def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
     """One row per method × shot: mean over seeds, per-seed spread, 95% CI over queries."""
     rows, wide = [], {}
-    for m in data.methods.values():
+    for m in data.main():  # ablations: the ablations table
         wide_row = {"method": m.long()}
         for k in data.shots:
             acc = method_accuracy(data, m.key, k, n_boot, seed, level)
