@@ -20,10 +20,15 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# the library: the checkout's src/ first, so `snakemake` works without installing icdrl
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# the library: the checkout's src/ first, so `snakemake` works without installing icdrl and
+# never imports another installed copy (jobs do the same: workflow/scripts/_common.py)
+_SRC = Path(workflow.basedir).resolve() / "src"
+sys.path.insert(0, str(_SRC))
 import icdrl.config as icfg  # noqa: E402
 from icdrl.grid import ADV, BASELINE_RE, REWARD_SLUG_RE, Layout, canonical_json  # noqa: E402
+
+if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
+    sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")
 
 
 if not workflow.config_settings.configfiles:
