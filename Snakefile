@@ -36,10 +36,16 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# the config file(s) this run reads: config errors name the one that sets the key, or these
+CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
+    f"{workflow.basedir}/config/config.yaml"
+]
+
+
 try:
     _overrides = icfg.prepare(config, os.environ)
 except ValueError as e:  # ConfigError, or a bad env-var value: one line naming the key
-    sys.exit(f"icdrl: {e}")
+    sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 if _overrides:
     print(icfg.describe_overrides(_overrides), file=sys.stderr)
 
@@ -66,7 +72,7 @@ onstart:
     try:
         icfg.check_inputs(config)
     except (ValueError, OSError) as e:
-        sys.exit(f"icdrl: {e}")
+        sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 
 
 include: "workflow/rules/common.smk"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from icdrl.beam import examples_by_id, lookup, model_fingerprint
+from icdrl.grid import canonical_shots
 from icdrl.lvlm.base import Generation, LVLMBackend
 from icdrl.records import METHODS, EvalRecord, PartialJsonl, PoolRecord, fingerprint, read_records
 
@@ -157,7 +158,7 @@ def evaluate_method(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
-    shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
+    shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
     if method == "random":
         seed = int(eval_cfg.get("random_seed", 0)) if seed is None else int(seed)
     elif method in ("zero_shot", "similarity"):

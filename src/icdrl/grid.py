@@ -297,6 +297,11 @@ def cells(config: Mapping[str, Any]) -> list[Cell]:
 
 # ----------------------------------------------------------------------------- layout
 
+def canonical_shots(shots: Sequence[int]) -> list[int]:
+    """``evaluation.shots`` sorted and deduplicated: ``[4, 1, 2, 1]`` and ``[1, 2, 4]`` name one file."""
+    return sorted({int(k) for k in shots})
+
+
 #: the ``{method}`` segment of a baseline's eval file: random carries its seed (random-r0)
 BASELINE_RE = "zero_shot|similarity|random-r[0-9]+"
 
@@ -405,7 +410,7 @@ class Layout:
 
         # evaluation: test queries (n_test), shots, generation length (+ random's seed)
         self.eval_tag = (
-            f"eval-n{self.n_test}-k{'.'.join(str(k) for k in ev['shots'])}-mnt{model['max_new_tokens']}"
+            f"eval-n{self.n_test}-k{'.'.join(str(k) for k in canonical_shots(ev['shots']))}-mnt{model['max_new_tokens']}"
         )
         self.eval_baseline = _join(run, self.eval_tag, "{method}.jsonl")
         self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]
