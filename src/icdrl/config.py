@@ -104,6 +104,12 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) ->
     specific error, so an unknown key deep inside a section is reported as that key).
     """
     schema = load_schema() if schema is None else schema
+    lvlm = config.get("embedded_lvlm")
+    if isinstance(lvlm, Mapping):
+        from icdrl.lvlm.embedded import REMOVED_KEYS  # noqa: PLC0415 (light: no torch at import)
+
+        for k in sorted(set(lvlm) & set(REMOVED_KEYS)):
+            raise ConfigError(f"config key embedded_lvlm.{k}: {REMOVED_KEYS[k]}")
     bad = _non_finite(config)
     if bad is not None:  # JSON schema's "number" (and most of its bounds) let NaN and ±inf through
         raise ConfigError(f"config key {bad[0]}: {bad[1]} is not a finite number")
