@@ -147,7 +147,7 @@ def test_a_file_cut_at_a_line_boundary_is_refused(tmp_path, keep):
     p = tmp_path / "cut.jsonl"
     lines = _pools_file(p, 4)
     p.write_text("\n".join(lines[:keep]) + "\n")
-    with pytest.raises(SchemaError, match=r"cut.jsonl: incomplete: no end line .*delete it and run snakemake"):
+    with pytest.raises(SchemaError, match=r"cut.jsonl: incomplete: no end line .*; remake it: snakemake --force .*cut.jsonl"):
         read_jsonl(p, "icdrl.pools")
 
 

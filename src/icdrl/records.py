@@ -88,8 +88,10 @@ def write_jsonl(path: str | os.PathLike, schema: str, records: Iterable[dict]) -
     return n
 
 
-#: what to do about an incomplete file (it is an output of an earlier job)
-REMAKE = "delete it and run snakemake again to remake it"
+def remake(path: str | os.PathLike) -> str:
+    """What to do about an incomplete output of an earlier job: rerun that job. (Deleting it is
+    not enough: Snakemake does not remake a missing intermediate whose outputs are up to date.)"""
+    return f"remake it: snakemake --force {path} (with this run's options)"
 
 
 def end_line(schema: str, n: int) -> dict:
@@ -124,7 +126,7 @@ def _expected_count(path: Path, schema: str) -> int:
         d = None
     if not is_end_line(d) or d["end"] != schema or isinstance(d["records"], bool) or not isinstance(d["records"], int):
         raise SchemaError(f"{path}: incomplete: no end line {{\"end\": \"{schema}\", \"records\": N}} "
-                          f"(cut short, or written by an older icdrl); {REMAKE}")
+                          f"(cut short, or written by an older icdrl); {remake(path)}")
     return d["records"]
 
 
@@ -169,7 +171,7 @@ def _parse_line(line: str, path: Path, lineno: int, schema: str) -> Any:
     except _NonFinite as e:
         d = json.loads(line)
         raise SchemaError(f"{path}:{lineno}: {_describe(schema, d)}: field {_non_finite_field(d) or '?'} "
-                          f"is {e}, not a finite number; {REMAKE}") from None
+                          f"is {e}, not a finite number; {remake(path)}") from None
     except json.JSONDecodeError as e:
         raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
@@ -204,7 +206,7 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
             if not line.strip():
                 continue
             if ended:
-                raise SchemaError(f"{path}:{lineno}: a line after the end line; {REMAKE}")
+                raise SchemaError(f"{path}:{lineno}: a line after the end line; {remake(path)}")
             d = _parse_line(line, path, lineno, schema)
             if is_end_line(d):
                 ended = True
@@ -212,7 +214,7 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
             n += 1
             yield d
         if n != expected:
-            raise SchemaError(f"{path}: incomplete: {n} records, its end line says {expected}; {REMAKE}")
+            raise SchemaError(f"{path}: incomplete: {n} records, its end line says {expected}; {remake(path)}")
 
 
 def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
@@ -244,18 +246,18 @@ def check_csv_complete(path: str | os.PathLike) -> int:
     n_text = rest[: -len(" rows")] if rest.endswith(" rows") else ""
     if prefix != "# end" or not n_text.isdigit():
         raise SchemaError(f"{path}: incomplete: no end line '{csv_end_line(0).replace('0', 'N')}' "
-                          f"(cut short, or written by an older icdrl); {REMAKE}")
+                          f"(cut short, or written by an older icdrl); {remake(path)}")
     n = int(n_text)
     rows = len(lines) - 2  # header and end line
     if rows != n:
-        raise SchemaError(f"{path}: incomplete: {rows} rows, its end line says {n}; {REMAKE}")
+        raise SchemaError(f"{path}: incomplete: {rows} rows, its end line says {n}; {remake(path)}")
     return n
 
 
 def corrupt_file_error(path: str | os.PathLike, e: BaseException) -> SchemaError:
     """One line for a binary output (``.npz``, ``.pt``) that cannot be read: cut short or corrupt."""
     first = (str(e).strip().splitlines() or [""])[0][:120]
-    return SchemaError(f"{path}: cannot be read, cut short or corrupt ({type(e).__name__}: {first}); {REMAKE}")
+    return SchemaError(f"{path}: cannot be read, cut short or corrupt ({type(e).__name__}: {first}); {remake(path)}")
 
 
 # ---------------------------------------------------------------------------------------------
