@@ -319,12 +319,17 @@ def load_vqa(
         if empty_answers == "error":
             raise DatasetError(
                 f"{key}.annotations: {apath}: question_id {partly_empty[0][0]}: an annotator answer is empty "
-                f"({len(partly_empty)} questions of this file have {n_ans} empty answers; the official evaluator "
+                f"({_n(len(partly_empty), 'question')} of this file {'has' if len(partly_empty) == 1 else 'have'} "
+                f"{_n(n_ans, 'empty answer')}; the official evaluator "
                 f"would let an answer that normalises to nothing match them: set {key}.empty_answers: drop to "
                 f"drop them)")
         log.warning("%s.annotations: %s: dropped %d empty annotator answers of %d questions (e.g. question_id %d; "
                     "%s.empty_answers: drop)", key, apath, n_ans, len(partly_empty), partly_empty[0][0], key)
     return out
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------------------------
