@@ -195,6 +195,13 @@ def test_partial_file_finish_writes_the_end_line(tmp_path):
     assert sorted(q.load()) == [1]
     q.finish([{"query_id": 1, "pool": [2]}, {"query_id": 2, "pool": [3]}])
     assert json.loads(out.read_text().splitlines()[-1]) == {"end": "icdrl.pools", "records": 2}
+    # a damaged (non-finite) record in a partial file is recomputed, with what follows it
+    r = PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1}))
+    r.append([{"query_id": 1, "pool": [2]}])
+    r.close()
+    with open(r.path, "a") as fh:
+        fh.write('{"query_id": 2, "pool": [NaN]}\n{"query_id": 3, "pool": [4]}\n')
+    assert sorted(PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1})).load()) == [1]
 
 
 def test_nan_or_infinity_in_a_file_names_the_file_the_record_and_the_field(tmp_path):

@@ -173,7 +173,7 @@ def _parse_line(line: str, path: Path, lineno: int, schema: str) -> Any:
         raise SchemaError(f"{path}:{lineno}: {_describe(schema, d)}: field {_non_finite_field(d) or '?'} "
                           f"is {e}, not a finite number; {remake(path)}") from None
     except json.JSONDecodeError as e:
-        raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg}); {remake(path)}") from None
 
 
 def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
@@ -648,9 +648,9 @@ class PartialJsonl:
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropping a torn record line", self.path)
+                d = json.loads(line, parse_constant=_refuse_constant)
+            except (json.JSONDecodeError, _NonFinite):  # killed mid-write, or damaged: recompute from here
+                log.warning("%s: dropping a torn (or non-finite) record line and any after it", self.path)
                 break
             done[record_key(self.schema, d)] = d
         # rewrite without a torn tail so appends start on a clean line
