@@ -21,44 +21,41 @@ SOURCES = ("beam", "beam", "beam", "beam", "beam", "random", "random", "random",
            "similar", "similar")
 
 
-def _fmt(v: float) -> str:
-    return f"{v:g}"
+def _config(modes, use_rank, weights) -> dict:
+    """The smallest config icdrl.grid expands: a modes experiment and a weights experiment."""
+    exps = {"modes": {"title": "Reward modes vs legacy", "reward_modes": list(modes), "contrast": "reward_modes",
+                      "reference": modes[0]}}
+    if len(weights) > 1:
+        exps["weights"] = {"title": "Weights", "reward_modes": [m for m in modes if m != "legacy"],
+                           "weights": [list(w) for w in weights], "contrast": "weights",
+                           "reference": list(weights[0])}
+    if len(use_rank) > 1:
+        exps["use_rank"] = {"reward_modes": list(modes), "contrast": "use_rank", "reference": True}
+    return {"grid": {"use_rank": list(use_rank), "weights": [list(weights[0])], "experiments": exps},
+            "rewards": {}, "train": {"v3": {}}}
 
 
-def reward_specs(modes=MODES, weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
-    """Reward settings with the knobs each mode reads (the others None), deduplicated."""
-    out = []
-    for mode in modes:
-        if mode == "legacy":
-            out.append({"mode": mode, "hard_weight": None, "soft_weight": None, "alpha": 1.0, "beta": 0.0})
-            continue
-        for hw, sw in weights:
-            if mode == "hybrid":
-                spec = {"mode": mode, "hard_weight": min(1.0, max(0.0, hw)), "soft_weight": None}
-            else:
-                spec = {"mode": mode, "hard_weight": float(hw), "soft_weight": float(sw)}
-            spec |= {"alpha": None, "beta": None}
-            if spec not in out:
-                out.append(spec)
-    return out
+def experiments(modes=MODES, use_rank=(True, False), weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
+    """The experiments of such a grid, as the report rule receives them."""
+    from icdrl.grid import experiments as expand
 
-
-def reward_slug(spec: dict) -> str:
-    parts = [spec["mode"]]
-    for knob, key in (("hard_weight", "hw"), ("soft_weight", "sw"), ("alpha", "a"), ("beta", "b")):
-        if spec.get(knob) is not None:
-            parts.append(f"{key}{_fmt(spec[knob])}")
-    return "-".join(parts)
+    return [e.as_dict() for e in expand(_config(modes, use_rank, weights))]
 
 
 def cells(modes=MODES, use_rank=(True, False), weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
-    out = []
-    for spec in reward_specs(modes, weights):
-        for ur in use_rank:
-            c = dict(spec, use_rank=ur)
-            c["cell"] = f"{reward_slug(spec)}-{'rank' if ur else 'zscore'}"
-            out.append(c)
-    return out
+    """The merged cells (:meth:`icdrl.grid.Cell.as_dict`, plus ``cell`` = the slug)."""
+    from icdrl.grid import cells as merged
+
+    return [c.as_dict() | {"cell": c.slug} for c in merged(_config(modes, use_rank, weights))]
+
+
+def reward_specs(modes=MODES, weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
+    """The distinct reward settings of those cells: ``{"mode", "knobs", "slug"}``."""
+    from icdrl.grid import cells as merged
+    from icdrl.grid import reward_specs as distinct
+
+    specs = distinct(merged(_config(modes, (True, False), weights)))
+    return [{"mode": r.mode, "knobs": r.as_dict(), "slug": r.slug} for r in specs]
 
 
 def _effect(c: dict | None, method: str, k: int) -> float:
@@ -71,7 +68,7 @@ def _effect(c: dict | None, method: str, k: int) -> float:
     mode_eff = {"legacy": (0, 0, 0, 0), "hard_plus_soft": (-0.35, -0.12, 0.05, 0.03),
                 "hard_plus_soft_v2": (-0.1, 0.0, 0.06, 0.05), "hybrid": (-0.05, -0.02, 0.0, 0.02)}[c["mode"]]
     eff += mode_eff[min(k, 4) - 1]
-    if c.get("hard_weight") == 2.0:
+    if c["knobs"].get("hard_weight") == 2.0:
         eff += 0.08
     if not c["use_rank"]:
         eff += 0.04
@@ -86,8 +83,12 @@ def _acc(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
 
 
 def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0, 1), shots=(1, 2, 3, 4),
-               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2")) -> list[str]:
-    """One eval file per (method[, cell], seed), like the workflow writes them."""
+               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2"),
+               per_image: int = 2) -> list[str]:
+    """One eval file per (method[, cell], seed), like the workflow writes them.
+
+    ``per_image`` consecutive queries share an image (``image_id``; 0: no image ids recorded).
+    """
     rng = np.random.default_rng(rng_seed)
     qids = np.arange(1000, 1000 + n_queries) * 7
     difficulty = rng.normal(0.3, 1.3, size=n_queries)
@@ -104,8 +105,10 @@ def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0
                 rec = {"method": method, "cell": c["cell"] if c else None, "seed": seed, "k": k,
                        "query_id": int(q), "icd_ids": list(range(k)), "prediction_raw": "x",
                        "prediction": "x", "acc": float(a)}
+                if per_image:
+                    rec["image_id"] = f"img{(int(q) // 7) // per_image}"
                 if c:
-                    rec |= {key: c[key] for key in ("mode", "use_rank", "hard_weight", "soft_weight", "alpha", "beta")}
+                    rec["spec"] = {key: c[key] for key in ("slug", "mode", "knobs", "use_rank", "train")}
                 recs.append(rec)
         name = method if c is None else c["cell"]
         p = root / "eval" / f"{name}{'' if seed is None else f'-seed{seed}'}.jsonl"
@@ -168,18 +171,10 @@ def synth_groups(n_anchors: int = 120, rng_seed: int = 2):
 
 
 def reward_values(spec: dict, hard, soft, info) -> np.ndarray:
-    """SPEC §6 formulas (missing inputs count as 0)."""
-    h, s = np.asarray(hard, float), np.asarray(soft, float)
-    i = np.array([0.0 if v is None else v for v in info])
-    m = spec["mode"]
-    if m == "legacy":
-        return spec["alpha"] * i + spec["beta"] * h
-    if m == "hard_plus_soft":
-        return spec["hard_weight"] * h + spec["soft_weight"] * s
-    if m == "hard_plus_soft_v2":
-        return spec["soft_weight"] * s + 2 * spec["hard_weight"] * h
-    a = min(1.0, max(0.0, spec["hard_weight"]))
-    return a * np.clip(i * 10.0, 0.0, 1.0) + (1 - a) * (h + 0.5 * s)
+    """The library's rewards of one group (missing inputs count as 0)."""
+    from icdrl.rewards import group_rewards
+
+    return group_rewards(spec["mode"], hard=hard, soft=soft, info=info, **spec["knobs"])
 
 
 def write_scored_and_rewards(root: Path, specs: list[dict], n_anchors: int = 120) -> tuple[str, dict[str, str]]:
@@ -200,13 +195,13 @@ def write_scored_and_rewards(root: Path, specs: list[dict], n_anchors: int = 120
         recs = []
         for g in groups:
             r = reward_values(spec, g["hard"], g["soft"], g["info"])
-            missing = sum(v is None for v in g["info"]) if spec["mode"] in ("legacy", "hybrid") else 0
+            missing = sum(v is None for v in g["info"]) if spec["mode"] in ("legacy", "hybrid", "adaptive") else 0
             recs.append({"anchor_id": g["anchor_id"], "rewards": r.tolist(), "hard": g["hard"].tolist(),
                          "soft": g["soft"].tolist(), "info": [0.0 if v is None else v for v in g["info"]],
                          "missing": missing})
-        p = root / "rewards" / f"{reward_slug(spec)}.jsonl"
+        p = root / "rewards" / f"{spec['slug']}.jsonl"
         write_jsonl(p, "icdrl.rewards", recs)
-        rewards[reward_slug(spec)] = str(p)
+        rewards[spec["slug"]] = str(p)
     return str(scored_path), rewards
 
 
@@ -219,4 +214,4 @@ def make_inputs(root, n_queries: int = 200, seeds=(0, 1), modes=MODES, use_rank=
     metrics = write_metrics(root, cl, seeds=seeds)
     scored, rewards = write_scored_and_rewards(root, reward_specs(modes, weights), n_anchors=n_anchors)
     return {"eval_paths": eval_paths, "metrics_paths": metrics, "rewards_paths": rewards,
-            "scored_path": scored, "cells": cl}
+            "scored_path": scored, "cells": cl, "experiments": experiments(modes, use_rank, weights)}

@@ -98,12 +98,12 @@ def test_shots_are_sorted_and_deduplicated_before_entering_a_path():
         cfg["evaluation"]["shots"] = shots
         cfgs.append(validate(cfg))
     assert all(c["evaluation"]["shots"] == [1, 2, 4] for c in cfgs)
-    tags = {Layout(c).eval_tag for c in cfgs}
-    assert tags == {"eval-n24-k1.2.4-mnt6"}
+    names = {Layout(c).eval_name["test"] for c in cfgs}
+    assert len(names) == 1 and "-k1.2.4-" in names.pop()
     # Layout spells them canonically even for a config that skipped validation
     raw = validate(_raw())
     raw["evaluation"]["shots"] = [3, 1, 3]
-    assert Layout(raw).eval_tag.startswith("eval-n24-k1.3-") and canonical_shots((3, 1, 3)) == [1, 3]
+    assert "-k1.3-" in Layout(raw).eval_name["test"] and canonical_shots((3, 1, 3)) == [1, 3]
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -254,7 +254,7 @@ def test_a_truncated_png_and_the_fallbacks(tmp_path):
 def test_snakemake_refuses_a_truncated_image_before_the_first_job(tmp_path, vqa):
     cfg = _raw()
     cfg["dataset"] = _vqa_cfg(vqa)
-    cfg["pools"].update(size=3, n_anchors=2, n_test=2)
+    cfg["pools"].update(size=3, n_anchors=2, n_test=2, n_val=0)
     cfg["candidates"]["shards"] = 1
     cfg["evaluation"]["shots"] = [1, 2]
     cfg["embedded_lvlm"]["check"].update(n_test=4, n_anchors=2, pool_size=4)

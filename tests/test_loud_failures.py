@@ -34,8 +34,7 @@ def _write_files(tmp_path, syn):
                             "vqa_acc_score": float(h)}
                            for s, src, info, h in zip(g.seqs, g.sources, g.info, g.hard)]})
     write_jsonl(tmp_path / "scored.jsonl", "icdrl.scored", recs)
-    R.write_rewards(tmp_path / "scored.jsonl", "hard_plus_soft", hard_weight=1.0, soft_weight=1.0, alpha=1.0,
-                    beta=0.0, info_scale=10.0, out_path=tmp_path / "rewards.jsonl")
+    R.write_rewards(tmp_path / "scored.jsonl", "hard_plus_soft", out_path=tmp_path / "rewards.jsonl")
     return recs
 
 

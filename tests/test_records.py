@@ -65,20 +65,27 @@ def test_validation_names_file_and_field(tmp_path):
 
 
 def test_unknown_version_is_rejected(tmp_path):
-    p = tmp_path / "v2.jsonl"
-    p.write_text(json.dumps({"schema": "icdrl.eval", "version": 2}) + "\n{}\n")
-    with pytest.raises(SchemaError, match="v2.jsonl: icdrl.eval version 2 is not supported"):
+    p = tmp_path / "v1.jsonl"
+    p.write_text(json.dumps({"schema": "icdrl.eval", "version": 1}) + "\n{}\n")
+    with pytest.raises(SchemaError, match="v1.jsonl: icdrl.eval version 1 is not supported"):
         read_records(p, EvalRecord)
 
 
 def test_eval_record_fields(tmp_path):
-    r = EvalRecord(method="v3", cell="hps_r1_h2_s1", seed=0, k=2, query_id=9, icd_ids=(4, 7), icd_pos=(1, 0),
-                   prediction_raw="Blue", prediction="blue", acc=1.0, mode="hard_plus_soft", use_rank=True,
-                   hard_weight=2.0, soft_weight=1.0)
+    from icdrl.grid import Cell, reward_spec
+
+    cell = Cell(reward_spec("hard_plus_soft", hard_weight=2.0), True, (("kl_beta", 0),))
+    r = EvalRecord(method="v3", cell=cell.slug, seed=0, k=2, query_id=9, icd_ids=(4, 7), icd_pos=(1, 0),
+                   prediction_raw="Blue", prediction="blue", acc=1.0, spec=cell.as_dict())
     write_records(tmp_path / "e.jsonl", [r])
-    assert read_records(tmp_path / "e.jsonl", EvalRecord) == [r]
+    back = read_records(tmp_path / "e.jsonl", EvalRecord)
+    assert back == [r] and Cell.from_dict(back[0].spec) == cell
     with pytest.raises(SchemaError, match="method"):
         EvalRecord.from_dict({**r.to_dict(), "method": "oracle"})
+    with pytest.raises(SchemaError, match="required for method v3"):
+        EvalRecord.from_dict({**r.to_dict(), "spec": None})
+    with pytest.raises(SchemaError, match="spec"):
+        EvalRecord.from_dict({**r.to_dict(), "spec": [1]})
 
 
 def test_concat_refuses_duplicates(tmp_path):

@@ -165,6 +165,20 @@ def test_grpo_loss_hand_example():
     assert loss2.item() == pytest.approx(0.1 * kl)
 
 
+def test_clip_frac_counts_only_binding_clips():
+    # TRL's clip_ratio: a clip binds when ρ < 1−ε with A < 0 or ρ > 1+ε with A > 0; the other
+    # ratios outside [1−ε, 1+ε] keep their gradient and are not clipped in effect
+    rewards = T([1.0, 0.0, 1.0, 0.0])  # A = +, −, +, −
+    old = T([-1.0] * 4)
+    ratios = [0.5, 1.5, 1.5, 1.1]  # + below (free), − above (free), + above (binds), inside
+    logp = (old + T([math.log(r) for r in ratios])).requires_grad_(True)
+    loss, d = rl.grpo_loss(logp, old, old, rewards, use_rank=False, kl_beta=0.0)
+    assert d["clip_frac"] == pytest.approx(0.25)  # every ratio outside the band would give 0.75
+    loss.backward()
+    # binding = the candidates whose gradient the clip removes
+    assert (logp.grad == 0).tolist() == [False, False, True, False]
+
+
 def test_grpo_identical_policies_ratio_exactly_one():
     lp = torch.randn(3, 6).clamp(max=-0.1)
     _, d = rl.grpo_loss(lp, lp.clone(), lp.clone(), torch.randn(3, 6), use_rank=False)

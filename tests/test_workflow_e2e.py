@@ -107,29 +107,60 @@ def test_changing_one_weight_reruns_only_the_affected_cells(run):
     # test.yaml: modes legacy and hard_plus_soft, weights [[1, 1]]; legacy ignores weights
     path = _variant(run, "weight.yaml", lambda c: c["grid"].__setitem__("weights", [[1, 0.5]]))
     counts = dry_run("--configfile", path, workdir=run.dir)
-    assert counts == {"rewards": 1, "train_v3": 2, "evaluate_v3": 2, "report": 1, "all": 1}
+    assert counts == {"rewards": 1, "train_v3": 2, "evaluate_v3": 2, "select_per_shot": 1, "report": 1, "all": 1}
 
 
 def test_adding_a_seed_schedules_only_that_seed(run):
     path = _variant(run, "seeds.yaml", lambda c: c["grid"].__setitem__("seeds", [0, 1]))
     counts = dry_run("--configfile", path, workdir=run.dir)
-    # v2 and the 4 v3 cells for seed 1, their evaluations, and the report
-    assert counts == {"train_v2": 1, "evaluate_v2": 1, "train_v3": 4, "evaluate_v3": 4, "report": 1, "all": 1}
+    # v2 and the 4 v3 cells for seed 1, their evaluations, per_shot of seed 1, and the report
+    assert counts == {"train_v2": 1, "evaluate_v2": 1, "train_v3": 4, "evaluate_v3": 4, "select_per_shot": 1,
+                      "report": 1, "all": 1}
+
+
+def test_an_experiment_over_a_training_knob_reruns_only_training_evaluation_and_report(run):
+    from icdrl.report import report_files
+
+    def add(c):
+        c["grid"]["experiments"]["kl"] = {"title": "KL weight 0.1 vs 0", "reward_modes": ["hard_plus_soft"],
+                                          "use_rank": [False], "train": {"kl_beta": [0.1, 0]}}
+    path = _variant(run, "kl.yaml", add)
+    # kl_beta 0.1 is the default: that level is the existing hard_plus_soft z-score cell
+    counts = dry_run("--configfile", path, workdir=run.dir)
+    assert counts == {"train_v3": 1, "evaluate_v3": 1, "select_per_shot": 1, "report": 1, "all": 1}
+    snakemake("--cores", "2", "--configfile", path, workdir=run.dir, check=True, timeout=900)
+    layout = Layout(load_config(path))
+    assert layout.report_dir != run.layout.report_dir  # the first report is kept as it was
+    names = [e.name for e in layout.experiments()]
+    for f in report_files(run.dir / layout.report_dir, names):
+        assert Path(f).is_file() and Path(f).stat().st_size > 0, f
+    import pandas as pd
+
+    t = pd.read_csv(run.dir / layout.report_dir / "exp-kl.csv")
+    assert set(t["level"].astype(str)) == {"0"} and set(t["reference"].astype(str)) == {"0.1"}
+    assert t["delta"].notna().all() and sorted(t["k"]) == [1, 2, 3, 4]
+    assert (run.dir / layout.report_dir / "exp-kl-delta.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Experiment kl: KL weight 0.1 vs 0" in (run.dir / layout.report_dir / "summary.md").read_text()
 
 
 def test_report_outputs_and_html_report(run):
     from icdrl.report import report_files
 
-    for f in report_files(run.dir / run.layout.report_dir):
+    for f in report_files(run.dir / run.layout.report_dir, [e.name for e in run.layout.experiments()]):
         assert Path(f).is_file() and Path(f).stat().st_size > 0, f
     html = run.dir / "report.html"
     snakemake("--report", str(html), "--configfile", str(run.config), workdir=run.dir, check=True)
     assert html.stat().st_size > 10_000
+    text = html.read_text(errors="replace")
+    # entries are labelled by what they show; the config and the LVLM's check are in it too
+    for shown in ("config.yaml", "icl_check.json", "exp-modes.html", "embedded LVLM in-context check"):
+        assert shown in text, shown
 
 
 def test_every_job_logged_beside_its_output(run):
     L = run.layout
-    for out in [L.lvlm_model, L.icl_check, L.candidates, L.scored, *L.all_rewards(), *L.all_eval()]:
+    for out in [L.lvlm_model, L.icl_check, L.candidates, L.scored, *L.all_rewards(), *L.all_eval(),
+                *L.all_v3(L.v3_ckpt), *L.all_v2(L.v2_ckpt)]:
         log = run.dir / f"{out}.log"
         assert log.is_file(), log
         assert "done in" in log.read_text()

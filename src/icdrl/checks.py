@@ -167,12 +167,14 @@ def check_sizes(config: Mapping[str, Any], train: Sequence[Example], evals: Sequ
             raise SizeError(f"config key pools.n_val: {n_val} validation queries and pools.n_test: {n_test} test "
                             f"queries (disjoint) exceed the {len(evals)} examples of the eval split"
                             f"{_subset_note(config['dataset'], 'eval')}")
+    from icdrl.pools import role_queries  # noqa: PLC0415 (the queries each role's pools are built for)
+
     size = int(pools["size"])
-    check_pool_size("pools.size", size, seeded_subset(train, int(pools["n_anchors"]), seed), train, "anchors")
-    test = seeded_subset(evals, int(pools["n_test"]), seed)
-    check_pool_size("pools.size", size, test, train, "test")
-    if n_val:  # which eval examples become validation queries is the pools stage's: check them all
-        check_pool_size("pools.size", size, evals, train, "validation")
+    n_test = int(pools["n_test"])
+    check_pool_size("pools.size", size, role_queries(train, "anchors", int(pools["n_anchors"]), seed), train, "anchors")
+    check_pool_size("pools.size", size, role_queries(evals, "test", n_test, seed), train, "test")
+    if n_val:
+        check_pool_size("pools.size", size, role_queries(evals, "val", n_val, seed, n_test), train, "validation")
 
 
 def check_embedded_sizes(lvlm_cfg: Mapping[str, Any], train: Sequence[Example], test: Sequence[Example]) -> None:

@@ -121,7 +121,7 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) ->
 
     # one spelling of a list that enters result paths: [2, 1, 1] is [1, 2]
     config["evaluation"]["shots"] = canonical_shots(config["evaluation"]["shots"])
-    _check_semantics(config)
+    _check_semantics(config, schema)
     return config
 
 
@@ -195,7 +195,7 @@ def name_sources(message: str, files: Sequence[str | os.PathLike],
     return f"{message} (config file{'s' if len(files) > 1 else ''}: {', '.join(files)})"
 
 
-def _check_semantics(config: Mapping[str, Any]) -> None:
+def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> None:
     """Checks JSON schema cannot express compactly."""
     model, emb = config["model"], config["embeddings"]
     from icdrl.lvlm import check_model_cfg  # noqa: PLC0415 (light: no torch)
@@ -228,6 +228,20 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
         cells(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_experiment_train_levels(config, schema)
+
+
+def _check_experiment_train_levels(config: Mapping[str, Any], schema: Mapping[str, Any] | None) -> None:
+    """Every level of an experiment's ``train:`` axis is a valid ``train.v3`` value of that knob."""
+    schema = load_schema() if schema is None else schema
+    v3_props = schema["properties"]["train"]["properties"]["v3"]["properties"]
+    for name, block in (config["grid"].get("experiments") or {}).items():
+        for knob, levels in (block.get("train") or {}).items():
+            sub = _validator(v3_props[knob])
+            for i, v in enumerate(levels):
+                errors = list(sub.iter_errors(v))
+                if errors:
+                    raise ConfigError(f"config key grid.experiments.{name}.train.{knob}[{i}]: {errors[0].message}")
 
 
 def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None,
@@ -289,6 +303,7 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
     config = copy.deepcopy(config)
     grid = config.setdefault("grid", {})
     blocks = [grid] + list((grid.get("experiments") or {}).values())
+    pinned = _pin_contrasts(config)
     rewards = config.setdefault("rewards", {})
     if "alpha" in ov:
         rewards["alpha"] = float(ov["alpha"])
@@ -307,7 +322,43 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
             if knob in ov and ("alpha_beta" in block or top):
                 default = [[rewards.get("alpha", 1.0), rewards.get("beta", 0.0)]]
                 block["alpha_beta"] = _replace_pairs(block.get("alpha_beta") or default, idx, float(ov[knob]))
+        for knob in ("hard_weight", "soft_weight", "alpha", "beta"):
+            if knob in ov and knob in block:  # an experiment's own list of that knob
+                block[knob] = [float(ov[knob])]
+    _unpin_lost_references(config, pinned)
     return config
+
+
+def _pin_contrasts(config: dict[str, Any]) -> dict[str, Any]:
+    """Write every experiment's contrast and reference into its block (as the unrestricted grid
+    resolves them), so that restricting an axis cannot change what an experiment compares."""
+    from icdrl.grid import experiments  # noqa: PLC0415
+
+    pinned = {}
+    try:
+        resolved = experiments(config)
+    except ValueError:
+        return pinned  # validation reports the problem
+    for e in resolved:
+        block = config["grid"]["experiments"][e.name]
+        block["contrast"] = e.contrast
+        block["reference"] = list(e.reference) if isinstance(e.reference, tuple) else e.reference
+        pinned[e.name] = block["reference"]
+    return pinned
+
+
+def _unpin_lost_references(config: dict[str, Any], pinned: Mapping[str, Any]) -> None:
+    """A restricted experiment whose reference level was removed compares its remaining levels
+    with the first of them (the report says which)."""
+    from icdrl.grid import experiment  # noqa: PLC0415
+
+    for name in pinned:
+        block = config["grid"]["experiments"][name]
+        try:
+            experiment(name, block, config)
+        except ValueError as e:
+            if ".reference:" in str(e):
+                block.pop("reference")
 
 
 def prepare(config: dict[str, Any], environ: Mapping[str, str],

@@ -11,7 +11,10 @@ answer's VQA accuracy is recorded (``icdrl.eval``: one line per method, k, query
 * ``similarity``: the k pool items most cosine-similar to the query (``emb`` vectors), laid out
   least similar first, so the most similar is nearest the query.
 * ``v2`` / ``v3``: the selector in ``selector_ckpt`` decodes k positions greedily
-  (``icdrl.selector.select_for_query``); its output order is the prompt order.
+  (``icdrl.selector.select_for_query``); they go into the prompt in the order it was taught
+  (``label_order: prompt``) or one by one by the insertion rule (``selection``), SPEC §7.
+* ``per_shot`` (:func:`select_per_shot`): at each k, the records of the v3 cell with the best
+  accuracy on the validation queries (per seed), relabelled; no LVLM call.
 
 Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks go to
 ``<out>.partial``, so a killed evaluation resumes where it stopped.
@@ -19,6 +22,7 @@ Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -34,9 +38,8 @@ from icdrl.records import METHODS, EvalRecord, PartialJsonl, PoolRecord, fingerp
 
 log = logging.getLogger(__name__)
 
-#: knobs a v3 record carries from its grid cell (null where the mode ignores them)
-CELL_KNOBS = ("mode", "use_rank", "hard_weight", "soft_weight", "alpha", "beta", "info_scale")
-_FLOAT_KNOBS = ("hard_weight", "soft_weight", "alpha", "beta", "info_scale")
+#: the methods that run the LVLM (``per_shot`` reuses the chosen cells' records)
+LVLM_METHODS = tuple(m for m in METHODS if m != "per_shot")
 
 
 def random_positions(pool_size: int, k: int, seed: int, query_id: int) -> list[int]:
@@ -63,22 +66,15 @@ def _file_digest(path) -> str:
     return h.hexdigest()[:16]
 
 
-def cell_fields(cell: dict | None) -> dict:
-    """``cell`` slug and knobs for an eval record (``slug`` or ``name``; ``mode`` or ``reward_mode``)."""
+def cell_fields(cell: dict | None) -> tuple[str | None, dict | None]:
+    """``(slug, canonical dict)`` of a v3 cell for its eval records (checked by
+    :meth:`icdrl.grid.Cell.from_dict`), or ``(None, None)``."""
     if cell is None:
-        return {"cell": None, **{k: None for k in CELL_KNOBS}}
-    slug = cell.get("slug", cell.get("name"))
-    if not isinstance(slug, str) or not slug:
-        raise ValueError(f"cell {cell!r} has no 'slug'")
-    mode = cell.get("mode", cell.get("reward_mode"))
-    if not isinstance(mode, str) or not mode:
-        raise ValueError(f"cell {slug!r} has no reward 'mode'")
-    if not isinstance(cell.get("use_rank"), bool):
-        raise ValueError(f"cell {slug!r}: 'use_rank' must be true or false, got {cell.get('use_rank')!r}")
-    out = {"cell": slug, "mode": mode, "use_rank": cell["use_rank"]}
-    for k in _FLOAT_KNOBS:
-        out[k] = None if cell.get(k) is None else float(cell[k])
-    return out
+        return None, None
+    from icdrl.grid import Cell
+
+    c = Cell.from_dict(cell, "evaluation cell")
+    return c.slug, c.as_dict()
 
 
 def plan_method(
@@ -96,8 +92,8 @@ def plan_method(
     ``query_vecs[i]`` and ``pool_vecs[i]`` ([K, d]) are the embeddings of ``pools[i]``'s query and
     pool (similarity, v2, v3); ``selector`` is a ``PointerSelector`` (v2, v3).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in LVLM_METHODS:
+        raise ValueError(f"method must be one of {LVLM_METHODS}, got {method!r}")
     if any(k < 1 for k in shots):
         raise ValueError(f"evaluation.shots must all be >= 1, got {list(shots)}")
     if method == "zero_shot":
@@ -107,7 +103,10 @@ def plan_method(
     if method in ("v2", "v3"):
         if selector is None:
             raise ValueError(f"method {method!r} needs a selector checkpoint")
-        from icdrl.selector import select_for_query
+        from icdrl.selector import prompt_sequence, select_for_query
+
+        meta = getattr(selector, "checkpoint_config", None) or {}
+        order, insert = meta.get("label_order", "prompt"), meta.get("insert", "first")
     jobs = []
     for k in shots:
         for i, r in enumerate(pools):
@@ -116,7 +115,7 @@ def plan_method(
             elif method == "similarity":
                 pos = similarity_positions(query_vecs[i], pool_vecs[i], k)
             else:
-                pos = select_for_query(selector, query_vecs[i], pool_vecs[i], k)
+                pos = prompt_sequence(select_for_query(selector, query_vecs[i], pool_vecs[i], k), order, insert)
             jobs.append((r.query_id, k, pos))
     return jobs
 
@@ -148,17 +147,22 @@ def evaluate_method(
     """Write ``icdrl.eval`` for one method (one v3 cell) and return the mean accuracy per k.
 
     ``seed``: the v2/v3 training seed written into the records; for ``random`` it replaces
-    ``eval_cfg['random_seed']``. ``backend`` (tests) replaces ``icdrl.lvlm.load_backend``.
+    ``eval_cfg['random_seed']``. ``eval_cfg['metric']`` (the workflow passes ``scoring.metric``;
+    default ``official``) is the VQA accuracy of ``acc`` (``icdrl.metrics``). ``backend``
+    (tests) replaces ``icdrl.lvlm.load_backend``.
     """
     from icdrl.data import load_dataset
     from icdrl.embeddings import EmbeddingTable
-    from icdrl.metrics import vqa_accuracy
+    from icdrl.metrics import METRICS, vqa_accuracy
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in LVLM_METHODS:
+        raise ValueError(f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}")
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
     shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
+    metric = eval_cfg.get("metric", "official")
+    if metric not in METRICS:
+        raise ValueError(f"evaluation metric (scoring.metric) must be one of {METRICS}, got {metric!r}")
     if method == "random":
         seed = int(eval_cfg.get("random_seed", 0)) if seed is None else int(seed)
     elif method in ("zero_shot", "similarity"):
@@ -182,8 +186,10 @@ def evaluate_method(
     queries = examples_by_id(load_dataset(dataset_cfg, "eval"), "eval split")
     train = examples_by_id(load_dataset(dataset_cfg, "train"), "train split")
     pool_of = {r.query_id: r.pool for r in pools}
-    base = {"method": method, "seed": seed, **cell_fields(cell if method == "v3" else None)}
-    fp = fingerprint({"base": base, "model": model_fingerprint(model_cfg, model_path), "jobs": jobs,
+    slug, spec = cell_fields(cell if method == "v3" else None)
+    base = {"method": method, "seed": seed, "cell": slug, "spec": spec}
+    fp = fingerprint({"base": base, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
+                      "jobs": jobs,
                       "pools": [(r.query_id, r.pool) for r in pools],
                       "ckpt": _file_digest(selector_ckpt) if selector is not None else None})
     partial = PartialJsonl(out_path, EvalRecord.SCHEMA, fp)
@@ -220,9 +226,10 @@ def evaluate_method(
             for q, k, pos, ids in part:
                 g = answered[(q, ids)]
                 rec = EvalRecord(
-                    method=method, cell=base["cell"], seed=seed, k=k, query_id=q, icd_ids=ids, icd_pos=tuple(pos),
-                    prediction_raw=g.raw, prediction=g.answer, acc=float(vqa_accuracy(g.answer, queries[q].answers)),
-                    **{kn: base[kn] for kn in CELL_KNOBS},
+                    method=method, cell=slug, seed=seed, k=k, query_id=q, icd_ids=ids, icd_pos=tuple(pos),
+                    prediction_raw=g.raw, prediction=g.answer,
+                    acc=float(vqa_accuracy(g.answer, queries[q].answers, metric)),
+                    spec=spec, image_id=queries[q].image_id or None,
                 )
                 d = rec.to_dict()
                 done[key(q, k)] = d
@@ -238,3 +245,68 @@ def evaluate_method(
     label = method if method != "v3" else f"v3 {base['cell']}"
     log.info("%s accuracy by k: %s", label, ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
     return summary
+
+
+# --------------------------------------------------------------------------- per_shot (SPEC §8)
+
+
+def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, dict[int, float]]]:
+    """``acc[cell][k][query_id]`` from v3 eval files of one seed."""
+    acc: dict[str, dict[int, dict[int, float]]] = {}
+    seeds = set()
+    for path in paths:
+        for r in read_records(path, EvalRecord):
+            if r.method != "v3":
+                raise ValueError(f"{path}: per_shot chooses among v3 cells; found a {r.method} record")
+            seeds.add(r.seed)
+            acc.setdefault(r.cell, {}).setdefault(r.k, {})[r.query_id] = r.acc
+    if len(seeds) > 1:
+        raise ValueError(f"per_shot: the {what} files mix seeds {sorted(seeds)}; choose per seed")
+    return acc
+
+
+def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int, tuple[str, float]]:
+    """At each k, the cell with the highest mean validation accuracy: ``{k: (cell, val_acc)}``.
+
+    Ties go to the first cell in sorted slug order, so the choice does not depend on file order.
+    Every cell must have been evaluated at k on the same validation queries.
+    """
+    shots = sorted({k for per_k in val_acc.values() for k in per_k})
+    out = {}
+    for k in shots:
+        queries = {c: frozenset(per_k.get(k, {})) for c, per_k in val_acc.items()}
+        if len(set(queries.values())) != 1 or not next(iter(queries.values())):
+            raise ValueError(f"per_shot: the v3 cells were not all evaluated on the same validation queries at k={k}")
+        means = {c: float(np.mean(list(val_acc[c][k].values()))) for c in sorted(val_acc)}
+        best = max(means.values())
+        cell = next(c for c in sorted(means) if means[c] == best)
+        out[k] = (cell, best)
+    return out
+
+
+def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict[int, tuple[str, float]]:
+    """Write the ``per_shot`` method's test records (SPEC §8): at each k, the test records of the
+    v3 cell best on the validation queries (:func:`choose_per_shot`); returns the choice.
+
+    ``val_paths`` / ``test_paths``: the v3 cells' eval files on the validation / test queries, one
+    seed. Only validation accuracies decide; the test records are copied, relabelled.
+    """
+    from icdrl.records import write_records
+
+    val_acc = _accuracy_by_cell_and_k(val_paths, "validation")
+    choice = choose_per_shot(val_acc)
+    n_val = {k: len(val_acc[c][k]) for k, (c, _) in choice.items()}
+    test = [r for p in test_paths for r in read_records(p, EvalRecord)]
+    missing = {c for c, _ in choice.values()} - {r.cell for r in test}
+    if missing:
+        raise ValueError(f"per_shot: no test records of the chosen cell(s) {sorted(missing)}")
+    out = []
+    for r in test:
+        if r.k in choice and r.cell == choice[r.k][0]:
+            spec = {"chosen": r.spec, "val_acc": choice[r.k][1], "n_val": n_val[r.k]}
+            out.append(dataclasses.replace(r, method="per_shot", spec=spec))
+    out.sort(key=lambda r: (r.k, r.query_id))
+    write_records(out_path, out)
+    for k, (c, a) in choice.items():
+        log.info("per_shot k=%d: %s (validation accuracy %.2f%% over %d queries)", k, c, 100 * a, n_val[k])
+    return choice

@@ -1,7 +1,8 @@
-"""Stage 2: training anchors, test queries, and one pool of K train examples per query (SPEC §2).
+"""Stage 2: training anchors, test and validation queries, and one pool of K train examples per query (SPEC §2).
 
-One code path builds pools for both roles: ``anchors`` (queries = a seeded subset of the train
-split) and ``test`` (queries = a seeded subset of the eval split). A pool never holds its query
+One code path builds pools for every role: ``anchors`` (queries = a seeded subset of the train
+split), ``test`` (queries = a seeded subset of the eval split) and ``val`` (validation queries:
+another seeded subset of the eval split, disjoint from the test queries, SPEC §8). A pool never holds its query
 nor an exact duplicate of it (same image and same question), so no leakage at training or
 test time, and each query gets its own pool (ANCHORS defect 9).
 
@@ -14,8 +15,10 @@ Samplers (config ``pools.sampler``), each over the eligible train examples:
 * ``mix``: the ⌊K/2⌋ most similar by the combined embedding ``emb``, then K − ⌊K/2⌋ drawn at
   random (seeded as ``random``) from the remaining eligible examples.
 
-Queries: ``icdrl.data.seeded_subset(split, n, pools.seed)`` (nested in n: a smaller n gives a
-subset of a larger n's queries), in the split's order.
+Queries (:func:`role_queries`): one seeded permutation of the split (``pools.seed``); anchors
+and test queries are its first n, validation queries its last ``n_val``, each kept in the
+split's order. So each role is nested in its n (a smaller n gives a subset of a larger n's
+queries), and test and validation queries never overlap while ``n_test + n_val`` fits the split.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from icdrl.data import Example
+from icdrl.data import Example, seeded_subset
 from icdrl.embeddings import EmbeddingTable
 from icdrl.records import PoolRecord, write_jsonl
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "image_sim", "text_sim", "mix")
-ROLES = {"anchors": ("train", 0), "test": ("eval", 1)}  # role -> (split of the queries, rng salt)
+ROLES = {"anchors": ("train", 0), "test": ("eval", 1), "val": ("eval", 2)}  # role -> (split, rng salt)
+N_KEY = {"anchors": "n_anchors", "test": "n_test", "val": "n_val"}  # role -> its pools config key
 
 
 def duplicate_key(ex: Example) -> tuple[str, str]:
@@ -143,21 +147,37 @@ def build_pools(
     return out
 
 
+def role_queries(examples: Sequence[Example], role: str, n: int, seed: int, n_test: int = 0) -> list[Example]:
+    """The ``n`` queries of ``role`` (see the module docstring); ``n_test`` is only checked for
+    ``val`` (test and validation queries must fit the split together)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+    if role != "val":
+        return seeded_subset(examples, n, seed)
+    if n_test + n > len(examples):
+        raise ValueError(f"pools.n_val: {n} validation and {n_test} test queries exceed the {len(examples)} "
+                         "examples of the eval split (they must be disjoint)")
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    keep = np.sort(perm[len(examples) - n:]) if n else np.zeros(0, dtype=np.int64)
+    return [examples[i] for i in keep]
+
+
 def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, train_emb_path, out_path) -> None:
-    """Write ``icdrl.pools`` for role ``anchors`` (n_anchors train queries) or ``test`` (n_test eval queries)."""
-    from icdrl.data import load_dataset, seeded_subset
+    """Write ``icdrl.pools`` for role ``anchors`` (n_anchors train queries), ``test`` (n_test eval
+    queries) or ``val`` (n_val eval queries, disjoint from the test queries)."""
+    from icdrl.data import load_dataset
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     split, _ = ROLES[role]
-    n_key = "n_anchors" if role == "anchors" else "n_test"
+    n_key = N_KEY[role]
     n = int(pools_cfg[n_key])
     seed = int(pools_cfg.get("seed", 0))
     train = load_dataset(dataset_cfg, "train")
     candidates = train if split == "train" else load_dataset(dataset_cfg, split)
     if n > len(candidates):  # the path says n: never write fewer (icdrl.checks refuses it up front too)
         raise ValueError(f"config key pools.{n_key}: {n} exceeds the {len(candidates)} examples of the {split} split")
-    queries = seeded_subset(candidates, n, seed)
+    queries = role_queries(candidates, role, n, seed, int(pools_cfg.get("n_test", 0)))
     sampler = pools_cfg.get("sampler", "random")
     need_emb = sampler != "random"
     recs = build_pools(

@@ -32,7 +32,7 @@ SCHEMAS: dict[str, int] = {
     "icdrl.candidates": 1,
     "icdrl.scored": 1,
     "icdrl.rewards": 1,
-    "icdrl.eval": 1,
+    "icdrl.eval": 2,
 }
 
 
@@ -269,7 +269,7 @@ def corrupt_file_error(path: str | os.PathLike, e: BaseException) -> SchemaError
 SOURCES: tuple[str, ...] = ("beam", "random", "similar")
 
 #: Evaluation methods (SPEC §8).
-METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "v2", "v3")
+METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "v2", "v3", "per_shot")
 
 
 def _field_error(where: str, name: str, msg: str) -> SchemaError:
@@ -490,13 +490,16 @@ class ScoredRecord(CandidateRecord):
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One (method, k, test query) answer (``icdrl.eval``).
+    """One (method, k, query) answer (``icdrl.eval``, version 2).
 
     ``icd_ids``/``icd_pos`` are in prompt order (first = farthest from the query). Zero-shot
     has one record per k in the evaluated shots, all with no ICD and the same answer (generated
-    once), so that every method has a value at every shot. The cell's knobs ``mode, use_rank,
-    hard_weight, soft_weight, alpha, beta, info_scale`` are set for v3 cells (null where the
-    mode ignores a knob) and null for every other method.
+    once), so that every method has a value at every shot. ``cell`` and ``spec``: for a v3 cell
+    its slug and canonical dict (:meth:`icdrl.grid.Cell.as_dict`: mode, knobs, use_rank, training
+    overrides); for ``per_shot`` the slug of the cell chosen at this k and
+    ``{"chosen": <that cell's dict>, "val_acc": ..., "n_val": ...}``; null for other methods.
+    ``image_id`` is the query's ``Example.image_id`` (null if unknown): questions sharing an
+    image are one cluster of the report's bootstrap.
     """
 
     SCHEMA: ClassVar[str] = "icdrl.eval"
@@ -510,22 +513,19 @@ class EvalRecord:
     prediction_raw: str
     prediction: str
     acc: float
-    mode: str | None = None
-    use_rank: bool | None = None
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    spec: dict | None = None
+    image_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> EvalRecord:
         method = _str(d, "method", where)
         if method not in METHODS:
             raise _field_error(where, "method", f"must be one of {METHODS}, got {method!r}")
-        use_rank = d.get("use_rank")
-        if use_rank is not None and not isinstance(use_rank, bool):
-            raise _field_error(where, "use_rank", f"must be true, false or null, got {use_rank!r}")
+        spec = d.get("spec")
+        if spec is not None and not isinstance(spec, dict):
+            raise _field_error(where, "spec", f"must be an object or null, got {spec!r}")
+        if method in ("v3", "per_shot") and (spec is None or d.get("cell") is None):
+            raise _field_error(where, "spec", f"and 'cell' are required for method {method}")
         return cls(
             method=method,
             cell=_opt_str(d, "cell", where),
@@ -537,13 +537,8 @@ class EvalRecord:
             prediction_raw=_str(d, "prediction_raw", where),
             prediction=_str(d, "prediction", where),
             acc=_float(d, "acc", where),
-            mode=_opt_str(d, "mode", where),
-            use_rank=use_rank,
-            hard_weight=_opt_float(d, "hard_weight", where),
-            soft_weight=_opt_float(d, "soft_weight", where),
-            alpha=_opt_float(d, "alpha", where),
-            beta=_opt_float(d, "beta", where),
-            info_scale=_opt_float(d, "info_scale", where),
+            spec=spec,
+            image_id=_opt_str(d, "image_id", where),
         )
 
     def to_dict(self) -> dict:

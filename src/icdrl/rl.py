@@ -263,7 +263,9 @@ def grpo_loss(
     L_g = −mean_i min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε) A_i) + β·mean_i k3_i; loss = mean_g L_g.
     Kept groups have non-zero reward variance and a positive ratio ≥ ``min_positive_ratio``;
     every other group contributes exactly zero gradient (to the PPO and KL terms alike).
-    ``logp_old``/``logp_ref`` are treated as constants. Diagnostics are over kept candidates.
+    ``logp_old``/``logp_ref`` are treated as constants. Diagnostics are over kept candidates;
+    ``clip_frac`` is the share whose clip binds (TRL's ``clip_ratio``: ρ < 1−ε with A < 0 or
+    ρ > 1+ε with A > 0), not every ratio outside [1−ε, 1+ε].
     """
     lp, m, _ = _as_groups(logp, mask)
     old, _, _ = _as_groups(logp_old, m)
@@ -300,7 +302,10 @@ def grpo_loss(
             a_sel = adv[sel].to(torch.float64)
             diag_ratio_mean = float(rs.mean())
             diag_ratio_max = float(rs.max())
-            diag_clip = float(((rs < 1.0 - clip_eps) | (rs > 1.0 + clip_eps)).to(torch.float64).mean())
+            # TRL's clip_ratio: the share of candidates whose clip binds (the min takes the clipped
+            # term, so the candidate gives no gradient): ρ < 1−ε with A < 0, or ρ > 1+ε with A > 0
+            binds = ((rs < 1.0 - clip_eps) & (a_sel < 0)) | ((rs > 1.0 + clip_eps) & (a_sel > 0))
+            diag_clip = float(binds.to(torch.float64).mean())
             diag_adv_std = float(a_sel.std(unbiased=False))
             diag_adv_mean = float(a_sel.mean())
         else:

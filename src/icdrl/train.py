@@ -44,7 +44,7 @@ from torch import Tensor
 from icdrl import rl
 from icdrl.records import atomic_path, corrupt_file_error, csv_end_line, read_jsonl
 from icdrl.rewards import MODES
-from icdrl.selector import PointerSelector
+from icdrl.selector import LABEL_ORDERS, PointerSelector, label_sequence
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class _Config:
             raise ValueError(f"{n}.selection 'best' needs val_fraction > 0")
         if self.grad_clip <= 0:
             raise ValueError(f"{n}.grad_clip must be > 0, got {self.grad_clip}")
+        if self.label_order not in LABEL_ORDERS:
+            raise ValueError(f"{n}.label_order must be one of {LABEL_ORDERS}, got {self.label_order!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{n}.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
 
@@ -134,6 +136,7 @@ class V2Config(_Config):
     val_fraction: float = 0.1     # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
     val_seed: int = 0             # seed of the anchor train/val split (shared by v2 and v3) [0]
     selection: str = "last"       # checkpoint kept: "last" epoch or "best" val_reward [last]
+    label_order: str = "prompt"   # labels in "prompt" order or beam "selection" order (SPEC §7) [prompt]
     save_epochs: bool = False     # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"           # torch device, "cpu" or "cuda[:i]" [cpu]
 
@@ -175,6 +178,7 @@ class V3Config(_Config):
     val_fraction: float = 0.1         # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
     val_seed: int = 0                 # seed of the anchor train/val split (same as v2's → same split) [0]
     selection: str = "last"           # "last" epoch, or "best" GRPO epoch by validation proxy [last]
+    label_order: str = "prompt"       # as V2Config.label_order; its v2 must have been trained with the same [prompt]
     save_epochs: bool = False         # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"               # torch device, "cpu" or "cuda[:i]" [cpu]
 
@@ -409,6 +413,14 @@ def sft_group(g: Group, top_beams: int) -> Group | None:
     pick = lambda xs: tuple(xs[i] for i in beams)  # noqa: E731
     return Group(g.query_id, g.pool, pick(g.seqs), pick(g.rewards),
                  None if g.hard is None else pick(g.hard), pick(g.info), pick(g.sources))
+
+
+def in_label_order(groups: Sequence[Group], label_order: str, insert: str) -> list[Group]:
+    """``groups`` with every candidate sequence in the order the selector is taught (SPEC §7)."""
+    if label_order == "prompt":
+        return list(groups)
+    return [dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))
+            for g in groups]
 
 
 # ============================================================================ embeddings and packing
@@ -904,28 +916,40 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
 
 
 def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[str, Any] | None, seed: int,
-                   out_ckpt: str, out_metrics: str) -> None:
-    """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV."""
+                   out_ckpt: str, out_metrics: str, *, insert: str = "first") -> None:
+    """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV.
+
+    ``insert`` is the candidates' insertion side, which fixes the beams' selection order.
+    """
     cfg = V2Config.from_dict(v2_cfg)
-    groups = load_candidate_groups(candidates_path)
+    groups = in_label_order(load_candidate_groups(candidates_path), cfg.label_order, insert)
     table = load_embeddings(train_emb_path)
     model, rows, meta = train_v2(groups, table, cfg, int(seed), out_ckpt=out_ckpt)
-    model.save(out_ckpt, meta)
+    model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert})
     write_metrics(rows, out_metrics)
 
 
-def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str,
+def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str, *,
                    v3_cfg: Mapping[str, Any] | None, use_rank: bool, seed: int, out_ckpt: str,
-                   out_metrics: str) -> None:
-    """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file."""
+                   out_metrics: str, insert: str = "first", cell: Mapping[str, Any] | None = None) -> None:
+    """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file.
+
+    ``cell`` (:meth:`icdrl.grid.Cell.as_dict`) is stored in the checkpoint. The v2 checkpoint
+    must have been trained with this cell's label order and insertion side.
+    """
     cfg = V3Config.from_dict(v3_cfg)
     if not isinstance(use_rank, bool):
         raise ValueError(f"use_rank must be true or false, got {use_rank!r}")
     model = PointerSelector.load(v2_ckpt)
-    groups = load_groups(scored_path, rewards_path)
+    parent = (model.checkpoint_config.get("label_order", "prompt"), model.checkpoint_config.get("insert", insert))
+    if parent != (cfg.label_order, insert):
+        raise ValueError(f"{v2_ckpt}: trained with label_order={parent[0]}, insert={parent[1]}; this v3 cell "
+                         f"needs label_order={cfg.label_order}, insert={insert}")
+    groups = in_label_order(load_groups(scored_path, rewards_path), cfg.label_order, insert)
     table = load_embeddings(train_emb_path)
     model, rows, meta = train_v3(model, groups, table, cfg, use_rank, int(seed), out_ckpt=out_ckpt)
-    model.save(out_ckpt, meta)
+    model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert,
+                          "cell": dict(cell) if cell is not None else None})
     write_metrics(rows, out_metrics)
 
 

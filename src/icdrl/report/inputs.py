@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from icdrl.grid import Cell
 from icdrl.records import check_csv_complete, read_jsonl
+from icdrl.rewards import MODES
 
 __all__ = [
     "BASELINES",
@@ -30,76 +32,76 @@ __all__ = [
     "METRIC_COLUMNS",
 ]
 
-BASELINES = ("zero_shot", "random", "similarity", "v2")
+BASELINES = ("zero_shot", "random", "similarity", "v2", "per_shot")
 METHODS = BASELINES + ("v3",)
-MODE_ORDER = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
+MODE_ORDER = MODES
 METRIC_COLUMNS = (
     "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
     "adv_std", "groups_kept", "groups_skipped", "val_reward",
 )
 
 
-def _fmt_w(w: float | None) -> str:
-    if w is None:
-        return "-"
-    return f"{w:g}"
-
-
 @dataclass(frozen=True)
 class MethodInfo:
-    """One evaluated method: a baseline, or a v3 grid cell (seeds are replicates of it)."""
+    """One evaluated method: a baseline, ``per_shot``, or a v3 grid cell (seeds are replicates of it)."""
 
     key: str
     method: str
-    cell: str | None = None
-    mode: str | None = None
-    use_rank: bool | None = None
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    cell: Cell | None = None
 
     @property
-    def weights(self) -> tuple[float | None, float | None]:
-        return (self.hard_weight, self.soft_weight)
+    def mode(self) -> str | None:
+        return self.cell.mode if self.cell else None
 
     @property
-    def uses_weights(self) -> bool:
-        return self.hard_weight is not None or self.soft_weight is not None
+    def use_rank(self) -> bool | None:
+        return self.cell.use_rank if self.cell else None
 
     def short(self) -> str:
-        """A compact label: 'rank, w=(1,1)' for a v3 cell, the method name otherwise."""
-        if self.method != "v3":
+        """The cell's label without its mode ('z-score hw=1 sw=1'), the method name otherwise."""
+        if self.cell is None:
             return self.method
-        parts = ["rank" if self.use_rank else "z-score"]
-        if self.uses_weights:
-            parts.append(f"w=({_fmt_w(self.hard_weight)},{_fmt_w(self.soft_weight)})")
-        if self.alpha is not None or self.beta is not None:
-            parts.append(f"α={_fmt_w(self.alpha)},β={_fmt_w(self.beta)}")
-        return ", ".join(parts)
+        return self.cell.label()[len(self.cell.mode) + 1:]
 
     def long(self) -> str:
-        """'v3 <mode> rank, w=(1,1)' for a v3 cell, the method name otherwise."""
-        return self.method if self.method != "v3" else f"v3 {self.mode} {self.short()}"
+        """'v3 <cell label>' for a v3 cell, the method name otherwise."""
+        return self.method if self.cell is None else f"v3 {self.cell.label()}"
 
     def sort_key(self) -> tuple:
-        if self.method != "v3":
+        if self.cell is None:
             return (BASELINES.index(self.method),)
-        mode_rank = MODE_ORDER.index(self.mode) if self.mode in MODE_ORDER else len(MODE_ORDER)
-        knobs = tuple(-math.inf if v is None else v
-                      for v in (self.hard_weight, self.soft_weight, self.alpha, self.beta, self.info_scale))
-        return (len(BASELINES), mode_rank, self.mode or "", 0 if self.use_rank else 1) + knobs + (self.cell or "",)
+        c = self.cell
+        return (len(BASELINES), MODE_ORDER.index(c.mode) if c.mode in MODE_ORDER else len(MODE_ORDER), c.mode,
+                len(c.train), 0 if c.use_rank else 1, c.reward.knobs, c.slug)
 
 
 @dataclass
 class EvalData:
-    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id."""
+    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id.
+
+    ``image_of[query_id]``: the query's image (records' ``image_id``; absent if not recorded),
+    the cluster of the bootstrap. ``icds[(key, k)][seed][query_id]``: the demonstrations chosen
+    (ids in prompt order). ``reward_orders``: which rewards files order every RL group the same
+    way (:class:`icdrl.report.degenerate.RewardEquivalence`, set by the report when it has the
+    rewards files).
+    """
 
     methods: dict[str, MethodInfo]
     acc: dict[tuple[str, int], dict[int | None, pd.Series]]
     shots: list[int]
     sources: list[str] = field(default_factory=list)
+    #: per_shot's choice: ``{(seed, k): (cell slug, validation accuracy, validation queries)}``
+    per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = field(default_factory=dict)
+    image_of: dict = field(default_factory=dict)
+    icds: dict = field(default_factory=dict)
+    reward_orders: object | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def clusters(self, query_ids) -> list | None:
+        """The image of each query (None where unknown), or None when no record names an image."""
+        if not self.image_of:
+            return None
+        return [self.image_of.get(q) for q in query_ids]
 
     def v3(self) -> list[MethodInfo]:
         return [m for m in self.methods.values() if m.method == "v3"]
@@ -112,14 +114,6 @@ class EvalData:
         return bool(self.acc.get((key, k)))
 
 
-def _opt_float(v, where: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{where} must be a finite number or null, got {v!r}")
-    return float(v)
-
-
 def _require(rec: dict, name: str, where: str):
     if name not in rec:
         raise ValueError(f"{where}: missing field {name!r}")
@@ -129,8 +123,8 @@ def _require(rec: dict, name: str, where: str):
 def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
     """Read ``icdrl.eval`` files into :class:`EvalData`, validating every record.
 
-    A (method, cell, seed, k, query_id) seen twice is an error; so is a v3 cell whose records
-    disagree on its knobs, or a v3 record without the knob fields.
+    A (method, cell, seed, k, query_id) seen twice is an error; so is a v3 record whose ``spec``
+    (the cell's canonical dict) is missing or disagrees with its ``cell`` slug.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -138,6 +132,9 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
         raise ValueError("report: eval_paths is empty; nothing to report")
     methods: dict[str, MethodInfo] = {}
     rows: dict[tuple[str, int, int | None], dict] = {}
+    per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = {}
+    chosen: dict[tuple[str, int, int | None], dict] = {}
+    image_of: dict = {}
     for path in paths:
         for i, rec in enumerate(read_jsonl(path, "icdrl.eval"), start=1):
             where = f"{path}: record {i}"
@@ -158,41 +155,50 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
             if method == "v3":
                 if not isinstance(cell, str) or not cell:
                     raise ValueError(f"{where}: v3 record needs a non-empty 'cell' slug")
-                mode = _require(rec, "mode", where)
-                use_rank = _require(rec, "use_rank", where)
-                if not isinstance(use_rank, bool):
-                    raise ValueError(f"{where}: field 'use_rank' must be true/false, got {use_rank!r}")
-                info = MethodInfo(
-                    key=f"v3:{cell}",
-                    method="v3",
-                    cell=cell,
-                    mode=str(mode),
-                    use_rank=use_rank,
-                    hard_weight=_opt_float(rec.get("hard_weight"), f"{where}: field 'hard_weight'"),
-                    soft_weight=_opt_float(rec.get("soft_weight"), f"{where}: field 'soft_weight'"),
-                    alpha=_opt_float(rec.get("alpha"), f"{where}: field 'alpha'"),
-                    beta=_opt_float(rec.get("beta"), f"{where}: field 'beta'"),
-                    info_scale=_opt_float(rec.get("info_scale"), f"{where}: field 'info_scale'"),
-                )
+                try:
+                    c = Cell.from_dict(_require(rec, "spec", where) or {}, f"{where}: field 'spec'")
+                except ValueError as e:
+                    raise ValueError(str(e)) from None
+                if c.slug != cell:
+                    raise ValueError(f"{where}: field 'cell' is {cell!r} but its spec says {c.slug!r}")
+                info = MethodInfo(key=f"v3:{cell}", method="v3", cell=c)
             else:
                 info = MethodInfo(key=method, method=method)
+                if method == "per_shot":
+                    spec = _require(rec, "spec", where) or {}
+                    choice = (str(cell), float(spec.get("val_acc", math.nan)), int(spec.get("n_val", 0)))
+                    if per_shot.setdefault((seed, k), choice) != choice:
+                        raise ValueError(f"{where}: per_shot records of seed {seed} at k={k} name two cells")
             old = methods.setdefault(info.key, info)
             if old != info:
-                raise ValueError(f"{where}: cell {cell!r} has knobs {info} but earlier records say {old}")
+                raise ValueError(f"{where}: cell {cell!r} has spec {info} but earlier records say {old}")
             bucket = rows.setdefault((info.key, k, seed), {})
             if qid in bucket:
                 raise ValueError(
                     f"{where}: duplicate record for method={info.key} seed={seed} k={k} query_id={qid!r}"
                 )
             bucket[qid] = float(acc)
+            icd_ids = rec.get("icd_ids")
+            chosen.setdefault((info.key, k, seed), {})[qid] = tuple(icd_ids) if isinstance(icd_ids, list) else None
+            img = rec.get("image_id")
+            if img is not None:
+                if not isinstance(img, str):
+                    raise ValueError(f"{where}: field 'image_id' must be a string or null, got {img!r}")
+                if image_of.setdefault(qid, img) != img:
+                    raise ValueError(f"{where}: query_id {qid!r} has image_id {img!r} but earlier records say "
+                                     f"{image_of[qid]!r}")
     ordered = dict(sorted(methods.items(), key=lambda kv: kv[1].sort_key()))
     acc: dict[tuple[str, int], dict[int | None, pd.Series]] = {}
     for (key, k, seed), qa in rows.items():
         s = pd.Series(qa, dtype=np.float64)
         s = s.sort_index() if _sortable(s.index) else s
         acc.setdefault((key, k), {})[seed] = s
+    icds: dict = {}
+    for (key, k, seed), qc in chosen.items():
+        icds.setdefault((key, k), {})[seed] = qc
     shots = sorted({k for (_, k) in acc})
-    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths])
+    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot,
+                    image_of=image_of, icds=icds)
 
 
 def _sortable(index: pd.Index) -> bool:
@@ -270,6 +276,8 @@ class RewardGroups:
     rewards: list[np.ndarray]
     hard: list[np.ndarray]
     missing: np.ndarray  # [G] missing-input counts
+    soft: list[np.ndarray] | None = None  # per group; None if a file lacks the field
+    anchors: list | None = None  # anchor_id per group
 
     @property
     def n_groups(self) -> int:
@@ -280,7 +288,7 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
     """Read ``icdrl.rewards`` files, checking list lengths and finiteness."""
     out = {}
     for label, path in labelled_paths(paths, "rewards_paths").items():
-        rewards, hard, missing = [], [], []
+        rewards, hard, missing, soft, anchors = [], [], [], [], []
         for i, rec in enumerate(read_jsonl(path, "icdrl.rewards"), start=1):
             where = f"{path}: record {i}"
             r = np.asarray(_require(rec, "rewards", where), dtype=np.float64)
@@ -294,7 +302,14 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
             rewards.append(r)
             hard.append(h)
             missing.append(int(rec.get("missing", 0) or 0))
-        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64))
+            anchors.append(rec.get("anchor_id"))
+            sv = rec.get("soft")
+            if soft is not None and isinstance(sv, list) and len(sv) == len(r) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv):
+                soft.append(np.asarray(sv, dtype=np.float64))
+            else:  # a missing or null soft value: unknown for this file
+                soft = None
+        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64), soft, anchors)
     return out
 
 
