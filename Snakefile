@@ -22,8 +22,10 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# the library: the checkout's src/ first, so `snakemake` works without installing icdrl
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# the library: the checkout's src/ first, so `snakemake` works without installing icdrl and
+# never imports another installed copy (jobs do the same: workflow/scripts/_common.py)
+_SRC = Path(workflow.basedir).resolve() / "src"
+sys.path.insert(0, str(_SRC))
 import icdrl.config as icfg  # noqa: E402
 from icdrl.grid import (  # noqa: E402
     ADV,
@@ -35,16 +37,25 @@ from icdrl.grid import (  # noqa: E402
     canonical_json,
 )
 
+if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
+    sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")
+
 
 if not workflow.config_settings.configfiles:
 
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# the config file(s) this run reads: config errors name the one that sets the key, or these
+CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
+    f"{workflow.basedir}/config/config.yaml"
+]
+
+
 try:
     _overrides = icfg.prepare(config, os.environ)
 except ValueError as e:  # ConfigError, or a bad env-var value: one line naming the key
-    sys.exit(f"icdrl: {e}")
+    sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 if _overrides:
     print(icfg.describe_overrides(_overrides), file=sys.stderr)
 
@@ -73,7 +84,7 @@ onstart:
     try:
         icfg.check_inputs(config)
     except (ValueError, OSError) as e:
-        sys.exit(f"icdrl: {e}")
+        sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 
 
 include: "workflow/rules/common.smk"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icdrl.records import write_jsonl
+from icdrl.records import csv_end_line, write_jsonl
 
 MODES = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
 SOURCES = ("beam", "beam", "beam", "beam", "beam", "random", "random", "random", "random", "similar",
@@ -182,6 +182,13 @@ def write_ablations(root: Path, base: list[dict], rng: np.random.Generator) -> l
     return paths
 
 
+def _to_csv(df: pd.DataFrame, path: Path) -> None:
+    """A metrics CSV as icdrl.train.write_metrics writes it: data rows, then the end line."""
+    df.to_csv(path, index=False)
+    with open(path, "a") as fh:
+        fh.write(csv_end_line(len(df)) + "\n")
+
+
 def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int = 1) -> dict[str, str]:
     """Training-metrics CSVs: v2 per seed (phase v2), v3 per cell × seed (phases rce, grpo)."""
     rng = np.random.default_rng(rng_seed)
@@ -193,7 +200,7 @@ def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int
                  "val_reward": 0.4 + 0.2 * (1 - math.exp(-e / 3))} for e in range(10)]
         p = root / "metrics" / "v2" / f"seed{s}" / "metrics.csv"
         p.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows, columns=cols).to_csv(p, index=False)
+        _to_csv(pd.DataFrame(rows, columns=cols), p)
         out[f"v2 seed{s}"] = str(p)  # labels as icdrl.grid.Layout.labelled_metrics writes them
     for c in cell_list:
         for s in seeds:
@@ -208,7 +215,7 @@ def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int
                              "groups_skipped": 120 - kept + 20, "val_reward": 0.56 + 0.01 * e})
             p = root / "metrics" / c["cell"] / f"seed{s}" / "metrics.csv"
             p.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows, columns=cols).to_csv(p, index=False)
+            _to_csv(pd.DataFrame(rows, columns=cols), p)
             out[f"v3 {c['cell']} seed{s}"] = str(p)
     return out
 

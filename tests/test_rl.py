@@ -319,3 +319,27 @@ def test_property_no_nan_or_inf(data, use_rank, mpr):
     assert all(math.isfinite(v) for v in d.values())
     flat = rl.flat_groups(r, m)
     assert (lp.grad[flat] == 0).all()
+
+
+# ---------------------------------------------------------------------------- empty groups (issue 15)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)])
+@pytest.mark.parametrize("use_rank", [True, False])
+def test_empty_groups_are_skipped_and_counted(shape, use_rank):
+    # issue 15: shape [0] / [G, 0] raised IndexError in advantages, rce_loss and grpo_loss
+    n_groups = 1 if len(shape) == 1 else shape[0]
+    a = rl.advantages(torch.zeros(shape), use_rank=use_rank)
+    assert a.shape == shape
+    lp = torch.zeros(shape, requires_grad=True)
+    loss, d = rl.rce_loss(lp, torch.zeros(shape), tau=1.0, use_rank=use_rank)
+    loss.backward()
+    assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
+    lp = torch.zeros(shape, requires_grad=True)
+    loss, d = rl.grpo_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), use_rank=use_rank,
+                           hard=torch.zeros(shape), min_positive_ratio=0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
+    assert torch.isfinite(lp.grad).all() if lp.grad is not None else True
+    flat = rl.flat_groups(torch.zeros(shape))
+    assert bool(flat.all()) and flat.shape == shape[:-1]

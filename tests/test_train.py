@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from icdrl import rewards as R
 from icdrl import train as T
-from icdrl.records import write_jsonl
+from icdrl.records import check_csv_complete, write_jsonl
 from icdrl.selector import PointerSelector
 
 SMALL_V2 = dict(hidden_size=16, epochs=2, batch_queries=8, val_fraction=0.25)
@@ -52,8 +52,11 @@ def _write_files(tmp_path, syn, mode="hard_plus_soft_v2"):
 
 
 def _read_csv(path):
+    n = check_csv_complete(path)
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if not r["phase"].startswith("#")]
+    assert len(rows) == n
+    return rows
 
 
 # ============================================================================ configs
@@ -132,9 +135,14 @@ def test_loaders_reject_inconsistent_files(tmp_path):
     with pytest.raises(ValueError, match="do not point at icd_ids"):
         T.load_groups(tmp_path / "bad.jsonl", tmp_path / "rewards.jsonl")
     rlines = (tmp_path / "rewards.jsonl").read_text().splitlines()
-    (tmp_path / "short.jsonl").write_text("\n".join(rlines[:2]) + "\n")
+    # a complete rewards file that lacks anchors
+    write_jsonl(tmp_path / "short.jsonl", "icdrl.rewards", [json.loads(rlines[1])])
     with pytest.raises(ValueError, match="no rewards for anchor"):
         T.load_groups(tmp_path / "scored.jsonl", tmp_path / "short.jsonl")
+    # the same file cut at a line boundary is refused as incomplete, naming the file
+    (tmp_path / "cut.jsonl").write_text("\n".join(rlines[:2]) + "\n")
+    with pytest.raises(ValueError, match=r"cut.jsonl: incomplete: no end line"):
+        T.load_groups(tmp_path / "scored.jsonl", tmp_path / "cut.jsonl")
     with pytest.raises(KeyError, match="no embedding"):
         T.pack_groups(syn.groups, T.EmbeddingTable.from_arrays(syn.table.ids[:5], syn.table.emb[:5].numpy()))
 

@@ -93,7 +93,8 @@ def test_missing_dataset_fails_with_one_line_before_any_job(tmp_path):
     proc = snakemake("--cores", "1", "--configfile", path, workdir=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("icdrl:")]
-    assert errors == [f"icdrl: dataset.train.questions: file not found: {tmp_path / 'missing/train/questions'}"]
+    assert errors == [f"icdrl: dataset.train.questions: file not found: {tmp_path / 'missing/train/questions'} "
+                      f"(set in {path})"]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results").exists()
 
@@ -105,7 +106,8 @@ def test_missing_model_folder_fails_with_one_line(tmp_path):
     proc = snakemake("--cores", "1", "--configfile", _write(tmp_path, "hf.yaml", cfg), workdir=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("icdrl:")]
-    assert errors == [f"icdrl: config key model.path: model folder {tmp_path / 'Qwen2.5-VL-3B-Instruct'} not found"]
+    assert errors == [f"icdrl: config key model.path: model folder {tmp_path / 'Qwen2.5-VL-3B-Instruct'} not found "
+                      f"(set in {tmp_path / 'hf.yaml'})"]
     assert not (tmp_path / "results").exists()
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from icdrl.beam import examples_by_id, lookup, model_fingerprint
 from icdrl.data import Example
+from icdrl.grid import canonical_shots
 from icdrl.integrity import check_icds
 from icdrl.lvlm.base import Generation, LVLMBackend
 from icdrl.records import EvalRecord, PartialJsonl, PoolRecord, fingerprint, read_records
@@ -295,7 +296,7 @@ def evaluate_method(
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
     eval_metric(eval_cfg)
-    shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
+    shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
     if method == "random":
         seed = int(eval_cfg.get("random_seed", 0)) if seed is None else int(seed)
     elif method in ("zero_shot", "similarity") or method in RICES_METHODS:
@@ -356,7 +357,7 @@ def write_copy_baseline(dataset_cfg: dict, test_pools_path, eval_emb_path, train
     from icdrl.records import write_records
     from icdrl.retrieval import COPY_SOURCE, copy_answer
 
-    shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
+    shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
     metric = eval_metric(eval_cfg)
     pools = read_records(test_pools_path, PoolRecord)
     queries = examples_by_id(load_dataset(dataset_cfg, "eval"), "eval split")

@@ -456,6 +456,11 @@ def seeds(config: Mapping[str, Any]) -> list[int]:
 
 # ----------------------------------------------------------------------------- layout
 
+def canonical_shots(shots: Sequence[int]) -> list[int]:
+    """``evaluation.shots`` sorted and deduplicated: ``[4, 1, 2, 1]`` and ``[1, 2, 4]`` name one file."""
+    return sorted({int(k) for k in shots})
+
+
 #: the ``{method}`` segment of a baseline's eval file: random carries its seed (random-r0)
 BASELINE_RE = "zero_shot|similarity|random-r[0-9]+"
 #: RICES over the whole training split (``icdrl.retrieval``), one job with the copy baseline
@@ -577,7 +582,7 @@ class Layout:
         self.rewards = _join(scored_dir, "rewards", "{reward}.jsonl")
 
         # evaluation file names: query role and count, shots, generation length, VQA metric
-        shots = ".".join(str(k) for k in ev["shots"])
+        shots = ".".join(str(k) for k in canonical_shots(ev["shots"]))
         self.eval_name = {r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}-{scoring['metric']}.jsonl"
                           for r in EVAL_ROLES}
         self.eval_baseline = _join(run, self.eval_name["test"][: -len(".jsonl")], "{method}.jsonl")

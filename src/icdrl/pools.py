@@ -203,8 +203,8 @@ def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, t
     seed = int(pools_cfg.get("seed", 0))
     train = load_dataset(dataset_cfg, "train")
     candidates = train if split == "train" else load_dataset(dataset_cfg, split)
-    if n > len(candidates):
-        log.warning("pools.%s = %d exceeds the %d %s examples; using all of them", n_key, n, len(candidates), split)
+    if n > len(candidates):  # the path says n: never write fewer (icdrl.checks refuses it up front too)
+        raise ValueError(f"config key pools.{n_key}: {n} exceeds the {len(candidates)} examples of the {split} split")
     queries = role_queries(candidates, role, n, seed, int(pools_cfg.get("n_test", 0)))
     sampler = pools_cfg.get("sampler", "random")
     need_emb = sampler != "random"

@@ -1,7 +1,9 @@
 """Offline RL losses of the v3 selector (SPEC §7): advantages, RCE warm-up, GRPO.
 
 Every function takes per-candidate tensors shaped ``[N]`` (one group) or ``[G, N]`` (a batch of
-groups padded to N with ``mask`` marking real candidates). Rewards are the raw rewards of
+groups padded to N with ``mask`` marking real candidates). A group with no real candidate (all
+masked, or N = 0) is never trained on: the losses skip it and count it in ``groups_skipped``,
+and its advantages and weights are empty (or 0 where masked). Rewards are the raw rewards of
 :mod:`icdrl.rewards`; they are normalised once, here. Internally group statistics are computed
 in float64 after dividing by the group's largest |reward|, so huge or tiny rewards give neither
 overflow nor NaN; results come back in the dtype of the log-probs (or of the rewards).
@@ -47,6 +49,8 @@ def _check_finite(name: str, x: Tensor, m: Tensor) -> None:
 def _scaled(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """float64 rewards divided by each group's max |r| (1 where that is 0); returns (r', scale)."""
     r64 = torch.where(m, r.to(torch.float64), torch.zeros((), dtype=torch.float64, device=r.device))
+    if r64.shape[-1] == 0:  # no candidates: nothing to scale
+        return r64, torch.ones((*r64.shape[:-1], 1), dtype=torch.float64, device=r.device)
     scale = r64.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return r64 / scale, scale
@@ -55,6 +59,9 @@ def _scaled(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
 def flat_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """Bool [G] (or scalar for [N]): group has zero reward variance (≤ 1 candidate or all equal)."""
     r, m, single = _as_groups(rewards, mask)
+    if r.shape[-1] == 0:  # N = 0: every group is empty, hence flat
+        flat = torch.ones(r.shape[:-1], dtype=torch.bool, device=r.device)
+        return flat[0] if single else flat
     big = torch.finfo(torch.float64).max
     r64 = r.to(torch.float64)
     hi = torch.where(m, r64, torch.full_like(r64, -big)).amax(dim=-1)

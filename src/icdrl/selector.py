@@ -299,7 +299,14 @@ class PointerSelector(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PointerSelector":
         """Rebuild a selector from a checkpoint written by :meth:`save` (returned in eval mode)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            from icdrl.records import corrupt_file_error  # noqa: PLC0415
+
+            raise corrupt_file_error(path, e) from None
         if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a selector checkpoint (needs 'config' and 'state_dict')")
         mcfg = ckpt["config"].get("model")

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor
 
 from icdrl import rl
-from icdrl.records import atomic_path, read_jsonl
+from icdrl.records import atomic_path, corrupt_file_error, csv_end_line, read_jsonl
 from icdrl.rewards import MODES
 from icdrl.selector import LABEL_ORDERS, PointerSelector, label_sequence
 
@@ -270,6 +271,8 @@ class Group:
         where = f"anchor {self.query_id}"
         if not self.pool:
             raise ValueError(f"{where}: empty pool")
+        if n == 0:
+            raise ValueError(f"{where}: a group needs at least one candidate sequence, got none")
         for name in ("rewards", "info", "sources") + (("hard",) if self.hard is not None else ()):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences")
@@ -301,8 +304,10 @@ def _positions(path: Any, rec: dict, cand: dict) -> tuple[int, ...]:
     return pos
 
 
-def _num(path: Any, aid: Any, name: str, v: Any) -> float:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _num(path: Any, aid: Any, name: str, v: Any, *, missing_ok: bool = True) -> float:
+    """A finite number; ``None`` counts as 0 where ``missing_ok`` (SPEC §6: a missing input).
+    NaN is never a missing value: it is an error naming the file and the anchor."""
+    if v is None and missing_ok:
         return 0.0
     if isinstance(v, bool):
         return float(v)
@@ -321,13 +326,17 @@ def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
     except (OSError, ValueError, AttributeError):
         pass  # read_jsonl reports the problem with the file's name
     recs = read_jsonl(candidates_path, schema)
-    groups = []
+    groups: list[Group] = []
+    empty: list = []
     for rec in recs:
         for key in ("anchor_id", "pool", "candidates"):
             if key not in rec:
                 raise ValueError(f"{candidates_path}: a record lacks {key!r}")
         aid = rec["anchor_id"]
         cands = rec["candidates"]
+        if not cands:
+            empty.append(aid)
+            continue
         info = tuple(_num(candidates_path, aid, "info_score", c.get("info_score")) for c in cands)
         try:
             groups.append(Group(
@@ -338,7 +347,7 @@ def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
             ))
         except ValueError as e:
             raise ValueError(f"{candidates_path}: {e}") from None
-    return groups
+    return _non_empty(groups, empty, candidates_path)
 
 
 def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike) -> list[Group]:
@@ -352,7 +361,8 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
         if "anchor_id" not in r or "rewards" not in r or "hard" not in r:
             raise ValueError(f"{rewards_path}: a record lacks 'anchor_id', 'rewards' or 'hard'")
         rewards[r["anchor_id"]] = r
-    groups = []
+    groups: list[Group] = []
+    empty: list = []
     for rec in scored:
         aid = rec.get("anchor_id")
         if aid not in rewards:
@@ -363,12 +373,16 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
             raise ValueError(
                 f"{rewards_path}: anchor {aid} has {len(rr['rewards'])} rewards for {len(cands)} scored candidates"
             )
+        r = tuple(_num(rewards_path, aid, "rewards", x, missing_ok=False) for x in rr["rewards"])
+        h = tuple(_num(rewards_path, aid, "hard", x, missing_ok=False) for x in rr["hard"])
+        if not cands:
+            empty.append(aid)
+            continue
         try:
             groups.append(Group(
                 query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
                 seqs=tuple(_positions(scored_path, rec, c) for c in cands),
-                rewards=tuple(_num(rewards_path, aid, "rewards", x) for x in rr["rewards"]),
-                hard=tuple(_num(rewards_path, aid, "hard", x) for x in rr["hard"]),
+                rewards=r, hard=h,
                 info=tuple(_num(scored_path, aid, "info_score", c.get("info_score")) for c in cands),
                 sources=tuple(str(c.get("source", "")) for c in cands),
             ))
@@ -377,6 +391,16 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
     extra = set(rewards) - {rec.get("anchor_id") for rec in scored}
     if extra:
         raise ValueError(f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})")
+    return _non_empty(groups, empty, scored_path)
+
+
+def _non_empty(groups: list[Group], empty: list, path: Any) -> list[Group]:
+    """``groups``, after logging how many anchors had no candidate (skipped); none left is an error."""
+    if empty:
+        log.warning("%s: %d of %d anchors have no candidate sequence and are skipped (e.g. anchor %s)",
+                    path, len(empty), len(empty) + len(groups), empty[0])
+    if not groups:
+        raise ValueError(f"{path}: no anchor has a candidate sequence ({len(empty)} empty groups)")
     return groups
 
 
@@ -437,11 +461,15 @@ class EmbeddingTable:
 
 def load_embeddings(path: str | os.PathLike) -> EmbeddingTable:
     """An ``.npz`` with ``ids`` (int64 [N]) and ``emb`` (float32 [N, d])."""
-    with np.load(path) as z:
-        for k in ("ids", "emb"):
-            if k not in z:
-                raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
-        return EmbeddingTable.from_arrays(z["ids"], z["emb"], str(path))
+    try:
+        with np.load(path) as z:
+            for k in ("ids", "emb"):
+                if k not in z:
+                    raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
+            ids, emb = z["ids"], z["emb"]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise corrupt_file_error(path, e) from None
+    return EmbeddingTable.from_arrays(ids, emb, str(path))
 
 
 @dataclass
@@ -462,6 +490,8 @@ class Packed:
 
 def pack_groups(groups: Sequence[Group], table: EmbeddingTable) -> Packed:
     """Pad ``groups`` into tensors; checks every id has an embedding and every sequence is valid."""
+    if not groups:
+        raise ValueError("pack_groups: no groups to pack")
     g = len(groups)
     k = max((len(x.pool) for x in groups), default=1)
     n = max((len(x.seqs) for x in groups), default=1)
@@ -591,7 +621,8 @@ def _row(phase: str, epoch: int, **vals: Any) -> dict[str, Any]:
 
 
 def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply."""
+    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply; the
+    last line is :func:`icdrl.records.csv_end_line` (the row count)."""
     with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
@@ -599,6 +630,7 @@ def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
             for r in rows:
                 w.writerow(["" if r.get(c) is None else (repr(float(r[c])) if isinstance(r[c], float) else r[c])
                             for c in METRIC_COLUMNS])
+            fh.write(csv_end_line(len(rows)) + "\n")  # last: a CSV cut short is refused by its readers
 
 
 def _epoch_path(out_ckpt: str | os.PathLike, phase: str, epoch: int) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from icdrl.grid import Cell
-from icdrl.records import read_jsonl
+from icdrl.records import check_csv_complete, read_jsonl
 from icdrl.rewards import MODES
 
 __all__ = [
@@ -300,7 +300,10 @@ def load_metrics(paths) -> dict[str, pd.DataFrame]:
     for label, path in labelled_paths(paths, "metrics_paths").items():
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: metrics file not found")
-        df = pd.read_csv(path)
+        n_rows = check_csv_complete(path)
+        df = pd.read_csv(path, comment="#")
+        if len(df) != n_rows:  # pragma: no cover - check_csv_complete counted the same lines
+            raise ValueError(f"{path}: {len(df)} rows read, its end line says {n_rows}")
         missing = [c for c in METRIC_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: metrics CSV lacks columns {missing}")
