@@ -84,14 +84,15 @@ def test_max_demos_and_size_zero():
 
 
 def test_eviction_is_lru_but_keeps_headers_and_protected_keys():
-    cache = PrefixCache(2)
+    cache = PrefixCache(1)  # one demonstration prefix; the header is not counted
     kv = forward_cache(1, 7)
     cache.store([(*A, 0, 0)], kv)  # header, a
+    assert [pk.n_images for pk in cache.values()] == [0, 1]
     cache.store([(*C, 0, 0)], kv)  # c: a is the oldest non-header
     assert [pk.n_images for pk in cache.values()] == [0, 1] and cache.lookup(*C).length == 4
     key_a, key_ab, key_c = (prefix_key(*p[:2], n, j) for p, n, j in ((A, 5, 1), (AB, 7, 2), (C, 4, 1)))
     cache.protected = frozenset({key_a, key_c})
-    cache.store([(*AB, 0, 0)], kv)  # a, ab new; a and c protected: only ab goes, 3 > 2 entries
+    cache.store([(*AB, 0, 0)], kv)  # a, ab new; a and c protected: only ab goes, 2 > 1 demonstration prefixes
     assert list(cache.entries) == [prefix_key(HEADER, (), 2, 0), key_c, key_a]
     cache.protected = frozenset()
     cache.evict()

@@ -92,12 +92,13 @@ def next_wave(keys: Sequence[Sequence[Hashable]], cached: Callable[[Hashable], b
 
 
 class PrefixCache:
-    """An LRU of :class:`PrefixKV` (``size`` entries; 0: off), keeping prefixes of at most
-    ``max_demos`` demonstrations (None: all).
+    """An LRU of :class:`PrefixKV` (``size`` demonstration prefixes; 0: off), keeping prefixes of
+    at most ``max_demos`` demonstrations (None: all).
 
-    Eviction (oldest first) skips chat headers (every later prompt reads them; there is one per
-    system prompt) and the keys in :attr:`protected` (those the rest of a request still reads),
-    so the cache may exceed ``size`` while they are protected; :meth:`evict` trims it again.
+    Chat headers are kept apart from ``size`` and never evicted (every later prompt reads them;
+    there is one per system prompt). Eviction (oldest first) skips the keys in :attr:`protected`
+    (those the rest of a request still reads), so the cache may exceed ``size`` while they are
+    protected; :meth:`evict` trims it again.
     """
 
     def __init__(self, size: int, max_demos: int | None = None):
@@ -184,11 +185,13 @@ class PrefixCache:
         return len(new)
 
     def evict(self) -> None:
-        """Drop the oldest entries beyond ``size``, except chat headers and :attr:`protected` keys."""
-        excess = len(self.entries) - self.size
+        """Drop the oldest demonstration prefixes beyond ``size`` (chat headers are not counted and
+        never dropped), except :attr:`protected` keys."""
+        demos = [k for k in self.entries if k[1]]
+        excess = len(demos) - self.size
         if excess <= 0:
             return
-        for key in [k for k in self.entries if k[1] and k not in self.protected][:excess]:
+        for key in [k for k in demos if k not in self.protected][:excess]:
             del self.entries[key]
 
     @staticmethod
