@@ -159,6 +159,105 @@ def test_training_encoding_is_what_the_backend_scores(tmp_path, easy, built):
         assert float(tok_lp[sel].sum()) == pytest.approx(s.sum_logprob, abs=1e-4)
 
 
+# ------------------------------------------------------------------------------ speed paths: same numbers
+
+
+def _sampled_items(examples, n, seed, n_demos):
+    import random
+
+    index = R.RecipeIndex(examples)
+    rng = random.Random(seed)
+    return [R.sample_item(rng, index, kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5}, max_demos=4,
+                          similar_share=0.5, cue_exact=0.9, cue_kind=0.2, n_demos=n_demos) for _ in range(n)]
+
+
+def test_image_cache_pixels_are_the_processors(easy, built):
+    _, _, proc = built
+    images = E.ImageCache()
+    images.chunk = 5  # several chunks, the first one checked against one image alone
+    paths = [ex.image for ex in easy[:12]] + [easy[3].image, easy[0].image]  # repeats, out of order
+    ref = proc.image_processor(images=[images(p) for p in paths], return_tensors="pt")
+    got = images.pixels(proc.image_processor, paths)
+    assert set(got) == {"pixel_values", "image_grid_thw"}
+    assert torch.equal(got["pixel_values"], ref["pixel_values"]) and got["pixel_values"].dtype == ref["pixel_values"].dtype
+    assert torch.equal(got["image_grid_thw"], ref["image_grid_thw"])
+    images.drop_pixels()
+    assert torch.equal(images.grids(proc.image_processor, paths[:3]), ref["image_grid_thw"][:3])
+    assert torch.equal(images.pixels(proc.image_processor, paths[:2])["pixel_values"],
+                       proc.image_processor(images=[images(p) for p in paths[:2]], return_tensors="pt")["pixel_values"])
+
+
+@pytest.mark.parametrize("n_demos", [0, 1, 4])
+def test_training_encoding_equals_the_processor_on_images_and_text(easy, built, n_demos):
+    """encode_items preprocesses each image once and tokenises the text alone: same tensors as the processor."""
+    from icdrl.lvlm.prompt import build_messages
+
+    _, _, proc = built
+    items = _sampled_items(easy, 6, seed=n_demos, n_demos=n_demos)
+    texts = [proc.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False) for it in items]
+    images = E.ImageCache()
+    ref = proc(text=texts, images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
+               padding=True, return_tensors="pt")
+    b = E.encode_items(proc, items, images)
+    assert set(b.inputs) == set(ref)
+    for k, v in ref.items():
+        assert b.inputs[k].dtype == v.dtype and torch.equal(b.inputs[k], v), k
+    # the frozen-tower path: the same tokens, the features in place of the pixels
+    feats = {ex.image: torch.zeros(16, 1) for it in items for ex in (*it.demos, it.query)}
+    bf = E.encode_items(proc, items, images, feats)
+    assert set(bf.inputs) == set(ref) - {"pixel_values"} | {"mm_encoder_outputs"}
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(bf.inputs[k], ref[k]), k
+    assert torch.equal(bf.positions, b.positions) and torch.equal(bf.targets, b.targets)
+
+
+def test_tokenize_prompts_rejects_a_grid_count_that_does_not_match(built):
+    _, _, proc = built
+    with pytest.raises(ValueError, match="2 image grids for 1 image placeholders"):
+        E.tokenize_prompts(proc, ["<|vision_start|><|image_pad|><|vision_end|> Question: x"], torch.tensor([[1, 8, 8]] * 2))
+
+
+@pytest.mark.parametrize("grids", [[[1, 8, 8]] * 6, [[1, 8, 8], [1, 4, 16], [1, 8, 8], [1, 16, 4]]])
+def test_batched_vision_segments_give_the_loops_numbers_and_gradients(grids, monkeypatch):
+    """batched_segments: bitwise the features and gradients of transformers' per-segment loop, in fewer calls."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from icdrl.lvlm.vision_segments import batched_segments
+
+    c = E.EmbeddedConfig.from_dict({})
+    torch.manual_seed(0)
+    proc = E.build_processor(c, E.vocabulary([ex(0, "what color is the shape?", "red")]))
+    model = E.build_model(c, proc.tokenizer)
+    vis = model.model.visual
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * c.patch_size ** 2)
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def counting(*a, **k):
+        calls.append(a[1].shape[0])
+        return sdpa(*a, **k)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting)
+
+    def run(batched):
+        vis.zero_grad(set_to_none=True)
+        calls.clear()
+        if batched:
+            with batched_segments(model):
+                out = vis(pixels, grid_thw=grid).pooler_output
+        else:
+            out = vis(pixels, grid_thw=grid).pooler_output
+        (out.square().mean() + 1e-3 * out.sum()).backward()
+        return out.detach(), [p.grad.clone() for p in vis.parameters()], list(calls)
+
+    ref, ref_grads, ref_calls = run(False)
+    got, grads, got_calls = run(True)
+    assert vis.config._attn_implementation == "sdpa"  # restored
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert len(got_calls) < len(ref_calls) and sum(got_calls) == len(ref_calls)  # same segments, fewer calls
+
+
 # ------------------------------------------------------------------------------ training and check (slow)
 
 

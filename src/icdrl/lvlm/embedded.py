@@ -190,10 +190,22 @@ def load_split(split: str) -> list[Example]:
 
 
 class ImageCache:
-    """PIL images by path, loaded once (:func:`icdrl.data.load_image`)."""
+    """PIL images by path, loaded once (:func:`icdrl.data.load_image`), and their preprocessed tensors.
+
+    :meth:`pixels` preprocesses every image once (stage 1 draws each training image about seven
+    times, then the feature cache once more) and concatenates the stored rows: the same tensors
+    as ``image_processor(images=[...])`` on those images (checked on the first chunk of each
+    cache, and by ``tests/test_embedded.py``). :meth:`grids` keeps each image's
+    ``image_grid_thw`` row after :meth:`drop_pixels` frees the pixels.
+    """
+
+    #: images per preprocessing call
+    chunk = 128
 
     def __init__(self):
         self._images: dict = {}
+        self._pixels: dict = {}  # path -> pixel_values rows [patches, channels * patch volume]
+        self._grids: dict = {}  # path -> image_grid_thw row [3]
 
     def __call__(self, path: str):
         from icdrl.data import load_image
@@ -202,6 +214,44 @@ class ImageCache:
         if im is None:
             im = self._images[path] = load_image(path)
         return im
+
+    def _preprocess(self, image_processor, paths: Sequence[str]) -> None:
+        """Preprocess the images of ``paths`` that have no stored pixels, ``chunk`` per call."""
+        import torch
+
+        todo = list(dict.fromkeys(p for p in paths if p not in self._pixels))
+        for i in range(0, len(todo), self.chunk):
+            part = todo[i : i + self.chunk]
+            out = image_processor(images=[self(p) for p in part], return_tensors="pt")
+            grid = out["image_grid_thw"]
+            rows = out["pixel_values"].split(grid.prod(-1).tolist())
+            if not self._pixels and len(part) > 1:  # batching must not change an image's tensors
+                alone = image_processor(images=[self(part[-1])], return_tensors="pt")
+                if not (torch.equal(alone["pixel_values"], rows[-1]) and torch.equal(alone["image_grid_thw"][0], grid[-1])):
+                    raise RuntimeError("batched image preprocessing differs from one image at a time")
+            self._pixels.update(zip(part, rows))
+            self._grids.update(zip(part, grid))
+
+    def pixels(self, image_processor, paths: Sequence[str]) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` of ``image_processor`` for the images of ``paths``."""
+        import torch
+
+        self._preprocess(image_processor, paths)
+        return {"pixel_values": torch.cat([self._pixels[p] for p in paths]),
+                "image_grid_thw": torch.stack([self._grids[p] for p in paths])}
+
+    def grids(self, image_processor, paths: Sequence[str]):
+        """``image_grid_thw`` [len(paths), 3] of the images of ``paths``."""
+        import torch
+
+        missing = [p for p in paths if p not in self._grids]
+        if missing:
+            self._preprocess(image_processor, missing)
+        return torch.stack([self._grids[p] for p in paths])
+
+    def drop_pixels(self) -> None:
+        """Free the stored pixels (the grids stay)."""
+        self._pixels.clear()
 
 
 def vocabulary(examples: Sequence[Example]) -> list[str]:
@@ -281,9 +331,38 @@ class Batch:
     is_query: object  # BoolTensor [M]: supervised token belongs to the query's answer
 
 
+def tokenize_prompts(processor, texts: Sequence[str], image_grid_thw) -> dict:
+    """``processor(text=texts, images=...)`` without its image part, for images of known grids.
+
+    Each image placeholder is repeated once per merged vision token of its image (grid product
+    / merge size squared, in order), as the processor does, then the texts are tokenised with
+    right padding: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` equal the
+    processor's (``tests/test_embedded.py`` compares them on training batches).
+    """
+    import torch
+
+    merge = processor.image_processor.merge_size ** 2
+    counts = (image_grid_thw.prod(-1) // merge).tolist()
+    mark = processor.image_token
+    if sum(t.count(mark) for t in texts) != len(counts):
+        raise ValueError(f"tokenize_prompts: {len(counts)} image grids for "
+                         f"{sum(t.count(mark) for t in texts)} image placeholders")
+    counts = iter(counts)
+    expanded = []
+    for text in texts:
+        head, *rest = text.split(mark)
+        expanded.append(head + "".join(mark * next(counts) + piece for piece in rest))
+    enc = processor.tokenizer(expanded, padding=True, return_tensors="pt")
+    out = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    out["mm_token_type_ids"] = torch.as_tensor(np.array(processor.create_mm_token_type_ids(out["input_ids"])))
+    return out
+
+
 def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None) -> Batch:
     """Processor inputs and supervision for training items.
 
+    The images' tensors come from ``images`` (each image preprocessed once), the tokens from
+    :func:`tokenize_prompts`: together exactly ``processor(text=..., images=..., padding=True)``.
     ``features`` (image path -> the vision tower's merged tokens, for a frozen tower): passed as
     ``mm_encoder_outputs`` in place of the pixels, exactly as the backend's feature cache does.
 
@@ -300,8 +379,12 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
         processor.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False)
         for it in items
     ]
-    ims = [[images(ex.image) for ex in (*it.demos, it.query)] for it in items]
-    enc = processor(text=texts, images=ims, padding=True, return_tensors="pt")
+    paths = [ex.image for it in items for ex in (*it.demos, it.query)]
+    if features is None:
+        pixels = images.pixels(processor.image_processor, paths)
+    else:
+        pixels = {"image_grid_thw": images.grids(processor.image_processor, paths)}
+    enc = {**tokenize_prompts(processor, texts, pixels["image_grid_thw"]), **pixels}
     tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     short_, answer_, colon, nl = tid("Short"), tid("answer"), tid(":"), tid("\n")
@@ -341,8 +424,7 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        inputs.pop("pixel_values")
-        feats = [features[ex.image] for it in items for ex in (*it.demos, it.query)]
+        feats = [features[p] for p in paths]
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
     return Batch(
         inputs=inputs,
@@ -359,7 +441,7 @@ def supervised_logprobs(model, batch: Batch):
     """Log-softmax rows [M, V] at the supervised positions (token t is predicted at t - 1)."""
     import torch
 
-    logits = model(**batch.inputs).logits
+    logits = model(**batch.inputs, use_cache=False).logits  # no key/value cache: one pass, same numbers
     rows, pos = batch.positions[:, 0], batch.positions[:, 1]
     return torch.log_softmax(logits[rows, pos - 1].float(), dim=-1)
 
@@ -447,6 +529,8 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     """
     import torch
 
+    from icdrl.lvlm.vision_segments import batched_segments
+
     labels = image_labels(train)
     paths = sorted(labels)
     if not paths or c.vision_pretrain_steps <= 0:
@@ -461,8 +545,9 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     rows = []
     for step in range(c.vision_pretrain_steps):
         batch = [paths[rng.randrange(len(paths))] for _ in range(c.vision_pretrain_batch)]
-        enc = processor.image_processor(images=[images(p) for p in batch], return_tensors="pt")
-        pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+        enc = images.pixels(processor.image_processor, batch)
+        with batched_segments(model):
+            pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
         pooled = torch.nn.functional.normalize(pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1)
         words = torch.nn.functional.normalize(embed.weight, dim=-1)
         col_logits = pooled @ words[col_ids].T / 0.1
@@ -491,11 +576,13 @@ def vision_features(model, processor, paths: Sequence[str], images: ImageCache, 
     """Image path -> the vision tower's merged tokens [n_tokens, hidden] (no gradient)."""
     import torch
 
+    from icdrl.lvlm.vision_segments import batched_segments
+
     out: dict = {}
-    with torch.no_grad():
+    with torch.no_grad(), batched_segments(model):
         for i in range(0, len(paths), batch_size):
             chunk = list(paths[i : i + batch_size])
-            enc = processor.image_processor(images=[images(p) for p in chunk], return_tensors="pt")
+            enc = images.pixels(processor.image_processor, chunk)
             feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
             out.update(zip(chunk, (f.detach() for f in feats)))
     return out
@@ -545,6 +632,7 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         model.model.visual.requires_grad_(False)
         model.model.visual.eval()
         features = vision_features(model, processor, sorted({ex.image for ex in train}), images)
+        images.drop_pixels()  # stage 2 reads the features
         log.info("vision tower frozen; features of %d training images cached", len(features))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
     verbose_first = processor.tokenizer.convert_tokens_to_ids(recipe.VERBOSE_PREFIX.split()[0])
