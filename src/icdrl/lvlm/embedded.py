@@ -331,38 +331,12 @@ class Batch:
     is_query: object  # BoolTensor [M]: supervised token belongs to the query's answer
 
 
-def tokenize_prompts(processor, texts: Sequence[str], image_grid_thw) -> dict:
-    """``processor(text=texts, images=...)`` without its image part, for images of known grids.
-
-    Each image placeholder is repeated once per merged vision token of its image (grid product
-    / merge size squared, in order), as the processor does, then the texts are tokenised with
-    right padding: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` equal the
-    processor's (``tests/test_embedded.py`` compares them on training batches).
-    """
-    import torch
-
-    merge = processor.image_processor.merge_size ** 2
-    counts = (image_grid_thw.prod(-1) // merge).tolist()
-    mark = processor.image_token
-    if sum(t.count(mark) for t in texts) != len(counts):
-        raise ValueError(f"tokenize_prompts: {len(counts)} image grids for "
-                         f"{sum(t.count(mark) for t in texts)} image placeholders")
-    counts = iter(counts)
-    expanded = []
-    for text in texts:
-        head, *rest = text.split(mark)
-        expanded.append(head + "".join(mark * next(counts) + piece for piece in rest))
-    enc = processor.tokenizer(expanded, padding=True, return_tensors="pt")
-    out = {k: enc[k] for k in ("input_ids", "attention_mask")}
-    out["mm_token_type_ids"] = torch.as_tensor(np.array(processor.create_mm_token_type_ids(out["input_ids"])))
-    return out
-
-
 def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None) -> Batch:
     """Processor inputs and supervision for training items.
 
-    The images' tensors come from ``images`` (each image preprocessed once), the tokens from
-    :func:`tokenize_prompts`: together exactly ``processor(text=..., images=..., padding=True)``.
+    The images' tensors come from ``images`` (each image preprocessed once), the text from
+    :mod:`icdrl.lvlm.embedded_inputs`: together exactly ``processor(text=..., images=...,
+    padding=True)`` plus the ``position_ids`` the model would compute from them.
     ``features`` (image path -> the vision tower's merged tokens, for a frozen tower): passed as
     ``mm_encoder_outputs`` in place of the pixels, exactly as the backend's feature cache does.
 
@@ -373,12 +347,10 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
     """
     import torch
 
-    from icdrl.lvlm.prompt import build_messages
+    from icdrl.lvlm.embedded_inputs import PromptRenderer, rope_positions, tokenize_prompts
 
-    texts = [
-        processor.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False)
-        for it in items
-    ]
+    render = PromptRenderer(processor)
+    texts = [render(it.demos, it.query, it.target) for it in items]
     paths = [ex.image for it in items for ex in (*it.demos, it.query)]
     if features is None:
         pixels = images.pixels(processor.image_processor, paths)
@@ -421,6 +393,8 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
         if verbose_first == soft_short[-1]:
             raise ValueError(f"answer {it.query.answer!r} starts with the verbose prefix's first word")
     inputs = dict(enc)
+    inputs["position_ids"] = rope_positions(enc["mm_token_type_ids"], enc["attention_mask"], enc["image_grid_thw"],
+                                            processor.image_processor.merge_size)
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
