@@ -783,6 +783,21 @@ def infoscore_spread(backend, anchors: Sequence[Example], pools: Sequence[Sequen
             "by_level": by_level}
 
 
+class _PhaseClock:
+    """Wall and process-CPU seconds of consecutive named phases (the check's log and JSON)."""
+
+    def __init__(self):
+        self.phases: dict[str, dict[str, float]] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> str:
+        """End phase ``name`` now; returns "wall W s, cpu C s" for the log."""
+        t, c = time.perf_counter(), time.process_time()
+        self.phases[name] = {"wall": round(t - self._t, 1), "cpu": round(c - self._c, 1)}
+        self._t, self._c = t, c
+        return f"wall {self.phases[name]['wall']:.1f} s, cpu {self.phases[name]['cpu']:.1f} s"
+
+
 def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     """Competence and demonstration sensitivity of the embedded LVLM; writes ``out_json``.
 
@@ -806,14 +821,17 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     ck = c.check
     torch.set_num_threads(int(c.threads))
     t0 = time.time()
+    clock = _PhaseClock()
     backend = load_backend(_model_cfg(ck.batch_size), str(model_dir))
     train, test = load_split("train"), load_split("eval")
     if ck.train_subset is not None:
         train = seeded_subset(train, int(ck.train_subset), ck.seed)
     queries = seeded_subset(test, ck.n_test, ck.seed)
-    log.info("icl_check: embedding %d train and %d test examples", len(train), len(queries))
+    log.info("icl_check: embedding %d train and %d test examples (loaded in %s)", len(train), len(queries),
+             clock.lap("load"))
     train_emb = embed_examples(model_dir, train)
     query_emb = embed_examples(model_dir, queries)
+    log.info("icl_check: embedded (%s)", clock.lap("embed"))
 
     demos: dict[str, list[tuple[Example, ...]]] = {"zero_shot": [() for _ in queries]}
     for k in (1, 4):
@@ -838,7 +856,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         detail["yesno_against_text_prior"][name] = float(acc[against].mean()) if against.any() else None
         detail["examples"][name] = [{"question": q.question, "answer": q.answer, "prediction": g.raw}
                                     for q, g in list(zip(queries, gens))[:5]]
-        log.info("icl_check %-10s accuracy %.3f %s", name, result[name], detail["by_kind"][name])
+        log.info("icl_check %-10s accuracy %.3f %s (%s)", name, result[name], detail["by_kind"][name], clock.lap(name))
 
     anchors = seeded_subset(train, ck.n_anchors, ck.seed + 1)
     by_id = {ex.id: ex for ex in train}
@@ -846,6 +864,8 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     pools = [[by_id[i] for i in rec.pool] for rec in pool_recs]
     spread = infoscore_spread(backend, anchors, pools)
     result["infoscore_spread_share"] = float(np.mean(spread["spread"] >= ck.spread_threshold))
+    log.info("icl_check infoscore spread share %.3f over %d anchors x %d (%s)", result["infoscore_spread_share"],
+             len(anchors), ck.pool_size, clock.lap("infoscore_spread"))
     detail["infoscore"] = {
         "spread_mean": float(spread["spread"].mean()),
         "spread_median": float(np.median(spread["spread"])),
@@ -870,7 +890,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         "all_targets_met": all(m for _, _, m in targets.values()),
         "detail": detail,
         "settings": {"model_dir": str(model_dir), "check": asdict(ck), "n_train": len(train),
-                     "n_test_split": len(test), "wall_s": round(time.time() - t0, 1)},
+                     "n_test_split": len(test), "wall_s": round(time.time() - t0, 1), "phase_s": clock.phases},
     }
     for key in (*SETTINGS, "infoscore_spread_share"):
         if not (0.0 <= out[key] <= 1.0) or not math.isfinite(out[key]):
