@@ -874,6 +874,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         "zero_shot_prob_mean": float(spread["p0"].mean()),
         "gain_mean_by_match_level": {k: (float(np.mean(v)) if v else None) for k, v in spread["by_level"].items()},
         "n_by_match_level": {k: len(v) for k, v in spread["by_level"].items()},
+        "spread_by_anchor": [float(v) for v in spread["spread"]],  # anchor order; for intervals of the share
     }
     targets = {
         "similar_4": [result["similar_4"], TARGETS["similar_4_min"], result["similar_4"] >= TARGETS["similar_4_min"]],
