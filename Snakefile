@@ -2,7 +2,9 @@
 
 Stages: [embedded LVLM] -> embeddings -> pools -> InfoScore candidates (sharded) -> VQA scoring
 (sharded) -> rewards per mode -> selector training (v2 per seed, v3 per grid cell and seed)
--> evaluation at shots 1-4 -> report. The grid is reward mode x use_rank x weights x seed.
+-> evaluation at shots 1-4 (test queries; v3 cells also on validation queries, for per_shot)
+-> report. The grid is the union of the configured experiments (grid.experiments): reward mode,
+use_rank, weights, any reward or v3 training knob, x seed.
 
     snakemake --cores 2                                  # the embedded default (config/config.yaml)
     snakemake --cores 8 --use-conda --resources gpu=1 --configfile config/okvqa_qwen2.5vl3b.yaml
@@ -20,10 +22,23 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# the library: the checkout's src/ first, so `snakemake` works without installing icdrl
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# the library: the checkout's src/ first, so `snakemake` works without installing icdrl and
+# never imports another installed copy (jobs do the same: workflow/scripts/_common.py)
+_SRC = Path(workflow.basedir).resolve() / "src"
+sys.path.insert(0, str(_SRC))
 import icdrl.config as icfg  # noqa: E402
-from icdrl.grid import ADV, BASELINE_RE, REWARD_SLUG_RE, Layout, canonical_json  # noqa: E402
+from icdrl.grid import (  # noqa: E402
+    ADV,
+    BASELINE_RE,
+    REWARD_SLUG_RE,
+    V2_TAG_RE,
+    V3_TAG_RE,
+    Layout,
+    canonical_json,
+)
+
+if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
+    sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")
 
 
 if not workflow.config_settings.configfiles:
@@ -31,10 +46,16 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# the config file(s) this run reads: config errors name the one that sets the key, or these
+CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
+    f"{workflow.basedir}/config/config.yaml"
+]
+
+
 try:
     _overrides = icfg.prepare(config, os.environ)
 except ValueError as e:  # ConfigError, or a bad env-var value: one line naming the key
-    sys.exit(f"icdrl: {e}")
+    sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 if _overrides:
     print(icfg.describe_overrides(_overrides), file=sys.stderr)
 
@@ -43,12 +64,14 @@ L = Layout(config)
 
 wildcard_constraints:
     split="train|eval",
-    role="anchors|test",
+    role="anchors|test|val",
     n=r"\d+",
     shard=r"\d+",
     seed=r"\d+",
     reward=REWARD_SLUG_RE,
     adv="|".join(ADV.values()),
+    v2=V2_TAG_RE,
+    v3=V3_TAG_RE,
     method=BASELINE_RE,
 
 
@@ -61,7 +84,7 @@ onstart:
     try:
         icfg.check_inputs(config)
     except (ValueError, OSError) as e:
-        sys.exit(f"icdrl: {e}")
+        sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 
 
 include: "workflow/rules/common.smk"

@@ -1,10 +1,11 @@
-"""The report's paired bootstrap: vectorised index matrix versus a per-resample Python loop,
-and the whole ``build_report`` on synthetic inputs of the seed's scale.
+"""The report's two-level paired bootstrap: vectorised resample weights versus a per-resample
+Python loop, and the whole ``build_report`` on synthetic inputs of the seed's scale.
 
-Setting: N test queries (default 800, the seed's largest N), 2 seeds, n_boot = 1000 resamples;
-``--comparisons`` paired comparisons (default 200, about what a 4-mode × 2-use_rank ×
-2-weights grid needs over 4 shots). Both bootstrap paths draw the same indices from the same
-seeded generator and must give identical intervals.
+Setting: N test queries (default 800, the seed's largest N), 2 seeds, n_boot = 1000 resamples
+(the report's default is 10000: ``--n-boot 10000``); ``--comparisons`` paired comparisons
+(default 200, about what a 4-mode × 2-use_rank × 2-weights grid needs over 4 shots). Both paths
+use the same query and seed draws (``index_matrix``, the seed multiplicities) and the same
+seed-level scaling κ, and must give identical intervals.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_report.py [--queries 800] [--comparisons 200] [--full]
 
@@ -23,18 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from icdrl.report.bootstrap import _cached_index_matrix, paired_bootstrap
+from icdrl.report.bootstrap import _seed_level, _seed_weights, _weights, index_matrix, paired_bootstrap
 
 
 def loop_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """The naive way: one resample at a time (same indices as the vectorised path)."""
-    d = (a - b).mean(axis=0)
-    n = d.size
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n), dtype=np.int32)  # same draw as index_matrix
+    """The naive way: one resample at a time (same draws and seed scaling as the vectorised path)."""
+    d = a - b
+    s, n = d.shape
+    per_query = d.mean(axis=0)
+    idx = index_matrix(n, n_boot, seed)
+    seeds = _seed_weights(s, n_boot, seed, 0)
+    centred = _seed_level(d, np.arange(n), n).centred
     means = np.empty(n_boot)
     for i in range(n_boot):
-        means[i] = sum(d[j] for j in idx[i]) / n
+        means[i] = sum(per_query[j] for j in idx[i]) / n + sum(seeds[i, t] * centred[t] for t in range(s)) / s
     lo, hi = np.quantile(means, [0.025, 0.975])
     return float(lo), float(hi)
 
@@ -50,7 +53,7 @@ def main() -> None:
     pairs = [(rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries)),
               rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries))) for _ in range(args.comparisons)]
 
-    _cached_index_matrix.cache_clear()
+    _weights.cache_clear()
     t = time.perf_counter()
     fast = [paired_bootstrap(a, b, n_boot=args.n_boot, seed=0) for a, b in pairs]
     t_fast = time.perf_counter() - t

@@ -1,7 +1,7 @@
 """How long Snakemake takes to plan the workflow (parse + validate + build the DAG).
 
 Target (issue 6): a dry run of the seed's setting (config/okvqa_qwen2.5vl3b.yaml: 3 seeds,
-8 shards, experiments 1-3, 88 jobs) builds its DAG in under 10 s on the 2-core dev machine,
+8 shards, every experiment: 141 jobs) builds its DAG in under 10 s on the 2-core dev machine,
 without the OK-VQA data or the Qwen weights (a dry run only plans).
 
     python benchmarks/bench_workflow_dag.py [--repeat 3] [--configfile config/okvqa_qwen2.5vl3b.yaml]

@@ -18,7 +18,8 @@ from icdrl.config import (
     load_schema,
     validate,
 )
-from icdrl.grid import cells
+from icdrl.grid import cells, experiments
+from icdrl.rewards import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
@@ -180,25 +181,33 @@ def test_reward_mode_env_restricts_the_grid(schema):
     got = cells(new)
     assert {c.mode for c in got} == {"hybrid"}
     assert {c.use_rank for c in got} == {True, False}
-    assert {c.mode for c in cells(cfg)} == {"legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid"}  # copy
+    assert {c.mode for c in cells(cfg)} == set(MODES)  # a copy: the original is untouched
+    # the modes experiment keeps its contrast, and says its reference level was not run here
+    e = next(x for x in experiments(new) if x.name == "reward_modes")
+    assert e.contrast == "reward_modes" and e.levels("reward_modes") == ("hybrid",)
 
 
 def test_weight_and_rank_env_vars(schema):
     cfg = load_config(ROOT / "config" / "config.yaml")
     env = {"REWARD_MODE": "hard_plus_soft", "HARD_WEIGHT": "2.0", "USE_RANK_ADVANTAGE": "false"}
     got = cells(validate(apply_env_overrides(cfg, env), schema))
-    # weights (1,1), (2,1) -> hard weight 2 in both -> one pair
-    assert [(c.mode, c.use_rank, c.hard_weight, c.soft_weight) for c in got] == [("hard_plus_soft", False, 2.0, 1.0)]
+    # weights (1,1), (2,1) -> hard weight 2 in both -> one pair; the training-knob experiments
+    # on hard_plus_soft_v2 become hard_plus_soft cells with their training overrides
+    assert {(c.mode, c.use_rank, c.reward.knob("hard_weight"), c.reward.knob("soft_weight")) for c in got} == {
+        ("hard_plus_soft", False, 2.0, 1.0)}
+    assert {c.train for c in got} == {(), (("min_positive_ratio", 0.2),),
+                                     (("gate_rce", True), ("min_positive_ratio", 0.2)),
+                                     (("label_order", "selection"),)}
 
 
 def test_env_vars_reach_every_experiment(schema):
     cfg = load_config(ROOT / "config" / "okvqa_qwen2.5vl3b.yaml")
     env = {"SOFT_WEIGHT": "0.25", "REWARD_ALPHA": "0", "REWARD_BETA": "1"}
     got = cells(validate(apply_env_overrides(cfg, env), schema))
-    assert {c.soft_weight for c in got if c.soft_weight is not None} == {0.25}
+    assert {c.reward.knob("soft_weight") for c in got if c.reward.knob("soft_weight") is not None} == {0.25}
     legacy = [c for c in got if c.mode == "legacy"]
-    assert [(c.alpha, c.beta) for c in legacy] == [(0.0, 1.0)]  # the seed's "plan 5"
-    assert {c.mode for c in got} == {"legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid"}
+    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the seed's "plan 5"
+    assert {c.mode for c in got} == set(MODES)
 
 
 def test_bad_env_value_names_the_variable():
@@ -251,10 +260,11 @@ def test_cli_validate_and_grid(capsys, monkeypatch):
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     assert main(["validate", str(ROOT / "config" / "okvqa_qwen2.5vl3b.yaml")]) == 0
-    assert "valid (8 grid cells x 3 seeds)" in capsys.readouterr().out
+    assert "valid (15 grid cells x 3 seeds)" in capsys.readouterr().out
     assert main(["grid", str(ROOT / "config" / "test.yaml")]) == 0
     out = capsys.readouterr().out
     assert "merged: 4 cells x seeds [0]" in out and "hard_plus_soft-hw1-sw1-rank" in out
+    assert "modes (reward_modes vs legacy):" in out and "per_shot:" in out
     monkeypatch.setenv("REWARD_MODE", "hybrid")
     assert main(["grid", str(ROOT / "config" / "test.yaml")]) == 0
     assert "merged: 2 cells" in capsys.readouterr().out

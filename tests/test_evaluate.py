@@ -70,6 +70,7 @@ def test_methods_choose_from_own_pool(setup, method):
         assert r.method == method and len(r.icd_ids) == (0 if method == "zero_shot" else r.k) == len(set(r.icd_ids))
         assert [pool_of[r.query_id][p] for p in r.icd_pos] == list(r.icd_ids)
         assert r.acc == vqa_accuracy(r.prediction, by_id[r.query_id].answers)
+        assert r.image_id == by_id[r.query_id].image_id  # the report's bootstrap clusters by image
         if method == "similarity":
             assert list(r.icd_pos) == similarity_positions(EVAL_T.vector(r.query_id),
                                                            TRAIN_T.vectors(pool_of[r.query_id]), r.k)
@@ -84,23 +85,111 @@ def test_methods_choose_from_own_pool(setup, method):
     assert {"method", "cell", "seed", "k", "query_id", "icd_ids", "prediction", "acc"} <= set(head)
 
 
-def test_v3_records_carry_cell_knobs(setup):
+class _Says:
+    """A backend that answers every prompt with the same text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def generate(self, prompts, max_new_tokens=None):
+        from icdrl.lvlm.base import Generation
+
+        return [Generation(self.text, self.text) for _ in prompts]
+
+
+def test_acc_uses_the_configured_metric(setup, monkeypatch):
+    import dataclasses
+
     tmp, _ = setup
-    cell = {"slug": "hard_plus_soft-hw2-sw1-rank", "mode": "hard_plus_soft", "use_rank": True, "hard_weight": 2.0,
-            "soft_weight": 1.0, "alpha": None, "beta": None, "info_scale": None}
-    run(tmp, "v3", selector_ckpt=str(tmp / "sel.pt"), seed=3, cell=cell)
+    unanimous = [dataclasses.replace(ex, answers=("dog",) * 10, answer="dog") for ex in EVAL]
+    patch_dataset(monkeypatch, {"train": TRAIN, "eval": unanimous})
+    cfg = {"shots": [1], "random_seed": 5}
+    accs = {}
+    for metric in ("official", "normalised"):
+        evaluate_method({}, {"batch_size": 4}, None, str(tmp / "test_pools.jsonl"), str(tmp / "eval.npz"),
+                        str(tmp / "train.npz"), "random", {**cfg, "metric": metric}, str(tmp / f"{metric}.jsonl"),
+                        backend=_Says("a dog"))
+        accs[metric] = {r.acc for r in read_records(tmp / f"{metric}.jsonl", EvalRecord)}
+    assert accs == {"official": {0.0}, "normalised": {1.0}}  # "a dog" vs ten "dog" (SPEC §5)
+    with pytest.raises(ValueError, match="scoring.metric"):
+        evaluate_method({}, {"batch_size": 4}, None, str(tmp / "test_pools.jsonl"), str(tmp / "eval.npz"),
+                        str(tmp / "train.npz"), "random", {**cfg, "metric": "exact"}, str(tmp / "x.jsonl"),
+                        backend=_Says("a dog"))
+
+
+def test_v3_records_carry_the_cell(setup):
+    from icdrl.grid import Cell, reward_spec
+
+    tmp, _ = setup
+    cell = Cell(reward_spec("hard_plus_soft", hard_weight=2.0), True, (("kl_beta", 0),))
+    run(tmp, "v3", selector_ckpt=str(tmp / "sel.pt"), seed=3, cell=cell.as_dict())
     recs = read_records(tmp / "e.jsonl", EvalRecord)
-    assert {(r.cell, r.seed, r.mode, r.use_rank, r.hard_weight, r.soft_weight, r.alpha, r.beta, r.info_scale)
-            for r in recs} == {("hard_plus_soft-hw2-sw1-rank", 3, "hard_plus_soft", True, 2.0, 1.0, None, None, None)}
+    assert {(r.cell, r.seed) for r in recs} == {(cell.slug, 3)}
+    assert all(Cell.from_dict(r.spec) == cell for r in recs)
     # the report reads these records as they are
     from icdrl.report.inputs import load_eval
 
     data = load_eval([str(tmp / "e.jsonl")])
-    assert data.shots == SHOTS and data.v3()[0].hard_weight == 2.0
+    assert data.shots == SHOTS and data.v3()[0].cell == cell
     with pytest.raises(ValueError, match="grid cell"):
         run(tmp, "v3", selector_ckpt=str(tmp / "sel.pt"))
     with pytest.raises(FileNotFoundError, match="selector checkpoint"):
         run(tmp, "v2", selector_ckpt=str(tmp / "missing.pt"))
+
+
+def test_selection_order_selector_places_its_picks_by_the_insert_rule(setup):
+    tmp, pool_of = setup
+    sel = PointerSelector.load(tmp / "sel.pt")
+    for order, insert in (("selection", "first"), ("selection", "last"), ("prompt", "first")):
+        sel.save(tmp / "o.pt", {"label_order": order, "insert": insert})
+        run(tmp, "v2", out=f"{order}-{insert}.jsonl", selector_ckpt=str(tmp / "o.pt"), seed=0)
+        for r in read_records(tmp / f"{order}-{insert}.jsonl", EvalRecord):
+            picks = select_for_query(sel, EVAL_T.vector(r.query_id), TRAIN_T.vectors(pool_of[r.query_id]), r.k)
+            want = picks[::-1] if (order, insert) == ("selection", "first") else picks
+            assert list(r.icd_pos) == want
+
+
+def _v3_file(path, cell_slug, accs_by_k, seed=0):
+    """An eval file of one v3 cell: accs_by_k[k] = per-query accuracies (query ids 0..n-1)."""
+    from icdrl.grid import Cell, parse_reward_slug
+
+    slug, adv = cell_slug.rsplit("-", 1)
+    cell = Cell(parse_reward_slug(slug), adv == "rank")
+    recs = [EvalRecord(method="v3", cell=cell.slug, seed=seed, k=k, query_id=q, icd_ids=(100 + q,), icd_pos=(0,),
+                       prediction_raw="a", prediction="a", acc=float(a), spec=cell.as_dict())
+            for k, accs in accs_by_k.items() for q, a in enumerate(accs)]
+    write_records(path, recs)
+    return cell
+
+
+def test_per_shot_is_chosen_on_validation_queries_only(tmp_path):
+    from icdrl.evaluate import choose_per_shot, select_per_shot
+
+    # cell A is best on the validation queries at k=1, cell B at k=2; on the TEST queries it is the
+    # other way round, so a choice made on the test queries would pick the other cell
+    a = _v3_file(tmp_path / "a_val.jsonl", "legacy-a1-b0-zscore", {1: [1, 1, 0], 2: [0, 0, 1]})
+    b = _v3_file(tmp_path / "b_val.jsonl", "hard_plus_soft-hw1-sw1-zscore", {1: [0, 1, 0], 2: [1, 1, 0]})
+    _v3_file(tmp_path / "a_test.jsonl", a.slug, {1: [0, 0, 0, 0], 2: [1, 1, 1, 1]})
+    _v3_file(tmp_path / "b_test.jsonl", b.slug, {1: [1, 1, 1, 1], 2: [0, 0, 0, 0]})
+    choice = select_per_shot([tmp_path / "a_val.jsonl", tmp_path / "b_val.jsonl"],
+                             [tmp_path / "a_test.jsonl", tmp_path / "b_test.jsonl"], tmp_path / "ps.jsonl")
+    assert {k: c for k, (c, _) in choice.items()} == {1: a.slug, 2: b.slug}
+    recs = read_records(tmp_path / "ps.jsonl", EvalRecord)
+    assert {(r.method, r.k, r.cell) for r in recs} == {("per_shot", 1, a.slug), ("per_shot", 2, b.slug)}
+    # the planted test accuracies show the choice ignored them: the chosen cell is the worse one on test
+    assert [r.acc for r in recs] == [0.0] * 8
+    assert all(r.spec["n_val"] == 3 for r in recs)
+    assert recs[0].spec["val_acc"] == pytest.approx(2 / 3) and recs[0].spec["chosen"]["slug"] == a.slug
+    # ties go to the first cell by slug, whatever the file order
+    tie = {"b": {1: {0: 1.0}}, "a": {1: {0: 1.0}}}
+    assert choose_per_shot(tie) == {1: ("a", 1.0)}
+    with pytest.raises(ValueError, match="same validation queries"):
+        choose_per_shot({"a": {1: {0: 1.0}}, "b": {1: {1: 1.0}}})
+    # the report lists the choice
+    from icdrl.report.inputs import load_eval
+
+    data = load_eval([str(tmp_path / "ps.jsonl")])
+    assert data.per_shot == {(0, 1): (a.slug, pytest.approx(2 / 3), 3), (0, 2): (b.slug, pytest.approx(2 / 3), 3)}
 
 
 def test_killed_evaluation_resumes(setup):

@@ -703,3 +703,57 @@ def test_image_processor_alone_that_differs_switches_off(images):
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- demonstrations without images
+
+
+def _no_image_prompts(ex):
+    """The no_images ablation's prompts (icdrl.ablations.strip_image), some after the same prompts with
+    images, so that the skeletons, the image cache and the prefix cache have seen both shapes."""
+    from icdrl.ablations import strip_image
+
+    plain = [([ex[1], ex[2]], ex[0]), ([ex[3], ex[1], ex[4]], ex[5]), ([ex[2]], ex[3])]
+    bare = [([strip_image(d) for d in demos], q) for demos, q in plain]
+    mixed = [([ex[1], strip_image(ex[2])], ex[0]), ([strip_image(ex[3]), ex[1], ex[4]], ex[5])]
+    return plain, bare + mixed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_demonstrations_without_images_equal_the_reference_path(family, ex):
+    """A demonstration with an empty image is its text alone: the chat text has one image placeholder
+    fewer, and every fast path (skeletons, image cache, prefix cache) gives the numbers and answers of
+    the reference path (image_cache: none), also right after the same prompts with images."""
+    plain, bare = _no_image_prompts(ex)
+    ref = load_backend({"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint(family)))
+    answers = ["red", "fire hydrant", "teal", "red", "fire hydrant"]
+    for pr in bare:
+        n_img = sum(1 for d in pr[0] if d.image) + 1
+        text = ref.render(pr)
+        assert text.count(ref.image_token) == n_img
+        assert text == ref.processor.apply_chat_template(ref.messages(pr), tokenize=False, add_generation_prompt=True)
+        assert all(d.question in text for d in pr[0])
+    want = sums(ref.answer_logprobs(bare, answers))
+    want_gen = [g.raw for g in ref.generate(bare, max_new_tokens=4)]
+    # a no-image prompt is not its image version: the ablation changes what the model sees
+    assert want[:3] != pytest.approx(sums(ref.answer_logprobs(plain, answers[:3])), abs=TOL)
+    for mode in ("features", "pixels"):
+        b = load_backend({"kind": "hf", "batch_size": 3, "image_cache": mode}, str(cached_checkpoint(family)))
+        for _ in range(3):  # warm every cache with the image versions first, past the skeleton checks
+            b.answer_logprobs(plain, answers[:3])
+            b.generate(plain, max_new_tokens=4)
+        for _ in range(2):  # past the skeleton checks; the second round runs on cached prefixes
+            assert sums(b.answer_logprobs(bare, answers)) == pytest.approx(want, abs=1e-5)
+            assert [g.raw for g in b.generate(bare, max_new_tokens=4)] == want_gen
+        for pr, a in zip(bare, answers):
+            assert b.encode(pr, a) == ref.encode(pr, a)
+    if family == "qwen":
+        assert b.stats["prefix_hits"] > 0  # the prefix cache did serve them
+
+
+def test_query_needs_its_image(ex):
+    from icdrl.ablations import strip_image
+    from icdrl.lvlm.prompt import build_messages
+
+    with pytest.raises(ValueError, match="query 0 has no image"):
+        build_messages([ex[1]], strip_image(ex[0]))

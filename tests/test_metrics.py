@@ -82,8 +82,71 @@ def test_single_reference_is_exact_match_after_normalisation():
 
 
 def test_references_are_normalised_too():
-    assert vqa_accuracy("dog", ["a dog"] * 10) == 1.0
+    # references that differ are normalised under both metrics; identical ones only in "normalised"
     assert vqa_accuracy("2", ["Two"] * 3 + ["three"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("dog", ["a dog"] * 10, "normalised") == 1.0
+    assert vqa_accuracy("dog", ["a dog"] * 10) == 0.0
+
+
+# Hand-worked cases of GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
+# (master): prediction and references are stripped; only if the stripped references are not all
+# one string are both sides run through processPunctuation and processDigitArticle; then the
+# leave-one-out mean of min(1, matches among the other 9 / 3). Expected = what it computes.
+TEN = 10
+OFFICIAL_CASES = [
+    # --- unanimous references: nothing is normalised, the strings must be equal as they are
+    ("dog", ["dog"] * TEN, 1.0, 1.0),
+    ("  dog\n", ["dog"] * TEN, 1.0, 1.0),  # whitespace strip applies to both branches
+    ("dog.", ["dog"] * TEN, 0.0, 1.0),  # punctuation (period) kept
+    ("dog?", ["dog"] * TEN, 0.0, 1.0),  # punctuation ("?") kept
+    ("a dog", ["dog"] * TEN, 0.0, 1.0),  # article kept (the example)
+    ("the dog", ["dog"] * TEN, 0.0, 1.0),
+    ("two", ["2"] * TEN, 0.0, 1.0),  # number word not mapped
+    ("dont", ["don't"] * TEN, 0.0, 1.0),  # contraction not restored
+    ("1,000", ["1000"] * TEN, 0.0, 1.0),  # comma in a number kept
+    ("1.5", ["1.5"] * TEN, 1.0, 1.0),  # decimal point: equal strings
+    ("1.5.", ["1.5"] * TEN, 0.0, 1.0),  # trailing period kept; normalised drops it, keeps 1.5
+    ("Dog", ["dog"] * TEN, 0.0, 1.0),  # not even lower-cased
+    ("dog", [" dog"] + ["dog"] * 9, 1.0, 1.0),  # stripped references are all "dog"
+    ("a dog", [" dog"] + ["dog"] * 9, 0.0, 1.0),  # ... so unanimous: the article stays
+    # --- mixed references: both sides normalised
+    ("a dog", ["dog"] * 9 + ["puppy"], 1.0, 1.0),  # article dropped
+    ("Dog", ["dog"] * 5 + ["Dog"] * 5, 1.0, 1.0),  # references differing only in case are mixed
+    ("a dog", ["dog"] * 5 + ["Dog"] * 5, 1.0, 1.0),
+    ("dog.", ["dog"] * 2 + ["cat"] * 8, 0.6, 0.6),  # punctuation: 2 matches -> (2*1/3 + 8*2/3)/10
+    ("dog!", ["dog"] * 3 + ["cat"] * 7, 0.9, 0.9),
+    ("two", ["2"] * 3 + ["3"] * 7, 0.9, 0.9),  # number word -> digit (prediction)
+    ("2", ["two"] * 3 + ["three"] * 7, 0.9, 0.9),  # number word -> digit (references)
+    ("dont", ["don't"] * 4 + ["no"] * 6, 1.0, 1.0),  # contraction restored
+    ("isnt", ["isn't"] * 1 + ["yes"] * 9, 0.3, 0.3),
+    ("1,000", ["1000"] * 3 + ["1 000"] * 7, 0.9, 0.9),  # digit,digit: punctuation deleted
+    ("1.5", ["1.5"] * 3 + ["15"] * 7, 0.9, 0.9),  # decimal point kept
+    ("15", ["1.5"] * 3 + ["15"] * 7, 1.0, 1.0),
+    ("5.", ["5"] * 2 + ["6"] * 8, 0.6, 0.6),  # period after a digit removed (malformed look-behind)
+    ("t-shirt", ["t shirt"] * 3 + ["shirt"] * 7, 0.9, 0.9),  # "-" between letters -> space
+    ("cat", ["dog"] * 5 + ["puppy"] * 5, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("pred, refs, official, normalised", OFFICIAL_CASES)
+def test_agrees_with_the_official_evaluator_on_hand_worked_cases(pred, refs, official, normalised):
+    assert vqa_accuracy(pred, refs) == pytest.approx(official, abs=1e-12)
+    assert vqa_accuracy(pred, refs, "official") == pytest.approx(official, abs=1e-12)
+    assert vqa_accuracy(pred, refs, "normalised") == pytest.approx(normalised, abs=1e-12)
+
+
+def test_single_reference_is_normalised_under_both_metrics():
+    # SPEC §5: one reference -> exact match after normalisation (the official script has no
+    # such case; its leave-one-out would leave no reference and score 0 everywhere)
+    for metric in ("official", "normalised"):
+        assert vqa_accuracy("a dog.", ["dog"], metric) == 1.0
+        assert vqa_accuracy("Two", ["2"], metric) == 1.0
+        assert vqa_accuracy("cat", ["dog"], metric) == 0.0
+
+
+def test_unknown_metric_is_an_error():
+    with pytest.raises(ValueError, match="metric"):
+        vqa_accuracy("x", ["x", "y"], "vqa")
 
 
 def test_bad_inputs_raise():
@@ -124,9 +187,15 @@ _words = st.sampled_from(["yes", "no", "2", "two", "a dog", "dog", "red", "Red."
 
 @given(pred=_words, answers=st.lists(_words, min_size=2, max_size=12))
 def test_matches_literal_leave_one_out(pred, answers):
-    acc = vqa_accuracy(pred, answers)
+    acc = vqa_accuracy(pred, answers, "normalised")
     assert 0.0 <= acc <= 1.0 and not math.isnan(acc)
     assert acc == pytest.approx(_loo_reference(pred, answers), abs=1e-12)
+    official = vqa_accuracy(pred, answers, "official")
+    if len(set(answers)) > 1:  # the evaluator normalises exactly when the references differ
+        assert official == acc
+    else:  # unanimous: raw string equality (n - 1 others match, or none), never above normalised
+        same = min(1.0, (len(answers) - 1) / 3) if pred == answers[0] else 0.0
+        assert official == pytest.approx(same, abs=1e-12) and official <= acc
 
 
 @given(text=st.text(max_size=30))

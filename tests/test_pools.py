@@ -111,4 +111,28 @@ def test_write_pools_both_roles(tmp_path, monkeypatch):
         assert set(r.pool) <= train_ids and r.query_id not in r.pool
     assert set(read_jsonl(tmp_path / "test.jsonl", "icdrl.pools")[0]) == {"query_id", "pool"}
     with pytest.raises(ValueError, match="role"):
-        write_pools({}, "val", cfg, str(ev), str(tr), str(tmp_path / "x.jsonl"))
+        write_pools({}, "dev", cfg, str(ev), str(tr), str(tmp_path / "x.jsonl"))
+
+
+def test_validation_queries_are_disjoint_from_test_queries(tmp_path, monkeypatch):
+    patch_dataset(monkeypatch, {"train": TRAIN, "eval": EVAL})
+    tr, ev = tmp_path / "train.npz", tmp_path / "eval.npz"
+    save_table(TRAIN_T, tr)
+    save_table(EVAL_T, ev)
+    n = len(EVAL)
+    cfg = {"sampler": "text_sim", "size": 10, "n_anchors": 7, "n_test": n // 2, "n_val": n - n // 2, "seed": 0}
+    write_pools({}, "test", cfg, str(ev), str(tr), str(tmp_path / "test.jsonl"))
+    write_pools({}, "val", cfg, str(ev), str(tr), str(tmp_path / "val.jsonl"))
+    test = read_records(tmp_path / "test.jsonl", PoolRecord)
+    val = read_records(tmp_path / "val.jsonl", PoolRecord)
+    # together they use the whole split, without overlap
+    assert len(val) == n - n // 2 and not {r.query_id for r in val} & {r.query_id for r in test}
+    assert {r.query_id for r in val} | {r.query_id for r in test} == {ex.id for ex in EVAL}
+    # nested in n_val, independent of n_test, and pools built as for the test queries
+    write_pools({}, "val", {**cfg, "n_val": 2, "n_test": 1}, str(ev), str(tr), str(tmp_path / "v2.jsonl"))
+    v2 = read_records(tmp_path / "v2.jsonl", PoolRecord)
+    assert {r.query_id for r in v2} <= {r.query_id for r in val}
+    for r in val:
+        assert len(r.pool) == 10 and r.query_id not in r.pool
+    with pytest.raises(ValueError, match="pools.n_val: .* must be disjoint"):
+        write_pools({}, "val", {**cfg, "n_val": n - n // 2 + 1}, str(ev), str(tr), str(tmp_path / "x.jsonl"))

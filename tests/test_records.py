@@ -65,20 +65,27 @@ def test_validation_names_file_and_field(tmp_path):
 
 
 def test_unknown_version_is_rejected(tmp_path):
-    p = tmp_path / "v2.jsonl"
-    p.write_text(json.dumps({"schema": "icdrl.eval", "version": 2}) + "\n{}\n")
-    with pytest.raises(SchemaError, match="v2.jsonl: icdrl.eval version 2 is not supported"):
+    p = tmp_path / "v1.jsonl"
+    p.write_text(json.dumps({"schema": "icdrl.eval", "version": 1}) + "\n{}\n")
+    with pytest.raises(SchemaError, match="v1.jsonl: icdrl.eval version 1 is not supported"):
         read_records(p, EvalRecord)
 
 
 def test_eval_record_fields(tmp_path):
-    r = EvalRecord(method="v3", cell="hps_r1_h2_s1", seed=0, k=2, query_id=9, icd_ids=(4, 7), icd_pos=(1, 0),
-                   prediction_raw="Blue", prediction="blue", acc=1.0, mode="hard_plus_soft", use_rank=True,
-                   hard_weight=2.0, soft_weight=1.0)
+    from icdrl.grid import Cell, reward_spec
+
+    cell = Cell(reward_spec("hard_plus_soft", hard_weight=2.0), True, (("kl_beta", 0),))
+    r = EvalRecord(method="v3", cell=cell.slug, seed=0, k=2, query_id=9, icd_ids=(4, 7), icd_pos=(1, 0),
+                   prediction_raw="Blue", prediction="blue", acc=1.0, spec=cell.as_dict())
     write_records(tmp_path / "e.jsonl", [r])
-    assert read_records(tmp_path / "e.jsonl", EvalRecord) == [r]
+    back = read_records(tmp_path / "e.jsonl", EvalRecord)
+    assert back == [r] and Cell.from_dict(back[0].spec) == cell
     with pytest.raises(SchemaError, match="method"):
         EvalRecord.from_dict({**r.to_dict(), "method": "oracle"})
+    with pytest.raises(SchemaError, match="required for method v3"):
+        EvalRecord.from_dict({**r.to_dict(), "spec": None})
+    with pytest.raises(SchemaError, match="spec"):
+        EvalRecord.from_dict({**r.to_dict(), "spec": [1]})
 
 
 def test_concat_refuses_duplicates(tmp_path):
@@ -121,3 +128,96 @@ def test_nan_never_written(tmp_path):
     with pytest.raises(SchemaError, match="finite"):
         Candidate.from_dict({"source": "beam", "icd_ids": [1], "icd_pos": [0], "info_score": float("nan"),
                              "step_gains": [0.0]})
+
+
+# ---------------------------------------------------------------------------- completeness
+
+
+def _pools_file(path, n=4):
+    write_records(path, [PoolRecord(i, (10 + i, 20 + i)) for i in range(n)])
+    return path.read_text().splitlines()
+
+
+def test_end_line_is_written_last_and_is_no_record(tmp_path):
+    p = tmp_path / "p.jsonl"
+    lines = _pools_file(p, 3)
+    assert json.loads(lines[0]) == {"schema": "icdrl.pools", "version": 1}
+    assert json.loads(lines[-1]) == {"end": "icdrl.pools", "records": 3}
+    assert [d["query_id"] for d in read_jsonl(p, "icdrl.pools")] == [0, 1, 2]
+    write_jsonl(tmp_path / "empty.jsonl", "icdrl.pools", [])
+    assert read_jsonl(tmp_path / "empty.jsonl", "icdrl.pools") == []
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4])
+def test_a_file_cut_at_a_line_boundary_is_refused(tmp_path, keep):
+    # issue 15: a shard trimmed to its first lines flowed downstream with rc 0
+    p = tmp_path / "cut.jsonl"
+    lines = _pools_file(p, 4)
+    p.write_text("\n".join(lines[:keep]) + "\n")
+    with pytest.raises(SchemaError, match=r"cut.jsonl: incomplete: no end line .*; remake it: snakemake --force .*cut.jsonl"):
+        read_jsonl(p, "icdrl.pools")
+
+
+def test_a_file_missing_a_middle_line_or_with_lines_after_its_end_is_refused(tmp_path):
+    p = tmp_path / "mid.jsonl"
+    lines = _pools_file(p, 4)
+    p.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    with pytest.raises(SchemaError, match=r"mid.jsonl: incomplete: 3 records, its end line says 4"):
+        read_jsonl(p, "icdrl.pools")
+    p.write_text("\n".join(lines[:-1] + [lines[-1], lines[1], lines[-1]]) + "\n")
+    with pytest.raises(SchemaError, match=r"mid.jsonl:7: a line after the end line"):
+        read_jsonl(p, "icdrl.pools")
+    # an end line of another schema is no end line
+    p.write_text("\n".join(lines[:-1] + [json.dumps({"end": "icdrl.eval", "records": 4})]) + "\n")
+    with pytest.raises(SchemaError, match="no end line"):
+        read_jsonl(p, "icdrl.pools")
+
+
+def test_a_long_last_record_without_end_line_is_refused(tmp_path):
+    p = tmp_path / "long.jsonl"
+    write_records(p, [PoolRecord(1, tuple(range(5000)))])
+    lines = p.read_text().splitlines()
+    p.write_text("\n".join(lines[:2]) + "\n")  # the last line is longer than the tail block read
+    with pytest.raises(SchemaError, match="no end line"):
+        read_jsonl(p, "icdrl.pools")
+
+
+def test_concat_refuses_a_cut_shard_and_writes_nothing(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _pools_file(a, 2)
+    lines = _pools_file(b, 3)
+    b.write_text("\n".join(lines[:-2]) + "\n")
+    with pytest.raises(SchemaError, match=r"b.jsonl: incomplete"):
+        concat_jsonl([a, b], "icdrl.pools", tmp_path / "ab.jsonl")
+    assert not (tmp_path / "ab.jsonl").exists()
+
+
+def test_partial_file_finish_writes_the_end_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1}))
+    p.append([{"query_id": 1, "pool": [2]}])
+    p.close()
+    assert "end" not in p.path.read_text()  # a partial file is never mistaken for a complete one
+    q = PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1}))
+    assert sorted(q.load()) == [1]
+    q.finish([{"query_id": 1, "pool": [2]}, {"query_id": 2, "pool": [3]}])
+    assert json.loads(out.read_text().splitlines()[-1]) == {"end": "icdrl.pools", "records": 2}
+    # a damaged (non-finite) record in a partial file is recomputed, with what follows it
+    r = PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1}))
+    r.append([{"query_id": 1, "pool": [2]}])
+    r.close()
+    with open(r.path, "a") as fh:
+        fh.write('{"query_id": 2, "pool": [NaN]}\n{"query_id": 3, "pool": [4]}\n')
+    assert sorted(PartialJsonl(out, "icdrl.pools", fingerprint({"a": 1})).load()) == [1]
+
+
+def test_nan_or_infinity_in_a_file_names_the_file_the_record_and_the_field(tmp_path):
+    # issue 15: a NaN reward loaded as 0.0 with no warning
+    p = tmp_path / "rewards.jsonl"
+    write_jsonl(p, "icdrl.rewards", [{"anchor_id": 3, "rewards": [1.0, 2.0], "hard": [0, 1]},
+                                     {"anchor_id": 7, "rewards": [0.5, 1.5], "hard": [0, 1]}])
+    text = p.read_text()
+    for const in ("NaN", "Infinity", "-Infinity"):
+        p.write_text(text.replace("1.5", const))
+        with pytest.raises(SchemaError, match=rf"rewards.jsonl:3: anchor 7: field rewards\[1\] is {const}, not a finite"):
+            read_jsonl(p, "icdrl.rewards")

@@ -15,14 +15,8 @@ import report_synth
 from icdrl.records import write_jsonl
 from icdrl.report import REPORT_FILES, build_report, report_files
 from icdrl.report.inputs import RewardGroups, labelled_paths, load_eval, load_rewards
-from icdrl.report.tables import (
-    accuracy_table,
-    exp1_table,
-    exp2_table,
-    exp3_table,
-    group_stats,
-    vs_legacy_table,
-)
+from icdrl.report.experiments import ExperimentSpec, experiment_table
+from icdrl.report.tables import accuracy_table, group_stats, vs_legacy_table
 
 CFG = {"n_boot": 200, "seed": 0}
 SEEDS = (0, 1)
@@ -40,8 +34,13 @@ def inputs(tmp_path_factory):
 def report(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_out")
     build_report(inputs["eval_paths"], inputs["metrics_paths"], inputs["rewards_paths"],
-                 inputs["scored_path"], CFG, out)
+                 inputs["scored_path"], CFG, out, experiments=inputs["experiments"], answers=inputs["answers"])
     return out
+
+
+@pytest.fixture(scope="module")
+def files(inputs):
+    return report_files("", [e["name"] for e in inputs["experiments"]])
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +53,22 @@ def _csv(report: Path, name: str) -> pd.DataFrame:
                        dtype={"experiment": str, "setting": str})
 
 
-def test_writes_exactly_the_declared_files_all_non_empty(report):
+def test_writes_exactly_the_declared_files_all_non_empty(report, files):
     written = sorted(p.name for p in report.iterdir())
-    assert written == sorted(REPORT_FILES)
+    assert written == sorted(files)
+    assert {"exp-modes.csv", "exp-modes.md", "exp-modes.html", "exp-modes-delta.png", "exp-weights-delta.svg",
+            "exp-use_rank.csv"} <= set(files)
     assert report_files(report) == [str(report / f) for f in REPORT_FILES]
-    for name in REPORT_FILES:
+    for name in files:
         assert (report / name).stat().st_size > 0, name
 
 
-def test_plot_files_are_valid_images(report):
-    for name in [f for f in REPORT_FILES if f.endswith(".png")]:
+def test_plot_files_are_valid_images(report, files):
+    for name in [f for f in files if f.endswith(".png")]:
         head = (report / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", name
         assert (report / name).stat().st_size > 10_000, f"{name} looks blank"
-    for name in [f for f in REPORT_FILES if f.endswith(".svg")]:
+    for name in [f for f in files if f.endswith(".svg")]:
         root = ET.parse(report / name).getroot()
         assert root.tag.endswith("svg"), name
 
@@ -75,9 +76,8 @@ def test_plot_files_are_valid_images(report):
 def test_accuracy_table_has_every_method_and_shot(report, inputs):
     acc = _csv(report, "accuracy")
     cells = {c["cell"] for c in inputs["cells"]}
-    expected = {("zero_shot", k) for k in SHOTS} | {("random", k) for k in SHOTS} \
-        | {("similarity", k) for k in SHOTS} | {("v2", k) for k in SHOTS} \
-        | {(c, k) for c in cells for k in SHOTS}
+    expected = {(m, k) for m in ("zero_shot", "random", "similarity", "rices", "copy", "v2") for k in SHOTS} \
+        | {(c, k) for c in cells for k in SHOTS}  # the ablations have a table of their own
     got = {(r.cell if r.method_kind == "v3" else r.method_kind, int(r.k)) for r in acc.itertuples()}
     assert got == expected and len(acc) == len(expected)
     assert (acc["n_queries"] == 120).all()
@@ -86,8 +86,10 @@ def test_accuracy_table_has_every_method_and_shot(report, inputs):
     assert ((acc["ci_low"] <= acc["acc_mean"]) & (acc["acc_mean"] <= acc["ci_high"])).all()
     assert acc["acc_mean"].between(0, 100).all()
     md = (report / "accuracy.md").read_text()
-    for c in ["zero_shot", "random", "similarity", "v2"]:
+    for c in ["zero_shot", "random", "similarity (within pool)", "RICES (image+question)",
+              "copy (RICES majority answer)", "v2"]:
         assert f"| {c} " in md
+    assert "shuffled" not in md and "no demonstration images" not in md
 
 
 def test_accuracy_matches_records(report, inputs):
@@ -122,28 +124,46 @@ def test_vs_legacy_has_a_row_per_cell_and_shot_with_intervals(report, inputs):
     assert re.search(r"^\| shot +\| cell +\| legacy cell +\| Δ vs legacy \(pts\) \[95% CI\] +\| trend", md, re.M)
 
 
-def test_experiment_tables_say_what_is_not_available(report):
-    e1 = _csv(report, "exp1_modes")
-    assert set(e1["experiment"]) == {"1.1", "1.2", "1.3", "1.4"}
-    assert (e1[e1["mode"] == "legacy"]["note"] == "baseline").all()
-    assert e1[e1["mode"] != "legacy"]["delta"].notna().all()
-    e2 = _csv(report, "exp2_use_rank")
-    assert e2["delta"].notna().all()
-    assert len(e2) == 6 * len(SHOTS)  # legacy, hybrid, 2 weights x 2 weight modes
-    e3 = _csv(report, "exp3_weights")
-    na = e3[e3["note"].astype(str).str.startswith("not available")]
-    # (1, 0.5) and (2, 0.5) were not run for hard_plus_soft(_v2) x 2 use_rank values
-    assert len(na) == 2 * 2 * 2 and set(na["k"].astype(str)) == {"all"}
-    assert set(na["setting"]) == {"(1, 0.5)", "(2, 0.5)"}
-    assert "legacy" not in set(e3["mode"])  # legacy uses no weights
-    # hybrid ignores soft_weight and clips hard_weight to [0, 1]: every setting is its (1, 1) cell
-    hyb = e3[e3["mode"] == "hybrid"]
-    assert len(hyb) == 3 * 2 and hyb["note"].str.startswith("same cell as (1, 1)").all()
-    avail = e3[e3["delta"].notna()]
-    assert set(avail["setting"]) == {"(2, 1)"} and len(avail) == 2 * 2 * len(SHOTS)
+def test_one_table_per_experiment_with_its_contrast(report, inputs):
+    modes = _csv(report, "exp-modes")
+    # every non-legacy mode vs legacy, per use_rank context, at every shot
+    assert set(modes["level"]) == {"hard_plus_soft", "hard_plus_soft_v2", "hybrid"}
+    assert set(modes["reference"]) == {"legacy"} and set(modes["context"]) == {"rank", "z-score"}
+    assert len(modes) == 3 * 2 * len(SHOTS) and modes["delta"].notna().all()
+    assert ((modes["ci_low"] <= modes["delta"]) & (modes["delta"] <= modes["ci_high"])).all()
+    ur = _csv(report, "exp-use_rank")
+    assert set(ur["level"]) == {"z-score"} and set(ur["reference"]) == {"rank"}
+    assert ur["delta"].notna().all() and len(ur) == 4 * len(SHOTS)
+    w = _csv(report, "exp-weights")
+    assert set(w["level"]) == {"(2, 1)"} and set(w["reference"]) == {"(1, 1)"}
+    # hybrid does not read the weights: named as the same cell, not tested, never '– [–, –]'
+    hyb = w[w["context"].str.startswith("hybrid")]
+    assert len(hyb) == 2 and (hyb["k"].astype(str) == "all").all()
+    assert hyb["note"].str.startswith("same cell as the reference: hybrid does not read weights").all()
+    assert hyb["delta"].isna().all()
+    md = (report / "exp-weights.md").read_text()
+    assert "same cell as the reference: hybrid does not read weights" in md and "– [–, –]" not in md
+    avail = w[w["delta"].notna()]
+    assert len(avail) == 2 * 2 * len(SHOTS)  # 2 modes x 2 use_rank that read the weights
+    s = (report / "summary.md").read_text()
+    for e in inputs["experiments"]:
+        assert f"Experiment {e['name']}: {e['title']}" in s
+    assert "2 levels train the same cell as their reference" in s
 
 
-def test_rl_tables_and_csvs_have_no_nan_strings(report):
+def test_experiment_table_matches_a_direct_comparison(data, inputs):
+    from icdrl.report.compare import compare
+
+    spec = ExperimentSpec.from_dict(next(e for e in inputs["experiments"] if e["name"] == "modes"))
+    t = experiment_table(data, spec, 100, 3).data
+    row = t[(t["level"] == "hard_plus_soft") & (t["context"] == "z-score") & (t["k"] == 1)].iloc[0]
+    c = compare(data, f"v3:{row.cell}", f"v3:{row.reference_cell}", 1, 100, 3)
+    assert (row.delta, row.ci_low, row.ci_high) == pytest.approx(
+        (c.interval.estimate, c.interval.low, c.interval.high), abs=1e-4)
+    assert row.reference_cell.startswith("legacy-") and row.reference_cell.endswith("-zscore")
+
+
+def test_rl_tables_and_csvs_have_no_nan_strings(report, files):
     g = _csv(report, "rl_groups")
     assert len(g) == 6
     for c in ["share_flat", "share_all_negative", "share_all_positive", "share_mixed"]:
@@ -154,7 +174,7 @@ def test_rl_tables_and_csvs_have_no_nan_strings(report):
     assert (a["max"] <= 5.0).all() and (a["min"] >= -5.0).all()
     rank = a[a.advantage == "rank"]
     assert ((rank["min"] == -1.0) & (rank["max"] == 1.0)).all()
-    for name in REPORT_FILES:
+    for name in files:
         if name.endswith((".csv", ".md", ".html")):
             text = (report / name).read_text()
             assert "nan" not in text.lower().replace("nano", ""), name
@@ -164,9 +184,83 @@ def test_summary_names_distinguishable_findings(report):
     s = (report / "summary.md").read_text()
     assert "Best method per shot" in s and "Reward modes vs legacy" in s
     vs = _csv(report, "vs_legacy")
-    n_dist = int(vs["distinguishable"].astype(str).eq("True").sum())
-    assert f"{n_dist} of {len(vs)} deltas are distinguishable" in s
+    tested = vs[vs["status"] == "tested"]
+    n_holm = int(tested["significant_holm"].astype(str).eq("True").sum())
+    n_dist = int(tested["distinguishable"].astype(str).eq("True").sum())
+    assert f"{n_holm} of {len(tested)} tested deltas are significant after Holm" in s
+    assert (f"Unadjusted, {n_dist} of {len(tested)} 95% intervals exclude 0, where chance alone would give "
+            f"about {0.05 * len(tested):.1f}.") in s
+    assert "Test queries needed to resolve 1 point" in s
     assert "<h1>Report summary</h1>" in (report / "summary.html").read_text()
+
+
+DELTA_TABLES = ("vs_legacy", "vs_v2", "exp-modes", "exp-use_rank", "exp-weights")
+
+
+@pytest.mark.parametrize("name", DELTA_TABLES)
+def test_delta_tables_carry_holm_mde_and_status(report, name):
+    t = _csv(report, name)
+    for col in ("p", "p_holm", "significant_holm", "mde", "family_size", "status", "n_clusters", "resampled"):
+        assert col in t.columns, col
+    tested = t[t["status"] == "tested"]
+    assert len(tested) > 0
+    assert tested["p"].between(0, 1).all() and (tested["p_holm"] >= tested["p"] - 1e-12).all()
+    assert (tested["family_size"] == len(tested)).all()  # one table = one family
+    assert (tested["mde"] > 0).all()
+    assert (tested["n_clusters"] == 60).all()  # 120 queries, two per image
+    holm_sig = tested["significant_holm"].astype(str).eq("True")
+    assert (tested.loc[holm_sig, "p_holm"] <= 0.05).all() and (tested.loc[~holm_sig, "p_holm"] > 0.05).all()
+    # Holm never flags more than the unadjusted intervals do
+    assert holm_sig.sum() <= tested["distinguishable"].astype(str).eq("True").sum()
+    v3_pairs = tested[tested["pairing"] == "paired by seed"]
+    assert (v3_pairs["resampled"] == "seeds, then queries").all()
+
+
+def test_rank_weight_cells_cannot_differ_and_are_not_tested(report):
+    # the synthetic soft is 1 where hard is 1, so every positive weighting orders candidates as soft
+    e3 = _csv(report, "exp-weights")
+    rank = e3[e3["context"].isin(["hard_plus_soft, rank", "hard_plus_soft_v2, rank"]) & e3["delta"].notna()]
+    assert len(rank) == 2 * len(SHOTS) and (rank["status"] == "cannot differ").all()
+    assert rank["note"].str.contains("increases with soft").all()
+    assert rank["p_holm"].isna().all()
+    # their synthetic accuracies differ: the note says the records do not reproduce each other
+    assert rank["note"].str.contains("did not reproduce").all()
+    s = (report / "summary.md").read_text()
+    assert "cannot differ by construction and are not tested" in s
+
+
+def test_summary_says_what_the_intervals_resample(report):
+    s = (report / "summary.md").read_text()
+    assert "Seeds are resampled, then test queries" in s
+    assert "60 images for 120 queries" in s
+    assert "by -0.000" not in s and "by 0.000" not in s
+
+
+def test_within_group_gaps_and_tie_wording():
+    from icdrl.report.summary import _within_text
+    from icdrl.report.tables import within_group_gaps
+
+    g = RewardGroups("x", "x",
+                     [np.array([1.0, 0.5, 0.7]),   # mixed: correct 1.0 / 0.5 vs incorrect 0.7 -> gap -0.2
+                      np.array([1.0, 1.0]),        # mixed: tie
+                      np.array([2.0, 0.0]),        # mixed: gap 2
+                      np.array([0.3, 0.1])],       # all incorrect: not mixed
+                     [np.array([1, 1, 0.0]), np.array([1, 0.0]), np.array([1, 0.0]), np.array([0, 0.0])],
+                     np.zeros(4, dtype=int))
+    st = within_group_gaps(g)
+    assert st["n_mixed"] == 3
+    assert st["share_inverted"] == pytest.approx(1 / 3) and st["share_tied"] == pytest.approx(1 / 3)
+    assert st["within_gap_min"] == pytest.approx(-0.2) and st["within_gap_median"] == pytest.approx(0.0)
+    row = pd.Series(st)
+    text = _within_text(row)
+    assert "33.3% an incorrect candidate outscores a correct one (by up to 0.200)" in text
+    assert "33.3% the best incorrect candidate ties the worst correct one" in text
+    tie_only = pd.Series(within_group_gaps(RewardGroups("t", "t", [np.array([1.0, 1.0])], [np.array([1, 0.0])],
+                                                        np.zeros(1, dtype=int))))
+    assert "-0.000" not in _within_text(tie_only) and "ties" in _within_text(tie_only)
+    sep = pd.Series(within_group_gaps(RewardGroups("s", "s", [np.array([2.0, 0.0])], [np.array([1, 0.0])],
+                                                   np.zeros(1, dtype=int))))
+    assert "every correct candidate scores above every incorrect one" in _within_text(sep)
 
 
 def test_group_stats_known_case():
@@ -219,11 +313,14 @@ def test_baselines_only_still_writes_every_file(tmp_path):
     assert len(acc) == 4 * 2
 
 
-def test_tables_are_deterministic(data):
-    a = [vs_legacy_table(data, 100, 3).data, exp1_table(data, 100, 3).data, exp2_table(data, 100, 3).data,
-         exp3_table(data, 100, 3).data, accuracy_table(data, 100, 3).data]
-    b = [vs_legacy_table(data, 100, 3).data, exp1_table(data, 100, 3).data, exp2_table(data, 100, 3).data,
-         exp3_table(data, 100, 3).data, accuracy_table(data, 100, 3).data]
+def test_tables_are_deterministic(data, inputs):
+    specs = [ExperimentSpec.from_dict(e) for e in inputs["experiments"]]
+
+    def tables():
+        return ([vs_legacy_table(data, 100, 3).data, accuracy_table(data, 100, 3).data]
+                + [experiment_table(data, e, 100, 3).data for e in specs])
+
+    a, b = tables(), tables()
     for x, y in zip(a, b):
         pd.testing.assert_frame_equal(x, y)
 
@@ -234,7 +331,12 @@ def test_bad_inputs_fail_with_one_line_naming_file(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl: record 1: field 'acc'"):
         load_eval([p])
     write_jsonl(p, "icdrl.eval", [{"method": "v3", "cell": "c", "seed": 0, "k": 1, "query_id": 1, "acc": 1.0}])
-    with pytest.raises(ValueError, match="missing field 'mode'"):
+    with pytest.raises(ValueError, match="missing field 'spec'"):
+        load_eval([p])
+    spec = {"slug": "legacy-a1-b0-rank", "mode": "legacy", "knobs": {"alpha": 1, "beta": 0}, "use_rank": True}
+    write_jsonl(p, "icdrl.eval", [{"method": "v3", "cell": "c", "seed": 0, "k": 1, "query_id": 1, "acc": 1.0,
+                                   "spec": spec}])
+    with pytest.raises(ValueError, match="field 'cell' is 'c' but its spec says 'legacy-a1-b0-rank'"):
         load_eval([p])
     rec = {"method": "v2", "cell": None, "seed": 0, "k": 1, "query_id": 1, "acc": 1.0}
     write_jsonl(p, "icdrl.eval", [rec, rec])
@@ -263,3 +365,27 @@ def test_training_runs_are_grouped_by_mode_from_their_labels():
     assert _split_run("v3 hard_plus_soft-hw2-sw0.5-zscore seed0")[0] == "hard_plus_soft"
     assert _split_run("legacy-a1-b0-rank/seed0/metrics") == ("legacy", "a1-b0-rank/seed0/metrics")
     assert _split_run("hybridish-run") == ("other", "hybridish-run")
+
+
+def test_training_curves_separate_rce_and_grpo_loss_and_mark_identical_runs(inputs):
+    from icdrl.report.inputs import load_metrics
+    from icdrl.report.plots import identical_runs, training_curves_plot
+
+    metrics = load_metrics(inputs["metrics_paths"])
+    label = next(lab for lab in metrics if lab.startswith("v3 hard_plus_soft-hw1-sw1-rank"))
+    twin_label = "v3 hard_plus_soft-hw2-sw1-rank seed9"
+    twin = metrics[label].copy()
+    twin["val_reward"] = twin["val_reward"] * 1.5  # the same training on a reward of another scale
+    metrics = dict(metrics) | {twin_label: twin}
+    assert identical_runs(metrics) == {twin_label: label}
+    fig = training_curves_plot(metrics)
+    ylabels = {ax.get_ylabel() for ax in fig.axes}
+    assert {"v2 / RCE loss", "GRPO loss"} <= ylabels
+    grpo_row = [ax for ax in fig.axes if ax.get_ylabel() == "GRPO loss"][0]
+    rce_row = [ax for ax in fig.axes if ax.get_ylabel() == "v2 / RCE loss"][0]
+    # each loss on its own axis: GRPO's range is not stretched by RCE's (about 2 here)
+    assert grpo_row.get_ylim()[1] < 0.5 < rce_row.get_ylim()[1]
+    legend_texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert any(t.endswith("(identical)") and "hw2-sw1-rank seed9" in t for t in legend_texts)
+    hollow = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert hollow and all(ln.get_linestyle() == "None" for ln in hollow)

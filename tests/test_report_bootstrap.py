@@ -14,6 +14,7 @@ from icdrl.report.bootstrap import (
     trend,
 )
 from icdrl.report.compare import compare, method_accuracy
+from icdrl.grid import Cell, reward_spec
 from icdrl.report.inputs import EvalData, MethodInfo
 
 
@@ -59,18 +60,22 @@ def test_interval_width_matches_normal_theory():
     assert iv.low < x.mean() < iv.high
 
 
-def test_seeds_are_averaged_per_query_like_joint_resampling():
+def test_seeds_share_query_draws_and_add_a_seed_level():
     rng = np.random.default_rng(7)
-    a = rng.random((2, 60))
-    b = rng.random((2, 60))
+    a1, b = rng.random(60), rng.random((2, 60))
+    a = np.stack([a1, a1 + (b[1] - b[0])])  # every seed's delta has the same mean: no seed effect
     iv = paired_bootstrap(a, b, n_boot=500, seed=4)
     idx = index_matrix(60, 500, 4)
-    # resample the same query indices in every seed, average over seeds and queries
+    # the same query indices in every seed; the seed part vanishes (row means equal)
     joint = (a[:, idx] - b[:, idx]).mean(axis=(0, 2))
     lo, hi = np.quantile(joint, [0.025, 0.975])
     assert iv.low == pytest.approx(lo, abs=1e-12)
     assert iv.high == pytest.approx(hi, abs=1e-12)
     assert iv.estimate == pytest.approx((a - b).mean(), abs=1e-12)
+    assert iv.levels == "seeds, then queries" and iv.n_seeds == 2
+    # a seed offset widens the interval beyond query resampling alone
+    shifted = paired_bootstrap(a + np.array([[0.3], [-0.3]]), b, n_boot=500, seed=4)
+    assert shifted.high - shifted.low > 2 * (iv.high - iv.low)
 
 
 def test_deterministic_given_seed_and_seed_matters():
@@ -102,8 +107,8 @@ def _data(runs: dict) -> EvalData:
     methods = {}
     acc = {}
     for (key, k, seed), qa in runs.items():
-        methods[key] = MethodInfo(key=key, method="v3" if key.startswith("v3") else key,
-                                  cell=key[3:] if key.startswith("v3") else None)
+        cell = Cell(reward_spec("hard_plus_soft", hard_weight=len(key)), True) if key.startswith("v3") else None
+        methods[key] = MethodInfo(key=key, method="v3" if key.startswith("v3") else key, cell=cell)
         acc.setdefault((key, k), {})[seed] = pd.Series(qa, dtype=float)
     return EvalData(methods=methods, acc=acc, shots=sorted({k for _, k in acc}))
 

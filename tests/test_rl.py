@@ -165,6 +165,20 @@ def test_grpo_loss_hand_example():
     assert loss2.item() == pytest.approx(0.1 * kl)
 
 
+def test_clip_frac_counts_only_binding_clips():
+    # TRL's clip_ratio: a clip binds when ρ < 1−ε with A < 0 or ρ > 1+ε with A > 0; the other
+    # ratios outside [1−ε, 1+ε] keep their gradient and are not clipped in effect
+    rewards = T([1.0, 0.0, 1.0, 0.0])  # A = +, −, +, −
+    old = T([-1.0] * 4)
+    ratios = [0.5, 1.5, 1.5, 1.1]  # + below (free), − above (free), + above (binds), inside
+    logp = (old + T([math.log(r) for r in ratios])).requires_grad_(True)
+    loss, d = rl.grpo_loss(logp, old, old, rewards, use_rank=False, kl_beta=0.0)
+    assert d["clip_frac"] == pytest.approx(0.25)  # every ratio outside the band would give 0.75
+    loss.backward()
+    # binding = the candidates whose gradient the clip removes
+    assert (logp.grad == 0).tolist() == [False, False, True, False]
+
+
 def test_grpo_identical_policies_ratio_exactly_one():
     lp = torch.randn(3, 6).clamp(max=-0.1)
     _, d = rl.grpo_loss(lp, lp.clone(), lp.clone(), torch.randn(3, 6), use_rank=False)
@@ -305,3 +319,27 @@ def test_property_no_nan_or_inf(data, use_rank, mpr):
     assert all(math.isfinite(v) for v in d.values())
     flat = rl.flat_groups(r, m)
     assert (lp.grad[flat] == 0).all()
+
+
+# ---------------------------------------------------------------------------- empty groups (issue 15)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)])
+@pytest.mark.parametrize("use_rank", [True, False])
+def test_empty_groups_are_skipped_and_counted(shape, use_rank):
+    # issue 15: shape [0] / [G, 0] raised IndexError in advantages, rce_loss and grpo_loss
+    n_groups = 1 if len(shape) == 1 else shape[0]
+    a = rl.advantages(torch.zeros(shape), use_rank=use_rank)
+    assert a.shape == shape
+    lp = torch.zeros(shape, requires_grad=True)
+    loss, d = rl.rce_loss(lp, torch.zeros(shape), tau=1.0, use_rank=use_rank)
+    loss.backward()
+    assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
+    lp = torch.zeros(shape, requires_grad=True)
+    loss, d = rl.grpo_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), use_rank=use_rank,
+                           hard=torch.zeros(shape), min_positive_ratio=0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
+    assert torch.isfinite(lp.grad).all() if lp.grad is not None else True
+    flat = rl.flat_groups(torch.zeros(shape))
+    assert bool(flat.all()) and flat.shape == shape[:-1]

@@ -58,6 +58,29 @@ def test_threshold_sets_correctness():
     assert any(h != l for _, h, l in pairs)
 
 
+class _Says:
+    """A backend that answers every prompt with the same text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def generate(self, prompts, max_new_tokens=None):
+        from icdrl.lvlm.base import Generation
+
+        return [Generation(self.text, self.text) for _ in prompts]
+
+
+def test_metric_decides_unanimous_references():
+    import dataclasses
+
+    by_id = dict(BY_ID)
+    by_id[0] = dataclasses.replace(BY_ID[0], answers=("dog",) * 10, answer="dog")
+    scores = {m: {c.vqa_acc_score for c in score_records(_Says("a dog"), RECS[:1], by_id, metric=m)[0].candidates}
+              for m in ("official", "normalised")}
+    assert scores == {"official": {0.0}, "normalised": {1.0}}  # the official evaluator's quirk (SPEC §5)
+    assert {c.vqa_acc_score for c in score_records(_Says("a dog"), RECS[:1], by_id)[0].candidates} == {0.0}
+
+
 def test_chunks_hold_enough_prompts():
     chunks = chunks_by_prompts(RECS, 9)
     assert [len(c) for c in chunks] == [3, 3, 2] and sum(chunks, []) == RECS

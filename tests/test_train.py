@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from icdrl import rewards as R
 from icdrl import train as T
-from icdrl.records import write_jsonl
+from icdrl.records import check_csv_complete, write_jsonl
 from icdrl.selector import PointerSelector
 
 SMALL_V2 = dict(hidden_size=16, epochs=2, batch_queries=8, val_fraction=0.25)
@@ -46,15 +46,17 @@ def _write_files(tmp_path, syn, mode="hard_plus_soft_v2"):
             c.update(prediction_raw="a", prediction="a", vqa_correct=int(h),
                      vqa_acc_score=float(np.clip(0.5 + 2 * c["info_score"], 0, 1)))
     write_jsonl(tmp_path / "scored.jsonl", "icdrl.scored", recs)
-    R.write_rewards(tmp_path / "scored.jsonl", mode, hard_weight=1.0, soft_weight=1.0, alpha=1.0, beta=0.0,
-                    info_scale=10.0, out_path=tmp_path / "rewards.jsonl")
+    R.write_rewards(tmp_path / "scored.jsonl", mode, out_path=tmp_path / "rewards.jsonl")
     np.savez(tmp_path / "emb.npz", ids=syn.table.ids, emb=syn.table.emb.numpy())
     return tmp_path
 
 
 def _read_csv(path):
+    n = check_csv_complete(path)
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if not r["phase"].startswith("#")]
+    assert len(rows) == n
+    return rows
 
 
 # ============================================================================ configs
@@ -133,9 +135,14 @@ def test_loaders_reject_inconsistent_files(tmp_path):
     with pytest.raises(ValueError, match="do not point at icd_ids"):
         T.load_groups(tmp_path / "bad.jsonl", tmp_path / "rewards.jsonl")
     rlines = (tmp_path / "rewards.jsonl").read_text().splitlines()
-    (tmp_path / "short.jsonl").write_text("\n".join(rlines[:2]) + "\n")
+    # a complete rewards file that lacks anchors
+    write_jsonl(tmp_path / "short.jsonl", "icdrl.rewards", [json.loads(rlines[1])])
     with pytest.raises(ValueError, match="no rewards for anchor"):
         T.load_groups(tmp_path / "scored.jsonl", tmp_path / "short.jsonl")
+    # the same file cut at a line boundary is refused as incomplete, naming the file
+    (tmp_path / "cut.jsonl").write_text("\n".join(rlines[:2]) + "\n")
+    with pytest.raises(ValueError, match=r"cut.jsonl: incomplete: no end line"):
+        T.load_groups(tmp_path / "scored.jsonl", tmp_path / "cut.jsonl")
     with pytest.raises(KeyError, match="no embedding"):
         T.pack_groups(syn.groups, T.EmbeddingTable.from_arrays(syn.table.ids[:5], syn.table.emb[:5].numpy()))
 
@@ -176,7 +183,8 @@ def test_v2_then_v3_files_end_to_end_and_deterministic(tmp_path):
         T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 3, str(d / f"v2{run}.pt"),
                          str(d / f"v2{run}.csv"))
         T.train_v3_files(str(d / f"v2{run}.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"),
-                         str(d / "emb.npz"), SMALL_V3, True, 3, str(d / f"v3{run}.pt"), str(d / f"v3{run}.csv"))
+                         str(d / "emb.npz"), v3_cfg=SMALL_V3, use_rank=True, seed=3, out_ckpt=str(d / f"v3{run}.pt"),
+                         out_metrics=str(d / f"v3{run}.csv"), cell={"slug": "x"})
     for stage in ("v2", "v3"):
         assert (d / f"{stage}a.csv").read_bytes() == (d / f"{stage}b.csv").read_bytes()
         assert (d / f"{stage}a.pt").read_bytes() == (d / f"{stage}b.pt").read_bytes()
@@ -191,6 +199,7 @@ def test_v2_then_v3_files_end_to_end_and_deterministic(tmp_path):
     assert [r["phase"] for r in _read_csv(d / "v2a.csv")] == ["v2", "v2"]
     m = PointerSelector.load(d / "v3a.pt")
     assert m.checkpoint_config["use_rank"] is True and m.checkpoint_config["phase"] == "v3"
+    assert m.checkpoint_config["cell"] == {"slug": "x"} and m.checkpoint_config["label_order"] == "prompt"
     assert m.checkpoint_config["selected_phase"] == "grpo" and m.checkpoint_config["selected_epoch"] == 2
     # a different seed gives a different model
     T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 4, str(d / "v2c.pt"), str(d / "v2c.csv"))
@@ -405,3 +414,35 @@ def test_keeper_selection_rules():
     for epoch, val in ((1, 0.9), (2, 0.1)):
         k.offer(m, "grpo", epoch, val)
     assert k.tag == ("grpo", 2)
+
+
+def test_label_order_selection_teaches_the_beam_order_and_needs_a_matching_v2(tmp_path):
+    from icdrl.selector import label_sequence, prompt_sequence
+
+    # insert first: the prompt (a, b) was built b then a; selection order is (b, a)
+    assert label_sequence((3, 7), "selection", "first") == (7, 3)
+    assert label_sequence((3, 7), "selection", "last") == (3, 7)
+    assert label_sequence((3, 7), "prompt", "first") == (3, 7)
+    # the picks p1, p2, p3 of a selection-order selector go into the prompt by the insert rule
+    assert prompt_sequence([1, 2, 3], "selection", "first") == [3, 2, 1]
+    assert prompt_sequence([1, 2, 3], "selection", "last") == [1, 2, 3]
+    assert prompt_sequence([1, 2, 3], "prompt", "first") == [1, 2, 3]
+    syn = _syn()
+    flipped = T.in_label_order(syn.groups, "selection", "first")
+    assert [s[::-1] for s in flipped[0].seqs] == list(syn.groups[0].seqs)
+    assert T.in_label_order(syn.groups, "prompt", "first") == list(syn.groups)
+    d = _write_files(tmp_path, syn)
+    sel_v2 = {**SMALL_V2, "label_order": "selection"}
+    T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), sel_v2, 3, str(d / "v2s.pt"), str(d / "v2s.csv"))
+    T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 3, str(d / "v2p.pt"), str(d / "v2p.csv"))
+    assert PointerSelector.load(d / "v2s.pt").checkpoint_config["label_order"] == "selection"
+    # the two orders teach different targets, so the selectors differ
+    sa, sb = torch.load(d / "v2s.pt")["state_dict"], torch.load(d / "v2p.pt")["state_dict"]
+    assert not all(torch.equal(sa[k], sb[k]) for k in sa)
+    kw = dict(use_rank=False, seed=3, out_ckpt=str(d / "v3.pt"), out_metrics=str(d / "v3.csv"))
+    with pytest.raises(ValueError, match="label_order=prompt.*needs label_order=selection"):
+        T.train_v3_files(str(d / "v2p.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"), str(d / "emb.npz"),
+                         v3_cfg={**SMALL_V3, "label_order": "selection"}, **kw)
+    T.train_v3_files(str(d / "v2s.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"), str(d / "emb.npz"),
+                     v3_cfg={**SMALL_V3, "label_order": "selection"}, **kw)
+    assert PointerSelector.load(d / "v3.pt").checkpoint_config["label_order"] == "selection"

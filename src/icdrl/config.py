@@ -2,7 +2,8 @@
 
 * :func:`load_config` reads a YAML file and validates it.
 * :func:`validate` checks a config against ``workflow/schemas/config.schema.yaml``, fills in the
-  schema's defaults and raises :class:`ConfigError` with one line naming the key.
+  schema's defaults and raises :class:`ConfigError` with one line naming the key (NaN and ±inf
+  are refused in every numeric key); :func:`name_sources` adds the config file(s) to a message.
 * :func:`apply_env_overrides` applies the seed's environment variables (``REWARD_MODE``,
   ``HARD_WEIGHT``, ``SOFT_WEIGHT``, ``REWARD_ALPHA``, ``REWARD_BETA``, ``USE_RANK_ADVANTAGE``):
   each one that is set replaces its grid dimension everywhere (top-level grid and every
@@ -16,8 +17,10 @@ Imported by the Snakefile at parse time: keep it free of torch.
 from __future__ import annotations
 
 import copy
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +104,98 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) ->
     specific error, so an unknown key deep inside a section is reported as that key).
     """
     schema = load_schema() if schema is None else schema
+    lvlm = config.get("embedded_lvlm")
+    if isinstance(lvlm, Mapping):
+        from icdrl.lvlm.embedded import REMOVED_KEYS  # noqa: PLC0415 (light: no torch at import)
+
+        for k in sorted(set(lvlm) & set(REMOVED_KEYS)):
+            raise ConfigError(f"config key embedded_lvlm.{k}: {REMOVED_KEYS[k]}")
+    bad = _non_finite(config)
+    if bad is not None:  # JSON schema's "number" (and most of its bounds) let NaN and ±inf through
+        raise ConfigError(f"config key {bad[0]}: {bad[1]} is not a finite number")
     validator = _validator(schema)
     errors = list(validator.iter_errors(config))
     if errors:
         raise ConfigError(_message(_deepest(errors)))
-    _check_semantics(config)
+    from icdrl.grid import canonical_shots  # noqa: PLC0415 (light; avoids an import cycle at module load)
+
+    # one spelling of a list that enters result paths: [2, 1, 1] is [1, 2]
+    config["evaluation"]["shots"] = canonical_shots(config["evaluation"]["shots"])
+    _check_semantics(config, schema)
     return config
 
 
-def _check_semantics(config: Mapping[str, Any]) -> None:
+def _non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """(key, value) of the first NaN or ±inf anywhere in ``obj``, e.g. ``("grid.weights[0][1]", nan)``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "<top level>", obj
+    if isinstance(obj, Mapping):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for key, v in items:
+        found = _non_finite(v, key)
+        if found is not None:
+            return found
+    return None
+
+
+# ----------------------------------------------------------------------------- naming the file(s)
+
+_KEY_RE = re.compile(r"^(?:config key )?([A-Za-z_]\w*(?:\.\w+|\[\d+\])*)[:,]")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """``grid.weights[0][1]`` -> ``["grid", "weights", 0, 1]``."""
+    return [int(m[1]) if m[1] else m[2] for m in re.finditer(r"\[(\d+)\]|([^.\[\]]+)", key)]
+
+
+def _sets(doc: Any, parts: Sequence[str | int]) -> bool:
+    """Whether a parsed YAML document sets the key ``parts`` (the value at that path exists)."""
+    node = doc
+    for p in parts:
+        if isinstance(p, int) and isinstance(node, list) and p < len(node):
+            node = node[p]
+        elif isinstance(p, str) and isinstance(node, Mapping) and p in node:
+            node = node[p]
+        else:
+            return False
+    return True
+
+
+def name_sources(message: str, files: Sequence[str | os.PathLike],
+                 cli: Mapping[str, Any] | None = None) -> str:
+    """``message`` (a one-line config error) with the config file(s) it is about appended:
+    ``(set in b.yaml)`` where one or more of ``files`` (or ``--config``, ``cli``) sets the key the
+    message names, else ``(config file(s): a.yaml, b.yaml)``. Errors about the seed's
+    environment variables are returned as they are."""
+    if any(message.startswith(v + "=") for v in ENV_VARS):
+        return message
+    files = [str(f) for f in files]
+    m = _KEY_RE.match(message)
+    setters: list[str] = []
+    if m:
+        parts = _key_parts(m.group(1))
+        for f in files:
+            try:
+                with open(f) as fh:
+                    doc = yaml.safe_load(fh)
+            except (OSError, yaml.YAMLError):
+                continue
+            if _sets(doc, parts):
+                setters.append(f)
+        if cli and _sets(dict(cli), parts):
+            setters.append("--config")
+    if setters:
+        return f"{message} (set in {', '.join(setters)})"
+    if not files:
+        return message
+    return f"{message} (config file{'s' if len(files) > 1 else ''}: {', '.join(files)})"
+
+
+def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> None:
     """Checks JSON schema cannot express compactly."""
     model, emb = config["model"], config["embeddings"]
     from icdrl.lvlm import check_model_cfg  # noqa: PLC0415 (light: no torch)
@@ -136,12 +222,31 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"config key evaluation.shots: {max(config['evaluation']['shots'])} exceeds pools.size={pools['size']}")
     if cand["shards"] > pools["n_anchors"]:
         raise ConfigError(f"config key candidates.shards: {cand['shards']} shards for only {pools['n_anchors']} anchors")
+    for m in config["evaluation"].get("ablate") or ():
+        if m == "per_shot" and not pools.get("n_val"):
+            raise ConfigError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+        if m.startswith("rices") and m not in config["evaluation"].get("rices", ()):
+            raise ConfigError(f"config key evaluation.ablate: {m} is not evaluated (add it to evaluation.rices)")
     from icdrl.grid import cells  # noqa: PLC0415 (light; avoids an import cycle at module load)
 
     try:
         cells(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_experiment_train_levels(config, schema)
+
+
+def _check_experiment_train_levels(config: Mapping[str, Any], schema: Mapping[str, Any] | None) -> None:
+    """Every level of an experiment's ``train:`` axis is a valid ``train.v3`` value of that knob."""
+    schema = load_schema() if schema is None else schema
+    v3_props = schema["properties"]["train"]["properties"]["v3"]["properties"]
+    for name, block in (config["grid"].get("experiments") or {}).items():
+        for knob, levels in (block.get("train") or {}).items():
+            sub = _validator(v3_props[knob])
+            for i, v in enumerate(levels):
+                errors = list(sub.iter_errors(v))
+                if errors:
+                    raise ConfigError(f"config key grid.experiments.{name}.train.{knob}[{i}]: {errors[0].message}")
 
 
 def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None,
@@ -157,10 +262,13 @@ def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None
             raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
-    validate(config, schema)
-    if environ is not None:
-        config = apply_env_overrides(config, environ)
+    try:
         validate(config, schema)
+        if environ is not None:
+            config = apply_env_overrides(config, environ)
+            validate(config, schema)
+    except ConfigError as e:
+        raise ConfigError(name_sources(str(e), [path])) from None
     return config
 
 
@@ -200,6 +308,7 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
     config = copy.deepcopy(config)
     grid = config.setdefault("grid", {})
     blocks = [grid] + list((grid.get("experiments") or {}).values())
+    pinned = _pin_contrasts(config)
     rewards = config.setdefault("rewards", {})
     if "alpha" in ov:
         rewards["alpha"] = float(ov["alpha"])
@@ -218,7 +327,43 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
             if knob in ov and ("alpha_beta" in block or top):
                 default = [[rewards.get("alpha", 1.0), rewards.get("beta", 0.0)]]
                 block["alpha_beta"] = _replace_pairs(block.get("alpha_beta") or default, idx, float(ov[knob]))
+        for knob in ("hard_weight", "soft_weight", "alpha", "beta"):
+            if knob in ov and knob in block:  # an experiment's own list of that knob
+                block[knob] = [float(ov[knob])]
+    _unpin_lost_references(config, pinned)
     return config
+
+
+def _pin_contrasts(config: dict[str, Any]) -> dict[str, Any]:
+    """Write every experiment's contrast and reference into its block (as the unrestricted grid
+    resolves them), so that restricting an axis cannot change what an experiment compares."""
+    from icdrl.grid import experiments  # noqa: PLC0415
+
+    pinned = {}
+    try:
+        resolved = experiments(config)
+    except ValueError:
+        return pinned  # validation reports the problem
+    for e in resolved:
+        block = config["grid"]["experiments"][e.name]
+        block["contrast"] = e.contrast
+        block["reference"] = list(e.reference) if isinstance(e.reference, tuple) else e.reference
+        pinned[e.name] = block["reference"]
+    return pinned
+
+
+def _unpin_lost_references(config: dict[str, Any], pinned: Mapping[str, Any]) -> None:
+    """A restricted experiment whose reference level was removed compares its remaining levels
+    with the first of them (the report says which)."""
+    from icdrl.grid import experiment  # noqa: PLC0415
+
+    for name in pinned:
+        block = config["grid"]["experiments"][name]
+        try:
+            experiment(name, block, config)
+        except ValueError as e:
+            if ".reference:" in str(e):
+                block.pop("reference")
 
 
 def prepare(config: dict[str, Any], environ: Mapping[str, str],
@@ -251,13 +396,14 @@ def _check_model_folder(key: str, path: str | None) -> None:
 
 
 def check_inputs(config: Mapping[str, Any]) -> None:
-    """Fail with one line if a dataset file or a model folder the config names is missing.
+    """Fail with one line if a dataset file or a model folder the config names is missing, a
+    configured size exceeds what the data holds, or an image is cut short (:mod:`icdrl.checks`).
 
     Run before the first job (the Snakefile's ``onstart``), never in a dry run.
     """
-    from icdrl.data import check_dataset  # noqa: PLC0415
+    from icdrl.checks import check_data  # noqa: PLC0415
 
-    check_dataset(config["dataset"])
+    check_data(config)  # both splits load; sizes fit the data; images are whole (icdrl.checks)
     if config["model"]["kind"] == "hf":
         _check_model_folder("model.path", config["model"]["path"])
     if config["embeddings"]["encoder"] == "clip":

@@ -12,12 +12,26 @@ Either split section may add ``subset: N`` and ``subset_seed: S`` for a seeded s
 Loading never decodes an image (``Example.image`` is a path; see :func:`load_image`), and any
 missing file, folder, image or field fails at load time with one line naming the config key and
 the path; nothing half-loads.
+
+**Empty text.** A question whose text is empty or whitespace-only, or whose every annotator
+answer is, is refused with one line naming the question id and the file (there is nothing to ask
+or no target answer). A question where only *some* annotator answers are empty is refused too,
+by default: the official VQA evaluator (GT-Vision-Lab ``vqaEval.py``) strips each reference and
+keeps an empty one as a reference like any other, so a prediction that normalises to nothing
+(``"the"``, ``"a a"``) matches it and earns credit (0.3 with one empty answer among ten) — credit
+for saying nothing, which would reward degenerate answers in every stage here. A dataset that has
+such answers can set ``dataset.<split>.empty_answers: drop``: the empty answers are then dropped
+from ``Example.answers`` (accuracy is computed over the remaining ones, a documented difference
+from the official evaluator on exactly those questions), and the number of answers and questions
+dropped is logged at load time (WARNING, ``icdrl.data``). easy-VQA has one answer per question,
+never empty (an empty one is refused).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -26,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def majority_answer(answers: Sequence[str]) -> str:
@@ -57,6 +73,7 @@ class DatasetError(ValueError):
 
 SPLITS = ("train", "eval")
 DATASET_NAMES = ("easyvqa", "vqa")
+EMPTY_ANSWERS = ("error", "drop")  # dataset.<split>.empty_answers (module docstring)
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +90,12 @@ def load_image(path: str):
     p = str(path)
     if not os.path.isfile(p):
         raise DatasetError(f"image file not found: {p}")
-    with Image.open(p) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"image {p}: cannot be decoded ({first})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,9 +185,9 @@ def load_easyvqa(split: str, root: str | Path | None = None, *, key: str = "data
             raise DatasetError(f"{key}.root: {qpath}: entry {i} is not [question, answer, image_id]")
         q, a, img = row
         if not isinstance(q, str) or not q.strip():
-            raise DatasetError(f"{key}.root: {qpath}: entry {i} has no question text")
+            raise DatasetError(f"{key}.root: {qpath}: entry {i} (question id {i}) has no question text")
         if not isinstance(a, str) or not a.strip():
-            raise DatasetError(f"{key}.root: {qpath}: entry {i} has no answer")
+            raise DatasetError(f"{key}.root: {qpath}: entry {i} (question id {i}) has no answer")
         if not isinstance(img, int):
             raise DatasetError(f"{key}.root: {qpath}: entry {i} has a non-integer image id {img!r}")
         name = f"{img}.png"
@@ -208,6 +229,7 @@ def load_vqa(
     image_prefix: str | None = None,
     *,
     key: str | None = None,
+    empty_answers: str = "error",
 ) -> list[Example]:
     """Examples from an official VQA questions JSON + annotations JSON + COCO image folder.
 
@@ -217,8 +239,11 @@ def load_vqa(
     ``COCO_train2014_`` for the train split and ``COCO_val2014_`` for eval. ``answers`` are the
     annotators' ``answer`` strings (10 for OK-VQA/VQAv2), ``answer`` their majority,
     ``image_id`` the COCO image id, ``qtype`` the annotation's ``question_type`` if present.
+    Empty questions and answers: see the module docstring (``empty_answers``: error or drop).
     """
     key = key or f"dataset.{split_name}"
+    if empty_answers not in EMPTY_ANSWERS:
+        raise DatasetError(f"{key}.empty_answers: must be one of {', '.join(EMPTY_ANSWERS)}, got {empty_answers!r}")
     qpath, apath, ipath = Path(questions), Path(annotations), Path(images)
     qdoc = _read_json(qpath, f"{key}.questions")
     adoc = _read_json(apath, f"{key}.annotations")
@@ -244,6 +269,7 @@ def load_vqa(
     out: list[Example] = []
     seen: set[int] = set()
     present: dict[str, set[str]] = {}
+    partly_empty: list[tuple[int, int]] = []  # (question_id, empty answers) of questions with some empty
     for i, q in enumerate(qs):
         where = f"{key}.questions: {qpath}: question {i}"
         qid = _field(q, "question_id", int, where)
@@ -251,6 +277,8 @@ def load_vqa(
         text = _field(q, "question", str, where)
         if qid in seen:
             raise DatasetError(f"{where}: duplicate question_id {qid}")
+        if not text.strip():
+            raise DatasetError(f"{key}.questions: {qpath}: question_id {qid}: the question text is empty")
         seen.add(qid)
         if qid not in by_qid:
             raise DatasetError(f"{key}.annotations: {apath}: no annotation for question_id {qid}")
@@ -263,6 +291,12 @@ def load_vqa(
         answers = tuple(_field(a, "answer", str, f"{awhere}: answer {k}") for k, a in enumerate(raw))
         if not answers:
             raise DatasetError(f"{awhere}: field 'answers' is empty")
+        n_empty = sum(1 for a in answers if not a.strip())
+        if n_empty == len(answers):
+            raise DatasetError(f"{awhere}: every annotator answer is empty ({n_empty})")
+        if n_empty:
+            partly_empty.append((qid, n_empty))
+            answers = tuple(a for a in answers if a.strip())  # kept only where empty_answers is drop
         name = f"{image_prefix}{img:012d}.jpg"
         folder = str(ipath)
         if folder not in present:
@@ -280,14 +314,29 @@ def load_vqa(
                 qtype=str(ann.get("question_type", "") or ""),
             )
         )
+    if partly_empty:
+        n_ans = sum(n for _, n in partly_empty)
+        if empty_answers == "error":
+            raise DatasetError(
+                f"{key}.annotations: {apath}: question_id {partly_empty[0][0]}: an annotator answer is empty "
+                f"({_n(len(partly_empty), 'question')} of this file {'has' if len(partly_empty) == 1 else 'have'} "
+                f"{_n(n_ans, 'empty answer')}; the official evaluator "
+                f"would let an answer that normalises to nothing match them: set {key}.empty_answers: drop to "
+                f"drop them)")
+        log.warning("%s.annotations: %s: dropped %d empty annotator answers of %d questions (e.g. question_id %d; "
+                    "%s.empty_answers: drop)", key, apath, n_ans, len(partly_empty), partly_empty[0][0], key)
     return out
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------------------------
 # config entry points
 # --------------------------------------------------------------------------------------------
 
-_VQA_SPLIT_KEYS = {"questions", "annotations", "images", "image_prefix", "subset", "subset_seed"}
+_VQA_SPLIT_KEYS = {"questions", "annotations", "images", "image_prefix", "subset", "subset_seed", "empty_answers"}
 _EASY_SPLIT_KEYS = {"subset", "subset_seed"}
 
 
@@ -335,6 +384,7 @@ def load_dataset(dataset_cfg: dict, split: str) -> list[Example]:
             split,
             sec.get("image_prefix"),
             key=f"dataset.{split}",
+            empty_answers=sec.get("empty_answers", "error"),
         )
     else:
         raise DatasetError(f"dataset.name: {name!r} is not one of {', '.join(DATASET_NAMES)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from icdrl.data import Example, load_image
-from icdrl.records import atomic_path
+from icdrl.records import atomic_path, corrupt_file_error
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,24 @@ class EmbeddingTable:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: embeddings file not found")
-        with np.load(path) as z:
+        try:
+            z = np.load(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise corrupt_file_error(path, e) from None
+        with z:
             for need in ("ids", "emb"):
                 if need not in z:
                     raise ValueError(f"{path}: embeddings file lacks the array {need!r}")
-            return cls(
-                ids=z["ids"],
-                emb=z["emb"].astype(np.float32),
-                img=z["img"].astype(np.float32) if "img" in z else None,
-                txt=z["txt"].astype(np.float32) if "txt" in z else None,
-                path=str(path),
-            )
+            try:
+                return cls(
+                    ids=z["ids"],
+                    emb=z["emb"].astype(np.float32),
+                    img=z["img"].astype(np.float32) if "img" in z else None,
+                    txt=z["txt"].astype(np.float32) if "txt" in z else None,
+                    path=str(path),
+                )
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise corrupt_file_error(path, e) from None
 
     def __len__(self) -> int:
         return len(self.ids)

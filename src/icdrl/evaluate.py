@@ -1,17 +1,31 @@
 """Stage 5: evaluation at shots 1–4 for every method (SPEC §8).
 
-Every method chooses, for each test query and each k in ``evaluation.shots``, k positions in
-the query's OWN pool (ANCHORS defect 9); the LVLM answers greedily with those ICDs and the
+Every pool method chooses, for each test query and each k in ``evaluation.shots``, k positions
+in the query's OWN pool (ANCHORS defect 9); the LVLM answers greedily with those ICDs and the
 answer's VQA accuracy is recorded (``icdrl.eval``: one line per method, k, query).
 
 * ``zero_shot``: no ICD; answered once per query, the record repeated for every k in
   ``evaluation.shots`` (so every method has a value at every shot).
 * ``random``: the first k of a permutation of the pool seeded by (seed, query id), so the k-shot
   ICDs extend the (k−1)-shot ones; seed = ``seed`` if given, else ``evaluation.random_seed``.
-* ``similarity``: the k pool items most cosine-similar to the query (``emb`` vectors), laid out
-  least similar first, so the most similar is nearest the query.
+* ``similarity`` ("similarity (within pool)" in the report): the k pool items most
+  cosine-similar to the query (``emb`` vectors), laid out least similar first, so the most
+  similar is nearest the query.
+* ``rices_image`` / ``rices_text`` / ``rices``: the same over the whole training split, by the
+  image, question or mixed embeddings (``icdrl.retrieval``; no pool positions).
+* ``copy`` (:func:`write_copy_baseline`): no LVLM; the most frequent answer of the k ``rices``
+  demonstrations.
 * ``v2`` / ``v3``: the selector in ``selector_ckpt`` decodes k positions greedily
-  (``icdrl.selector.select_for_query``); its output order is the prompt order.
+  (``icdrl.selector.select_for_query``); they go into the prompt in the order it was taught
+  (``label_order: prompt``) or one by one by the insertion rule (``selection``), SPEC §7.
+* ``per_shot`` (:func:`select_per_shot`): at each k, the records of the v3 cell with the best
+  accuracy on the validation queries (per seed), relabelled; no LVLM call.
+
+Before the LVLM answers anything, every prompt passes the integrity checks of
+``icdrl.integrity`` (k distinct ICDs, no exact duplicate of the query, with
+``pools.exclude_same_image`` none of its image); a violation fails the job naming method, query
+and k. The ablations (``icdrl.ablations``) re-answer another method's records through
+:func:`answer_jobs`.
 
 Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks go to
 ``<out>.partial``, so a killed evaluation resumes where it stopped.
@@ -19,23 +33,31 @@ Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from icdrl.beam import examples_by_id, lookup, model_fingerprint
+from icdrl.data import Example
+from icdrl.grid import canonical_shots
+from icdrl.integrity import check_icds
 from icdrl.lvlm.base import Generation, LVLMBackend
-from icdrl.records import METHODS, EvalRecord, PartialJsonl, PoolRecord, fingerprint, read_records
+from icdrl.records import EvalRecord, PartialJsonl, PoolRecord, fingerprint, read_records
+from icdrl.retrieval import RICES_METHODS, plan_rices
 
 log = logging.getLogger(__name__)
 
-#: knobs a v3 record carries from its grid cell (null where the mode ignores them)
-CELL_KNOBS = ("mode", "use_rank", "hard_weight", "soft_weight", "alpha", "beta", "info_scale")
-_FLOAT_KNOBS = ("hard_weight", "soft_weight", "alpha", "beta", "info_scale")
+#: the methods that run the LVLM on their own choice of ICDs (``per_shot`` reuses the chosen
+#: cells' records, ``copy`` runs no LVLM, ablations re-run another method's ICDs: icdrl.ablations)
+LVLM_METHODS = ("zero_shot", "random", "similarity", *RICES_METHODS, "v2", "v3")
+#: methods that choose k positions in the query's own pool
+POOL_METHODS = ("zero_shot", "random", "similarity", "v2", "v3")
 
 
 def random_positions(pool_size: int, k: int, seed: int, query_id: int) -> list[int]:
@@ -62,22 +84,15 @@ def _file_digest(path) -> str:
     return h.hexdigest()[:16]
 
 
-def cell_fields(cell: dict | None) -> dict:
-    """``cell`` slug and knobs for an eval record (``slug`` or ``name``; ``mode`` or ``reward_mode``)."""
+def cell_fields(cell: dict | None) -> tuple[str | None, dict | None]:
+    """``(slug, canonical dict)`` of a v3 cell for its eval records (checked by
+    :meth:`icdrl.grid.Cell.from_dict`), or ``(None, None)``."""
     if cell is None:
-        return {"cell": None, **{k: None for k in CELL_KNOBS}}
-    slug = cell.get("slug", cell.get("name"))
-    if not isinstance(slug, str) or not slug:
-        raise ValueError(f"cell {cell!r} has no 'slug'")
-    mode = cell.get("mode", cell.get("reward_mode"))
-    if not isinstance(mode, str) or not mode:
-        raise ValueError(f"cell {slug!r} has no reward 'mode'")
-    if not isinstance(cell.get("use_rank"), bool):
-        raise ValueError(f"cell {slug!r}: 'use_rank' must be true or false, got {cell.get('use_rank')!r}")
-    out = {"cell": slug, "mode": mode, "use_rank": cell["use_rank"]}
-    for k in _FLOAT_KNOBS:
-        out[k] = None if cell.get(k) is None else float(cell[k])
-    return out
+        return None, None
+    from icdrl.grid import Cell
+
+    c = Cell.from_dict(cell, "evaluation cell")
+    return c.slug, c.as_dict()
 
 
 def plan_method(
@@ -95,8 +110,8 @@ def plan_method(
     ``query_vecs[i]`` and ``pool_vecs[i]`` ([K, d]) are the embeddings of ``pools[i]``'s query and
     pool (similarity, v2, v3); ``selector`` is a ``PointerSelector`` (v2, v3).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in POOL_METHODS:
+        raise ValueError(f"method must be one of {POOL_METHODS}, got {method!r}")
     if any(k < 1 for k in shots):
         raise ValueError(f"evaluation.shots must all be >= 1, got {list(shots)}")
     if method == "zero_shot":
@@ -106,7 +121,10 @@ def plan_method(
     if method in ("v2", "v3"):
         if selector is None:
             raise ValueError(f"method {method!r} needs a selector checkpoint")
-        from icdrl.selector import select_for_query
+        from icdrl.selector import prompt_sequence, select_for_query
+
+        meta = getattr(selector, "checkpoint_config", None) or {}
+        order, insert = meta.get("label_order", "prompt"), meta.get("insert", "first")
     jobs = []
     for k in shots:
         for i, r in enumerate(pools):
@@ -115,7 +133,7 @@ def plan_method(
             elif method == "similarity":
                 pos = similarity_positions(query_vecs[i], pool_vecs[i], k)
             else:
-                pos = select_for_query(selector, query_vecs[i], pool_vecs[i], k)
+                pos = prompt_sequence(select_for_query(selector, query_vecs[i], pool_vecs[i], k), order, insert)
             jobs.append((r.query_id, k, pos))
     return jobs
 
@@ -126,6 +144,123 @@ def summarize(records: Sequence[dict]) -> dict[int, float]:
     for d in records:
         by_k.setdefault(int(d["k"]), []).append(float(d["acc"]))
     return {k: float(np.mean(v)) for k, v in sorted(by_k.items())}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (query, k) prompt to answer and record: its ICDs in prompt order and the record's labels."""
+
+    query_id: int
+    k: int
+    icd_pos: tuple[int, ...]  # positions in the query's pool (empty where not chosen from a pool: RICES)
+    icd_ids: tuple[int, ...]
+    cell: str | None = None
+    seed: int | None = None
+    spec: dict | None = field(default=None, hash=False)
+
+
+def method_label(method: str, cell: str | None) -> str:
+    """The name of a method in log lines and errors (``v3 <cell slug>``)."""
+    return method if not cell else f"{method} {cell}"
+
+
+def check_jobs(method: str, jobs: Sequence[Job], queries: dict[int, Example], train: dict[int, Example],
+               where: str, *, exclude_same_image: bool = False) -> None:
+    """:func:`icdrl.integrity.check_icds` on every job before the LVLM answers any (SPEC §8)."""
+    for j in jobs:
+        w = f"{where} (query {j.query_id})"
+        check_icds(method_label(method, j.cell), lookup(queries, [j.query_id], w)[0], j.k,
+                   lookup(train, j.icd_ids, w), exclude_same_image=exclude_same_image)
+
+
+def eval_metric(eval_cfg: dict) -> str:
+    """The VQA accuracy of every record's ``acc``: ``eval_cfg['metric']`` (the workflow passes
+    ``scoring.metric``; default ``official``)."""
+    from icdrl.metrics import METRICS
+
+    metric = eval_cfg.get("metric", "official")
+    if metric not in METRICS:
+        raise ValueError(f"evaluation metric (scoring.metric) must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+def answer_jobs(
+    method: str,
+    jobs: Sequence[Job],
+    *,
+    queries: dict[int, Example],
+    train: dict[int, Example],
+    model_cfg: dict,
+    model_path,
+    eval_cfg: dict,
+    out_path,
+    fp_inputs: dict,
+    where: str,
+    backend: LVLMBackend | None = None,
+    demo_view: Callable[[Example], Example] | None = None,
+) -> dict[int, float]:
+    """Answer every job with the LVLM, write ``icdrl.eval`` records to ``out_path`` and return the
+    mean accuracy per k. Identical prompts are answered once; finished chunks go to
+    ``<out_path>.partial`` (``fp_inputs`` + the jobs + the model decide whether a partial file is
+    resumed). ``demo_view`` changes how a demonstration is shown (the no-image ablation), never
+    which ICDs the record names. ``where`` names the inputs in errors.
+    """
+    from icdrl.metrics import vqa_accuracy
+
+    metric = eval_metric(eval_cfg)
+    fp = fingerprint({**fp_inputs, "method": method, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
+                      "jobs": [dataclasses.astuple(j) for j in jobs]})
+    partial = PartialJsonl(out_path, EvalRecord.SCHEMA, fp)
+    done = partial.load()
+
+    def key(j: Job):
+        return (method, j.cell, j.seed, j.k, j.query_id)
+
+    todo = [j for j in jobs if key(j) not in done]
+    log.info("%s: %d answers, %d finished earlier, %d to do", out_path, len(jobs), len(jobs) - len(todo), len(todo))
+    if todo and backend is None:
+        from icdrl.lvlm import load_backend
+
+        backend = load_backend(model_cfg, model_path)
+    chunk = int(eval_cfg.get("chunk_prompts", 4 * int(model_cfg.get("batch_size", 32))))
+    # identical prompts (zero-shot at every k) are answered once, also across a resume
+    answered: dict[tuple[int, tuple[int, ...]], Generation] = {
+        (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"]) for d in done.values()
+    }
+    try:
+        for start in range(0, len(todo), chunk):
+            t0 = time.perf_counter()
+            part = todo[start:start + chunk]
+            need = list(dict.fromkeys((j.query_id, j.icd_ids) for j in part if (j.query_id, j.icd_ids) not in answered))
+            prompts = []
+            for q, ids in need:
+                w = f"{where} (query {q})"
+                demos = lookup(train, ids, w)
+                prompts.append(([demo_view(d) for d in demos] if demo_view else demos, lookup(queries, [q], w)[0]))
+            gens = backend.generate(prompts) if prompts else []
+            if len(gens) != len(prompts):
+                raise RuntimeError(f"backend returned {len(gens)} generations for {len(prompts)} prompts")
+            answered.update(zip(need, gens))
+            recs = []
+            for j in part:
+                g = answered[(j.query_id, j.icd_ids)]
+                rec = EvalRecord(
+                    method=method, cell=j.cell, seed=j.seed, k=j.k, query_id=j.query_id, icd_ids=j.icd_ids,
+                    icd_pos=j.icd_pos, prediction_raw=g.raw, prediction=g.answer,
+                    acc=float(vqa_accuracy(g.answer, queries[j.query_id].answers, metric)), spec=j.spec,
+                    image_id=queries[j.query_id].image_id or None,
+                )
+                d = rec.to_dict()
+                done[key(j)] = d
+                recs.append(d)
+            partial.append(recs)
+            log.info("%d answers (%d generated) in %.2f s (%d/%d)", len(part), len(prompts),
+                     time.perf_counter() - t0, len(done), len(jobs))
+    finally:
+        partial.close()
+    final = [done[key(j)] for j in jobs]
+    partial.finish(final)
+    return summarize(final)
 
 
 def evaluate_method(
@@ -143,97 +278,172 @@ def evaluate_method(
     cell: dict | None = None,
     seed: int | None = None,
     backend: LVLMBackend | None = None,
+    exclude_same_image: bool = False,
 ) -> dict[int, float]:
     """Write ``icdrl.eval`` for one method (one v3 cell) and return the mean accuracy per k.
 
     ``seed``: the v2/v3 training seed written into the records; for ``random`` it replaces
-    ``eval_cfg['random_seed']``. ``backend`` (tests) replaces ``icdrl.lvlm.load_backend``.
+    ``eval_cfg['random_seed']``. ``eval_cfg['metric']`` (:func:`eval_metric`) is the VQA accuracy of
+    ``acc``. ``backend`` (tests) replaces ``icdrl.lvlm.load_backend``. The queries are those of ``test_pools_path``; RICES methods retrieve from the whole training
+    split instead of their pools. ``exclude_same_image`` (``pools.exclude_same_image``): RICES
+    never shows an example of the query's image, and the integrity checks refuse one.
     """
     from icdrl.data import load_dataset
     from icdrl.embeddings import EmbeddingTable
-    from icdrl.metrics import vqa_accuracy
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in LVLM_METHODS:
+        raise ValueError(f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}")
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
-    shots = [int(k) for k in eval_cfg.get("shots", [1, 2, 3, 4])]
+    eval_metric(eval_cfg)
+    shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
     if method == "random":
         seed = int(eval_cfg.get("random_seed", 0)) if seed is None else int(seed)
-    elif method in ("zero_shot", "similarity"):
+    elif method in ("zero_shot", "similarity") or method in RICES_METHODS:
         seed = None
     pools = read_records(test_pools_path, PoolRecord)
-    selector = None
-    query_vecs = pool_vecs = None
-    if method in ("similarity", "v2", "v3"):
-        qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
-        query_vecs = qt.vectors([r.query_id for r in pools])
-        pool_vecs = [tt.vectors(r.pool) for r in pools]
-    if method in ("v2", "v3"):
-        if not selector_ckpt or not Path(selector_ckpt).exists():
-            raise FileNotFoundError(f"selector checkpoint {selector_ckpt!r} not found")
-        from icdrl.selector import PointerSelector
-
-        selector = PointerSelector.load(selector_ckpt)
-    jobs = plan_method(method, pools, shots, seed=seed, query_vecs=query_vecs, pool_vecs=pool_vecs,
-                       selector=selector)
-
-    queries = examples_by_id(load_dataset(dataset_cfg, "eval"), "eval split")
-    train = examples_by_id(load_dataset(dataset_cfg, "train"), "train split")
+    queries_list = load_dataset(dataset_cfg, "eval")
+    train_list = load_dataset(dataset_cfg, "train")
+    queries = examples_by_id(queries_list, "eval split")
+    train = examples_by_id(train_list, "train split")
     pool_of = {r.query_id: r.pool for r in pools}
-    base = {"method": method, "seed": seed, **cell_fields(cell if method == "v3" else None)}
-    fp = fingerprint({"base": base, "model": model_fingerprint(model_cfg, model_path), "jobs": jobs,
-                      "pools": [(r.query_id, r.pool) for r in pools],
-                      "ckpt": _file_digest(selector_ckpt) if selector is not None else None})
-    partial = PartialJsonl(out_path, EvalRecord.SCHEMA, fp)
-    done = partial.load()
+    slug, spec = cell_fields(cell if method == "v3" else None)
+    ckpt_digest = None
+    if method in RICES_METHODS:
+        kind = RICES_METHODS[method]
+        qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
+        where = f"{test_pools_path} (RICES)"
+        qs = lookup(queries, [r.query_id for r in pools], where)
+        plan = plan_rices(method, qs, train_list, qt.vectors([q.id for q in qs], kind),
+                          tt.vectors([ex.id for ex in train_list], kind), shots,
+                          exclude_same_image=exclude_same_image)
+        jobs = [Job(q, k, (), ids, slug, seed, spec) for q, k, ids in plan]
+    else:
+        selector = None
+        query_vecs = pool_vecs = None
+        if method in ("similarity", "v2", "v3"):
+            qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
+            query_vecs = qt.vectors([r.query_id for r in pools])
+            pool_vecs = [tt.vectors(r.pool) for r in pools]
+        if method in ("v2", "v3"):
+            if not selector_ckpt or not Path(selector_ckpt).exists():
+                raise FileNotFoundError(f"selector checkpoint {selector_ckpt!r} not found")
+            from icdrl.selector import PointerSelector
 
-    def key(q: int, k: int):
-        return (method, base["cell"], seed, k, q)
-
-    todo = [j for j in jobs if key(j[0], j[1]) not in done]
-    log.info("%s: %d answers, %d finished earlier, %d to do", out_path, len(jobs), len(jobs) - len(todo), len(todo))
-    if todo and backend is None:
-        from icdrl.lvlm import load_backend
-
-        backend = load_backend(model_cfg, model_path)
-    chunk = int(eval_cfg.get("chunk_prompts", 4 * int(model_cfg.get("batch_size", 32))))
-    # identical prompts (zero-shot at every k) are answered once, also across a resume
-    answered: dict[tuple[int, tuple[int, ...]], Generation] = {
-        (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"]) for d in done.values()
-    }
-    try:
-        for start in range(0, len(todo), chunk):
-            t0 = time.perf_counter()
-            part = [(q, k, pos, tuple(int(pool_of[q][p]) for p in pos)) for q, k, pos in todo[start:start + chunk]]
-            need = list(dict.fromkeys((q, ids) for q, _k, _pos, ids in part if (q, ids) not in answered))
-            prompts = []
-            for q, ids in need:
-                where = f"{test_pools_path} (query {q})"
-                prompts.append((lookup(train, ids, where), lookup(queries, [q], where)[0]))
-            gens = backend.generate(prompts) if prompts else []
-            if len(gens) != len(prompts):
-                raise RuntimeError(f"backend returned {len(gens)} generations for {len(prompts)} prompts")
-            answered.update(zip(need, gens))
-            recs = []
-            for q, k, pos, ids in part:
-                g = answered[(q, ids)]
-                rec = EvalRecord(
-                    method=method, cell=base["cell"], seed=seed, k=k, query_id=q, icd_ids=ids, icd_pos=tuple(pos),
-                    prediction_raw=g.raw, prediction=g.answer, acc=float(vqa_accuracy(g.answer, queries[q].answers)),
-                    **{kn: base[kn] for kn in CELL_KNOBS},
-                )
-                d = rec.to_dict()
-                done[key(q, k)] = d
-                recs.append(d)
-            partial.append(recs)
-            log.info("%d answers (%d generated) in %.2f s (%d/%d)", len(part), len(prompts),
-                     time.perf_counter() - t0, len(done), len(jobs))
-    finally:
-        partial.close()
-    final = [done[key(q, k)] for q, k, _ in jobs]
-    partial.finish(final)
-    summary = summarize(final)
-    label = method if method != "v3" else f"v3 {base['cell']}"
-    log.info("%s accuracy by k: %s", label, ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
+            selector = PointerSelector.load(selector_ckpt)
+            ckpt_digest = _file_digest(selector_ckpt)
+        plan = plan_method(method, pools, shots, seed=seed, query_vecs=query_vecs, pool_vecs=pool_vecs,
+                           selector=selector)
+        jobs = [Job(q, k, tuple(pos), tuple(int(pool_of[q][p]) for p in pos), slug, seed, spec) for q, k, pos in plan]
+    check_jobs(method, jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image)
+    summary = answer_jobs(
+        method, jobs, queries=queries, train=train, model_cfg=model_cfg, model_path=model_path, eval_cfg=eval_cfg,
+        out_path=out_path, where=str(test_pools_path), backend=backend,
+        fp_inputs={"base": {"method": method, "seed": seed, "cell": slug, "spec": spec},
+                   "pools": [(r.query_id, r.pool) for r in pools], "ckpt": ckpt_digest},
+    )
+    log.info("%s accuracy by k: %s", method_label(method, slug), ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
     return summary
+
+
+def write_copy_baseline(dataset_cfg: dict, test_pools_path, eval_emb_path, train_emb_path, eval_cfg: dict, out_path,
+                        *, exclude_same_image: bool = False) -> dict[int, float]:
+    """Write the copy baseline's ``icdrl.eval`` records (no LVLM, :func:`icdrl.retrieval.copy_answer`):
+    at each k, the most frequent answer among the k ``rices`` demonstrations, scored like every
+    method (``icdrl.metrics.vqa_accuracy`` under :func:`eval_metric`). Returns the mean accuracy per k."""
+    from icdrl.data import load_dataset
+    from icdrl.embeddings import EmbeddingTable
+    from icdrl.metrics import vqa_accuracy
+    from icdrl.records import write_records
+    from icdrl.retrieval import COPY_SOURCE, copy_answer
+
+    shots = canonical_shots(eval_cfg.get("shots", [1, 2, 3, 4]))
+    metric = eval_metric(eval_cfg)
+    pools = read_records(test_pools_path, PoolRecord)
+    queries = examples_by_id(load_dataset(dataset_cfg, "eval"), "eval split")
+    train_list = load_dataset(dataset_cfg, "train")
+    train = examples_by_id(train_list, "train split")
+    kind = RICES_METHODS[COPY_SOURCE]
+    qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
+    where = f"{test_pools_path} (copy)"
+    qs = lookup(queries, [r.query_id for r in pools], where)
+    plan = plan_rices(COPY_SOURCE, qs, train_list, qt.vectors([q.id for q in qs], kind),
+                      tt.vectors([ex.id for ex in train_list], kind), shots, exclude_same_image=exclude_same_image)
+    jobs = [Job(q, k, (), ids) for q, k, ids in plan]
+    check_jobs("copy", jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image)
+    recs = []
+    for j in jobs:
+        ans = copy_answer([train[i].answer for i in j.icd_ids])
+        recs.append(EvalRecord(method="copy", cell=None, seed=None, k=j.k, query_id=j.query_id, icd_ids=j.icd_ids,
+                               icd_pos=(), prediction_raw=ans, prediction=ans,
+                               acc=float(vqa_accuracy(ans, queries[j.query_id].answers, metric)),
+                               image_id=queries[j.query_id].image_id or None))
+    write_records(out_path, recs)
+    summary = summarize([r.to_dict() for r in recs])
+    log.info("copy accuracy by k: %s", ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
+    return summary
+
+
+# --------------------------------------------------------------------------- per_shot (SPEC §8)
+
+
+def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, dict[int, float]]]:
+    """``acc[cell][k][query_id]`` from v3 eval files of one seed."""
+    acc: dict[str, dict[int, dict[int, float]]] = {}
+    seeds = set()
+    for path in paths:
+        for r in read_records(path, EvalRecord):
+            if r.method != "v3":
+                raise ValueError(f"{path}: per_shot chooses among v3 cells; found a {r.method} record")
+            seeds.add(r.seed)
+            acc.setdefault(r.cell, {}).setdefault(r.k, {})[r.query_id] = r.acc
+    if len(seeds) > 1:
+        raise ValueError(f"per_shot: the {what} files mix seeds {sorted(seeds)}; choose per seed")
+    return acc
+
+
+def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int, tuple[str, float]]:
+    """At each k, the cell with the highest mean validation accuracy: ``{k: (cell, val_acc)}``.
+
+    Ties go to the first cell in sorted slug order, so the choice does not depend on file order.
+    Every cell must have been evaluated at k on the same validation queries.
+    """
+    shots = sorted({k for per_k in val_acc.values() for k in per_k})
+    out = {}
+    for k in shots:
+        queries = {c: frozenset(per_k.get(k, {})) for c, per_k in val_acc.items()}
+        if len(set(queries.values())) != 1 or not next(iter(queries.values())):
+            raise ValueError(f"per_shot: the v3 cells were not all evaluated on the same validation queries at k={k}")
+        means = {c: float(np.mean(list(val_acc[c][k].values()))) for c in sorted(val_acc)}
+        best = max(means.values())
+        cell = next(c for c in sorted(means) if means[c] == best)
+        out[k] = (cell, best)
+    return out
+
+
+def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict[int, tuple[str, float]]:
+    """Write the ``per_shot`` method's test records (SPEC §8): at each k, the test records of the
+    v3 cell best on the validation queries (:func:`choose_per_shot`); returns the choice.
+
+    ``val_paths`` / ``test_paths``: the v3 cells' eval files on the validation / test queries, one
+    seed. Only validation accuracies decide; the test records are copied, relabelled.
+    """
+    from icdrl.records import write_records
+
+    val_acc = _accuracy_by_cell_and_k(val_paths, "validation")
+    choice = choose_per_shot(val_acc)
+    n_val = {k: len(val_acc[c][k]) for k, (c, _) in choice.items()}
+    test = [r for p in test_paths for r in read_records(p, EvalRecord)]
+    missing = {c for c, _ in choice.values()} - {r.cell for r in test}
+    if missing:
+        raise ValueError(f"per_shot: no test records of the chosen cell(s) {sorted(missing)}")
+    out = []
+    for r in test:
+        if r.k in choice and r.cell == choice[r.k][0]:
+            spec = {"chosen": r.spec, "val_acc": choice[r.k][1], "n_val": n_val[r.k]}
+            out.append(dataclasses.replace(r, method="per_shot", spec=spec))
+    out.sort(key=lambda r: (r.k, r.query_id))
+    write_records(out_path, out)
+    for k, (c, a) in choice.items():
+        log.info("per_shot k=%d: %s (validation accuracy %.2f%% over %d queries)", k, c, 100 * a, n_val[k])
+    return choice

@@ -1,11 +1,16 @@
 """The experiment grid and the results layout (SPEC §9).
 
-A grid **cell** is one reward setting (mode plus the knobs that mode reads) and one advantage
-kind (``use_rank``); seeds are a separate dimension. The grid is the union of cross products:
-the top-level ``grid`` lists (``reward_modes × use_rank × weights``) and every entry of
-``grid.experiments`` (its own lists; keys it leaves out default to the top-level lists).
-Cells that differ only in knobs their mode ignores (:func:`icdrl.rewards.knobs_used`) are merged
-into one, so they become one job, not several.
+A v3 **cell** (:class:`Cell`) is one reward setting (:class:`RewardSpec`: a mode and the knobs it
+reads), one advantage kind (``use_rank``) and the v3 training overrides of its experiment (any
+``train.v3`` knob: ``min_positive_ratio``, ``gate_rce``, ``kl_beta``, ``label_order``, epochs, ...).
+Seeds are a separate dimension. The same :class:`Cell`, or its canonical dict
+(:meth:`Cell.as_dict`), travels into selector checkpoints, evaluation records and the report.
+
+An **experiment** (:class:`Experiment`, one entry of ``grid.experiments``) is data: its axes
+(``reward_modes``, ``use_rank``, ``weights``, ``alpha_beta``, any reward knob, any v3 training knob
+under ``train:``), the contrasted axis and its reference level. Axes it leaves out take the
+top-level ``grid`` lists. The grid is the union of every experiment's cells and the top-level
+cross product; cells equal once ignored knobs are dropped are one job.
 
 Paths: every output path carries exactly the settings its content depends on. Numbers appear in
 one canonical spelling (:func:`fmt_float`); sections too long for a path appear as the short
@@ -18,16 +23,17 @@ This module is imported by the Snakefile at parse time: keep it free of torch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
 
-from icdrl.rewards import KNOBS, MODES, knobs_used
+from icdrl.rewards import KNOBS, MODES, check_knobs, knobs_used
 
 # ----------------------------------------------------------------------------- spelling
 
@@ -91,74 +97,45 @@ def short_hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
-# ----------------------------------------------------------------------------- cells
+# ----------------------------------------------------------------------------- reward specs
 
-#: short key of each reward knob in a slug, in slug order
-KNOB_KEYS: dict[str, str] = {
-    "hard_weight": "hw",
-    "soft_weight": "sw",
-    "alpha": "a",
-    "beta": "b",
-    "info_scale": "is",
-}
 ADV = {True: "rank", False: "zscore"}
 _ADV_INV = {v: k for k, v in ADV.items()}
 _NUM = r"-?[0-9]+(?:\.[0-9]+)?"
-_KEY_INV = {v: k for k, v in KNOB_KEYS.items()}
+_KEY_INV = {k.key: name for name, k in KNOBS.items()}
 #: regex of a reward slug (a Snakemake wildcard constraint)
 REWARD_SLUG_RE = (
     "(?:" + "|".join(sorted(MODES, key=len, reverse=True)) + ")"
-    + "(?:-(?:" + "|".join(KNOB_KEYS.values()) + ")" + _NUM + ")*"
+    + "(?:-(?:" + "|".join(sorted(_KEY_INV, key=len, reverse=True)) + ")" + _NUM + ")*"
 )
 
 
 @dataclass(frozen=True, order=True)
 class RewardSpec:
-    """One reward file: a mode and the knobs it reads (the others are ``None``)."""
+    """One rewards file: a mode and the knobs it reads, ``(name, value)`` in :data:`KNOBS` order."""
 
     mode: str
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    knobs: tuple[tuple[str, float], ...] = ()
 
     @property
     def slug(self) -> str:
-        """``mode`` then ``-<key><value>`` per used knob, e.g. ``hard_plus_soft-hw2-sw0.5``."""
-        parts = [self.mode]
-        for knob, key in KNOB_KEYS.items():
-            v = getattr(self, knob)
-            if v is not None:
-                parts.append(f"{key}{fmt_float(v)}")
-        return "-".join(parts)
+        """``mode`` then ``-<key><value>`` per knob it reads, e.g. ``hard_plus_soft-hw2-sw0.5``."""
+        return "-".join([self.mode] + [f"{KNOBS[k].key}{fmt_float(v)}" for k, v in self.knobs])
 
-    def knobs(self) -> dict[str, float]:
+    def knob(self, name: str) -> float | None:
+        """The value of knob ``name``, or None when the mode does not read it."""
+        return dict(self.knobs).get(name)
+
+    def as_dict(self) -> dict[str, float]:
         """The knobs this mode reads, by name."""
-        return {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
+        return dict(self.knobs)
 
 
 def reward_spec(mode: str, **knobs: float | None) -> RewardSpec:
-    """The canonical :class:`RewardSpec` of ``mode``: knobs the mode ignores are dropped (set to
-    ``None``), the ones it reads are required. ``hybrid`` reads ``hard_weight`` only through
-    clip(hard_weight, 0, 1) (SPEC §6), so it is stored clipped: hw=2 and hw=1 are one cell."""
-    used = knobs_used(mode)
-    unknown = set(knobs) - set(KNOBS)
-    if unknown:
-        raise ValueError(f"unknown reward knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
-    vals: dict[str, float | None] = {}
-    for k in KNOBS:
-        if k not in used:
-            vals[k] = None
-            continue
-        v = knobs.get(k)
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"reward mode {mode}: knob {k} needs a finite number, got {v!r}")
-        v = float(v)
-        if mode == "hybrid" and k == "hard_weight":
-            v = min(1.0, max(0.0, v))
-        vals[k] = v
-    return RewardSpec(mode, **vals)
+    """The canonical :class:`RewardSpec` of ``mode``: knobs the mode ignores are dropped, the ones
+    it reads take ``knobs`` or their defaults (:data:`icdrl.rewards.KNOBS`)."""
+    used = check_knobs(mode, {k: v for k, v in knobs.items() if v is not None})
+    return RewardSpec(mode, tuple((k, used[k]) for k in KNOBS if k in used))
 
 
 def parse_reward_slug(slug: str) -> RewardSpec:
@@ -167,17 +144,18 @@ def parse_reward_slug(slug: str) -> RewardSpec:
         raise ValueError(f"not a reward slug: {slug!r} (expected e.g. 'hard_plus_soft-hw1-sw1')")
     mode = next(m for m in sorted(MODES, key=len, reverse=True) if slug == m or slug.startswith(m + "-"))
     knobs: dict[str, float] = {}
-    keys = "|".join(KNOB_KEYS.values())
+    keys = "|".join(sorted(_KEY_INV, key=len, reverse=True))
     for key, num in re.findall(r"-(" + keys + r")(" + _NUM + ")", slug[len(mode):]):
         name = _KEY_INV[key]
         if name in knobs:
             raise ValueError(f"reward slug {slug!r} names {key} twice")
         knobs[name] = float(num)
+    missing = knobs_used(mode) - set(knobs)
     extra = set(knobs) - knobs_used(mode)
-    if extra:
-        raise ValueError(f"reward slug {slug!r}: mode {mode} ignores {sorted(extra)}")
+    if extra or missing:
+        raise ValueError(f"reward slug {slug!r}: mode {mode} reads exactly {sorted(knobs_used(mode))}")
     try:
-        spec = reward_spec(mode, **{k: knobs.get(k) for k in knobs_used(mode)})
+        spec = reward_spec(mode, **knobs)
     except ValueError as e:
         raise ValueError(f"reward slug {slug!r}: {e}") from None
     if spec.slug != slug:
@@ -185,22 +163,60 @@ def parse_reward_slug(slug: str) -> RewardSpec:
     return spec
 
 
+# ----------------------------------------------------------------------------- training overrides
+
+#: ``train.v3`` keys that change how or where training runs, never what it computes: not axes
+TRAIN_RUNTIME = RUNTIME_KEYS["train.v3"]
+
+
+def effective_v3(base: Mapping[str, Any], overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The v3 training settings a cell trains with: ``base`` (``train.v3``, defaults filled in)
+    updated by ``overrides``, canonical, without runtime keys. Settings that cannot change the
+    result are normalised, so that they cannot make two jobs of one: ``gate_rce`` is false when
+    ``min_positive_ratio`` is 0 (nothing to gate)."""
+    eff = canonical({**content(base, "train.v3"), **dict(overrides)})
+    if not eff.get("min_positive_ratio"):
+        eff["gate_rce"] = False
+    return eff
+
+
+def train_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The overrides that differ from ``base`` once normalised (:func:`effective_v3`), sorted by key."""
+    eff, ref = effective_v3(base, overrides), effective_v3(base)
+    return tuple((k, eff[k]) for k in sorted(eff) if eff[k] != ref.get(k))
+
+
+def label_order(v2: Mapping[str, Any], v3: Mapping[str, Any]) -> str:
+    """The label order (SPEC §7) of a v3 selector: ``train.v3.label_order``, or v2's when null."""
+    return v3.get("label_order") or v2.get("label_order") or "prompt"
+
+
+def _spell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return fmt_float(v)
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- cells
+
+
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One v3 training setting: a reward setting and the advantage kind (SPEC §7, §9)."""
+    """One v3 training setting (SPEC §7, §9): reward setting, advantage kind, training overrides.
 
-    mode: str
+    ``train`` holds only the ``train.v3`` knobs whose value differs from the config's own (after
+    :func:`effective_v3`), so an override equal to the default is the same cell as none.
+    """
+
+    reward: RewardSpec
     use_rank: bool
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    train: tuple[tuple[str, Any], ...] = ()
 
     @property
-    def reward(self) -> RewardSpec:
-        return RewardSpec(self.mode, self.hard_weight, self.soft_weight, self.alpha, self.beta,
-                          self.info_scale)
+    def mode(self) -> str:
+        return self.reward.mode
 
     @property
     def adv(self) -> str:
@@ -209,58 +225,223 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """``<reward slug>-<adv>``, e.g. ``hard_plus_soft-hw2-sw0.5-zscore``."""
-        return f"{self.reward.slug}-{self.adv}"
+        """``<reward slug>-<adv>`` plus ``[knob=value,...]`` for training overrides, e.g.
+        ``hard_plus_soft_v2-hw1-sw1-zscore[min_positive_ratio=0.2]``; unique per cell."""
+        base = f"{self.reward.slug}-{self.adv}"
+        if not self.train:
+            return base
+        return base + "[" + ",".join(f"{k}={_spell(v)}" for k, v in self.train) + "]"
 
-    def as_record(self) -> dict[str, Any]:
-        """The cell's knobs as a plain dict (what v3 evaluation records carry)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def label(self) -> str:
+        """A reader's name: ``hard_plus_soft z-score hw=2 sw=1 min_positive_ratio=0.2``."""
+        parts = [self.mode, "rank" if self.use_rank else "z-score"]
+        parts += [f"{KNOBS[k].key}={_spell(v)}" for k, v in self.reward.knobs]
+        parts += [f"{k}={_spell(v)}" for k, v in self.train]
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Canonical plain dict (what checkpoints and evaluation records carry)."""
+        return {"slug": self.slug, "mode": self.mode, "knobs": self.reward.as_dict(),
+                "use_rank": self.use_rank, "train": dict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "cell") -> Cell:
+        """Inverse of :meth:`as_dict` (checks the slug agrees)."""
+        try:
+            mode, knobs, use_rank = d["mode"], dict(d.get("knobs") or {}), d["use_rank"]
+        except (KeyError, TypeError):
+            raise ValueError(f"{where}: a cell needs 'mode', 'knobs' and 'use_rank', got {d!r}") from None
+        if not isinstance(use_rank, bool):
+            raise ValueError(f"{where}: 'use_rank' must be true or false, got {use_rank!r}")
+        train = d.get("train") or {}
+        if not isinstance(train, Mapping):
+            raise ValueError(f"{where}: 'train' must be a mapping, got {train!r}")
+        cell = cls(reward_spec(mode, **knobs), use_rank, tuple(sorted(canonical(dict(train)).items())))
+        if "slug" in d and d["slug"] != cell.slug:
+            raise ValueError(f"{where}: slug {d['slug']!r} does not match its knobs (expected {cell.slug!r})")
+        return cell
 
 
-def make_cell(spec: RewardSpec, use_rank: bool) -> Cell:
-    return Cell(spec.mode, bool(use_rank), spec.hard_weight, spec.soft_weight, spec.alpha,
-                spec.beta, spec.info_scale)
+# ----------------------------------------------------------------------------- experiments
+
+#: experiment keys that describe it rather than span an axis
+EXPERIMENT_META = ("title", "contrast", "reference")
+#: axes whose levels are pairs of reward knobs
+PAIR_AXES = {"weights": ("hard_weight", "soft_weight"), "alpha_beta": ("alpha", "beta")}
+#: axes an experiment takes from the top-level grid when it leaves them out
+GRID_AXES = ("reward_modes", "use_rank", "weights", "alpha_beta")
 
 
-def parse_cell(reward_slug: str, adv: str) -> Cell:
-    """The cell of a ``{reward}`` and ``{adv}`` path segment pair."""
-    if adv not in _ADV_INV:
-        raise ValueError(f"advantage segment must be one of {sorted(_ADV_INV)}, got {adv!r}")
-    return make_cell(parse_reward_slug(reward_slug), _ADV_INV[adv])
+@dataclass(frozen=True)
+class Member:
+    """One point of an experiment: its level on every axis, and the cell that trains it."""
+
+    levels: tuple[tuple[str, Any], ...]
+    cell: Cell
+
+    def level(self, axis: str) -> Any:
+        return dict(self.levels)[axis]
 
 
-def _pairs(value: Any, name: str) -> list[tuple[float, float]]:
-    out = []
-    for p in value:
-        if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise ValueError(f"config key {name}: each entry must be a pair [x, y], got {p!r}")
-        out.append((float(p[0]), float(p[1])))
+@dataclass(frozen=True)
+class Experiment:
+    """One configured experiment (``grid.experiments.<name>``, SPEC §9)."""
+
+    name: str
+    title: str
+    axes: tuple[tuple[str, tuple[Any, ...]], ...]  # (axis, levels), in config order
+    contrast: str
+    reference: Any
+    members: tuple[Member, ...]
+
+    def levels(self, axis: str) -> tuple[Any, ...]:
+        return dict(self.axes)[axis]
+
+    @property
+    def varied(self) -> tuple[str, ...]:
+        """The axes with more than one level, in config order."""
+        return tuple(a for a, lv in self.axes if len(lv) > 1)
+
+    def cells(self) -> list[Cell]:
+        return list(dict.fromkeys(m.cell for m in self.members))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (what the report rule receives)."""
+        return {"name": self.name, "title": self.title, "contrast": self.contrast,
+                "reference": _json_level(self.reference),
+                "axes": [[a, [_json_level(v) for v in lv]] for a, lv in self.axes],
+                "members": [{"levels": {a: _json_level(v) for a, v in m.levels}, "cell": m.cell.as_dict()}
+                            for m in self.members]}
+
+
+def _json_level(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _level(axis: str, v: Any, where: str) -> Any:
+    """One level of ``axis`` in canonical form (pairs as tuples of floats)."""
+    if axis in PAIR_AXES:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError(f"config key {where}: each entry must be a pair [x, y], got {v!r}")
+        return (float(v[0]), float(v[1]))
+    if axis == "use_rank":
+        if not isinstance(v, bool):
+            raise ValueError(f"config key {where}: use_rank levels must be true or false, got {v!r}")
+        return v
+    if axis == "reward_modes":
+        if v not in MODES:
+            raise ValueError(f"config key {where}: unknown mode {v!r}; valid: {', '.join(MODES)}")
+        return v
+    if axis in KNOBS:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"config key {where}: {axis} levels must be finite numbers, got {v!r}")
+        return float(v)
+    return canonical(v)  # a training knob (validated against the schema by icdrl.config)
+
+
+def _axes(block: Mapping[str, Any], grid: Mapping[str, Any], where: str) -> list[tuple[str, tuple]]:
+    """(axis, levels) of one experiment block; grid axes it leaves out come from ``grid``."""
+    axes: list[tuple[str, tuple]] = []
+    names = [k for k in block if k not in EXPERIMENT_META and k != "train"]
+    for k in GRID_AXES:
+        if k not in names and grid.get(k):
+            names.append(k)
+    for k in names:
+        if k not in GRID_AXES and k not in KNOBS:
+            raise ValueError(f"config key {where}.{k}: not an axis (axes: {', '.join(GRID_AXES + tuple(KNOBS))},"
+                             " or a train.v3 knob under train:)")
+        vals = block[k] if k in block else grid[k]
+        axes.append((k, tuple(dict.fromkeys(_level(k, v, f"{where}.{k}[{i}]") for i, v in enumerate(vals)))))
+    for k, vals in (block.get("train") or {}).items():
+        if k in TRAIN_RUNTIME:
+            raise ValueError(f"config key {where}.train.{k}: a runtime setting, not an experiment axis")
+        axes.append((k, tuple(dict.fromkeys(_level(k, v, f"{where}.train.{k}") for v in vals))))
+    for pair, knobs in PAIR_AXES.items():
+        both = [k for k in knobs if any(a == k for a, _ in axes)]
+        if both and any(a == pair for a, _ in axes) and pair in block:
+            raise ValueError(f"config key {where}: give {pair} or {'/'.join(knobs)}, not both")
+    for a, lv in axes:
+        if not lv:
+            raise ValueError(f"config key {where}.{a}: needs at least one level")
+    return axes
+
+
+def _member(levels: Mapping[str, Any], train_axes: set[str], rewards_cfg: Mapping[str, Any],
+            v3_base: Mapping[str, Any]) -> Member:
+    knobs: dict[str, Any] = {k: rewards_cfg.get(k) for k in KNOBS if rewards_cfg.get(k) is not None}
+    for axis, value in levels.items():
+        if axis in PAIR_AXES:
+            knobs.update(zip(PAIR_AXES[axis], value))
+        elif axis in KNOBS:
+            knobs[axis] = value
+    overrides = {a: v for a, v in levels.items() if a in train_axes}
+    cell = Cell(reward_spec(levels["reward_modes"], **knobs), bool(levels.get("use_rank", False)),
+                train_overrides(v3_base, overrides))
+    return Member(tuple(levels.items()), cell)
+
+
+def _members(block: Mapping[str, Any], config: Mapping[str, Any], where: str
+             ) -> tuple[list[tuple[str, tuple]], tuple[Member, ...]]:
+    """The axes of one grid block and its cross product, one :class:`Member` per combination."""
+    axes = _axes(block, config.get("grid", {}), where)
+    axis_names = [a for a, _ in axes]
+    if "reward_modes" not in axis_names or not dict(axes)["reward_modes"]:
+        raise ValueError(f"config key {where}.reward_modes: no reward mode (here or at the top level of grid)")
+    train_axes = set(block.get("train") or {})
+    v3_base = config.get("train", {}).get("v3", {})
+    members = tuple(_member(dict(zip(axis_names, combo)), train_axes, config.get("rewards", {}), v3_base)
+                    for combo in itertools.product(*(lv for _, lv in axes)))
+    return axes, members
+
+
+def experiment(name: str, block: Mapping[str, Any], config: Mapping[str, Any]) -> Experiment:
+    """The :class:`Experiment` of one ``grid.experiments`` entry."""
+    where = f"grid.experiments.{name}"
+    axes, members = _members(block, config, where)
+    axis_names = [a for a, _ in axes]
+    varied = [a for a, lv in axes if len(lv) > 1]
+    contrast = block.get("contrast")
+    if contrast is None:
+        if len(varied) != 1:
+            raise ValueError(f"config key {where}.contrast: required when {len(varied)} axes vary "
+                             f"({', '.join(varied) or 'none'})")
+        contrast = varied[0]
+    if contrast not in axis_names:
+        raise ValueError(f"config key {where}.contrast: {contrast!r} is not one of its axes ({', '.join(axis_names)})")
+    levels = dict(axes)[contrast]
+    reference = levels[0] if block.get("reference") is None else _level(contrast, block["reference"],
+                                                                        f"{where}.reference")
+    if reference not in levels:
+        raise ValueError(f"config key {where}.reference: {block.get('reference')!r} is not a level of "
+                         f"{contrast} ({', '.join(map(str, levels))})")
+    title = block.get("title") or f"{contrast} levels vs {_spell(list(reference) if isinstance(reference, tuple) else reference)}"
+    return Experiment(name, title, tuple(axes), contrast, reference, members)
+
+
+def experiments(config: Mapping[str, Any]) -> list[Experiment]:
+    """The configured experiments, in config order."""
+    return [experiment(name, block, config) for name, block in (config.get("grid", {}).get("experiments") or {}).items()]
+
+
+def experiment_cells(config: Mapping[str, Any]) -> dict[str, list[Cell]]:
+    """Cells per named block (``grid`` for the top-level cross product), each deduplicated but
+    not yet merged across blocks: which experiment asked for which cell."""
+    out = {}
+    grid = config.get("grid", {})
+    if grid.get("reward_modes"):
+        _, members = _members({k: grid[k] for k in GRID_AXES if k in grid}, config, "grid")
+        out["grid"] = list(dict.fromkeys(m.cell for m in members))
+    for e in experiments(config):
+        out[e.name] = e.cells()
     return out
 
 
-def _expand(block: Mapping[str, Any], defaults: Mapping[str, Any], rewards_cfg: Mapping[str, Any],
-            where: str) -> list[Cell]:
-    """Cross product of one grid block; missing lists come from ``defaults``."""
-    get = lambda k: block[k] if k in block else defaults.get(k)  # noqa: E731
-    modes = get("reward_modes") or []
-    use_rank = get("use_rank")
-    use_rank = [False] if use_rank is None else use_rank
-    weights = _pairs(get("weights") or [[1.0, 1.0]], f"{where}.weights")
-    ab_default = [[rewards_cfg.get("alpha", 1.0), rewards_cfg.get("beta", 0.0)]]
-    alpha_beta = _pairs(get("alpha_beta") or ab_default, f"{where}.alpha_beta")
-    info_scale = float(rewards_cfg.get("info_scale", 10.0))
-    cells = []
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"config key {where}.reward_modes: unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        for hw, sw in weights:
-            for a, b in alpha_beta:
-                spec = reward_spec(mode, **{k: v for k, v in dict(
-                    hard_weight=hw, soft_weight=sw, alpha=a, beta=b, info_scale=info_scale
-                ).items() if k in knobs_used(mode)})
-                for r in use_rank:
-                    cells.append(make_cell(spec, bool(r)))
-    return cells
+def cells(config: Mapping[str, Any]) -> list[Cell]:
+    """The merged, deduplicated grid cells of a (validated) config, in first-seen order."""
+    merged = list(dict.fromkeys(c for block in experiment_cells(config).values() for c in block))
+    if not merged:
+        raise ValueError("config key grid: the grid is empty (no reward_modes at top level or in any experiment)")
+    return merged
 
 
 def reward_specs(cell_list: Sequence[Cell]) -> list[RewardSpec]:
@@ -273,32 +454,25 @@ def seeds(config: Mapping[str, Any]) -> list[int]:
     return list(dict.fromkeys(int(s) for s in config.get("grid", {}).get("seeds", [0])))
 
 
-def experiment_cells(config: Mapping[str, Any]) -> dict[str, list[Cell]]:
-    """Cells per named block (``grid`` for the top-level cross product), each deduplicated but
-    not yet merged across blocks: which experiment asked for which cell."""
-    grid = config.get("grid", {})
-    rewards_cfg = config.get("rewards", {})
-    out = {}
-    top = list(dict.fromkeys(_expand(grid, {}, rewards_cfg, "grid")))
-    if top:
-        out["grid"] = top
-    for name, block in (grid.get("experiments") or {}).items():
-        out[name] = list(dict.fromkeys(_expand(block, grid, rewards_cfg, f"grid.experiments.{name}")))
-    return out
-
-
-def cells(config: Mapping[str, Any]) -> list[Cell]:
-    """The merged, deduplicated grid cells of a (validated) config, in first-seen order."""
-    merged = list(dict.fromkeys(c for block in experiment_cells(config).values() for c in block))
-    if not merged:
-        raise ValueError("config key grid: the grid is empty (no reward_modes at top level or in any experiment)")
-    return merged
-
-
 # ----------------------------------------------------------------------------- layout
+
+def canonical_shots(shots: Sequence[int]) -> list[int]:
+    """``evaluation.shots`` sorted and deduplicated: ``[4, 1, 2, 1]`` and ``[1, 2, 4]`` name one file."""
+    return sorted({int(k) for k in shots})
+
 
 #: the ``{method}`` segment of a baseline's eval file: random carries its seed (random-r0)
 BASELINE_RE = "zero_shot|similarity|random-r[0-9]+"
+#: RICES over the whole training split (``icdrl.retrieval``), one job with the copy baseline
+RICES = ("rices_image", "rices_text", "rices")
+#: methods ``evaluation.ablate`` may name (``icdrl.ablations``); null = v2, plus per_shot with validation queries
+ABLATABLE = ("random", "similarity", *RICES, "v2", "per_shot")
+#: ``{v2}`` / ``{v3}`` path segments: the short hash of the training settings
+V2_TAG_RE = "v2-[0-9a-f]{8}"
+V3_TAG_RE = "v3-[0-9a-f]{8}"
+#: query roles with pools; ``test`` and ``val`` are evaluated
+ROLES = ("anchors", "test", "val")
+EVAL_ROLES = ("test", "val")
 
 
 def parse_baseline(segment: str) -> tuple[str, int | None]:
@@ -328,12 +502,22 @@ def _join(*parts: str) -> str:
     return str(PurePosixPath(*parts))
 
 
+@dataclass(frozen=True)
+class TrainedCell:
+    """Where one cell trains: its ``{v3}`` tag (training settings), parent ``{v2}`` tag and settings."""
+
+    cell: Cell
+    v3_tag: str
+    v2_tag: str
+    v3_config: dict[str, Any]  # effective train.v3 (runtime keys included), canonical: sorted keys
+
+
 class Layout:
     """Every path pattern of the workflow for one config.
 
     Config-dependent segments are filled in; the remaining ``{wildcards}`` are the dimensions
-    one config spans: ``split`` (train/eval), ``shard``, ``reward``, ``adv``, ``seed``,
-    ``method``. See config/README.md for the tree.
+    one config spans: ``split`` (train/eval), ``role``, ``shard``, ``reward``, ``adv``, ``v2``,
+    ``v3``, ``seed``, ``method``. See config/README.md for the tree.
     """
 
     def __init__(self, config: Mapping[str, Any], results: str = "results"):
@@ -368,12 +552,14 @@ class Layout:
             self.enc_tag = emb.get("name") or f"clip-{PurePosixPath(str(emb['clip_path'])).name}"
         self.emb = _join(root, "emb", self.enc_tag, "{split}.npz")
 
-        # pools: sampler, K, pool seed (+ n per role)
-        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}"
-        self.n_anchors, self.n_test = int(pools["n_anchors"]), int(pools["n_test"])
+        # pools: sampler, K, pool seed (+ no ICD of the query's image at all: -xi) (+ n per role)
+        self.exclude_same_image = bool(pools.get("exclude_same_image", False))
+        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}" + ("-xi" if self.exclude_same_image else "")
+        self.n_queries = {"anchors": int(pools["n_anchors"]), "test": int(pools["n_test"]),
+                          "val": int(pools.get("n_val", 0))}
+        self.n_anchors, self.n_test, self.n_val = (self.n_queries[r] for r in ROLES)
         self.pools = _join(root, "pools", self.enc_tag, self.pool_tag, "{role}-n{n}.jsonl")
-        self.pools_anchors = self.pools.format(role="anchors", n=self.n_anchors)
-        self.pools_test = self.pools.format(role="test", n=self.n_test)
+        self.pools_anchors, self.pools_test, self.pools_val = (self.pools_of(r) for r in ROLES)
 
         # everything the LVLM answered lives under <model>/<encoder>/<pools>
         # (encoder "lvlm" is this model itself: no need to repeat its tag)
@@ -387,41 +573,139 @@ class Layout:
         self.cand_dir = cand_dir
         self.candidates_shard = _join(cand_dir, "shards", f"candidates-{{shard}}-of-{self.n_shards}.jsonl")
         self.candidates = _join(cand_dir, "candidates.jsonl")
-        self.scored_tag = f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+        self.scored_tag = (f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+                           f"-{scoring['metric']}")
         scored_dir = _join(cand_dir, self.scored_tag)
+        self.scored_dir = scored_dir
         self.scored_shard = _join(scored_dir, "shards", f"scored-{{shard}}-of-{self.n_shards}.jsonl")
         self.scored = _join(scored_dir, "scored.jsonl")
         self.rewards = _join(scored_dir, "rewards", "{reward}.jsonl")
 
-        # training: v2 on candidates; v3 on v2 + scored + rewards
-        self.v2_tag = f"v2-{short_hash(content(train['v2'], 'train.v2'))}"
-        v2_dir = _join(cand_dir, self.v2_tag, "seed{seed}")
+        # evaluation file names: query role and count, shots, generation length, VQA metric
+        shots = ".".join(str(k) for k in canonical_shots(ev["shots"]))
+        self.eval_name = {r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}-{scoring['metric']}.jsonl"
+                          for r in EVAL_ROLES}
+        self.eval_baseline = _join(run, self.eval_name["test"][: -len(".jsonl")], "{method}.jsonl")
+        self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]
+        # RICES over the whole training split and the copy baseline: one job, beside the baselines
+        self.rices = [m for m in RICES if m in ev.get("rices", RICES)]
+        self.eval_rices = {m: self.eval_baseline.format(method=m) for m in [*self.rices, "copy"]}
+        # the training split's answers, read by the report's diagnostics (dataset only)
+        self.answers = _join(root, "answers", "train.json")
+        self.shuffle_tag = f"shuffled-r{ev['random_seed']}"
+
+        # training: v2 on candidates ({v2} = hash of its settings); v3 on v2 + scored + rewards
+        # ({v3} = hash of the parent v2's and its own settings, per cell)
+        v2_base = content(train["v2"], "train.v2")
+        self._v2: dict[str, dict[str, Any]] = {}
+        self.v2_tag = self._add_v2(v2_base)
+        self._cells: dict[tuple[str, str, str], TrainedCell] = {}
+        for c in cells(config):
+            v3 = {**train["v3"], **dict(c.train)}
+            v2 = {**v2_base, "label_order": label_order(v2_base, v3)}
+            v2_tag = self._add_v2(v2)
+            v3_tag = f"v3-{short_hash({'v2': canonical(v2), 'v3': effective_v3(v3)})}"
+            self._cells[(v3_tag, c.reward.slug, c.adv)] = TrainedCell(c, v3_tag, v2_tag, canonical(v3))
+        v2_dir = _join(cand_dir, "{v2}", "seed{seed}")
         self.v2_ckpt = _join(v2_dir, "selector.pt")
         self.v2_metrics = _join(v2_dir, "metrics.csv")
-        self.v3_tag = f"v3-{short_hash({'v2': content(train['v2'], 'train.v2'), 'v3': content(train['v3'], 'train.v3')})}"
-        v3_dir = _join(scored_dir, self.v3_tag, "{reward}", "{adv}", "seed{seed}")
+        self.eval_v2 = _join(v2_dir, self.eval_name["test"])
+        v3_dir = _join(scored_dir, "{v3}", "{reward}", "{adv}", "seed{seed}")
         self.v3_ckpt = _join(v3_dir, "selector.pt")
         self.v3_metrics = _join(v3_dir, "metrics.csv")
+        self.eval_v3 = _join(v3_dir, self.eval_name["test"])
+        # the same job also answers the validation queries (pools.n_val > 0)
+        self.val_v3 = _join(v3_dir, self.eval_name["val"]) if self.n_val else None
+        # per_shot (SPEC §8): per k, the v3 cell best on the validation queries; keyed by the cells
+        # it chooses among
+        self.per_shot = None
+        if self.n_val:
+            among = short_hash(sorted(self._cells))
+            self.per_shot = _join(scored_dir, f"per_shot-{among}", "seed{seed}", self.eval_name["test"])
 
-        # evaluation: test queries (n_test), shots, generation length (+ random's seed)
-        self.eval_tag = (
-            f"eval-n{self.n_test}-k{'.'.join(str(k) for k in ev['shots'])}-mnt{model['max_new_tokens']}"
-        )
-        self.eval_baseline = _join(run, self.eval_tag, "{method}.jsonl")
-        self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]
-        self.eval_v2 = _join(v2_dir, f"{self.eval_tag}.jsonl")
-        self.eval_v3 = _join(v3_dir, f"{self.eval_tag}.jsonl")
+        # ablations (evaluation.ablate): beside each ablated method's eval file
+        self.ablate = self._ablated_methods(ev.get("ablate"))
 
-        # the report covers this config's grid; one per dataset and model
-        self.report_dir = _join(root, mtag, "report")
+        # the report of this config's methods: one folder per set of evaluation files
+        self.report_dir = _join(root, mtag, "report", short_hash(sorted(self.all_eval())))
+
+    def _ablated_methods(self, ablate: Sequence[str] | None) -> list[str]:
+        """``evaluation.ablate``, or its default: v2, plus per_shot where there are validation queries."""
+        if ablate is None:
+            return ["v2"] + (["per_shot"] if self.per_shot else [])
+        for m in ablate:
+            if m not in ABLATABLE:
+                raise ValueError(f"config key evaluation.ablate: {m!r} is not one of {', '.join(ABLATABLE)}")
+            if m == "per_shot" and not self.per_shot:
+                raise ValueError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+            if m in RICES and m not in self.rices:
+                raise ValueError(f"config key evaluation.ablate: {m} is not evaluated (evaluation.rices)")
+        return list(dict.fromkeys(ablate))
+
+    def ablation_bases(self) -> list[str]:
+        """The eval files (test queries) of the ablated methods; seeded methods (v2, per_shot) at the
+        first training seed only: an ablation is paired with that seed's records, and the seeds'
+        cost would multiply the most expensive evaluation jobs."""
+        out = []
+        first = self.seeds()[0]
+        for m in self.ablate:
+            if m == "v2":
+                out.append(self.eval_v2.format(v2=self.v2_tag, seed=first))
+            elif m == "per_shot":
+                out.append(self.per_shot.format(seed=first))
+            elif m == "random":
+                out.append(self.eval_baseline.format(method=self.baselines[1]))
+            elif m in RICES:
+                out.append(self.eval_rices[m])
+            else:
+                out.append(self.eval_baseline.format(method=m))
+        return out
+
+    def ablation_outputs(self, base: str) -> dict[str, str]:
+        """``{ablation: eval file}`` of one ablated eval file: beside it, ``<name>.<ablation tag>.jsonl``."""
+        stem = base[: -len(".jsonl")]
+        return {"shuffled": f"{stem}.{self.shuffle_tag}.jsonl", "no_images": f"{stem}.no_images.jsonl"}
+
+    def _add_v2(self, v2: Mapping[str, Any]) -> str:
+        tag = f"v2-{short_hash(canonical(dict(v2)))}"
+        self._v2[tag] = dict(v2)
+        return tag
+
+    # -------------------------------------------------------------- lookups for rules
+
+    def pools_of(self, role: str) -> str:
+        return self.pools.format(role=role, n=self.n_queries[role])
+
+    def trained_cells(self) -> list[TrainedCell]:
+        return list(self._cells.values())
+
+    def trained_cell(self, v3: str, reward: str, adv: str) -> TrainedCell:
+        """The cell behind a ``{v3}/{reward}/{adv}`` path (``KeyError`` naming it if none)."""
+        try:
+            return self._cells[(v3, reward, adv)]
+        except KeyError:
+            raise KeyError(f"no grid cell trains at {v3}/{reward}/{adv} in this config") from None
+
+    def v2_config(self, v2: str) -> dict[str, Any]:
+        """The ``train.v2`` settings behind a ``{v2}`` tag (runtime keys from the config), canonical
+        (sorted keys), so that a reordered config file changes no rule's params."""
+        if v2 not in self._v2:
+            raise KeyError(f"no v2 selector {v2} in this config")
+        return canonical({**self.config["train"]["v2"], **self._v2[v2]})
+
+    def v3_path(self, pattern: str, tc: TrainedCell, seed: int, **extra: Any) -> str:
+        return pattern.format(v3=tc.v3_tag, reward=tc.cell.reward.slug, adv=tc.cell.adv, seed=seed, **extra)
 
     # -------------------------------------------------------------- expansions for targets
 
     def cells(self) -> list[Cell]:
-        return cells(self.config)
+        return [tc.cell for tc in self._cells.values()]
 
     def seeds(self) -> list[int]:
         return seeds(self.config)
+
+    def experiments(self) -> list[Experiment]:
+        return experiments(self.config)
 
     def reward_specs(self) -> list[RewardSpec]:
         return reward_specs(self.cells())
@@ -429,23 +713,35 @@ class Layout:
     def all_rewards(self) -> list[str]:
         return [self.rewards.format(reward=r.slug) for r in self.reward_specs()]
 
-    def all_v2(self, pattern: str) -> list[str]:
-        return [pattern.format(seed=s) for s in self.seeds()]
+    def all_v2(self, pattern: str, v2: str | None = None) -> list[str]:
+        return [pattern.format(v2=v2 or self.v2_tag, seed=s) for s in self.seeds()]
 
-    def all_v3(self, pattern: str) -> list[str]:
-        return [pattern.format(reward=c.reward.slug, adv=c.adv, seed=s)
-                for c in self.cells() for s in self.seeds()]
+    def all_v3(self, pattern: str, **extra: Any) -> list[str]:
+        return [self.v3_path(pattern, tc, s, **extra) for tc in self._cells.values() for s in self.seeds()]
+
+    def v3_evals(self, role: str, seed: int | None = None) -> list[str]:
+        """Evaluation files of every v3 cell on the ``role`` (test, val) queries (one seed, or all)."""
+        pattern = self.eval_v3 if role == "test" else self.val_v3
+        if pattern is None:
+            return []
+        ss = self.seeds() if seed is None else [seed]
+        return [self.v3_path(pattern, tc, s) for tc in self._cells.values() for s in ss]
 
     def all_eval(self) -> list[str]:
-        return ([self.eval_baseline.format(method=m) for m in self.baselines]
-                + self.all_v2(self.eval_v2) + self.all_v3(self.eval_v3))
+        """Every evaluation file on the test queries the report reads (ablations included)."""
+        out = ([self.eval_baseline.format(method=m) for m in self.baselines] + list(self.eval_rices.values())
+               + self.all_v2(self.eval_v2) + self.v3_evals("test"))
+        if self.per_shot:
+            out += [self.per_shot.format(seed=s) for s in self.seeds()]
+        return out + [p for b in self.ablation_bases() for p in self.ablation_outputs(b).values()]
 
     def labelled_metrics(self) -> dict[str, str]:
         """Training-metrics CSVs by label (``v2 seed0``, ``v3 <cell slug> seed0``)."""
-        labels = ([f"v2 seed{s}" for s in self.seeds()]
-                  + [f"v3 {c.slug} seed{s}" for c in self.cells() for s in self.seeds()])
-        return dict(zip(labels, self.all_v2(self.v2_metrics) + self.all_v3(self.v3_metrics), strict=True))
+        out = {f"v2 seed{s}": self.v2_metrics.format(v2=self.v2_tag, seed=s) for s in self.seeds()}
+        for tc in self._cells.values():
+            for s in self.seeds():
+                out[f"v3 {tc.cell.slug} seed{s}"] = self.v3_path(self.v3_metrics, tc, s)
+        return out
 
     def shards(self, pattern: str) -> list[str]:
         return [pattern.format(shard=i) for i in range(self.n_shards)]
-

@@ -1,20 +1,28 @@
-"""Official VQA accuracy (SPEC §5).
+"""VQA accuracy (SPEC §5): the official evaluator's, or always-normalised.
 
-Normalisation follows the official VQA evaluation script (``vqaEval.py``): newlines/tabs to
-spaces and strip; punctuation (``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``) is deleted where it
-touches a space or the text holds a digit-comma-digit, else replaced by a space; periods are
-deleted unless followed by a digit ("1.5" keeps its period); lower-case; number words
+Normalisation (:func:`normalize_answer`) follows the official VQA evaluation script
+(GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): newlines/tabs to spaces
+and strip; punctuation (``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``) is deleted where it touches
+a space or the text holds a digit-comma-digit, else replaced by a space; periods are deleted
+unless followed by a digit ("1.5" keeps its period); lower-case; number words
 ``none``/``zero``..``ten`` become digits; articles ``a an the`` are dropped; contractions missing
 their apostrophe get it back ("dont" -> "don't").
 
-Accuracy: with several reference answers, the mean over the leave-one-out subsets of
-``min(#matches / 3, 1)`` (10 answers -> the official figure); with a single reference, 1 or 0
-by exact match after normalisation.
+Accuracy: the mean over the leave-one-out subsets of the references of ``min(#matches / 3, 1)``
+(10 answers -> the official figure), where ``metric`` (``scoring.metric``) decides what is
+compared:
 
-One deliberate difference from the official script: references are always normalised with
-both steps, like the prediction. The official script normalises references only when they
-disagree (its annotation files are already normalised, so on them the result is the same);
-datasets with raw answers (easy-VQA, OK-VQA ``raw_answer``) need it.
+* ``official`` (default): exactly the official evaluator, quirk included. Prediction and
+  references are stripped of surrounding whitespace; only where the references differ from one
+  another are both sides normalised. Where every reference string is the same, neither side is
+  normalised and the strings must be equal as they are: "a dog" against ten "dog" scores 0,
+  "Dog" against ten "dog" scores 0.
+* ``normalised``: prediction and references are always normalised (the seed codebase's
+  behaviour; it scores at least as high as ``official`` on every question with 2+ references).
+
+With a single reference answer (easy-VQA) both metrics give 1 or 0 by exact match after
+normalisation (SPEC §5). The official script, written for ten answers, has no such case: its
+leave-one-out would leave no reference and score every prediction 0.
 """
 
 from __future__ import annotations
@@ -107,14 +115,33 @@ def normalize_answer(text: str) -> str:
     return _digits_articles(_punctuation(t))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of ``prediction`` against the annotators' ``answers`` (in [0, 1])."""
+#: ``scoring.metric`` values (SPEC §5)
+METRICS = ("official", "normalised")
+
+
+def _strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], metric: str = "official") -> float:
+    """VQA accuracy of ``prediction`` against the annotators' ``answers`` (in [0, 1]).
+
+    ``metric``: ``official`` (the evaluator exactly: no normalisation where all references are
+    the same string) or ``normalised`` (always normalise both sides); see the module docstring.
+    """
     if isinstance(answers, str):
         raise TypeError("vqa_accuracy: answers must be a list of strings, not one string")
     if len(answers) == 0:
         raise ValueError("vqa_accuracy: no reference answers")
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(a) for a in answers]
+    if metric not in METRICS:
+        raise ValueError(f"vqa_accuracy: metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(prediction, str):
+        raise TypeError(f"vqa_accuracy: prediction must be a str, got {type(prediction).__name__}")
+    pred = _strip(prediction)
+    refs = [_strip(a) for a in answers]
+    if len(refs) == 1 or metric == "normalised" or len(set(refs)) > 1:
+        pred = normalize_answer(pred)
+        refs = [normalize_answer(a) for a in refs]
     if len(refs) == 1:
         return 1.0 if pred == refs[0] else 0.0
     hits = [r == pred for r in refs]

@@ -1,7 +1,10 @@
-"""Versioned JSON Lines files, written atomically.
+"""Versioned JSON Lines files, written atomically and verifiably complete.
 
-Every file starts with a header line ``{"schema": name, "version": v}``. Readers reject a
-file whose header names another schema or an unknown version, with one line naming the file.
+Every file starts with a header line ``{"schema": name, "version": v}`` and ends with an end
+line ``{"end": name, "records": n}``, written last. Readers reject a file whose header names
+another schema or an unknown version, and a file without its end line or whose record count
+differs from it (a file cut short, even at a line boundary), with one line naming the file and
+what is missing. Neither line is a record: :func:`iter_jsonl` yields the records only.
 Writers write a temporary file in the destination folder and ``os.replace`` it, so a killed
 job never leaves a half-written output behind.
 """
@@ -29,7 +32,7 @@ SCHEMAS: dict[str, int] = {
     "icdrl.candidates": 1,
     "icdrl.scored": 1,
     "icdrl.rewards": 1,
-    "icdrl.eval": 1,
+    "icdrl.eval": 2,
 }
 
 
@@ -81,11 +84,104 @@ def write_jsonl(path: str | os.PathLike, schema: str, records: Iterable[dict]) -
             for rec in records:
                 fh.write(json.dumps(rec, default=_default, allow_nan=False) + "\n")
                 n += 1
+            fh.write(json.dumps(end_line(schema, n)) + "\n")
     return n
 
 
+def remake(path: str | os.PathLike) -> str:
+    """What to do about an incomplete output of an earlier job: rerun that job. (Deleting it is
+    not enough: Snakemake does not remake a missing intermediate whose outputs are up to date.)"""
+    return f"remake it: snakemake --force {path} (with this run's options)"
+
+
+def end_line(schema: str, n: int) -> dict:
+    """The last line of a complete file of ``schema`` holding ``n`` records."""
+    return {"end": schema, "records": n}
+
+
+def is_end_line(d: Any) -> bool:
+    """Whether a parsed line is an end line (never a record: records have no ``end`` key)."""
+    return isinstance(d, dict) and set(d) == {"end", "records"}
+
+
+def _last_line(path: Path, block: int = 4096) -> str | None:
+    """The last non-empty line of ``path`` if it fits in the file's last ``block`` bytes."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - block)
+        fh.seek(start)
+        tail = fh.read()
+    lines = tail.rstrip(b"\n").split(b"\n")
+    if len(lines) < 2 and start > 0:
+        return None  # no line break in the tail: the last line is longer than any end line
+    return lines[-1].decode("utf-8", errors="replace") if lines[-1].strip() else None
+
+
+def _expected_count(path: Path, schema: str) -> int:
+    """The record count of a file's end line; refuses a file without one (cut short)."""
+    line = _last_line(path)
+    try:
+        d = json.loads(line) if line is not None else None
+    except json.JSONDecodeError:
+        d = None
+    if not is_end_line(d) or d["end"] != schema or isinstance(d["records"], bool) or not isinstance(d["records"], int):
+        raise SchemaError(f"{path}: incomplete: no end line {{\"end\": \"{schema}\", \"records\": N}} "
+                          f"(cut short, or written by an older icdrl); {remake(path)}")
+    return d["records"]
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
+def _non_finite_field(obj: Any, where: str = "") -> str:
+    """The first field of a parsed record holding NaN or ±inf, e.g. ``rewards[2]``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _non_finite_field(v, f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else k))
+        if found:
+            return found
+    return ""
+
+
+def _describe(schema: str, d: Any) -> str:
+    """``anchor 5`` / ``query 7`` / ``record (...)``: which record of a file a line holds."""
+    try:
+        key = record_key(schema, d)
+    except (SchemaError, TypeError):
+        return "record"
+    if schema == "icdrl.pools":
+        return f"query {key}"
+    if schema in ("icdrl.candidates", "icdrl.scored", "icdrl.rewards"):
+        return f"anchor {key}"
+    return f"record {key}"
+
+
+def _parse_line(line: str, path: Path, lineno: int, schema: str) -> Any:
+    """One JSON line; NaN and ±Infinity (which Python's json would accept) are refused: the
+    writers never write them, so one in a file is corruption."""
+    try:
+        return json.loads(line, parse_constant=_refuse_constant)
+    except _NonFinite as e:
+        d = json.loads(line)
+        raise SchemaError(f"{path}:{lineno}: {_describe(schema, d)}: field {_non_finite_field(d) or '?'} "
+                          f"is {e}, not a finite number; {remake(path)}") from None
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg}); {remake(path)}") from None
+
+
 def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
-    """Yield the records of a file written by :func:`write_jsonl` with the same schema."""
+    """Yield the records of a file written by :func:`write_jsonl` with the same schema.
+
+    The header and the end line are checked before the first record is yielded, the record
+    count after the last one: a file cut short is refused with one line naming it.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found (expected schema {schema})")
@@ -104,16 +200,64 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
                 f"{path}: {schema} version {header.get('version')!r} is not supported "
                 f"(this icdrl reads version {SCHEMAS[schema]})"
             )
+        expected = _expected_count(path, schema)
+        n, ended = 0, False
         for lineno, line in enumerate(fh, start=2):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not line.strip():
+                continue
+            if ended:
+                raise SchemaError(f"{path}:{lineno}: a line after the end line; {remake(path)}")
+            d = _parse_line(line, path, lineno, schema)
+            if is_end_line(d):
+                ended = True
+                continue
+            n += 1
+            yield d
+        if n != expected:
+            raise SchemaError(f"{path}: incomplete: {n} records, its end line says {expected}; {remake(path)}")
 
 
 def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
     return list(iter_jsonl(path, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# Other outputs: CSV tables with an end line; zip-based binaries (.npz, torch checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+CSV_END = "# end: {n} rows"
+
+
+def csv_end_line(n: int) -> str:
+    """The last line of a complete CSV of ``n`` data rows (a comment: ``pandas.read_csv(...,
+    comment="#")`` skips it)."""
+    return CSV_END.format(n=n)
+
+
+def check_csv_complete(path: str | os.PathLike) -> int:
+    """The data-row count of a CSV written with :func:`csv_end_line` last; refuses a CSV without
+    it or whose row count differs (cut short), with one line naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    prefix, _, rest = last.partition(": ")
+    n_text = rest[: -len(" rows")] if rest.endswith(" rows") else ""
+    if prefix != "# end" or not n_text.isdigit():
+        raise SchemaError(f"{path}: incomplete: no end line '{csv_end_line(0).replace('0', 'N')}' "
+                          f"(cut short, or written by an older icdrl); {remake(path)}")
+    n = int(n_text)
+    rows = len(lines) - 2  # header and end line
+    if rows != n:
+        raise SchemaError(f"{path}: incomplete: {rows} rows, its end line says {n}; {remake(path)}")
+    return n
+
+
+def corrupt_file_error(path: str | os.PathLike, e: BaseException) -> SchemaError:
+    """One line for a binary output (``.npz``, ``.pt``) that cannot be read: cut short or corrupt."""
+    first = (str(e).strip().splitlines() or [""])[0][:120]
+    return SchemaError(f"{path}: cannot be read, cut short or corrupt ({type(e).__name__}: {first}); {remake(path)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +268,10 @@ def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
 #: Where a candidate sequence came from (SPEC §4).
 SOURCES: tuple[str, ...] = ("beam", "random", "similar")
 
-#: Evaluation methods (SPEC §8).
-METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "v2", "v3")
+#: Evaluation methods (SPEC §8): the ablations (``shuffled``, ``no_images``) re-answer another
+#: method's ICDs, named in their ``spec`` (``icdrl.ablations``).
+METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy",
+                            "v2", "v3", "per_shot", "shuffled", "no_images")
 
 
 def _field_error(where: str, name: str, msg: str) -> SchemaError:
@@ -346,13 +492,19 @@ class ScoredRecord(CandidateRecord):
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One (method, k, test query) answer (``icdrl.eval``).
+    """One (method, k, query) answer (``icdrl.eval``, version 2).
 
     ``icd_ids``/``icd_pos`` are in prompt order (first = farthest from the query). Zero-shot
     has one record per k in the evaluated shots, all with no ICD and the same answer (generated
-    once), so that every method has a value at every shot. The cell's knobs ``mode, use_rank,
-    hard_weight, soft_weight, alpha, beta, info_scale`` are set for v3 cells (null where the
-    mode ignores a knob) and null for every other method.
+    once), so that every method has a value at every shot. ``cell`` and ``spec``: for a v3 cell
+    its slug and canonical dict (:meth:`icdrl.grid.Cell.as_dict`: mode, knobs, use_rank, training
+    overrides); for ``per_shot`` the slug of the cell chosen at this k and
+    ``{"chosen": <that cell's dict>, "val_acc": ..., "n_val": ...}``; for an ablation
+    (``shuffled``, ``no_images``) the ablated record's cell and ``{"ablation": ..., "of": {"method",
+    "cell", "spec"} of the ablated record, "shuffle_seed": ...}``; null for other methods. RICES
+    and ``copy`` records have no pool positions (``icd_pos`` empty). ``image_id`` is the query's
+    ``Example.image_id`` (null if unknown): questions sharing an image are one cluster of the
+    report's bootstrap.
     """
 
     SCHEMA: ClassVar[str] = "icdrl.eval"
@@ -366,22 +518,21 @@ class EvalRecord:
     prediction_raw: str
     prediction: str
     acc: float
-    mode: str | None = None
-    use_rank: bool | None = None
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    spec: dict | None = None
+    image_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> EvalRecord:
         method = _str(d, "method", where)
         if method not in METHODS:
             raise _field_error(where, "method", f"must be one of {METHODS}, got {method!r}")
-        use_rank = d.get("use_rank")
-        if use_rank is not None and not isinstance(use_rank, bool):
-            raise _field_error(where, "use_rank", f"must be true, false or null, got {use_rank!r}")
+        spec = d.get("spec")
+        if spec is not None and not isinstance(spec, dict):
+            raise _field_error(where, "spec", f"must be an object or null, got {spec!r}")
+        if method in ("v3", "per_shot") and (spec is None or d.get("cell") is None):
+            raise _field_error(where, "spec", f"and 'cell' are required for method {method}")
+        if method in ("shuffled", "no_images") and not isinstance((spec or {}).get("of"), dict):
+            raise _field_error(where, "spec", f"of an ablation ({method}) must name the method it ablates ('of')")
         return cls(
             method=method,
             cell=_opt_str(d, "cell", where),
@@ -393,13 +544,8 @@ class EvalRecord:
             prediction_raw=_str(d, "prediction_raw", where),
             prediction=_str(d, "prediction", where),
             acc=_float(d, "acc", where),
-            mode=_opt_str(d, "mode", where),
-            use_rank=use_rank,
-            hard_weight=_opt_float(d, "hard_weight", where),
-            soft_weight=_opt_float(d, "soft_weight", where),
-            alpha=_opt_float(d, "alpha", where),
-            beta=_opt_float(d, "beta", where),
-            info_scale=_opt_float(d, "info_scale", where),
+            spec=spec,
+            image_id=_opt_str(d, "image_id", where),
         )
 
     def to_dict(self) -> dict:
@@ -504,9 +650,9 @@ class PartialJsonl:
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropping a torn record line", self.path)
+                d = json.loads(line, parse_constant=_refuse_constant)
+            except (json.JSONDecodeError, _NonFinite):  # killed mid-write, or damaged: recompute from here
+                log.warning("%s: dropping a torn (or non-finite) record line and any after it", self.path)
                 break
             done[record_key(self.schema, d)] = d
         # rewrite without a torn tail so appends start on a clean line

@@ -1,7 +1,9 @@
 """Offline RL losses of the v3 selector (SPEC §7): advantages, RCE warm-up, GRPO.
 
 Every function takes per-candidate tensors shaped ``[N]`` (one group) or ``[G, N]`` (a batch of
-groups padded to N with ``mask`` marking real candidates). Rewards are the raw rewards of
+groups padded to N with ``mask`` marking real candidates). A group with no real candidate (all
+masked, or N = 0) is never trained on: the losses skip it and count it in ``groups_skipped``,
+and its advantages and weights are empty (or 0 where masked). Rewards are the raw rewards of
 :mod:`icdrl.rewards`; they are normalised once, here. Internally group statistics are computed
 in float64 after dividing by the group's largest |reward|, so huge or tiny rewards give neither
 overflow nor NaN; results come back in the dtype of the log-probs (or of the rewards).
@@ -47,6 +49,8 @@ def _check_finite(name: str, x: Tensor, m: Tensor) -> None:
 def _scaled(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """float64 rewards divided by each group's max |r| (1 where that is 0); returns (r', scale)."""
     r64 = torch.where(m, r.to(torch.float64), torch.zeros((), dtype=torch.float64, device=r.device))
+    if r64.shape[-1] == 0:  # no candidates: nothing to scale
+        return r64, torch.ones((*r64.shape[:-1], 1), dtype=torch.float64, device=r.device)
     scale = r64.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return r64 / scale, scale
@@ -55,6 +59,9 @@ def _scaled(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
 def flat_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """Bool [G] (or scalar for [N]): group has zero reward variance (≤ 1 candidate or all equal)."""
     r, m, single = _as_groups(rewards, mask)
+    if r.shape[-1] == 0:  # N = 0: every group is empty, hence flat
+        flat = torch.ones(r.shape[:-1], dtype=torch.bool, device=r.device)
+        return flat[0] if single else flat
     big = torch.finfo(torch.float64).max
     r64 = r.to(torch.float64)
     hi = torch.where(m, r64, torch.full_like(r64, -big)).amax(dim=-1)
@@ -256,7 +263,9 @@ def grpo_loss(
     L_g = −mean_i min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε) A_i) + β·mean_i k3_i; loss = mean_g L_g.
     Kept groups have non-zero reward variance and a positive ratio ≥ ``min_positive_ratio``;
     every other group contributes exactly zero gradient (to the PPO and KL terms alike).
-    ``logp_old``/``logp_ref`` are treated as constants. Diagnostics are over kept candidates.
+    ``logp_old``/``logp_ref`` are treated as constants. Diagnostics are over kept candidates;
+    ``clip_frac`` is the share whose clip binds (TRL's ``clip_ratio``: ρ < 1−ε with A < 0 or
+    ρ > 1+ε with A > 0), not every ratio outside [1−ε, 1+ε].
     """
     lp, m, _ = _as_groups(logp, mask)
     old, _, _ = _as_groups(logp_old, m)
@@ -293,7 +302,10 @@ def grpo_loss(
             a_sel = adv[sel].to(torch.float64)
             diag_ratio_mean = float(rs.mean())
             diag_ratio_max = float(rs.max())
-            diag_clip = float(((rs < 1.0 - clip_eps) | (rs > 1.0 + clip_eps)).to(torch.float64).mean())
+            # TRL's clip_ratio: the share of candidates whose clip binds (the min takes the clipped
+            # term, so the candidate gives no gradient): ρ < 1−ε with A < 0, or ρ > 1+ε with A > 0
+            binds = ((rs < 1.0 - clip_eps) & (a_sel < 0)) | ((rs > 1.0 + clip_eps) & (a_sel > 0))
+            diag_clip = float(binds.to(torch.float64).mean())
             diag_adv_std = float(a_sel.std(unbiased=False))
             diag_adv_mean = float(a_sel.mean())
         else:

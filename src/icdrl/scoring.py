@@ -2,7 +2,7 @@
 
 For every candidate sequence of every anchor, the LVLM answers the anchor greedily with the
 candidate's ICDs; the record keeps the raw and post-processed prediction,
-``vqa_acc_score = vqa_accuracy(prediction, anchor.answers)`` and
+``vqa_acc_score = vqa_accuracy(prediction, anchor.answers, scoring.metric)`` and
 ``vqa_correct = 1[vqa_acc_score >= correct_threshold]``.
 
 Identical sequences of one anchor are generated once. Anchors are sent in chunks of at least
@@ -38,6 +38,7 @@ def score_records(
     train_by_id: dict[int, Example],
     *,
     correct_threshold: float = 1.0,
+    metric: str = "official",
     max_new_tokens: int | None = None,
     where: str = "candidates",
 ) -> list[ScoredRecord]:
@@ -62,7 +63,7 @@ def score_records(
         scored = []
         for c in rec.candidates:
             g = gens[keys[(rec.anchor_id, c.icd_ids)]]
-            acc = float(vqa_accuracy(g.answer, answers))
+            acc = float(vqa_accuracy(g.answer, answers, metric))
             scored.append(ScoredCandidate.from_candidate(
                 c, prediction_raw=g.raw, prediction=g.answer, vqa_acc_score=acc,
                 vqa_correct=int(vqa_correct(acc, correct_threshold)),
@@ -70,6 +71,14 @@ def score_records(
         out.append(ScoredRecord(anchor_id=rec.anchor_id, pool=rec.pool, zero_shot_logprob=rec.zero_shot_logprob,
                                 zero_shot_prob=rec.zero_shot_prob, candidates=tuple(scored)))
     return out
+
+
+def _metric(value, key: str) -> str:
+    from icdrl.metrics import METRICS
+
+    if value not in METRICS:
+        raise ValueError(f"{key} must be one of {METRICS}, got {value!r}")
+    return value
 
 
 def chunks_by_prompts(records: Sequence[CandidateRecord], min_prompts: int) -> list[list[CandidateRecord]]:
@@ -98,16 +107,18 @@ def score_shard(
 ) -> None:
     """Write ``icdrl.scored`` for every anchor of ``candidates_path`` (resumable).
 
-    ``scoring_cfg``: ``correct_threshold`` (default 1.0), optional ``chunk_prompts`` (default
+    ``scoring_cfg``: ``correct_threshold`` (default 1.0), ``metric`` (``official`` |
+    ``normalised``, default official; ``icdrl.metrics``), optional ``chunk_prompts`` (default
     4 × model batch size). ``backend`` (tests) replaces ``icdrl.lvlm.load_backend``.
     """
     from icdrl.data import load_dataset
 
     threshold = float(scoring_cfg.get("correct_threshold", 1.0))
+    metric = _metric(scoring_cfg.get("metric", "official"), "scoring.metric")
     chunk_prompts = int(scoring_cfg.get("chunk_prompts", 4 * int(model_cfg.get("batch_size", 32))))
     records = read_records(candidates_path, CandidateRecord)
     train = examples_by_id(load_dataset(dataset_cfg, "train"), "train split")
-    fp = fingerprint({"threshold": threshold, "model": model_fingerprint(model_cfg, model_path),
+    fp = fingerprint({"threshold": threshold, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
                       "cands": [(r.anchor_id, [c.icd_ids for c in r.candidates]) for r in records]})
     partial = PartialJsonl(out_path, ScoredRecord.SCHEMA, fp)
     done = partial.load()
@@ -121,7 +132,8 @@ def score_shard(
     try:
         for chunk in chunks_by_prompts(todo, chunk_prompts):
             t0 = time.perf_counter()
-            scored = score_records(backend, chunk, train, correct_threshold=threshold, where=str(candidates_path))
+            scored = score_records(backend, chunk, train, correct_threshold=threshold, metric=metric,
+                                   where=str(candidates_path))
             dicts = [s.to_dict() for s in scored]
             partial.append(dicts)
             for s, d in zip(scored, dicts):

@@ -299,7 +299,14 @@ class PointerSelector(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PointerSelector":
         """Rebuild a selector from a checkpoint written by :meth:`save` (returned in eval mode)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            from icdrl.records import corrupt_file_error  # noqa: PLC0415
+
+            raise corrupt_file_error(path, e) from None
         if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a selector checkpoint (needs 'config' and 'state_dict')")
         mcfg = ckpt["config"].get("model")
@@ -331,3 +338,35 @@ def select_for_query(model: PointerSelector, query_vec: Any, pool_vecs: Any, k: 
     if not 0 <= k <= pool.shape[0]:
         raise ValueError(f"cannot select k={k} items from a pool of {pool.shape[0]}")
     return [int(i) for i in model.select(q, pool, k)]
+
+
+# ---------------------------------------------------------------------------- label order (SPEC §7)
+
+#: ``prompt``: taught the ICDs in prompt order (the reference implementation's); ``selection``:
+#: in the order beam search chose them (best single ICD first)
+LABEL_ORDERS = ("prompt", "selection")
+
+
+def _check_order(label_order: str, insert: str) -> None:
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"label_order must be one of {LABEL_ORDERS}, got {label_order!r}")
+    if insert not in ("first", "last"):
+        raise ValueError(f"insert must be 'first' or 'last', got {insert!r}")
+
+
+def label_sequence(prompt_seq: tuple[int, ...], label_order: str, insert: str) -> tuple[int, ...]:
+    """The order a selector is taught a candidate sequence given in prompt order.
+
+    With ``insert: first`` each new ICD went to the front, so the selection order is the prompt
+    order reversed; with ``insert: last`` the two coincide.
+    """
+    _check_order(label_order, insert)
+    seq = tuple(prompt_seq)
+    return seq[::-1] if label_order == "selection" and insert == "first" else seq
+
+
+def prompt_sequence(picks: list[int], label_order: str, insert: str) -> list[int]:
+    """The prompt order of a selector's k picks: as picked (``prompt``), or placed one by one by
+    the ``insert`` rule (``selection``: with ``first`` the first pick ends nearest the query)."""
+    _check_order(label_order, insert)
+    return list(picks)[::-1] if label_order == "selection" and insert == "first" else list(picks)

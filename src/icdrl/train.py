@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -41,9 +42,9 @@ import torch
 from torch import Tensor
 
 from icdrl import rl
-from icdrl.records import atomic_path, read_jsonl
+from icdrl.records import atomic_path, corrupt_file_error, csv_end_line, read_jsonl
 from icdrl.rewards import MODES
-from icdrl.selector import PointerSelector
+from icdrl.selector import LABEL_ORDERS, PointerSelector, label_sequence
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class _Config:
             raise ValueError(f"{n}.selection 'best' needs val_fraction > 0")
         if self.grad_clip <= 0:
             raise ValueError(f"{n}.grad_clip must be > 0, got {self.grad_clip}")
+        if self.label_order not in LABEL_ORDERS:
+            raise ValueError(f"{n}.label_order must be one of {LABEL_ORDERS}, got {self.label_order!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{n}.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
 
@@ -133,6 +136,7 @@ class V2Config(_Config):
     val_fraction: float = 0.1     # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
     val_seed: int = 0             # seed of the anchor train/val split (shared by v2 and v3) [0]
     selection: str = "last"       # checkpoint kept: "last" epoch or "best" val_reward [last]
+    label_order: str = "prompt"   # labels in "prompt" order or beam "selection" order (SPEC §7) [prompt]
     save_epochs: bool = False     # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"           # torch device, "cpu" or "cuda[:i]" [cpu]
 
@@ -174,6 +178,7 @@ class V3Config(_Config):
     val_fraction: float = 0.1         # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
     val_seed: int = 0                 # seed of the anchor train/val split (same as v2's → same split) [0]
     selection: str = "last"           # "last" epoch, or "best" GRPO epoch by validation proxy [last]
+    label_order: str = "prompt"       # as V2Config.label_order; its v2 must have been trained with the same [prompt]
     save_epochs: bool = False         # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"               # torch device, "cpu" or "cuda[:i]" [cpu]
 
@@ -266,6 +271,8 @@ class Group:
         where = f"anchor {self.query_id}"
         if not self.pool:
             raise ValueError(f"{where}: empty pool")
+        if n == 0:
+            raise ValueError(f"{where}: a group needs at least one candidate sequence, got none")
         for name in ("rewards", "info", "sources") + (("hard",) if self.hard is not None else ()):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences")
@@ -297,8 +304,10 @@ def _positions(path: Any, rec: dict, cand: dict) -> tuple[int, ...]:
     return pos
 
 
-def _num(path: Any, aid: Any, name: str, v: Any) -> float:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _num(path: Any, aid: Any, name: str, v: Any, *, missing_ok: bool = True) -> float:
+    """A finite number; ``None`` counts as 0 where ``missing_ok`` (SPEC §6: a missing input).
+    NaN is never a missing value: it is an error naming the file and the anchor."""
+    if v is None and missing_ok:
         return 0.0
     if isinstance(v, bool):
         return float(v)
@@ -317,13 +326,17 @@ def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
     except (OSError, ValueError, AttributeError):
         pass  # read_jsonl reports the problem with the file's name
     recs = read_jsonl(candidates_path, schema)
-    groups = []
+    groups: list[Group] = []
+    empty: list = []
     for rec in recs:
         for key in ("anchor_id", "pool", "candidates"):
             if key not in rec:
                 raise ValueError(f"{candidates_path}: a record lacks {key!r}")
         aid = rec["anchor_id"]
         cands = rec["candidates"]
+        if not cands:
+            empty.append(aid)
+            continue
         info = tuple(_num(candidates_path, aid, "info_score", c.get("info_score")) for c in cands)
         try:
             groups.append(Group(
@@ -334,7 +347,7 @@ def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
             ))
         except ValueError as e:
             raise ValueError(f"{candidates_path}: {e}") from None
-    return groups
+    return _non_empty(groups, empty, candidates_path)
 
 
 def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike) -> list[Group]:
@@ -348,7 +361,8 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
         if "anchor_id" not in r or "rewards" not in r or "hard" not in r:
             raise ValueError(f"{rewards_path}: a record lacks 'anchor_id', 'rewards' or 'hard'")
         rewards[r["anchor_id"]] = r
-    groups = []
+    groups: list[Group] = []
+    empty: list = []
     for rec in scored:
         aid = rec.get("anchor_id")
         if aid not in rewards:
@@ -359,12 +373,16 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
             raise ValueError(
                 f"{rewards_path}: anchor {aid} has {len(rr['rewards'])} rewards for {len(cands)} scored candidates"
             )
+        r = tuple(_num(rewards_path, aid, "rewards", x, missing_ok=False) for x in rr["rewards"])
+        h = tuple(_num(rewards_path, aid, "hard", x, missing_ok=False) for x in rr["hard"])
+        if not cands:
+            empty.append(aid)
+            continue
         try:
             groups.append(Group(
                 query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
                 seqs=tuple(_positions(scored_path, rec, c) for c in cands),
-                rewards=tuple(_num(rewards_path, aid, "rewards", x) for x in rr["rewards"]),
-                hard=tuple(_num(rewards_path, aid, "hard", x) for x in rr["hard"]),
+                rewards=r, hard=h,
                 info=tuple(_num(scored_path, aid, "info_score", c.get("info_score")) for c in cands),
                 sources=tuple(str(c.get("source", "")) for c in cands),
             ))
@@ -373,6 +391,16 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
     extra = set(rewards) - {rec.get("anchor_id") for rec in scored}
     if extra:
         raise ValueError(f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})")
+    return _non_empty(groups, empty, scored_path)
+
+
+def _non_empty(groups: list[Group], empty: list, path: Any) -> list[Group]:
+    """``groups``, after logging how many anchors had no candidate (skipped); none left is an error."""
+    if empty:
+        log.warning("%s: %d of %d anchors have no candidate sequence and are skipped (e.g. anchor %s)",
+                    path, len(empty), len(empty) + len(groups), empty[0])
+    if not groups:
+        raise ValueError(f"{path}: no anchor has a candidate sequence ({len(empty)} empty groups)")
     return groups
 
 
@@ -385,6 +413,14 @@ def sft_group(g: Group, top_beams: int) -> Group | None:
     pick = lambda xs: tuple(xs[i] for i in beams)  # noqa: E731
     return Group(g.query_id, g.pool, pick(g.seqs), pick(g.rewards),
                  None if g.hard is None else pick(g.hard), pick(g.info), pick(g.sources))
+
+
+def in_label_order(groups: Sequence[Group], label_order: str, insert: str) -> list[Group]:
+    """``groups`` with every candidate sequence in the order the selector is taught (SPEC §7)."""
+    if label_order == "prompt":
+        return list(groups)
+    return [dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))
+            for g in groups]
 
 
 # ============================================================================ embeddings and packing
@@ -425,11 +461,15 @@ class EmbeddingTable:
 
 def load_embeddings(path: str | os.PathLike) -> EmbeddingTable:
     """An ``.npz`` with ``ids`` (int64 [N]) and ``emb`` (float32 [N, d])."""
-    with np.load(path) as z:
-        for k in ("ids", "emb"):
-            if k not in z:
-                raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
-        return EmbeddingTable.from_arrays(z["ids"], z["emb"], str(path))
+    try:
+        with np.load(path) as z:
+            for k in ("ids", "emb"):
+                if k not in z:
+                    raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
+            ids, emb = z["ids"], z["emb"]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise corrupt_file_error(path, e) from None
+    return EmbeddingTable.from_arrays(ids, emb, str(path))
 
 
 @dataclass
@@ -450,6 +490,8 @@ class Packed:
 
 def pack_groups(groups: Sequence[Group], table: EmbeddingTable) -> Packed:
     """Pad ``groups`` into tensors; checks every id has an embedding and every sequence is valid."""
+    if not groups:
+        raise ValueError("pack_groups: no groups to pack")
     g = len(groups)
     k = max((len(x.pool) for x in groups), default=1)
     n = max((len(x.seqs) for x in groups), default=1)
@@ -579,7 +621,8 @@ def _row(phase: str, epoch: int, **vals: Any) -> dict[str, Any]:
 
 
 def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply."""
+    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply; the
+    last line is :func:`icdrl.records.csv_end_line` (the row count)."""
     with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
@@ -587,6 +630,7 @@ def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
             for r in rows:
                 w.writerow(["" if r.get(c) is None else (repr(float(r[c])) if isinstance(r[c], float) else r[c])
                             for c in METRIC_COLUMNS])
+            fh.write(csv_end_line(len(rows)) + "\n")  # last: a CSV cut short is refused by its readers
 
 
 def _epoch_path(out_ckpt: str | os.PathLike, phase: str, epoch: int) -> str:
@@ -872,28 +916,40 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
 
 
 def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[str, Any] | None, seed: int,
-                   out_ckpt: str, out_metrics: str) -> None:
-    """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV."""
+                   out_ckpt: str, out_metrics: str, *, insert: str = "first") -> None:
+    """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV.
+
+    ``insert`` is the candidates' insertion side, which fixes the beams' selection order.
+    """
     cfg = V2Config.from_dict(v2_cfg)
-    groups = load_candidate_groups(candidates_path)
+    groups = in_label_order(load_candidate_groups(candidates_path), cfg.label_order, insert)
     table = load_embeddings(train_emb_path)
     model, rows, meta = train_v2(groups, table, cfg, int(seed), out_ckpt=out_ckpt)
-    model.save(out_ckpt, meta)
+    model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert})
     write_metrics(rows, out_metrics)
 
 
-def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str,
+def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str, *,
                    v3_cfg: Mapping[str, Any] | None, use_rank: bool, seed: int, out_ckpt: str,
-                   out_metrics: str) -> None:
-    """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file."""
+                   out_metrics: str, insert: str = "first", cell: Mapping[str, Any] | None = None) -> None:
+    """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file.
+
+    ``cell`` (:meth:`icdrl.grid.Cell.as_dict`) is stored in the checkpoint. The v2 checkpoint
+    must have been trained with this cell's label order and insertion side.
+    """
     cfg = V3Config.from_dict(v3_cfg)
     if not isinstance(use_rank, bool):
         raise ValueError(f"use_rank must be true or false, got {use_rank!r}")
     model = PointerSelector.load(v2_ckpt)
-    groups = load_groups(scored_path, rewards_path)
+    parent = (model.checkpoint_config.get("label_order", "prompt"), model.checkpoint_config.get("insert", insert))
+    if parent != (cfg.label_order, insert):
+        raise ValueError(f"{v2_ckpt}: trained with label_order={parent[0]}, insert={parent[1]}; this v3 cell "
+                         f"needs label_order={cfg.label_order}, insert={insert}")
+    groups = in_label_order(load_groups(scored_path, rewards_path), cfg.label_order, insert)
     table = load_embeddings(train_emb_path)
     model, rows, meta = train_v3(model, groups, table, cfg, use_rank, int(seed), out_ckpt=out_ckpt)
-    model.save(out_ckpt, meta)
+    model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert,
+                          "cell": dict(cell) if cell is not None else None})
     write_metrics(rows, out_metrics)
 
 

@@ -18,7 +18,7 @@ MODEL_INPUT = [L.lvlm_model] if L.embedded else []
 # the encoder needs the LVLM only for encoder "lvlm"
 ENCODER_INPUT = MODEL_INPUT if config["embeddings"]["encoder"] == "lvlm" else []
 
-REPORT_FILES = report_files(L.report_dir)
+REPORT_FILES = report_files(L.report_dir, [e.name for e in L.experiments()])
 
 
 # ---- the report (rules/report.smk)
@@ -30,9 +30,11 @@ REPORT_CATEGORY = {
     "vs_legacy": "3 Comparisons",
     "delta_vs_legacy": "3 Comparisons",
     "vs_v2": "3 Comparisons",
-    "exp1_modes": "4 Experiments",
-    "exp2_use_rank": "4 Experiments",
-    "exp3_weights": "4 Experiments",
+    "per_shot": "3 Comparisons",
+    "diagnostics": "5 Diagnostics",
+    "copy_rates": "5 Diagnostics",
+    "ablations": "5 Diagnostics",
+    "ablation_delta": "5 Diagnostics",
     "rl_groups": "5 RL data",
     "rl_advantages": "5 RL data",
     "reward_hist": "5 RL data",
@@ -44,13 +46,27 @@ REPORT_CATEGORY = {
 
 
 def report_output(path):
-    """`path`, marked for the HTML report if it is a table's HTML, a plot's PNG or the summary."""
+    """`path`, marked for the HTML report if it is a table's HTML, a plot's PNG or the summary;
+    an experiment's files (exp-<name>, exp-<name>-delta) share one caption per kind."""
     stem, ext = Path(path).stem, Path(path).suffix
-    if ext in (".html", ".png"):
+    if stem == "config":
+        return report(path, caption="../report/config.rst", category="8 Config", labels={"shows": "config"})
+    if ext not in (".html", ".png"):
+        return path
+    if stem.startswith("exp-"):
+        kind = "experiment_delta" if stem.endswith("-delta") else "experiment"
+        name = stem[len("exp-") :].removesuffix("-delta")
         return report(
             path,
-            caption=f"../report/{stem}.rst",
-            category=REPORT_CATEGORY.get(stem, "7 Other"),
+            caption=f"../report/{kind}.rst",
+            category="4 Experiments",
+            subcategory=name,
+            labels={"experiment": name, "shows": "plot" if kind.endswith("delta") else "table"},
         )
-    return path
+    return report(
+        path,
+        caption=f"../report/{stem}.rst",
+        category=REPORT_CATEGORY.get(stem, "7 Other"),
+        labels={"shows": stem.replace("_", " ")},
+    )
 

@@ -1,8 +1,12 @@
-# Stage 5: every method on the test queries at shots 1-4 (per-query records).
+# Stage 5: every method at shots 1-4 (per-query records): the baselines, RICES over the whole
+# training split and the copy baseline, v2 and every v3 cell on the test queries; every v3 cell
+# on the validation queries too (pools.n_val > 0), from which per_shot picks, per shot, the best
+# cell; and the ablations (shuffled order, no demonstration images) of evaluation.ablate.
+import re
 
 EVAL_INPUT = dict(
     model=MODEL_INPUT,
-    test_pools=L.pools_test,
+    pools=L.pools_test,
     eval_emb=L.emb.format(split="eval"),
     train_emb=L.emb.format(split="train"),
 )
@@ -17,6 +21,27 @@ rule evaluate_baseline:
         logfile(L.eval_baseline),
     benchmark:
         benchfile(L.eval_baseline)
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_rices:
+    # the RICES variants (one backend for all of them) and the copy baseline (no LVLM)
+    input:
+        **EVAL_INPUT,
+    output:
+        list(L.eval_rices.values()),
+    params:
+        methods=list(L.eval_rices),
+    log:
+        logfile(L.eval_rices["copy"]),
+    benchmark:
+        benchfile(L.eval_rices["copy"])
     threads: 1
     resources:
         gpu=1,
@@ -48,9 +73,14 @@ rule evaluate_v2:
 rule evaluate_v3:
     input:
         **EVAL_INPUT,
+        val_pools=[L.pools_val] if L.n_val else [],
         selector=L.v3_ckpt,
     output:
-        L.eval_v3,
+        # the test queries, and the validation queries in the same job (pools.n_val > 0)
+        test=L.eval_v3,
+        val=[L.val_v3] if L.val_v3 else [],
+    params:
+        cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict(),
     log:
         logfile(L.eval_v3),
     benchmark:
@@ -62,3 +92,44 @@ rule evaluate_v3:
         "../envs/icdrl.yaml"
     script:
         "../scripts/evaluate.py"
+
+
+if L.per_shot:
+
+    rule select_per_shot:
+        input:
+            val=lambda w: L.v3_evals("val", int(w.seed)),
+            test=lambda w: L.v3_evals("test", int(w.seed)),
+        output:
+            L.per_shot,
+        log:
+            logfile(L.per_shot),
+        localrule: True
+        conda:
+            "../envs/icdrl.yaml"
+        script:
+            "../scripts/select_per_shot.py"
+
+
+if L.ablate:
+
+    rule evaluate_ablation:
+        # both ablations of one ablated method's eval file (one backend), beside it
+        input:
+            model=MODEL_INPUT,
+            base="{ablated}.jsonl",
+        output:
+            **L.ablation_outputs("{ablated}.jsonl"),
+        wildcard_constraints:
+            ablated="|".join(re.escape(b[: -len(".jsonl")]) for b in L.ablation_bases()),
+        log:
+            "{ablated}.ablations.log",
+        benchmark:
+            "{ablated}.ablations.benchmark.tsv"
+        threads: 1
+        resources:
+            gpu=1,
+        conda:
+            "../envs/icdrl.yaml"
+        script:
+            "../scripts/evaluate.py"

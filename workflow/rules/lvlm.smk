@@ -20,7 +20,8 @@ if L.embedded:
         input:
             model=L.lvlm_model,
         output:
-            L.icl_check,
+            report(L.icl_check, caption="../report/icl_check.rst", category="8 Config",
+                   labels={"shows": "embedded LVLM in-context check"}),
         params:
             # the check's own knobs (not part of the model's path): a change reruns only the
             # check; canonical JSON, so that key order and 1 vs 1.0 are no change

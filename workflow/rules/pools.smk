@@ -1,4 +1,4 @@
-# Per-query candidate pools (K train ids) for the training anchors and the test queries.
+# Per-query candidate pools (K train ids) for the training anchors, the test and the validation queries.
 
 
 rule pools:

@@ -1,9 +1,29 @@
-# The final rule: tables, plots and summary for this config's grid (icdrl.report.build_report).
+# The final rule: tables, plots and summary for this config's grid (icdrl.report.build_report):
+# fixed tables and plots, plus one table, delta plot and summary paragraph per experiment.
+# Its folder is keyed by the evaluation files it covers, so a restricted run (REWARD_MODE=...)
+# writes its own report and never overwrites the full one.
 # Marked files appear in `snakemake --report`, with captions from workflow/report/<name>.rst.
+
+
+rule answers:
+    # the training split's answers, for the report's copy-rate diagnostics (written once per dataset)
+    output:
+        L.answers,
+    log:
+        logfile(L.answers),
+    benchmark:
+        benchfile(L.answers)
+    threads: 1
+    conda:
+        "../envs/icdrl.yaml"
+    script:
+        "../scripts/answers.py"
+
 
 rule report:
     input:
         evals=L.all_eval(),
+        answers=L.answers,
         metrics=list(L.labelled_metrics().values()),
         rewards=L.all_rewards(),
         scored=L.scored,
@@ -13,6 +33,8 @@ rule report:
         out_dir=lambda w, output: os.path.dirname(output[0]),
         metrics_labels=list(L.labelled_metrics()),
         rewards_labels=[r.slug for r in L.reward_specs()],
+        experiments=[e.as_dict() for e in L.experiments()],
+        report_cfg=config["report"],
     log:
         f"{L.report_dir}.log",
     benchmark:

@@ -17,10 +17,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# the checkout's library first (works under --use-conda without installing icdrl in the env)
+# The checkout's library first, whatever else is installed (an editable install of another
+# checkout, a site-packages copy, a .pth entry): Snakemake's script preamble appends the parent's
+# sys.path, which already holds <checkout>/src, but *after* site-packages, so a guard "if not in
+# sys.path" would skip the insert. Put it at position 0 unconditionally (works under --use-conda
+# and in SLURM jobs alike: nothing depends on the job's environment) and refuse an icdrl that
+# was imported from elsewhere before this line ran.
 _SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
+while str(_SRC) in sys.path:
+    sys.path.remove(str(_SRC))
+sys.path.insert(0, str(_SRC))
+
+
+def icdrl_origin() -> Path:
+    """The folder the imported ``icdrl`` package comes from; raises if it is not this checkout's."""
+    import icdrl
+
+    origin = Path(icdrl.__file__).resolve().parent
+    if origin != _SRC.resolve() / "icdrl":
+        raise ImportError(f"icdrl was imported from {origin}, not from this checkout's {_SRC / 'icdrl'}")
+    return origin
 
 
 def _redirect_output(log_path: str) -> Any:
@@ -75,6 +91,7 @@ def run(snakemake: Any, main: Callable[[Any], None]) -> None:
     log.info("rule %s%s: start (threads %d)", snakemake.rule, f" {wc}" if wc else "", snakemake.threads)
     t0 = time.perf_counter()
     try:
+        log.info("icdrl from %s", icdrl_origin())
         main(snakemake)
     except BaseException as e:  # noqa: BLE001 - report every failure, then exit non-zero
         traceback.print_exc()

@@ -8,9 +8,7 @@ def main(sm):
     from icdrl.rewards import write_rewards
 
     spec = parse_reward_slug(sm.wildcards.reward)
-    # knobs the mode ignores get the config's values; they do not change the result
-    knobs = {"hard_weight": 1.0, "soft_weight": 1.0, **sm.config["rewards"], **spec.knobs()}
-    write_rewards(str(sm.input.scored), spec.mode, out_path=str(sm.output[0]), **knobs)
+    write_rewards(str(sm.input.scored), spec.mode, knobs=spec.as_dict(), out_path=str(sm.output[0]))
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

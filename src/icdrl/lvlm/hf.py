@@ -601,7 +601,7 @@ class HFBackend:
         if not self._use_skeletons:
             return self._render_template(messages, answer is None)
         texts = [part["text"] for m in messages for part in m["content"] if part.get("type") == "text"]
-        key = (len(prompt[0]), answer is None)
+        key = (tuple(bool(ex.image) for ex in prompt[0]), answer is None)  # which demonstrations show an image
         pieces = self._skeletons.get(key)
         if pieces is None:
             pieces = self._skeleton(messages, answer is None, len(texts))
@@ -872,8 +872,9 @@ class HFBackend:
         return Encoded(tuple(item.ids), item.images, item.start, item.end)
 
     def _images(self, prompt: Prompt) -> tuple[str, ...]:
+        """The prompt's image paths in order; a demonstration with an empty ``image`` shows none."""
         demos, query = prompt
-        return tuple(str(ex.image) for ex in (*demos, query))
+        return tuple(str(ex.image) for ex in (*demos, query) if ex.image)
 
     def _item_cached(self, prompt: Prompt, answer: str | None, *, full: bool = False) -> _Item:
         images = self._images(prompt)

@@ -3,7 +3,9 @@
 One user turn holds, per demonstration (ICD) in selection order,
 ``<image> Question: {q} Short answer: {a}``, then ``<image> Question: {q} Short answer:`` for
 the query. The answer is the assistant turn, for scoring and generation alike. The optional
-system prompt never states a number of examples.
+system prompt never states a number of examples. A demonstration whose ``image`` is empty is
+shown without an image, as its text alone (the ``no_images`` ablation, ``icdrl.ablations``); the
+query always has its image.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def build_messages(
     """Chat messages for ``demos`` + ``query``; with ``answer`` the assistant turn is appended."""
     content: list[dict] = []
     for ex in demos:
-        content.append({"type": "image"})
+        if ex.image:
+            content.append({"type": "image"})
         content.append({"type": "text", "text": demo_text(ex)})
+    if not query.image:
+        raise ValueError(f"query {query.id} has no image")
     content.append({"type": "image"})
     content.append({"type": "text", "text": query_text(query)})
     messages: list[dict] = []

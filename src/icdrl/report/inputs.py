@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icdrl.records import read_jsonl
+from icdrl.grid import Cell
+from icdrl.records import check_csv_complete, read_jsonl
+from icdrl.rewards import MODES
 
 __all__ = [
+    "ABLATIONS",
     "BASELINES",
+    "DISPLAY",
     "MODE_ORDER",
     "MethodInfo",
     "EvalData",
@@ -30,79 +34,111 @@ __all__ = [
     "METRIC_COLUMNS",
 ]
 
-BASELINES = ("zero_shot", "random", "similarity", "v2")
-METHODS = BASELINES + ("v3",)
-MODE_ORDER = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
+BASELINES = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy", "v2", "per_shot")
+#: ablations of another method (``icdrl.ablations``): reported against it, not as methods of their own
+ABLATIONS = ("shuffled", "no_images")
+METHODS = BASELINES + ("v3",) + ABLATIONS
+#: what a reader sees for a method (the record's ``method`` stays the key)
+DISPLAY = {
+    "similarity": "similarity (within pool)",
+    "rices_image": "RICES (image)",
+    "rices_text": "RICES (question)",
+    "rices": "RICES (image+question)",
+    "copy": "copy (RICES majority answer)",
+}
+ABLATION_DISPLAY = {"shuffled": "shuffled order", "no_images": "no demonstration images"}
+MODE_ORDER = MODES
 METRIC_COLUMNS = (
     "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
     "adv_std", "groups_kept", "groups_skipped", "val_reward",
 )
 
 
-def _fmt_w(w: float | None) -> str:
-    if w is None:
-        return "-"
-    return f"{w:g}"
-
-
 @dataclass(frozen=True)
 class MethodInfo:
-    """One evaluated method: a baseline, or a v3 grid cell (seeds are replicates of it)."""
+    """One evaluated method: a baseline, ``per_shot``, a v3 grid cell (seeds are replicates of it),
+    or an ablation of one of them (``of``: the ablated method's key, ``of_label`` its name)."""
 
     key: str
     method: str
-    cell: str | None = None
-    mode: str | None = None
-    use_rank: bool | None = None
-    hard_weight: float | None = None
-    soft_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    info_scale: float | None = None
+    cell: Cell | None = None
+    of: str | None = None
+    of_label: str | None = None
 
     @property
-    def weights(self) -> tuple[float | None, float | None]:
-        return (self.hard_weight, self.soft_weight)
+    def ablation(self) -> str | None:
+        return self.method if self.method in ABLATIONS else None
 
     @property
-    def uses_weights(self) -> bool:
-        return self.hard_weight is not None or self.soft_weight is not None
+    def mode(self) -> str | None:
+        return self.cell.mode if self.cell else None
+
+    @property
+    def use_rank(self) -> bool | None:
+        return self.cell.use_rank if self.cell else None
 
     def short(self) -> str:
-        """A compact label: 'rank, w=(1,1)' for a v3 cell, the method name otherwise."""
-        if self.method != "v3":
+        """The cell's label without its mode ('z-score hw=1 sw=1'), the method name otherwise."""
+        if self.cell is None:
             return self.method
-        parts = ["rank" if self.use_rank else "z-score"]
-        if self.uses_weights:
-            parts.append(f"w=({_fmt_w(self.hard_weight)},{_fmt_w(self.soft_weight)})")
-        if self.alpha is not None or self.beta is not None:
-            parts.append(f"α={_fmt_w(self.alpha)},β={_fmt_w(self.beta)}")
-        return ", ".join(parts)
+        return self.cell.label()[len(self.cell.mode) + 1:]
 
     def long(self) -> str:
-        """'v3 <mode> rank, w=(1,1)' for a v3 cell, the method name otherwise."""
-        return self.method if self.method != "v3" else f"v3 {self.mode} {self.short()}"
+        """'v3 <cell label>' for a v3 cell, '<method> [<ablation>]' for an ablation, the method's
+        display name otherwise ('similarity (within pool)', 'RICES (image)', ...)."""
+        if self.ablation:
+            return f"{self.of_label} [{ABLATION_DISPLAY[self.method]}]"
+        return DISPLAY.get(self.method, self.method) if self.cell is None else f"v3 {self.cell.label()}"
 
     def sort_key(self) -> tuple:
-        if self.method != "v3":
+        if self.ablation:
+            return (len(BASELINES) + 1, str(self.of_label), ABLATIONS.index(self.method))
+        if self.cell is None:
             return (BASELINES.index(self.method),)
-        mode_rank = MODE_ORDER.index(self.mode) if self.mode in MODE_ORDER else len(MODE_ORDER)
-        knobs = tuple(-math.inf if v is None else v
-                      for v in (self.hard_weight, self.soft_weight, self.alpha, self.beta, self.info_scale))
-        return (len(BASELINES), mode_rank, self.mode or "", 0 if self.use_rank else 1) + knobs + (self.cell or "",)
+        c = self.cell
+        return (len(BASELINES), MODE_ORDER.index(c.mode) if c.mode in MODE_ORDER else len(MODE_ORDER), c.mode,
+                len(c.train), 0 if c.use_rank else 1, c.reward.knobs, c.slug)
 
 
 @dataclass
 class EvalData:
-    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id."""
+    """Per-query accuracies: ``acc[(key, k)][seed]`` is a Series indexed by query_id.
+
+    ``image_of[query_id]``: the query's image (records' ``image_id``; absent if not recorded),
+    the cluster of the bootstrap. ``icds[(key, k)][seed][query_id]``: the demonstrations chosen
+    (ids in prompt order). ``reward_orders``: which rewards files order every RL group the same
+    way (:class:`icdrl.report.degenerate.RewardEquivalence`, set by the report when it has the
+    rewards files).
+    """
 
     methods: dict[str, MethodInfo]
     acc: dict[tuple[str, int], dict[int | None, pd.Series]]
     shots: list[int]
     sources: list[str] = field(default_factory=list)
+    #: per_shot's choice: ``{(seed, k): (cell slug, validation accuracy, validation queries)}``
+    per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = field(default_factory=dict)
+    image_of: dict = field(default_factory=dict)
+    icds: dict = field(default_factory=dict)
+    reward_orders: object | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: what the diagnostics read: ``answers[(key, k)][seed][query_id] = (prediction, icd_ids)``
+    answers: dict[tuple[str, int], dict[int | None, dict]] = field(default_factory=dict)
+
+    def clusters(self, query_ids) -> list | None:
+        """The image of each query (None where unknown), or None when no record names an image."""
+        if not self.image_of:
+            return None
+        return [self.image_of.get(q) for q in query_ids]
 
     def v3(self) -> list[MethodInfo]:
         return [m for m in self.methods.values() if m.method == "v3"]
+
+    def main(self) -> list[MethodInfo]:
+        """Every method but the ablations (those are reported against the method they ablate)."""
+        return [m for m in self.methods.values() if not m.ablation]
+
+    def ablations(self) -> list[MethodInfo]:
+        return [m for m in self.methods.values() if m.ablation]
 
     def seeds(self, key: str, k: int) -> list[int | None]:
         runs = self.acc.get((key, k), {})
@@ -110,14 +146,6 @@ class EvalData:
 
     def has(self, key: str, k: int) -> bool:
         return bool(self.acc.get((key, k)))
-
-
-def _opt_float(v, where: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{where} must be a finite number or null, got {v!r}")
-    return float(v)
 
 
 def _require(rec: dict, name: str, where: str):
@@ -129,8 +157,8 @@ def _require(rec: dict, name: str, where: str):
 def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
     """Read ``icdrl.eval`` files into :class:`EvalData`, validating every record.
 
-    A (method, cell, seed, k, query_id) seen twice is an error; so is a v3 cell whose records
-    disagree on its knobs, or a v3 record without the knob fields.
+    A (method, cell, seed, k, query_id) seen twice is an error; so is a v3 record whose ``spec``
+    (the cell's canonical dict) is missing or disagrees with its ``cell`` slug.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -138,6 +166,10 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
         raise ValueError("report: eval_paths is empty; nothing to report")
     methods: dict[str, MethodInfo] = {}
     rows: dict[tuple[str, int, int | None], dict] = {}
+    per_shot: dict[tuple[int | None, int], tuple[str, float, int]] = {}
+    chosen: dict[tuple[str, int, int | None], dict] = {}
+    image_of: dict = {}
+    answers: dict[tuple[str, int], dict[int | None, dict]] = {}
     for path in paths:
         for i, rec in enumerate(read_jsonl(path, "icdrl.eval"), start=1):
             where = f"{path}: record {i}"
@@ -158,41 +190,67 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
             if method == "v3":
                 if not isinstance(cell, str) or not cell:
                     raise ValueError(f"{where}: v3 record needs a non-empty 'cell' slug")
-                mode = _require(rec, "mode", where)
-                use_rank = _require(rec, "use_rank", where)
-                if not isinstance(use_rank, bool):
-                    raise ValueError(f"{where}: field 'use_rank' must be true/false, got {use_rank!r}")
-                info = MethodInfo(
-                    key=f"v3:{cell}",
-                    method="v3",
-                    cell=cell,
-                    mode=str(mode),
-                    use_rank=use_rank,
-                    hard_weight=_opt_float(rec.get("hard_weight"), f"{where}: field 'hard_weight'"),
-                    soft_weight=_opt_float(rec.get("soft_weight"), f"{where}: field 'soft_weight'"),
-                    alpha=_opt_float(rec.get("alpha"), f"{where}: field 'alpha'"),
-                    beta=_opt_float(rec.get("beta"), f"{where}: field 'beta'"),
-                    info_scale=_opt_float(rec.get("info_scale"), f"{where}: field 'info_scale'"),
-                )
+                try:
+                    c = Cell.from_dict(_require(rec, "spec", where) or {}, f"{where}: field 'spec'")
+                except ValueError as e:
+                    raise ValueError(str(e)) from None
+                if c.slug != cell:
+                    raise ValueError(f"{where}: field 'cell' is {cell!r} but its spec says {c.slug!r}")
+                info = MethodInfo(key=f"v3:{cell}", method="v3", cell=c)
+            elif method in ABLATIONS:
+                info = _ablation_info(method, rec.get("spec"), where)
             else:
                 info = MethodInfo(key=method, method=method)
+                if method == "per_shot":
+                    spec = _require(rec, "spec", where) or {}
+                    choice = (str(cell), float(spec.get("val_acc", math.nan)), int(spec.get("n_val", 0)))
+                    if per_shot.setdefault((seed, k), choice) != choice:
+                        raise ValueError(f"{where}: per_shot records of seed {seed} at k={k} name two cells")
             old = methods.setdefault(info.key, info)
             if old != info:
-                raise ValueError(f"{where}: cell {cell!r} has knobs {info} but earlier records say {old}")
+                raise ValueError(f"{where}: cell {cell!r} has spec {info} but earlier records say {old}")
             bucket = rows.setdefault((info.key, k, seed), {})
             if qid in bucket:
                 raise ValueError(
                     f"{where}: duplicate record for method={info.key} seed={seed} k={k} query_id={qid!r}"
                 )
             bucket[qid] = float(acc)
+            icd_ids = rec.get("icd_ids")
+            chosen.setdefault((info.key, k, seed), {})[qid] = tuple(icd_ids) if isinstance(icd_ids, list) else None
+            answers.setdefault((info.key, k), {}).setdefault(seed, {})[qid] = (
+                str(rec.get("prediction", "")), tuple(rec.get("icd_ids") or ()))
+            img = rec.get("image_id")
+            if img is not None:
+                if not isinstance(img, str):
+                    raise ValueError(f"{where}: field 'image_id' must be a string or null, got {img!r}")
+                if image_of.setdefault(qid, img) != img:
+                    raise ValueError(f"{where}: query_id {qid!r} has image_id {img!r} but earlier records say "
+                                     f"{image_of[qid]!r}")
     ordered = dict(sorted(methods.items(), key=lambda kv: kv[1].sort_key()))
     acc: dict[tuple[str, int], dict[int | None, pd.Series]] = {}
     for (key, k, seed), qa in rows.items():
         s = pd.Series(qa, dtype=np.float64)
         s = s.sort_index() if _sortable(s.index) else s
         acc.setdefault((key, k), {})[seed] = s
+    icds: dict = {}
+    for (key, k, seed), qc in chosen.items():
+        icds.setdefault((key, k), {})[seed] = qc
     shots = sorted({k for (_, k) in acc})
-    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths])
+    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot,
+                    image_of=image_of, icds=icds, answers=answers)
+
+
+def _ablation_info(method: str, spec, where: str) -> MethodInfo:
+    """The :class:`MethodInfo` of an ablation record: keyed by the ablation and the method it ablates."""
+    of = (spec or {}).get("of") if isinstance(spec, dict) else None
+    if not isinstance(of, dict) or of.get("method") not in BASELINES + ("v3",):
+        raise ValueError(f"{where}: an ablation ({method}) needs spec.of naming the ablated method")
+    if of["method"] == "v3":
+        c = Cell.from_dict(of.get("spec") or {}, f"{where}: field 'spec.of.spec'")
+        of_key, of_label = f"v3:{c.slug}", f"v3 {c.label()}"
+    else:
+        of_key, of_label = of["method"], DISPLAY.get(of["method"], of["method"])
+    return MethodInfo(key=f"{method}:{of_key}", method=method, of=of_key, of_label=of_label)
 
 
 def _sortable(index: pd.Index) -> bool:
@@ -242,7 +300,10 @@ def load_metrics(paths) -> dict[str, pd.DataFrame]:
     for label, path in labelled_paths(paths, "metrics_paths").items():
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: metrics file not found")
-        df = pd.read_csv(path)
+        n_rows = check_csv_complete(path)
+        df = pd.read_csv(path, comment="#")
+        if len(df) != n_rows:  # pragma: no cover - check_csv_complete counted the same lines
+            raise ValueError(f"{path}: {len(df)} rows read, its end line says {n_rows}")
         missing = [c for c in METRIC_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: metrics CSV lacks columns {missing}")
@@ -267,6 +328,8 @@ class RewardGroups:
     rewards: list[np.ndarray]
     hard: list[np.ndarray]
     missing: np.ndarray  # [G] missing-input counts
+    soft: list[np.ndarray] | None = None  # per group; None if a file lacks the field
+    anchors: list | None = None  # anchor_id per group
 
     @property
     def n_groups(self) -> int:
@@ -277,7 +340,7 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
     """Read ``icdrl.rewards`` files, checking list lengths and finiteness."""
     out = {}
     for label, path in labelled_paths(paths, "rewards_paths").items():
-        rewards, hard, missing = [], [], []
+        rewards, hard, missing, soft, anchors = [], [], [], [], []
         for i, rec in enumerate(read_jsonl(path, "icdrl.rewards"), start=1):
             where = f"{path}: record {i}"
             r = np.asarray(_require(rec, "rewards", where), dtype=np.float64)
@@ -291,7 +354,14 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
             rewards.append(r)
             hard.append(h)
             missing.append(int(rec.get("missing", 0) or 0))
-        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64))
+            anchors.append(rec.get("anchor_id"))
+            sv = rec.get("soft")
+            if soft is not None and isinstance(sv, list) and len(sv) == len(r) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv):
+                soft.append(np.asarray(sv, dtype=np.float64))
+            else:  # a missing or null soft value: unknown for this file
+                soft = None
+        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64), soft, anchors)
     return out
 
 

@@ -29,13 +29,15 @@ __all__ = [
     "RC",
     "accuracy_plot",
     "delta_plot",
+    "experiment_plot",
     "reward_hist_plot",
     "advantage_hist_plot",
     "training_curves_plot",
     "save_figure",
 ]
 
-PLOT_NAMES = ("accuracy_vs_shot", "delta_vs_legacy", "reward_hist", "advantage_hist", "training_curves")
+PLOT_NAMES = ("accuracy_vs_shot", "delta_vs_legacy", "reward_hist", "advantage_hist", "training_curves",
+              "copy_rates", "ablation_delta")  # the last two: .diagnostics
 
 RC = {
     "font.size": 10,
@@ -57,13 +59,21 @@ BASELINE_STYLE = {
     "zero_shot": {"color": "#000000", "linestyle": ":", "marker": "x"},
     "random": {"color": "#7f7f7f", "linestyle": "--", "marker": "v"},
     "similarity": {"color": "#8c564b", "linestyle": "-.", "marker": "^"},
+    "rices_image": {"color": "#bc80bd", "linestyle": "-.", "marker": "<"},
+    "rices_text": {"color": "#80b1d3", "linestyle": "-.", "marker": ">"},
+    "rices": {"color": "#e7298a", "linestyle": "-", "marker": "*", "linewidth": 2.0},
+    "copy": {"color": "#a6761d", "linestyle": ":", "marker": "P"},
     "v2": {"color": "#9467bd", "linestyle": "-", "marker": "D", "linewidth": 2.2},
+    "per_shot": {"color": "#1b9e77", "linestyle": "-", "marker": "h"},
 }
 # colours for v3 weight settings (no grey/brown/purple: those are the baselines)
 CELL_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#17becf", "#bcbd22", "#e377c2", "#393b79"]
 PHASE_COLORS = {"v2": "#7f7f7f", "rce": "#ff7f0e", "grpo": "#1f77b4"}
-CURVE_METRICS = (("loss", "loss"), ("kl", "KL"), ("ratio_mean", "mean ratio"), ("adv_std", "advantage std"),
-                 ("groups_kept", "groups kept"))
+#: (column, axis label, phases drawn or None = all): RCE (and v2) loss and GRPO loss differ by
+#: orders of magnitude (≈6 vs ≈0), so each gets its own axis
+CURVE_METRICS = (("loss", "v2 / RCE loss", ("v2", "rce")), ("loss", "GRPO loss", ("grpo",)), ("kl", "KL", None),
+                 ("ratio_mean", "mean ratio", None), ("adv_std", "advantage std", None),
+                 ("groups_kept", "groups kept", None))
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
@@ -123,16 +133,15 @@ def _mode_list(modes) -> list[str]:
     return [m for m in MODE_ORDER if m in present] + sorted(set(present) - set(MODE_ORDER))
 
 
-def _weight_colors(df: pd.DataFrame) -> dict[tuple, str]:
-    # (null, null) — legacy, which reads no weight — always takes the first colour, so that one
-    # weight setting gets the same colour in every figure
-    keys = sorted({(_nz(h), _nz(s)) for h, s in zip(df["hard_weight"], df["soft_weight"])} | {(-math.inf, -math.inf)})
+def _setting(r) -> tuple[str, str]:
+    """A cell's reward knobs and training overrides (its colour key, whatever its mode and use_rank)."""
+    return (str(r.knobs) if isinstance(r.knobs, str) else "", str(r.train) if isinstance(r.train, str) else "")
+
+
+def _setting_colors(df: pd.DataFrame) -> dict[tuple, str]:
+    """One colour per (knobs, training overrides), sorted, so a setting keeps its colour per figure."""
+    keys = sorted({_setting(r) for r in df.itertuples()})
     return {k: CELL_COLORS[i % len(CELL_COLORS)] for i, k in enumerate(keys)}
-
-
-def _nz(v) -> float:
-    """Weights as sortable keys: null (ignored knob) sorts first."""
-    return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def _is_rank(v) -> bool:
@@ -153,7 +162,8 @@ def _line_with_band(ax, g: pd.DataFrame, x_off: float, label: str, style: dict, 
 def accuracy_plot(acc: pd.DataFrame) -> Figure:
     """Accuracy vs shot with 95% interval bands.
 
-    First panel: the baselines (zero-shot, random, similarity, v2), each with its band. Then one
+    First panel: the baselines (zero-shot, random, similarity within the pool, RICES, copy, v2,
+    per_shot), each with its band. Then one
     panel per v3 reward mode: its cells with bands (colour = weights, solid = rank, dashed =
     z-score) and v2 as a thin reference line without band.
     """
@@ -164,7 +174,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
     v3 = acc[acc["method_kind"] == "v3"]
     modes = _mode_list(v3["mode"])
     panels = (["baselines"] if not base.empty else []) + modes
-    colors = _weight_colors(v3) if not v3.empty else {}
+    colors = _setting_colors(v3) if not v3.empty else {}
     shots = sorted(acc["k"].unique())
     with mpl.rc_context(RC):
         fig = Figure()
@@ -177,7 +187,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
                 groups = list(base.groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
                     _line_with_band(ax, g, (i - (len(groups) - 1) / 2) * 0.03, name,
-                                    BASELINE_STYLE.get(name, {"color": "0.3"}), band=True)
+                                    BASELINE_STYLE.get(g["method_kind"].iloc[0], {"color": "0.3"}), band=True)
                 ax.set_title("Baselines")
             else:
                 if "v2" in set(base["method"]):
@@ -187,7 +197,7 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
                 groups = list(v3[v3["mode"] == panel].groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
                     r = g.iloc[0]
-                    style = {"color": colors[(_nz(r.hard_weight), _nz(r.soft_weight))],
+                    style = {"color": colors[_setting(r)],
                              "linestyle": "-" if _is_rank(r.use_rank) else "--",
                              "marker": "o" if _is_rank(r.use_rank) else "s"}
                     label = name[len(f"v3 {panel} "):] if name.startswith(f"v3 {panel} ") else name
@@ -206,13 +216,69 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
 
 # ----------------------------------------------------------------------------- deltas
 
+def _draw_deltas(ax, g: pd.DataFrame, x_off: float, color: str, marker: str, label: str) -> None:
+    """One comparison's Δ per shot with its interval; hollow markers = not distinguishable."""
+    g = g.sort_values("k")
+    x = g["k"].to_numpy(dtype=float) + x_off
+    d = g["delta"].to_numpy(dtype=float)
+    yerr = np.vstack([d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d])
+    ax.errorbar(x, d, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
+    dist = g["distinguishable"].astype(bool).to_numpy()
+    ax.scatter(x[dist], d[dist], marker=marker, s=36, color=color, zorder=3)
+    ax.scatter(x[~dist], d[~dist], marker=marker, s=36, facecolors="white", edgecolors=color,
+               linewidths=1.4, zorder=3)
+    ax.plot([], [], marker=marker, color=color, linestyle="none", label=label)
+
+
+def _delta_legend(ax) -> None:
+    ax.axhline(0.0, color="black", linewidth=0.9)
+    ax.set_ylabel("Δ accuracy (points)")
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], marker="o", color="0.3", linestyle="none"),
+                Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none")]
+    labels += ["interval excludes 0", "n.s. (contains 0)"]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _finish_delta_panels(fig: Figure, axes, shots, ax_h: float, hspace: float, title: str) -> None:
+    """Shot ticks, a layout that fits the legends, and the title of a column of delta panels."""
+    axes[-1].set_xticks(shots)
+    axes[-1].set_xlabel("shots (k)")
+    longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
+    _, H = _fix_layout(fig, len(axes), 1, 6.8, ax_h, left=0.85, right=0.9 + _text_w(longest), top=0.75,
+                       bottom=0.6, wspace=0.0, hspace=hspace)
+    _suptitle(fig, title, H)
+
+
+def experiment_plot(df: pd.DataFrame, title: str) -> Figure:
+    """Δ (level − reference) per shot of one experiment table, one panel per context."""
+    df = df[df["delta"].notna()] if "delta" in df else df.iloc[0:0]
+    if df.empty:
+        return _message("no comparison of this experiment is available", title)
+    contexts = list(dict.fromkeys(df["context"]))
+    shots = sorted(df["k"].unique())
+    with mpl.rc_context(RC):
+        fig = Figure()
+        axes = fig.subplots(len(contexts), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+        for ax, ctx in zip(axes, contexts):
+            groups = list(df[df["context"] == ctx].groupby("level", sort=False))
+            n = len(groups)
+            for i, (lev, g) in enumerate(groups):
+                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), CELL_COLORS[i % len(CELL_COLORS)], "o",
+                             f"{lev} − {g['reference'].iloc[0]}")
+            ax.set_title(ctx or "all")
+            _delta_legend(ax)
+        _finish_delta_panels(fig, axes, shots, 2.3, 0.5, f"{title}: Δ with 95% paired bootstrap intervals")
+    return fig
+
+
 def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
     """Δ accuracy vs legacy per shot with 95% paired intervals; hollow markers = not distinguishable."""
     df = vs_legacy[vs_legacy["delta"].notna()] if "delta" in vs_legacy else vs_legacy.iloc[0:0]
     if df.empty:
         return _message("no mode vs legacy comparison is available", "Δ accuracy vs legacy")
     modes = _mode_list(df["mode"])
-    colors = _weight_colors(df)
+    colors = _setting_colors(df)
     shots = sorted(df["k"].unique())
     with mpl.rc_context(RC):
         fig = Figure()
@@ -221,34 +287,16 @@ def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
             sub = df[df["mode"] == mode]
             groups = list(sub.groupby(["method", "baseline"], sort=False))
             n = len(groups)
-            ax.axhline(0.0, color="black", linewidth=0.9)
             for i, ((method, _), g) in enumerate(groups):
                 g = g.sort_values("k")
                 r = g.iloc[0]
-                color = colors[(_nz(r.hard_weight), _nz(r.soft_weight))]
+                color = colors[_setting(r)]
                 marker = "o" if _is_rank(r.use_rank) else "s"
-                x = g["k"].to_numpy(dtype=float) + (i - (n - 1) / 2) * (0.6 / max(n, 1))
-                d = g["delta"].to_numpy(dtype=float)
-                yerr = np.vstack([d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d])
-                ax.errorbar(x, d, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
-                dist = g["distinguishable"].astype(bool).to_numpy()
-                ax.scatter(x[dist], d[dist], marker=marker, s=36, color=color, zorder=3)
-                ax.scatter(x[~dist], d[~dist], marker=marker, s=36, facecolors="white", edgecolors=color,
-                           linewidths=1.4, zorder=3)
-                ax.plot([], [], marker=marker, color=color, linestyle="none", label=r.cell_label)
+                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), color, marker, r.cell_label)
             ax.set_title(f"{mode} − legacy (same use_rank, paired seeds)")
-            ax.set_ylabel("Δ accuracy (points)")
-            handles, labels = ax.get_legend_handles_labels()
-            handles += [Line2D([], [], marker="o", color="0.3", linestyle="none"),
-                        Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none")]
-            labels += ["interval excludes 0", "n.s. (contains 0)"]
-            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        axes[-1].set_xticks(shots)
-        axes[-1].set_xlabel("shots (k)")
-        longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
-        _, H = _fix_layout(fig, len(modes), 1, 6.8, 2.5, left=0.85, right=0.9 + _text_w(longest), top=0.75,
-                           bottom=0.6, wspace=0.0, hspace=0.45)
-        _suptitle(fig, "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)", H)
+            _delta_legend(ax)
+        _finish_delta_panels(fig, axes, shots, 2.5, 0.45,
+                             "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)")
     return fig
 
 
@@ -362,14 +410,39 @@ def _run_group(label: str) -> str:
     return _split_run(label)[0]
 
 
+def identical_runs(metrics: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    """label -> the earlier label whose training metrics are identical (identical runs).
+
+    Every column but ``val_reward`` is compared: that one is the mean reward of the selector's
+    choices under the run's own reward, so two identical trainings on rewards of different scale
+    (e.g. 2h and 3h) differ there and nowhere else.
+    """
+    first: dict[str, str] = {}
+    twin: dict[str, str] = {}
+    for lab, df in metrics.items():
+        if df.empty:
+            continue
+        key = df.drop(columns=["val_reward"], errors="ignore").to_csv(index=False)
+        if key in first:
+            twin[lab] = first[key]
+        else:
+            first[key] = lab
+    return twin
+
+
 def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
     """Rows = metrics, columns = run groups (v2 and each reward mode); one line per run.
 
-    x is the epoch in file order across phases; RCE (and v2) epochs are dashed, GRPO solid.
+    x is the epoch in file order across phases; RCE (and v2) epochs are dashed, GRPO solid. RCE and
+    GRPO losses have separate rows (their scales differ by orders of magnitude). A run whose
+    training metrics equal an earlier run's (:func:`identical_runs`) is drawn with hollow markers
+    over it and its legend entry says which run it repeats, so identical runs do not hide each
+    other.
     """
     labels = [lab for lab, df in metrics.items() if not df.empty]
     if not labels:
         return _message("no training metrics given", "Training curves")
+    twins = identical_runs(metrics)
     groups: dict[str, list[str]] = {}
     for lab in labels:
         groups.setdefault(_run_group(lab), []).append(lab)
@@ -382,25 +455,36 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
         most_runs = max(len(v) for v in groups.values())
         for j, grp in enumerate(order):
             runs = groups[grp]
+            colors = {}
+            legend = []
             for n_run, lab in enumerate(runs):
                 df = metrics[lab]
                 x = np.arange(len(df))
                 color = CELL_COLORS[n_run % len(CELL_COLORS)] if len(runs) <= len(CELL_COLORS) else \
                     mpl.colormaps["viridis"](n_run / max(1, len(runs) - 1))
-                short = _split_run(lab)[1]
-                for i, (col, name) in enumerate(CURVE_METRICS):
+                colors[lab] = color
+                short = _split_run(lab)[1] or lab
+                twin = twins.get(lab)
+                if twin is not None:
+                    tg, ts = _split_run(twin)
+                    short = f"{short} = {ts if tg == grp else (twin if tg == 'other' else f'{tg} {ts}')} (identical)"
+                legend.append((color, short, twin is not None))
+                for i, (col, name, phases) in enumerate(CURVE_METRICS):
                     ax = axes[i, j]
                     y = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-                    first = True
                     for phase in dict.fromkeys(df["phase"]):
+                        if phases is not None and phase not in phases:
+                            continue
                         m = (df["phase"] == phase).to_numpy() & np.isfinite(y)
                         if not m.any():
                             continue
-                        ax.plot(x[m], y[m], color=color, linestyle="-" if phase == "grpo" else "--",
-                                linewidth=1.3,
-                                label=(short or lab) if (i == 0 and first) else None)
-                        first = False
-            for i, (col, name) in enumerate(CURVE_METRICS):
+                        if twin is None:
+                            ax.plot(x[m], y[m], color=color, linestyle="-" if phase == "grpo" else "--",
+                                    linewidth=1.3)
+                        else:
+                            ax.plot(x[m], y[m], color=color, linestyle="none", marker="o", markersize=3.5,
+                                    markerfacecolor="none", markeredgewidth=0.9)
+            for i, (col, name, _) in enumerate(CURVE_METRICS):
                 ax = axes[i, j]
                 ax.locator_params(nbins=4)
                 if not ax.lines:
@@ -412,7 +496,7 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
                 if i == 0:
                     ax.set_title(grp if grp != "other" else "other runs")
             if j == len(order) - 1:  # each row's metric name on its first panel with data
-                for i, (_, name) in enumerate(CURVE_METRICS):
+                for i, (_, name, _) in enumerate(CURVE_METRICS):
                     first = next((axes[i, c] for c in range(ncols) if axes[i, c].lines), None)
                     if first is not None:
                         first.set_ylabel(name)
@@ -420,12 +504,14 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
             if shown:  # x tick labels on the lowest panel with data (shared x hides the others)
                 axes[shown[-1], j].tick_params(labelbottom=True)
                 axes[shown[-1], j].set_xlabel("epoch (all phases)")
-            hl = [t for t in (axes[0, j].get_legend_handles_labels()[1])]
-            handles = [Line2D([], [], color=ln.get_color(), linewidth=1.6) for ln in axes[0, j].get_lines()
-                       if not ln.get_label().startswith("_")]
-            axes[-1, j].legend(handles, hl, loc="upper center", bbox_to_anchor=(0.5, -0.6 / ax_h), frameon=False,
-                               fontsize=8, ncols=1, title="run", title_fontsize=8)
+            handles = [Line2D([], [], color=c, linewidth=1.6) if not tw else
+                       Line2D([], [], color=c, linestyle="none", marker="o", markerfacecolor="none")
+                       for c, _, tw in legend]
+            axes[-1, j].legend(handles, [t for _, t, _ in legend], loc="upper center",
+                               bbox_to_anchor=(0.5, -0.6 / ax_h), frameon=False, fontsize=8, ncols=1, title="run",
+                               title_fontsize=8)
         _, H = _fix_layout(fig, nrows, ncols, 3.2, ax_h, left=0.95, right=0.25, top=0.8,
                            bottom=0.75 + 0.17 * (most_runs + 1), wspace=0.7, hspace=0.3)
-        _suptitle(fig, "Training curves (columns: runs by reward mode; dashed = v2/RCE epochs, solid = GRPO)", H)
+        _suptitle(fig, "Training curves (dashed = v2/RCE, solid = GRPO; hollow markers = identical to an earlier run)",
+                  H)
     return fig

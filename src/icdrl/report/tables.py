@@ -1,14 +1,20 @@
 """The report's tables: pandas frames for CSV plus display sections for Markdown/HTML.
 
 Units: accuracies and deltas are VQA accuracy in percentage points (0–100). Every delta
-carries a 95% paired bootstrap interval over test queries (see :mod:`.bootstrap`); trend is
-"up"/"down" when the interval excludes 0 and "n.s." (not distinguishable) when it contains 0.
-Comparisons the data cannot support are rows whose ``note`` says "not available: …".
+carries a 95% paired bootstrap interval (seeds, then image clusters of test queries; see
+:mod:`.bootstrap`); trend is "up"/"down" when the interval excludes 0 and "n.s." (not
+distinguishable) when it contains 0. Each delta table is one family (:func:`.compare.family`):
+``p`` is the bootstrap p-value, ``p_holm``/``significant_holm`` Holm's step-down over the
+family's tested comparisons, ``mde`` the minimum detectable effect (80% power, two-sided 5%).
+``status`` is "tested", "cannot differ" (zero by construction: not tested, the note says why),
+"duplicate" (the same selectors as an earlier row: counted once) or "not available" (the note
+says why).
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,26 +25,24 @@ import pandas as pd
 
 from icdrl.records import atomic_write_text
 
-from .compare import Comparison, compare, method_accuracy
+from icdrl.grid import reward_spec
+
+from .compare import Comparison, compare, family, method_accuracy
 from .inputs import MODE_ORDER, EvalData, MethodInfo, RewardGroups
 
 __all__ = [
     "Table",
     "TABLE_NAMES",
-    "SEED_WEIGHTS",
-    "DEFAULT_WEIGHTS",
     "accuracy_table",
     "vs_legacy_table",
     "vs_v2_table",
-    "exp1_table",
-    "exp2_table",
-    "exp3_table",
     "rl_groups_table",
     "rl_advantages_table",
     "sources_table",
     "training_table",
     "write_table",
     "group_stats",
+    "within_group_gaps",
     "advantage_values",
 ]
 
@@ -46,16 +50,14 @@ TABLE_NAMES = (
     "accuracy",
     "vs_legacy",
     "vs_v2",
-    "exp1_modes",
-    "exp2_use_rank",
-    "exp3_weights",
+    "per_shot",
     "rl_groups",
     "rl_advantages",
     "candidates_by_source",
     "training_summary",
+    "diagnostics",  # .diagnostics
+    "ablations",  # .diagnostics
 )
-DEFAULT_WEIGHTS = (1.0, 1.0)  # the seed's experiment 3.1 ("当前默认")
-SEED_WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.5))  # experiment 3.1–3.4
 POS_RATIO_THRESHOLD = 0.2  # the seed's plan-4 min_positive_ratio
 ADV_MIN_STD = 0.1
 ADV_CLIP = 5.0
@@ -71,6 +73,7 @@ class Table:
     intro: str
     data: pd.DataFrame
     sections: list[tuple[str | None, pd.DataFrame]] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)  # the family, row order (delta tables)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -107,7 +110,7 @@ def _w(w: float | None) -> str:
 def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
     """One row per method × shot: mean over seeds, per-seed spread, 95% CI over queries."""
     rows, wide = [], {}
-    for m in data.methods.values():
+    for m in data.main():  # ablations: the ablations table
         wide_row = {"method": m.long()}
         for k in data.shots:
             acc = method_accuracy(data, m.key, k, n_boot, seed, level)
@@ -155,31 +158,39 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
     return Table(
         "accuracy",
         "Accuracy per method and shot",
-        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval over "
-        "test queries of the seed-averaged per-query accuracy; 'seed sd' and 'seed min–max' are "
+        "VQA accuracy (%) on the test queries. The interval is a 95% bootstrap interval that resamples "
+        "the seeds (where there are two or more), then the test queries (questions about one image "
+        "together); 'seed sd' and 'seed min–max' are "
         "the spread of the per-seed accuracies (v2/v3 have seeds; other methods one run).",
         df,
         [("Mean accuracy [95% CI] by shot", pd.DataFrame(list(wide.values()))), ("Details", long_disp)],
     )
 
 
-_METHOD_COLS = ["method", "method_kind", "cell", "mode", "use_rank", "hard_weight", "soft_weight"]
+_METHOD_COLS = ["method", "method_kind", "cell", "mode", "use_rank", "knobs", "train"]
 
 
 def _method_cols(m: MethodInfo) -> dict:
+    c = m.cell
     return {
         "method": m.long(),
         "method_kind": m.method,
-        "cell": m.cell or "",
-        "mode": m.mode or "",
-        "use_rank": "" if m.use_rank is None else m.use_rank,
-        "hard_weight": m.hard_weight,
-        "soft_weight": m.soft_weight,
+        "cell": c.slug if c else "",
+        "mode": c.mode if c else "",
+        "use_rank": "" if c is None else c.use_rank,
+        "knobs": json.dumps(c.reward.as_dict(), sort_keys=True) if c else "",
+        "train": json.dumps(dict(c.train), sort_keys=True) if c and c.train else "",
     }
+
+
+_COUNT_COLS = ("n_clusters", "family_size")  # counts that are blank where no comparison was made
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
+    for c in _COUNT_COLS:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c]).astype("Int64")
     for c in df.columns:
         if df[c].dtype == object:
             continue
@@ -190,29 +201,67 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- comparisons
 
-_COMP_COLS = ["k", "n_queries", "seeds", "delta", "ci_low", "ci_high", "trend", "distinguishable",
-              "per_seed_delta", "seeds_agree", "pairing", "note"]
+_COMP_COLS = ["k", "n_queries", "n_clusters", "seeds", "resampled", "delta", "ci_low", "ci_high", "trend",
+              "distinguishable", "p", "p_holm", "significant_holm", "family_size", "mde", "per_seed_delta",
+              "seeds_agree", "pairing", "status", "note"]
 
 
 def _comp_cols(c: Comparison) -> dict:
     if not c.available:
         return {"k": c.k, "n_queries": 0, "seeds": "", "trend": "", "distinguishable": "",
-                "per_seed_delta": "", "seeds_agree": "", "pairing": "", "note": f"{NA}: {c.reason}"}
+                "per_seed_delta": "", "seeds_agree": "", "pairing": "", "status": c.status, "note": f"{NA}: {c.reason}"}
     iv = c.interval
+    if c.degenerate:
+        note = c.degenerate
+    elif c.duplicate_of:
+        note = f"same selectors as {c.duplicate_of}: the same comparison, counted once"
+    elif not c.distinguishable:
+        note = "not distinguishable (interval contains 0)"
+    elif not c.significant_holm:
+        note = f"interval excludes 0, but not significant after Holm over {c.family_size} comparisons"
+    else:
+        note = ""
     return {
         "k": c.k,
         "n_queries": iv.n,
+        "n_clusters": iv.n_clusters,
         "seeds": _seeds(c.seeds),
+        "resampled": iv.levels,
         "delta": iv.estimate,
         "ci_low": iv.low,
         "ci_high": iv.high,
-        "trend": c.trend,
-        "distinguishable": c.distinguishable,
+        "trend": c.trend if not c.degenerate else "",
+        "distinguishable": c.distinguishable if not c.degenerate else "",
+        "p": iv.p if not c.degenerate else None,
+        "p_holm": c.p_holm,
+        "significant_holm": c.significant_holm if c.significant_holm is not None else "",
+        "family_size": c.family_size if c.tested or c.duplicate_of else None,
+        "mde": c.mde if not c.degenerate else None,
         "per_seed_delta": _per_seed(c.per_seed),
         "seeds_agree": _yn(c.seeds_agree),
         "pairing": c.pairing,
-        "note": "" if c.distinguishable else "not distinguishable (interval contains 0)",
+        "status": c.status,
+        "note": note,
     }
+
+
+_PENDING = "_comparison"
+
+
+def _pending(c: Comparison) -> dict:
+    """A row's comparison, resolved with its family by :func:`_resolve` before the frame is built."""
+    return {_PENDING: c}
+
+
+def _resolve(rows: list[dict], data: EvalData) -> tuple[list[dict], list[Comparison]]:
+    """Apply :func:`.compare.family` to the comparisons of ``rows`` (one table = one family)."""
+    idx = [i for i, r in enumerate(rows) if _PENDING in r]
+    fam = family([rows[i][_PENDING] for i in idx], data)
+    out = [dict(r) for r in rows]
+    for i, c in zip(idx, fam):
+        del out[i][_PENDING]
+        out[i] |= _comp_cols(c)
+    return out, fam
 
 
 ALL_SHOTS = "all"
@@ -232,21 +281,35 @@ def _blank(s: pd.Series) -> pd.Series:
 
 
 def _delta_str(r) -> str:
-    if isinstance(r.note, str) and r.note.startswith(NA):
-        return r.note
+    """The Δ cell of a display row: the interval, or why there is none (never '– [–, –]')."""
+    if pd.isna(r.delta):
+        return r.note if isinstance(r.note, str) and r.note else NA
     return _ci(r.delta, r.ci_low, r.ci_high, sign=True)
 
 
+def _p(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
+        return ""
+    return "<0.001" if v < 0.001 else f"{v:.3f}"
+
+
 def _comp_display(df: pd.DataFrame, label_cols: dict[str, str], delta_name: str) -> pd.DataFrame:
-    """Display frame: shot | <labels> | Δ [95% CI] | trend | seeds | n | per-seed Δ."""
+    """Display frame: shot | <labels> | Δ [95% CI] | trend | p (Holm) | Holm | MDE | seeds | n | per-seed Δ | note."""
     out = {"shot": df["k"]}
     for col, name in label_cols.items():
         out[name] = df[col]
     out[delta_name] = [_delta_str(r) for r in df.itertuples()]
-    out["trend"] = _blank(df["trend"])
+    status = df["status"].astype(object).where(df["status"].notna(), "") if "status" in df else pd.Series("", df.index)
+    out["trend"] = [t if st in ("tested", "duplicate") else (st if st == "cannot differ" else "")
+                    for t, st in zip(_blank(df["trend"]), status)]
+    out["p (Holm)"] = ["" if not _p(a) else f"{_p(a)} ({_p(b)})" for a, b in zip(df["p"], df["p_holm"])]
+    out["Holm 5%"] = [_yn(v) if isinstance(v, (bool, np.bool_)) else "" for v in df["significant_holm"]]
+    out["MDE"] = ["" if pd.isna(v) else _f(v, 1) for v in df["mde"]]
     out["seeds"] = _blank(df["seeds"])
     out["n"] = df["n_queries"]
     out["per-seed Δ"] = _blank(df["per_seed_delta"])
+    out["note"] = [n if isinstance(n, str) and not n.startswith((NA, "not distinguishable")) else ""
+                   for n in df["note"]]
     return pd.DataFrame(out)
 
 
@@ -268,25 +331,33 @@ def _cell_label(m: MethodInfo) -> str:
     return m.short()
 
 
+def _legacy_reference(data: EvalData, m: MethodInfo) -> MethodInfo | None:
+    """The legacy cell ``m`` is compared with: same use_rank and training overrides, at the default
+    legacy knobs (alpha 1, beta 0: InfoScore) if that cell was run, else the first such cell."""
+    same = [b for b in data.v3() if b.mode == "legacy" and b.use_rank == m.use_rank and b.cell.train == m.cell.train]
+    default = reward_spec("legacy")
+    return next((b for b in same if b.cell.reward == default), same[0] if same else None)
+
+
 def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """The seed's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank, seed)."""
+    """The seed's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank,
+    training overrides and seed)."""
     rows = []
-    legacy = [m for m in data.v3() if m.mode == "legacy"]
     others = [m for m in data.v3() if m.mode != "legacy"]
     for m in others:
-        base = [b for b in legacy if b.use_rank == m.use_rank]
+        b = _legacy_reference(data, m)
         lead = _method_cols(m) | {"cell_label": _cell_label(m)}
-        if not base:
-            reason = f"no legacy cell with use_rank={str(m.use_rank).lower()}"
+        if b is None:
+            reason = f"no legacy cell with use_rank={str(m.use_rank).lower()} and the same training settings"
             rows += [lead | {"baseline": ""} | r for r in _na_rows(data.shots, reason)]
             continue
-        for b in base:
-            for k in data.shots:
-                c = compare(data, m.key, b.key, k, n_boot, seed, level)
-                rows.append(lead | {"baseline": b.long()} | _comp_cols(c))
+        for k in data.shots:
+            c = compare(data, m.key, b.key, k, n_boot, seed, level)
+            rows.append(lead | {"baseline": b.long()} | _pending(c))
     if not others:
         rows += [{"mode": "", "cell_label": "", "baseline": ""} | r
                  for r in _na_rows(data.shots, "no v3 cell of a mode other than legacy")]
+    rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label", "baseline"] + _COMP_COLS)
     sections = _sections_by(
         df, "mode", lambda v: f"{v} vs legacy" if v else "vs legacy",
@@ -295,9 +366,10 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
     return Table(
         "vs_legacy",
         "Every reward mode vs legacy (the seed's 'shot | new vs old | trend')",
-        "Δ = accuracy(cell) − accuracy(legacy with the same use_rank), in points, paired over test "
-        "queries and seeds. 'n.s.' = the 95% interval contains 0: not distinguishable.",
-        df, sections,
+        "Δ = accuracy(cell) − accuracy(legacy with the same use_rank and training settings, at α=1, β=0 "
+        "where run), in points, paired over test queries and seeds. 'n.s.' = the 95% interval contains 0: "
+        "not distinguishable.",
+        df, sections, fam,
     )
 
 
@@ -311,9 +383,10 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
             rows += [lead | r for r in _na_rows(data.shots, "no v2 results")]
             continue
         for k in data.shots:
-            rows.append(lead | _comp_cols(compare(data, m.key, "v2", k, n_boot, seed, level)))
+            rows.append(lead | _pending(compare(data, m.key, "v2", k, n_boot, seed, level)))
     if not data.v3():
         rows += [{"mode": ""} | r for r in _na_rows(data.shots, "no v3 results")]
+    rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label"] + _COMP_COLS)
     sections = _sections_by(df, "mode", lambda v: f"v3 {v} vs v2" if v else "v3 vs v2",
                             {"cell_label": "cell"}, "Δ vs v2 (pts) [95% CI]")
@@ -321,174 +394,30 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
         "vs_v2",
         "v3 cells vs the v2 SFT selector",
         "Δ = accuracy(v3 cell) − accuracy(v2), in points, paired over test queries and seeds.",
-        df, sections,
+        df, sections, fam,
     )
 
 
-def _wmatch(w: float | None, target: float) -> bool:
-    return w is None or math.isclose(w, target, rel_tol=0, abs_tol=1e-9)
-
-
-def _effective(mode: str | None, setting: tuple[float, float]) -> tuple[float, float]:
-    """The weights as the mode reads them: hybrid uses clip(hard_weight, 0, 1) (SPEC §6)."""
-    hw, sw = setting
-    if mode == "hybrid":
-        hw = min(1.0, max(0.0, hw))
-    return hw, sw
-
-
-def _matches(m: MethodInfo, setting: tuple[float, float]) -> bool:
-    """A cell runs a weight setting when every weight it reads equals the setting's (as read)."""
-    hw, sw = _effective(m.mode, setting)
-    return _wmatch(m.hard_weight, hw) and _wmatch(m.soft_weight, sw)
-
-
-def _preferred(cells: list[MethodInfo]) -> MethodInfo | None:
-    """The cell at the seed's default legacy knobs (alpha 1, beta 0) if any, else the first."""
-    for m in cells:
-        if _wmatch(m.alpha, 1.0) and _wmatch(m.beta, 0.0):
-            return m
-    return cells[0] if cells else None
-
-
-def exp1_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 1: the reward modes at the default weights (1, 1), each vs legacy."""
+def per_shot_table(data: EvalData) -> Table:
+    """Which v3 cell ``per_shot`` uses at each shot and seed, and its validation accuracy (SPEC §8)."""
     rows = []
-    use_ranks = sorted({m.use_rank for m in data.v3()}, key=lambda u: not u)
-    modes = list(MODE_ORDER) + [m for m in _modes(data) if m not in MODE_ORDER]
-    for ur in use_ranks:
-        legacy = _preferred([m for m in data.v3() if m.mode == "legacy" and m.use_rank == ur])
-        for i, mode in enumerate(modes, start=1):
-            cands = [m for m in data.v3() if m.mode == mode and m.use_rank == ur and _matches(m, DEFAULT_WEIGHTS)]
-            cands = [_preferred(cands)] if cands else []
-            lead = {"experiment": f"1.{i}", "mode": mode, "use_rank": ur}
-            if not cands:
-                reason = f"no {mode} cell with weights (1, 1) and use_rank={str(ur).lower()}"
-                rows += [lead | {"method": ""} | r for r in _na_rows(data.shots, reason)]
-                continue
-            m = cands[0]
-            for k in data.shots:
-                acc = method_accuracy(data, m.key, k, n_boot, seed, level)
-                accd = ({"acc_mean": acc.interval.estimate, "acc_low": acc.interval.low,
-                         "acc_high": acc.interval.high} if acc else {})
-                row = lead | {"method": m.long()} | accd
-                if mode == "legacy":
-                    row |= {"k": k, "n_queries": acc.interval.n if acc else 0,
-                            "seeds": _seeds(acc.seeds) if acc else "", "note": "baseline"}
-                elif legacy is None:
-                    row |= {"k": k, "n_queries": 0,
-                            "note": f"{NA}: no legacy cell with use_rank={str(ur).lower()}"}
-                else:
-                    row |= _comp_cols(compare(data, m.key, legacy.key, k, n_boot, seed, level))
-                rows.append(row)
-    if not use_ranks:
-        rows += [{"experiment": "1", "mode": ""} | r for r in _na_rows(data.shots, "no v3 results")]
-    df = _frame(rows, ["experiment", "mode", "use_rank", "method", "acc_mean", "acc_low", "acc_high"] + _COMP_COLS)
-    sections = []
-    for ur in use_ranks or [None]:
-        sub = df[df["use_rank"] == ur] if use_ranks else df
-        disp = _comp_display(sub, {"experiment": "exp", "mode": "mode"}, "Δ vs legacy (pts) [95% CI]")
-        disp.insert(3, "accuracy [95% CI]", [
-            "" if pd.isna(r.acc_mean) else _ci(r.acc_mean, r.acc_low, r.acc_high) for r in sub.itertuples()
-        ])
-        disp.loc[sub["note"].to_numpy() == "baseline", "Δ vs legacy (pts) [95% CI]"] = "baseline"
-        order = np.lexsort((sub["experiment"].to_numpy(), _shot_key(sub["k"]).to_numpy()))
-        heading = f"use_rank = {str(ur).lower()}" if isinstance(ur, (bool, np.bool_)) else None
-        sections.append((heading, disp.iloc[order]))
+    for (s_, k), (cell, acc, n) in sorted(data.per_shot.items(), key=lambda kv: (kv[0][1], -1 if kv[0][0] is None else kv[0][0])):
+        m = data.methods.get(f"v3:{cell}")
+        rows.append({"k": k, "seed": s_, "cell": cell, "method": m.long() if m else f"v3 {cell}",
+                     "val_acc": 100.0 * acc, "n_val": n, "note": ""})
+    if not rows:
+        rows = [{"k": ALL_SHOTS, "note": f"{NA}: no per_shot results (pools.n_val is 0, or no v3 cells)"}]
+    df = _frame(rows, ["k", "seed", "cell", "method", "val_acc", "n_val", "note"])
+    disp = pd.DataFrame({"shot": df["k"], "seed": _blank(df["seed"]), "chosen cell": _blank(df["method"]),
+                         "validation accuracy (%)": [_f(v) for v in df["val_acc"]], "validation queries": _blank(df["n_val"]),
+                         "note": df["note"]})
     return Table(
-        "exp1_modes",
-        "Experiment 1: reward modes (weights (1, 1)) vs legacy",
-        "The seed's experiment 1 (1.1 legacy, 1.2 hard_plus_soft, 1.3 hard_plus_soft_v2, 1.4 hybrid) "
-        "at the default weights (1, 1) (a mode that ignores a weight matches any value), per use_rank. "
-        "Δ = accuracy(mode) − accuracy(legacy), same use_rank and seed.",
-        df, sections,
-    )
-
-
-def exp2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 2: use_rank false (z-score) − true (rank) for every mode and weight setting."""
-    rows = []
-    groups: dict[tuple, dict[bool, MethodInfo]] = {}
-    for m in data.v3():
-        groups.setdefault((m.mode, m.hard_weight, m.soft_weight, m.alpha, m.beta, m.info_scale), {})[m.use_rank] = m
-    for (mode, hw, sw, a, b, _), by_rank in groups.items():
-        knobs = f"({_w(hw)}, {_w(sw)})" + (f" α={_w(a)}, β={_w(b)}" if a is not None or b is not None else "")
-        lead = {"mode": mode, "hard_weight": hw, "soft_weight": sw, "weights": knobs,
-                "rank_method": by_rank[True].long() if True in by_rank else "",
-                "zscore_method": by_rank[False].long() if False in by_rank else ""}
-        if len(by_rank) < 2:
-            only = "true" if True in by_rank else "false"
-            rows += [lead | r for r in _na_rows(data.shots, f"only use_rank={only} was run")]
-            continue
-        for k in data.shots:
-            rows.append(lead | _comp_cols(compare(data, by_rank[False].key, by_rank[True].key, k, n_boot, seed, level)))
-    if not groups:
-        rows += [{"mode": "", "weights": ""} | r for r in _na_rows(data.shots, "no v3 results")]
-    df = _frame(rows, ["mode", "hard_weight", "soft_weight", "weights", "rank_method", "zscore_method"] + _COMP_COLS)
-    sections = _sections_by(df, "mode", lambda v: f"{v}: z-score − rank" if v else "z-score − rank",
-                            {"weights": "knobs (hard, soft)"}, "Δ z-score − rank (pts) [95% CI]")
-    return Table(
-        "exp2_use_rank",
-        "Experiment 2: advantage by rank (2.1, use_rank=true) vs z-score (2.2, use_rank=false)",
-        "Δ = accuracy(use_rank=false) − accuracy(use_rank=true), same mode, weights and seed.",
-        df, sections,
-    )
-
-
-def exp3_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """Experiment 3: weight settings (2,1), (1,0.5), (2,0.5) vs (1,1), per mode that uses weights."""
-    rows = []
-    modes = [md for md in _modes(data) if any(m.uses_weights for m in data.v3() if m.mode == md)]
-    for mode in modes:
-        for ur in sorted({m.use_rank for m in data.v3() if m.mode == mode}, key=lambda u: not u):
-            cells = [m for m in data.v3() if m.mode == mode and m.use_rank == ur]
-            base = next((m for m in cells if _matches(m, DEFAULT_WEIGHTS)), None)
-            present = [(m.hard_weight, m.soft_weight) for m in cells]
-            settings = list(SEED_WEIGHTS[1:]) + [w for w in present if not any(
-                all(_wmatch(x, t) for x, t in zip(w, s)) for s in SEED_WEIGHTS)]
-            seen = {base.key} if base else set()
-            for j, setting in enumerate(settings):
-                seed_setting = j < len(SEED_WEIGHTS) - 1
-                exp_id = f"3.{j + 2}" if seed_setting else "extra"
-                if seed_setting:  # a weight the cell ignores (null) matches any value
-                    match = next((m for m in cells if _matches(m, setting)), None)
-                else:
-                    match = next((m for m in cells if m.weights == setting), None)
-                lead = {"experiment": exp_id, "mode": mode, "use_rank": ur,
-                        "setting": f"({_w(setting[0])}, {_w(setting[1])})",
-                        "method": match.long() if match else "",
-                        "baseline": base.long() if base else ""}
-                if match is None:
-                    rows += [lead | r for r in _na_rows(
-                        data.shots, f"no {mode} cell with weights {lead['setting']}, use_rank={str(ur).lower()}")]
-                    continue
-                if match.key in seen:  # the mode ignores (or clips) the knob that differs
-                    same = "(1, 1)" if base is not None and match.key == base.key else "a setting listed above"
-                    rows.append(lead | {"k": ALL_SHOTS, "n_queries": 0,
-                                        "note": f"same cell as {same}: {mode} reads these weights identically"})
-                    continue
-                seen.add(match.key)
-                if base is None:
-                    rows += [lead | r for r in _na_rows(
-                        data.shots, f"no {mode} cell with weights (1, 1), use_rank={str(ur).lower()}")]
-                    continue
-                for k in data.shots:
-                    rows.append(lead | _comp_cols(compare(data, match.key, base.key, k, n_boot, seed, level)))
-    if not modes:
-        rows += [{"mode": "", "setting": ""} | r for r in _na_rows(data.shots, "no v3 cell of a mode that uses weights")]
-    df = _frame(rows, ["experiment", "mode", "use_rank", "setting", "method", "baseline"] + _COMP_COLS)
-    df["_sec"] = [f"{m}, use_rank = {str(u).lower()}" if m else "" for m, u in zip(df["mode"], df["use_rank"])]
-    sections = _sections_by(df, "_sec", lambda v: v or None, {"experiment": "exp", "setting": "weights (hard, soft)"},
-                            "Δ vs (1, 1) (pts) [95% CI]")
-    df = df.drop(columns="_sec")
-    return Table(
-        "exp3_weights",
-        "Experiment 3: weight settings vs (1, 1)",
-        "The seed's experiment 3: (hard_weight, soft_weight) = 3.2 (2, 1), 3.3 (1, 0.5), 3.4 (2, 0.5), "
-        "each vs 3.1 (1, 1), same mode, use_rank and seed; modes that use no weights are left out, "
-        "and a setting that differs only in a weight its mode ignores is the same cell (listed once). "
-        "Δ = accuracy(setting) − accuracy((1, 1)).",
-        df, sections,
+        "per_shot",
+        "per_shot: the v3 cell chosen at each shot on the validation queries",
+        "per_shot (the seed's 'different strategies per shot') uses, at each k and seed, the v3 cell with the "
+        "best accuracy on the validation queries (disjoint from the test queries; ties: first cell by slug). "
+        "Nothing here is chosen on the test queries; its test accuracy is in the accuracy table.",
+        df, [(None, disp)],
     )
 
 
@@ -523,12 +452,34 @@ def group_stats(g: RewardGroups) -> dict:
         "missing_inputs": int(g.missing.sum()),
         "anchors_with_missing": int((g.missing > 0).sum()),
     }
-    return st
+    return st | within_group_gaps(g)
+
+
+TIE_TOL = 1e-12
+
+
+def within_group_gaps(g: RewardGroups) -> dict:
+    """Correct vs incorrect candidates *within* each mixed group (GRPO sees only these differences).
+
+    Per group with both h = 1 and h = 0: gap = lowest reward of a correct candidate − highest of an
+    incorrect one. ``share_inverted``: groups with gap < 0 (an incorrect candidate outscores a
+    correct one); ``share_tied``: gap = 0 (|gap| ≤ 1e-12); ``within_gap_min`` / ``_median``.
+    """
+    gaps = np.array([float(r[h == 1].min() - r[h == 0].max())
+                     for r, h in zip(g.rewards, g.hard) if (h == 1).any() and (h == 0).any()])
+    if gaps.size == 0:
+        return {"n_mixed": 0, "share_inverted": None, "share_tied": None, "within_gap_min": None,
+                "within_gap_median": None}
+    tied = np.abs(gaps) <= TIE_TOL
+    return {"n_mixed": int(gaps.size), "share_inverted": float(((gaps < 0) & ~tied).mean()),
+            "share_tied": float(tied.mean()), "within_gap_min": float(gaps.min()),
+            "within_gap_median": float(np.median(gaps))}
 
 
 _GROUP_COLS = ["label", "n_groups", "mean_group_size", "share_flat", "share_all_negative", "share_all_positive",
                "share_mixed", "share_flat_mixed", "share_pos_ratio_ge_0.2", "mean_positive_ratio", "reward_min",
-               "reward_max", "reward_mean", "reward_std", "pos_reward_min", "neg_reward_max", "missing_inputs",
+               "reward_max", "reward_mean", "reward_std", "pos_reward_min", "neg_reward_max", "n_mixed",
+               "share_inverted", "share_tied", "within_gap_min", "within_gap_median", "missing_inputs",
                "anchors_with_missing", "note"]
 
 
@@ -551,6 +502,8 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "pos ratio ≥ 0.2": [pct(v) for v in df["share_pos_ratio_ge_0.2"]],
         "reward range": [f"{_f(a, 3)} … {_f(b, 3)}" for a, b in zip(df["reward_min"], df["reward_max"])],
         "min pos / max neg": [f"{_f(a, 3)} / {_f(b, 3)}" for a, b in zip(df["pos_reward_min"], df["neg_reward_max"])],
+        "within group: inverted / tied": [f"{pct(a)} / {pct(b)}" for a, b in zip(df["share_inverted"], df["share_tied"])],
+        "min within-group gap": [_f(v, 3) for v in df["within_gap_min"]],
         "missing": df["missing_inputs"],
         "note": df["note"],
     })
@@ -560,8 +513,11 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "One RL group = the scored candidates of one anchor. flat = all rewards equal (zero advantage, "
         "no GRPO signal); all-neg / all-pos = every candidate has vqa_correct 0 / 1; mixed = both; "
         "'pos ratio ≥ 0.2' = share of groups the seed's conditional GRPO (plan 4) would keep; "
-        "'min pos / max neg' = lowest reward of a correct candidate / highest of an incorrect one "
-        "(a gap means the reward separates them); missing = inputs counted as 0.",
+        "'min pos / max neg' = lowest reward of a correct candidate / highest of an incorrect one, over "
+        "all groups; GRPO sees only differences within a group, so 'within group' counts the mixed groups "
+        "(both correct and incorrect candidates) where an incorrect candidate outscores a correct one "
+        "(inverted) or ties the worst correct one (tied), and 'min within-group gap' is the smallest "
+        "correct-minus-incorrect gap (negative = inverted); missing = inputs counted as 0.",
         df, [(None, disp)],
     )
 
@@ -709,13 +665,16 @@ def training_table(metrics: dict[str, pd.DataFrame]) -> Table:
         nd = 0 if c.startswith(("groups_kept", "groups_skipped")) else 3
         disp[c] = [_f(v, nd) for v in disp[c]]
     disp["epochs"] = ["" if pd.isna(v) else str(int(v)) for v in disp["epochs"]]
-    disp = disp.rename(columns={"label": "run"})
+    disp = disp.rename(columns={"label": "run", "clip_frac_last": "clip binding (last)"})
     return Table(
         "training_summary",
         "Training runs: first and last epoch per phase",
         "Per run and phase (v2 = SFT, rce = RCE warm-up, grpo): loss at the first and last epoch and the "
-        "last epoch's KL, mean ratio, advantage std and kept/skipped groups; ratio_max_max is the largest "
-        "ratio seen in the phase. '–' = not logged in that phase.",
+        "last epoch's KL, mean ratio, binding clip share, advantage std and kept/skipped groups; "
+        "ratio_max_max is the largest ratio seen in the phase; 'clip binding' (CSV clip_frac_last) is the "
+        "share of candidates whose PPO clip binds (ratio < 1−ε with a negative advantage or > 1+ε with a "
+        "positive one, TRL's clip_ratio): they give no gradient. Metrics files written before this "
+        "definition counted every ratio outside [1−ε, 1+ε]. '–' = not logged in that phase.",
         df, [(None, disp)],
     )
 
