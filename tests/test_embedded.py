@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -157,6 +158,172 @@ def test_training_encoding_is_what_the_backend_scores(tmp_path, easy, built):
         sel = (b.positions[:, 0] == row) & b.is_query & ~torch.isin(b.targets, torch.tensor(sorted(special)))
         assert int(sel.sum()) == s.n_tokens == 1
         assert float(tok_lp[sel].sum()) == pytest.approx(s.sum_logprob, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ speed paths: same numbers
+
+
+def _sampled_items(examples, n, seed, n_demos):
+    import random
+
+    index = R.RecipeIndex(examples)
+    rng = random.Random(seed)
+    return [R.sample_item(rng, index, kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5}, max_demos=4,
+                          similar_share=0.5, cue_exact=0.9, cue_kind=0.2, n_demos=n_demos) for _ in range(n)]
+
+
+def test_image_cache_pixels_are_the_processors(easy, built):
+    _, _, proc = built
+    images = E.ImageCache()
+    images.chunk = 5  # several chunks, the first one checked against one image alone
+    paths = [ex.image for ex in easy[:12]] + [easy[3].image, easy[0].image]  # repeats, out of order
+    ref = proc.image_processor(images=[images(p) for p in paths], return_tensors="pt")
+    got = images.pixels(proc.image_processor, paths)
+    assert set(got) == {"pixel_values", "image_grid_thw"}
+    assert torch.equal(got["pixel_values"], ref["pixel_values"]) and got["pixel_values"].dtype == ref["pixel_values"].dtype
+    assert torch.equal(got["image_grid_thw"], ref["image_grid_thw"])
+    images.drop_pixels()
+    assert torch.equal(images.grids(proc.image_processor, paths[:3]), ref["image_grid_thw"][:3])
+    assert torch.equal(images.pixels(proc.image_processor, paths[:2])["pixel_values"],
+                       proc.image_processor(images=[images(p) for p in paths[:2]], return_tensors="pt")["pixel_values"])
+
+
+@pytest.mark.parametrize("n_demos", [0, 1, 4])
+def test_training_encoding_equals_the_processor_and_the_models_positions(easy, built, n_demos):
+    """encode_items renders, tokenises and positions without the processor's image work: same tensors."""
+    from icdrl.lvlm.prompt import build_messages
+
+    _, model, proc = built
+    items = _sampled_items(easy, 6, seed=n_demos, n_demos=n_demos)
+    texts = [proc.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False) for it in items]
+    images = E.ImageCache()
+    ref = proc(text=texts, images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
+               padding=True, return_tensors="pt")
+    ref_pos, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], image_grid_thw=ref["image_grid_thw"],
+                                            attention_mask=ref["attention_mask"])
+    assert not bool(ref["attention_mask"].all()), "the batch should hold padding"
+    b = E.encode_items(proc, items, images)
+    assert set(b.inputs) == set(ref) | {"position_ids"}
+    for k, v in [*ref.items(), ("position_ids", ref_pos)]:
+        assert b.inputs[k].dtype == v.dtype and torch.equal(b.inputs[k], v), k
+    # the frozen-tower path: the same tokens, the features in place of the pixels
+    feats = {ex.image: torch.zeros(16, 1) for it in items for ex in (*it.demos, it.query)}
+    bf = E.encode_items(proc, items, images, feats)
+    assert set(bf.inputs) == set(b.inputs) - {"pixel_values"} | {"mm_encoder_outputs"}
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids"):
+        assert torch.equal(bf.inputs[k], b.inputs[k]), k
+    assert torch.equal(bf.positions, b.positions) and torch.equal(bf.targets, b.targets)
+
+
+def test_prompt_renderer_fills_the_templates_skeleton_or_falls_back(easy, built):
+    from icdrl.lvlm.embedded_inputs import PromptRenderer
+    from icdrl.lvlm.prompt import build_messages
+
+    _, _, proc = built
+    render = PromptRenderer(proc)
+    for seed, n in enumerate([0, 2, 2, 4, 0, 1]):
+        for it in _sampled_items(easy, 3, seed=seed, n_demos=n):
+            for answer in (None, it.target):
+                want = proc.apply_chat_template(build_messages(it.demos, it.query, answer=answer), tokenize=False)
+                assert render(it.demos, it.query, answer) == want
+    assert all(v is not None for v in render._pieces.values()) and len(render._pieces) == 8
+    # a template that alters the texts cannot be filled in: every prompt is rendered the slow way
+    altering = copy.copy(proc)
+    altering.chat_template = proc.chat_template.replace("{{ content['text'] }}", "{{ content['text'] | upper }}")
+    slow = PromptRenderer(altering)
+    it = _sampled_items(easy, 1, seed=0, n_demos=2)[0]
+    for _ in range(2):
+        assert slow(it.demos, it.query, it.target) == altering.apply_chat_template(
+            build_messages(it.demos, it.query, answer=it.target), tokenize=False)
+    assert slow._pieces == {(2, True): None}
+
+
+def test_token_types_and_positions_match_the_processor_and_model_with_left_padding(easy, built):
+    from icdrl.lvlm.embedded_inputs import mm_token_types, rope_positions
+    from icdrl.lvlm.prompt import build_messages
+
+    _, model, proc = built
+    items = _sampled_items(easy, 5, seed=7, n_demos=None)
+    texts = [proc.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False) for it in items]
+    images = E.ImageCache()
+    left = copy.copy(proc.tokenizer)
+    left.padding_side = "left"
+    lproc = copy.copy(proc)
+    lproc.tokenizer = left
+    ref = lproc(text=texts, images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
+                padding=True, return_tensors="pt")
+    assert not bool(ref["attention_mask"][:, 0].all()), "left padding expected"
+    assert torch.equal(mm_token_types(proc, ref["input_ids"]), ref["mm_token_type_ids"])
+    want, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], image_grid_thw=ref["image_grid_thw"],
+                                         attention_mask=ref["attention_mask"])
+    got = rope_positions(ref["mm_token_type_ids"], ref["attention_mask"], ref["image_grid_thw"], 2)
+    assert torch.equal(got, want)
+
+
+def test_rope_positions_reject_tokens_that_do_not_match_the_grids():
+    from icdrl.lvlm.embedded_inputs import rope_positions
+
+    types = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0]])
+    mask = torch.ones_like(types)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])  # 2x2 merged = 4 tokens each
+    # text 0; image from 1 (2x2, the text resumes at 1 + 2); text 3; image from 4; text 4 + 2
+    assert rope_positions(types, mask, grid, 2)[:, 0, [0, 5, 10]].tolist() == [[0, 3, 6]] * 3
+    with pytest.raises(ValueError, match="2 images in the tokens, 1 grids"):
+        rope_positions(types, mask, grid[:1], 2)
+    adjacent = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="1 images in the tokens, 2 grids"):
+        rope_positions(adjacent, torch.ones_like(adjacent), grid, 2)
+    with pytest.raises(ValueError, match="does not match its grid"):
+        rope_positions(adjacent, torch.ones_like(adjacent), grid[:1], 2)
+
+
+def test_tokenize_prompts_rejects_a_grid_count_that_does_not_match(built):
+    from icdrl.lvlm.embedded_inputs import tokenize_prompts
+
+    _, _, proc = built
+    with pytest.raises(ValueError, match="2 image grids for 1 image placeholders"):
+        tokenize_prompts(proc, ["<|vision_start|><|image_pad|><|vision_end|> Question: x"], torch.tensor([[1, 8, 8]] * 2))
+
+
+@pytest.mark.parametrize("grids", [[[1, 8, 8]] * 6, [[1, 8, 8], [1, 4, 16], [1, 8, 8], [1, 16, 4]]])
+def test_batched_vision_segments_give_the_loops_numbers_and_gradients(grids, monkeypatch):
+    """batched_segments: bitwise the features and gradients of transformers' per-segment loop, in fewer calls."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from icdrl.lvlm.vision_segments import batched_segments
+
+    c = E.EmbeddedConfig.from_dict({})
+    torch.manual_seed(0)
+    proc = E.build_processor(c, E.vocabulary([ex(0, "what color is the shape?", "red")]))
+    model = E.build_model(c, proc.tokenizer)
+    vis = model.model.visual
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * c.patch_size ** 2)
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def counting(*a, **k):
+        calls.append(a[1].shape[0])
+        return sdpa(*a, **k)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting)
+
+    def run(batched):
+        vis.zero_grad(set_to_none=True)
+        calls.clear()
+        if batched:
+            with batched_segments(model):
+                out = vis(pixels, grid_thw=grid).pooler_output
+        else:
+            out = vis(pixels, grid_thw=grid).pooler_output
+        (out.square().mean() + 1e-3 * out.sum()).backward()
+        return out.detach(), [p.grad.clone() for p in vis.parameters()], list(calls)
+
+    ref, ref_grads, ref_calls = run(False)
+    got, grads, got_calls = run(True)
+    assert vis.config._attn_implementation == "sdpa"  # restored
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert len(got_calls) < len(ref_calls) and sum(got_calls) == len(ref_calls)  # same segments, fewer calls
 
 
 # ------------------------------------------------------------------------------ training and check (slow)

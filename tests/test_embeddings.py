@@ -136,3 +136,14 @@ def test_lvlm_encoder_offline(tmp_path):
     with torch.no_grad():
         feats = model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output[0]
     assert np.allclose(img[1], feats.mean(0).numpy(), atol=1e-5)
+    # bitwise what plain transformers (one attention call per image) gives for the same batch
+    from icdrl.embeddings import _unique_images
+
+    paths, which = _unique_images(exs)
+    first = paths[:2]
+    enc = proc.image_processor(images=[__import__("PIL.Image").Image.open(p).convert("RGB") for p in first],
+                               return_tensors="pt")
+    with torch.inference_mode():
+        plain = [t.float().mean(0).numpy() for t in model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output]
+    for j, vec in enumerate(plain):
+        assert np.array_equal(img[list(which).index(j)], vec)

@@ -195,6 +195,7 @@ def encode_lvlm(examples: Sequence[Example], model_path: str, *, batch_size: int
     from transformers import AutoModelForImageTextToText
 
     from icdrl.lvlm.hf import load_processor  # torchvision-free, hub-layout folders included
+    from icdrl.lvlm.vision_segments import batched_segments  # same features, fewer attention calls
 
     if not model_path or not Path(model_path).is_dir():
         raise FileNotFoundError(f"model path {model_path!r} is not a checkpoint folder")
@@ -203,7 +204,7 @@ def encode_lvlm(examples: Sequence[Example], model_path: str, *, batch_size: int
     paths, which = _unique_images(examples)
     img_feats, txt_feats = [], []
     embed = model.get_input_embeddings()
-    with torch.inference_mode():
+    with torch.inference_mode(), batched_segments(model):
         for sl in _batches(len(paths), batch_size):
             enc = proc.image_processor(images=[load_image(p) for p in paths[sl]], return_tensors="pt")
             out = model.get_image_features(enc["pixel_values"].to(device), enc["image_grid_thw"].to(device))

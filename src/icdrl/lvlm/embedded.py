@@ -199,10 +199,22 @@ def load_split(split: str) -> list[Example]:
 
 
 class ImageCache:
-    """PIL images by path, loaded once (:func:`icdrl.data.load_image`)."""
+    """PIL images by path, loaded once (:func:`icdrl.data.load_image`), and their preprocessed tensors.
+
+    :meth:`pixels` preprocesses every image once (stage 1 draws each training image about seven
+    times, then the feature cache once more) and concatenates the stored rows: the same tensors
+    as ``image_processor(images=[...])`` on those images (checked on the first chunk of each
+    cache, and by ``tests/test_embedded.py``). :meth:`grids` keeps each image's
+    ``image_grid_thw`` row after :meth:`drop_pixels` frees the pixels.
+    """
+
+    #: images per preprocessing call
+    chunk = 128
 
     def __init__(self):
         self._images: dict = {}
+        self._pixels: dict = {}  # path -> pixel_values rows [patches, channels * patch volume]
+        self._grids: dict = {}  # path -> image_grid_thw row [3]
 
     def __call__(self, path: str):
         from icdrl.data import load_image
@@ -211,6 +223,44 @@ class ImageCache:
         if im is None:
             im = self._images[path] = load_image(path)
         return im
+
+    def _preprocess(self, image_processor, paths: Sequence[str]) -> None:
+        """Preprocess the images of ``paths`` that have no stored pixels, ``chunk`` per call."""
+        import torch
+
+        todo = list(dict.fromkeys(p for p in paths if p not in self._pixels))
+        for i in range(0, len(todo), self.chunk):
+            part = todo[i : i + self.chunk]
+            out = image_processor(images=[self(p) for p in part], return_tensors="pt")
+            grid = out["image_grid_thw"]
+            rows = out["pixel_values"].split(grid.prod(-1).tolist())
+            if not self._pixels and len(part) > 1:  # batching must not change an image's tensors
+                alone = image_processor(images=[self(part[-1])], return_tensors="pt")
+                if not (torch.equal(alone["pixel_values"], rows[-1]) and torch.equal(alone["image_grid_thw"][0], grid[-1])):
+                    raise RuntimeError("batched image preprocessing differs from one image at a time")
+            self._pixels.update(zip(part, rows))
+            self._grids.update(zip(part, grid))
+
+    def pixels(self, image_processor, paths: Sequence[str]) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` of ``image_processor`` for the images of ``paths``."""
+        import torch
+
+        self._preprocess(image_processor, paths)
+        return {"pixel_values": torch.cat([self._pixels[p] for p in paths]),
+                "image_grid_thw": torch.stack([self._grids[p] for p in paths])}
+
+    def grids(self, image_processor, paths: Sequence[str]):
+        """``image_grid_thw`` [len(paths), 3] of the images of ``paths``."""
+        import torch
+
+        missing = [p for p in paths if p not in self._grids]
+        if missing:
+            self._preprocess(image_processor, missing)
+        return torch.stack([self._grids[p] for p in paths])
+
+    def drop_pixels(self) -> None:
+        """Free the stored pixels (the grids stay)."""
+        self._pixels.clear()
 
 
 def vocabulary(examples: Sequence[Example]) -> list[str]:
@@ -293,6 +343,9 @@ class Batch:
 def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None) -> Batch:
     """Processor inputs and supervision for training items.
 
+    The images' tensors come from ``images`` (each image preprocessed once), the text from
+    :mod:`icdrl.lvlm.embedded_inputs`: together exactly ``processor(text=..., images=...,
+    padding=True)`` plus the ``position_ids`` the model would compute from them.
     ``features`` (image path -> the vision tower's merged tokens, for a frozen tower): passed as
     ``mm_encoder_outputs`` in place of the pixels, exactly as the backend's feature cache does.
 
@@ -303,14 +356,16 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
     """
     import torch
 
-    from icdrl.lvlm.prompt import build_messages
+    from icdrl.lvlm.embedded_inputs import PromptRenderer, rope_positions, tokenize_prompts
 
-    texts = [
-        processor.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False)
-        for it in items
-    ]
-    ims = [[images(ex.image) for ex in (*it.demos, it.query)] for it in items]
-    enc = processor(text=texts, images=ims, padding=True, return_tensors="pt")
+    render = PromptRenderer(processor)
+    texts = [render(it.demos, it.query, it.target) for it in items]
+    paths = [ex.image for it in items for ex in (*it.demos, it.query)]
+    if features is None:
+        pixels = images.pixels(processor.image_processor, paths)
+    else:
+        pixels = {"image_grid_thw": images.grids(processor.image_processor, paths)}
+    enc = {**tokenize_prompts(processor, texts, pixels["image_grid_thw"]), **pixels}
     tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     short_, answer_, colon, nl = tid("Short"), tid("answer"), tid(":"), tid("\n")
@@ -347,11 +402,12 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
         if verbose_first == soft_short[-1]:
             raise ValueError(f"answer {it.query.answer!r} starts with the verbose prefix's first word")
     inputs = dict(enc)
+    inputs["position_ids"] = rope_positions(enc["mm_token_type_ids"], enc["attention_mask"], enc["image_grid_thw"],
+                                            processor.image_processor.merge_size)
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        inputs.pop("pixel_values")
-        feats = [features[ex.image] for it in items for ex in (*it.demos, it.query)]
+        feats = [features[p] for p in paths]
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
     return Batch(
         inputs=inputs,
@@ -368,7 +424,7 @@ def supervised_logprobs(model, batch: Batch):
     """Log-softmax rows [M, V] at the supervised positions (token t is predicted at t - 1)."""
     import torch
 
-    logits = model(**batch.inputs).logits
+    logits = model(**batch.inputs, use_cache=False).logits  # no key/value cache: one pass, same numbers
     rows, pos = batch.positions[:, 0], batch.positions[:, 1]
     return torch.log_softmax(logits[rows, pos - 1].float(), dim=-1)
 
@@ -456,6 +512,8 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     """
     import torch
 
+    from icdrl.lvlm.vision_segments import batched_segments
+
     labels = image_labels(train)
     paths = sorted(labels)
     if not paths or c.vision_pretrain_steps <= 0:
@@ -470,8 +528,9 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
     rows = []
     for step in range(c.vision_pretrain_steps):
         batch = [paths[rng.randrange(len(paths))] for _ in range(c.vision_pretrain_batch)]
-        enc = processor.image_processor(images=[images(p) for p in batch], return_tensors="pt")
-        pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+        enc = images.pixels(processor.image_processor, batch)
+        with batched_segments(model):
+            pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
         pooled = torch.nn.functional.normalize(pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1)
         words = torch.nn.functional.normalize(embed.weight, dim=-1)
         col_logits = pooled @ words[col_ids].T / 0.1
@@ -500,11 +559,13 @@ def vision_features(model, processor, paths: Sequence[str], images: ImageCache, 
     """Image path -> the vision tower's merged tokens [n_tokens, hidden] (no gradient)."""
     import torch
 
+    from icdrl.lvlm.vision_segments import batched_segments
+
     out: dict = {}
-    with torch.no_grad():
+    with torch.no_grad(), batched_segments(model):
         for i in range(0, len(paths), batch_size):
             chunk = list(paths[i : i + batch_size])
-            enc = processor.image_processor(images=[images(p) for p in chunk], return_tensors="pt")
+            enc = images.pixels(processor.image_processor, chunk)
             feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
             out.update(zip(chunk, (f.detach() for f in feats)))
     return out
@@ -554,6 +615,7 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         model.model.visual.requires_grad_(False)
         model.model.visual.eval()
         features = vision_features(model, processor, sorted({ex.image for ex in train}), images)
+        images.drop_pixels()  # stage 2 reads the features
         log.info("vision tower frozen; features of %d training images cached", len(features))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
     verbose_first = processor.tokenizer.convert_tokens_to_ids(recipe.VERBOSE_PREFIX.split()[0])
@@ -724,6 +786,21 @@ def infoscore_spread(backend, anchors: Sequence[Example], pools: Sequence[Sequen
             "by_level": by_level}
 
 
+class _PhaseClock:
+    """Wall and process-CPU seconds of consecutive named phases (the check's log and JSON)."""
+
+    def __init__(self):
+        self.phases: dict[str, dict[str, float]] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> str:
+        """End phase ``name`` now; returns "wall W s, cpu C s" for the log."""
+        t, c = time.perf_counter(), time.process_time()
+        self.phases[name] = {"wall": round(t - self._t, 1), "cpu": round(c - self._c, 1)}
+        self._t, self._c = t, c
+        return f"wall {self.phases[name]['wall']:.1f} s, cpu {self.phases[name]['cpu']:.1f} s"
+
+
 def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     """Competence and demonstration sensitivity of the embedded LVLM; writes ``out_json``.
 
@@ -747,14 +824,17 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     ck = c.check
     torch.set_num_threads(int(c.threads))
     t0 = time.time()
+    clock = _PhaseClock()
     backend = load_backend(_model_cfg(ck.batch_size), str(model_dir))
     train, test = load_split("train"), load_split("eval")
     if ck.train_subset is not None:
         train = seeded_subset(train, int(ck.train_subset), ck.seed)
     queries = seeded_subset(test, ck.n_test, ck.seed)
-    log.info("icl_check: embedding %d train and %d test examples", len(train), len(queries))
+    log.info("icl_check: embedding %d train and %d test examples (loaded in %s)", len(train), len(queries),
+             clock.lap("load"))
     train_emb = embed_examples(model_dir, train)
     query_emb = embed_examples(model_dir, queries)
+    log.info("icl_check: embedded (%s)", clock.lap("embed"))
 
     demos: dict[str, list[tuple[Example, ...]]] = {"zero_shot": [() for _ in queries]}
     for k in (1, 4):
@@ -779,7 +859,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         detail["yesno_against_text_prior"][name] = float(acc[against].mean()) if against.any() else None
         detail["examples"][name] = [{"question": q.question, "answer": q.answer, "prediction": g.raw}
                                     for q, g in list(zip(queries, gens))[:5]]
-        log.info("icl_check %-10s accuracy %.3f %s", name, result[name], detail["by_kind"][name])
+        log.info("icl_check %-10s accuracy %.3f %s (%s)", name, result[name], detail["by_kind"][name], clock.lap(name))
 
     anchors = seeded_subset(train, ck.n_anchors, ck.seed + 1)
     by_id = {ex.id: ex for ex in train}
@@ -787,6 +867,8 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
     pools = [[by_id[i] for i in rec.pool] for rec in pool_recs]
     spread = infoscore_spread(backend, anchors, pools)
     result["infoscore_spread_share"] = float(np.mean(spread["spread"] >= ck.spread_threshold))
+    log.info("icl_check infoscore spread share %.3f over %d anchors x %d (%s)", result["infoscore_spread_share"],
+             len(anchors), ck.pool_size, clock.lap("infoscore_spread"))
     detail["infoscore"] = {
         "spread_mean": float(spread["spread"].mean()),
         "spread_median": float(np.median(spread["spread"])),
@@ -795,6 +877,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         "zero_shot_prob_mean": float(spread["p0"].mean()),
         "gain_mean_by_match_level": {k: (float(np.mean(v)) if v else None) for k, v in spread["by_level"].items()},
         "n_by_match_level": {k: len(v) for k, v in spread["by_level"].items()},
+        "spread_by_anchor": [float(v) for v in spread["spread"]],  # anchor order; for intervals of the share
     }
     targets = {
         "similar_4": [result["similar_4"], TARGETS["similar_4_min"], result["similar_4"] >= TARGETS["similar_4_min"]],
@@ -811,7 +894,7 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
         "all_targets_met": all(m for _, _, m in targets.values()),
         "detail": detail,
         "settings": {"model_dir": str(model_dir), "check": asdict(ck), "n_train": len(train),
-                     "n_test_split": len(test), "wall_s": round(time.time() - t0, 1)},
+                     "n_test_split": len(test), "wall_s": round(time.time() - t0, 1), "phase_s": clock.phases},
     }
     for key in (*SETTINGS, "infoscore_spread_share"):
         if not (0.0 <= out[key] <= 1.0) or not math.isfinite(out[key]):
