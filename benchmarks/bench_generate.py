@@ -52,7 +52,7 @@ from bench_beam_search import RESULTS, embedded_model, trained_embedded
 
 from icdrl.beam import examples_by_id, lookup
 from icdrl.data import load_dataset, seeded_subset
-from icdrl.evaluate import chunks_by_query, plan_method
+from icdrl.evaluate import Job, chunks_by_query, plan_method
 from icdrl.lvlm.hf import HFBackend, compare_greedy, near_tie_tolerance
 from icdrl.pools import build_pools
 from icdrl.records import CandidateRecord, read_records
@@ -73,9 +73,9 @@ def eval_chunks(train, n_queries: int, chunk: int) -> list[list]:
     by_id = examples_by_id(train, "train")
     qs = {q.id: q for q in queries}
     pool_of = {r.query_id: r.pool for r in pools}
-    jobs = plan_method("random", pools, [1, 2, 3, 4], seed=0)
-    return [[(lookup(by_id, [pool_of[q][p] for p in pos], "pool"), qs[q]) for q, _k, pos in part]
-            for part in chunks_by_query(jobs, chunk)]
+    jobs = [Job(q, k, tuple(pos), tuple(pool_of[q][p] for p in pos))
+            for q, k, pos in plan_method("random", pools, [1, 2, 3, 4], seed=0)]
+    return [[(lookup(by_id, j.icd_ids, "pool"), qs[j.query_id]) for j in part] for part in chunks_by_query(jobs, chunk)]
 
 
 def scoring_chunks(train, path: str, n_anchors: int, chunk: int) -> list[list]:
