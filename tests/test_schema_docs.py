@@ -26,6 +26,7 @@ from icdrl.config import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "config" / "README.md"
+SCHEMA_NAME = "workflow/schemas/config.schema.yaml"
 
 #: Backticked words in a README section that are neither keys nor values the schema lists there,
 #: each with why it is there.
@@ -174,8 +175,8 @@ def key_path_exists(schema: dict[str, Any], dotted: str) -> bool:
 
 # ----------------------------------------------------------------------------- README parsing
 
-_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-_HEADING = re.compile(r"^### `(\w+)`.*$", re.M)
+_FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+_HEADING = re.compile(r"^### `(\w+)`.*$", re.MULTILINE)
 _TICKED = re.compile(r"`([^`\n]+)`")
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _DOTTED = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)+")
@@ -279,8 +280,6 @@ def test_every_schema_property_has_a_description(schema):
     assert not missing, f"{SCHEMA_NAME}: properties without a description: {', '.join(missing)}"
 
 
-SCHEMA_NAME = "workflow/schemas/config.schema.yaml"
-
 
 def test_readme_has_a_section_per_schema_section(schema, sections):
     assert set(sections) == set(schema["properties"]), (
@@ -330,8 +329,8 @@ def test_readme_table_defaults_match_the_schema(schema, sections):
     for sec, body in sections.items():
         direct = schema["properties"][sec].get("properties", {})
         for key, cell in table_defaults(body):
-            node = _resolve(direct.get(key), schema) | (direct.get(key) or {})
             assert key in direct, f"config/README.md section {sec}: table key {key} is not a key of {sec}"
+            node = _resolve(direct[key], schema) | direct[key]
             if (sec, key) in PROSE_DEFAULTS:
                 assert cell == PROSE_DEFAULTS[sec, key], f"config/README.md {sec}.{key}: default cell {cell!r} changed"
                 continue
