@@ -87,6 +87,12 @@ onstart:
         sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
 
 
+onsuccess:
+    # after a run that succeeded (never a dry run): the report folder's name is a hash, so say it
+    print(f"icdrl: the report is in {L.report_dir}/ (start with summary.md); one HTML file of it: "
+          f"snakemake --report results/report.html, with this run's --configfile", file=sys.stderr)
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/lvlm.smk"
 include: "workflow/rules/embeddings.smk"

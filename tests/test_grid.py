@@ -227,6 +227,18 @@ def test_experiment_contrast_and_reference_are_checked(default_cfg):
     assert [c.train for c in e.cells()] == [(), (("kl_beta", 0),)]
 
 
+def test_an_experiment_over_one_weight_is_not_overwritten_by_the_grid_weights(default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    cfg["grid"]["weights"] = [[1, 1], [2, 1]]  # a pair axis the block would otherwise inherit
+    e = _exp(cfg, {"reward_modes": ["hard_plus_soft"], "hard_weight": [1, 3]})
+    assert e.contrast == "hard_weight" and "weights" not in dict(e.axes)
+    got = [dict(c.reward.knobs)["hard_weight"] for c in e.cells()]
+    assert got == [1.0, 3.0]
+    # the grid's pairs still apply to an experiment that sets neither component
+    e = _exp(cfg, {"reward_modes": ["hard_plus_soft"], "use_rank": [True, False], "contrast": "use_rank"})
+    assert dict(e.axes)["weights"] == ((1.0, 1.0), (2.0, 1.0))
+
+
 def test_env_override_restricts_experiments(default_cfg):
     from icdrl.config import apply_env_overrides, validate
 

@@ -221,3 +221,43 @@ def test_nan_or_infinity_in_a_file_names_the_file_the_record_and_the_field(tmp_p
         p.write_text(text.replace("1.5", const))
         with pytest.raises(SchemaError, match=rf"rewards.jsonl:3: anchor 7: field rewards\[1\] is {const}, not a finite"):
             read_jsonl(p, "icdrl.rewards")
+
+
+def test_read_table_keeps_integer_ids_and_has_no_schema_or_end_row(tmp_path):
+    import pandas as pd
+
+    from icdrl.records import read_table
+
+    recs = [EvalRecord(method="zero_shot", cell=None, seed=None, k=0, query_id=q, icd_ids=(), icd_pos=(),
+                       prediction_raw="Blue", prediction="blue", acc=1.0) for q in (3, 5)]
+    recs.append(EvalRecord(method="random", cell=None, seed=0, k=1, query_id=9, icd_ids=(4,), icd_pos=(0,),
+                           prediction_raw="red", prediction="red", acc=0.0))
+    write_records(tmp_path / "e.jsonl", recs)
+    df = read_table(tmp_path / "e.jsonl")
+    assert len(df) == 3 and "schema" not in df.columns and "end" not in df.columns
+    assert df["query_id"].dtype == "int64" and df["query_id"].tolist() == [3, 5, 9]
+    assert df["k"].dtype == "int64"
+    assert str(df["seed"].dtype) == "Int64" and df["seed"].isna().tolist() == [True, True, False]
+    assert df["acc"].tolist() == [1.0, 1.0, 0.0] and df["icd_ids"].tolist() == [[], [], [4]]
+    # pandas' own reader, for contrast: the schema and end lines become rows, ids turn float
+    raw = pd.read_json(tmp_path / "e.jsonl", lines=True)
+    assert len(raw) == 5 and raw["query_id"].dtype == "float64"
+
+
+def test_read_table_refuses_a_cut_file_and_reads_checked_csv(tmp_path):
+    from icdrl.records import csv_end_line, read_table
+
+    write_jsonl(tmp_path / "p.jsonl", "icdrl.pools", [{"query_id": 1, "pool": [2, 3]}, {"query_id": 4, "pool": [5]}])
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    (tmp_path / "cut.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(SchemaError, match="cut.jsonl: incomplete"):
+        read_table(tmp_path / "cut.jsonl")
+    (tmp_path / "m.csv").write_text("step,loss\n0,1.5\n1,0.5\n" + csv_end_line(2) + "\n")
+    df = read_table(tmp_path / "m.csv")
+    assert df["step"].tolist() == [0, 1] and df["loss"].tolist() == [1.5, 0.5]
+    (tmp_path / "short.csv").write_text("step,loss\n0,1.5\n" + csv_end_line(2) + "\n")
+    with pytest.raises(SchemaError, match="short.csv: incomplete"):
+        read_table(tmp_path / "short.csv")
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(SchemaError, match="x.jsonl: no icdrl schema header"):
+        read_table(tmp_path / "x.jsonl")

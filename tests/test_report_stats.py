@@ -243,6 +243,13 @@ def test_power_plan_lines_and_unmeasured_seeds():
 
 # ----------------------------------------------------------------------------- cannot differ
 
+def _rewards_file(label, fn, hard, soft, info):
+    """A RewardGroups file whose rewards are fn(h, s, i) per group."""
+    n_groups = len(hard)
+    return RewardGroups(label, label, [fn(h, s, i) for h, s, i in zip(hard, soft, info)], hard,
+                        np.zeros(n_groups, dtype=int), soft, list(range(n_groups)))
+
+
 def _one_answer_rewards(rng, n_groups=30, n_cands=8):
     """Rewards files of one single-answer scored set (s = h): legacy, hard_plus_soft(_v2)."""
     hard = [(rng.random(n_cands) < 0.4).astype(float) for _ in range(n_groups)]
@@ -250,8 +257,7 @@ def _one_answer_rewards(rng, n_groups=30, n_cands=8):
     info = [rng.normal(0, 0.1, n_cands) for _ in range(n_groups)]
 
     def file(label, fn):
-        return RewardGroups(label, label, [fn(h, s, i) for h, s, i in zip(hard, soft, info)], hard,
-                            np.zeros(n_groups, dtype=int), soft, list(range(n_groups)))
+        return _rewards_file(label, fn, hard, soft, info)
 
     return {
         "legacy-a1-b0": file("legacy-a1-b0", lambda h, s, i: i),
@@ -324,8 +330,7 @@ def _ten_answer_rewards(rng, n_groups=30, n_cands=8):
     info = [rng.normal(0, 0.1, n_cands) for _ in range(n_groups)]
 
     def file(label, fn):
-        return RewardGroups(label, label, [fn(h, s, i) for h, s, i in zip(hard, soft, info)], hard,
-                            np.zeros(n_groups, dtype=int), soft, list(range(n_groups)))
+        return _rewards_file(label, fn, hard, soft, info)
 
     return {
         "legacy-a1-b0": file("legacy-a1-b0", lambda h, s, i: i),

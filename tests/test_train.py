@@ -92,19 +92,6 @@ def test_config_defaults_and_every_knob_documented():
             assert "#" in line and len(line.split("#", 1)[1].strip()) > 10, f"{cls.__name__}.{f} undocumented"
 
 
-def test_env_overrides():
-    env = {"REWARD_MODE": "legacy", "HARD_WEIGHT": "2", "SOFT_WEIGHT": "0.5", "REWARD_ALPHA": "0.0",
-           "REWARD_BETA": "1.0", "USE_RANK_ADVANTAGE": "False", "UNRELATED": "x"}
-    assert T.env_overrides(env) == {"reward_mode": "legacy", "hard_weight": 2.0, "soft_weight": 0.5,
-                                    "alpha": 0.0, "beta": 1.0, "use_rank": False}
-    assert T.env_overrides({"USE_RANK_ADVANTAGE": "1", "HARD_WEIGHT": ""}) == {"use_rank": True}
-    assert T.env_overrides({}) == {}
-    for env, var in [({"USE_RANK_ADVANTAGE": "maybe"}, "USE_RANK_ADVANTAGE"), ({"HARD_WEIGHT": "two"}, "HARD_WEIGHT"),
-                     ({"REWARD_MODE": "plan4"}, "REWARD_MODE"), ({"REWARD_BETA": "nan"}, "REWARD_BETA")]:
-        with pytest.raises(ValueError, match=var):
-            T.env_overrides(env)
-
-
 # ============================================================================ loaders
 
 

@@ -35,6 +35,7 @@ class Run:
     embeddings_done: int  # embedding files finished before the kill
     plan_after_kill: dict[str, int]
     resume_seconds: float
+    resume_output: str  # what the resumed run printed
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -79,8 +80,9 @@ def run(tmp_path_factory) -> Run:
 
     # 3) resume to the end
     t0 = time.perf_counter()
-    snakemake("--cores", "2", "--configfile", str(cfg_path), workdir=d, check=True, timeout=1200)
-    return Run(d, cfg_path, layout, finished, embeddings_done, plan, time.perf_counter() - t0)
+    done = snakemake("--cores", "2", "--configfile", str(cfg_path), workdir=d, check=True, timeout=1200)
+    return Run(d, cfg_path, layout, finished, embeddings_done, plan, time.perf_counter() - t0,
+               done.stdout + done.stderr)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_shards(run):
@@ -96,6 +98,12 @@ def test_complete_run_leaves_nothing_to_do(run):
     proc = snakemake("-n", "--configfile", str(run.config), workdir=run.dir, check=True)
     assert job_counts(proc.stdout + proc.stderr) == {}
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert "the report is in" not in proc.stdout + proc.stderr  # a dry run points at nothing
+
+
+def test_a_finished_run_says_where_its_report_is(run):
+    assert f"icdrl: the report is in {run.layout.report_dir}/ (start with summary.md)" in run.resume_output
+    assert (run.dir / run.layout.report_dir / "summary.md").is_file()
 
 
 def _variant(run: Run, name: str, edit) -> str:

@@ -26,12 +26,22 @@ from typing import Any
 
 import yaml
 
+from icdrl.rewards import MODES
+
 #: the schema shipped with the workflow
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-#: the seed's environment variables (SPEC §6, seed's train_v3.sh)
-ENV_VARS = ("REWARD_MODE", "HARD_WEIGHT", "SOFT_WEIGHT", "REWARD_ALPHA", "REWARD_BETA",
-            "USE_RANK_ADVANTAGE")
+#: the seed's environment variables (SPEC §6, seed's train_v3.sh) -> the override each one sets
+ENV_VARS: dict[str, str] = {
+    "REWARD_MODE": "reward_mode",
+    "HARD_WEIGHT": "hard_weight",
+    "SOFT_WEIGHT": "soft_weight",
+    "REWARD_ALPHA": "alpha",
+    "REWARD_BETA": "beta",
+    "USE_RANK_ADVANTAGE": "use_rank",
+}
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+_FALSE = {"0", "false", "no", "off", "f", "n"}
 
 
 class ConfigError(ValueError):
@@ -276,12 +286,34 @@ def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The typed overrides the seed's env vars ask for (delegates to :mod:`icdrl.train`)."""
-    if not any(k in environ for k in ENV_VARS):
-        return {}
-    from icdrl.train import env_overrides as parse  # noqa: PLC0415 (torch: only when needed)
+    """The seed's environment variables, typed: {reward_mode, hard_weight, soft_weight, alpha, beta, use_rank}.
 
-    return parse(environ)
+    Unset or empty variables are left out (the seed's ``${VAR:-default}``). A value that does
+    not parse raises ``ValueError`` naming the variable.
+    """
+    out: dict[str, Any] = {}
+    for var, key in ENV_VARS.items():
+        raw = environ.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        v = raw.strip()
+        if key == "reward_mode":
+            if v not in MODES:
+                raise ValueError(f"{var}={raw!r} is not a reward mode; valid: {', '.join(MODES)}")
+            out[key] = v
+        elif key == "use_rank":
+            if v.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{var}={raw!r} is not a boolean (use true/false, 1/0, yes/no)")
+            out[key] = v.lower() in _TRUE
+        else:
+            try:
+                x = float(v)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a number") from None
+            if not math.isfinite(x):
+                raise ValueError(f"{var}={raw!r} is not a finite number")
+            out[key] = x
+    return out
 
 
 def _replace_pairs(pairs: list, index: int, value: float) -> list:

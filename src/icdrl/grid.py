@@ -344,7 +344,8 @@ def _axes(block: Mapping[str, Any], grid: Mapping[str, Any], where: str) -> list
     axes: list[tuple[str, tuple]] = []
     names = [k for k in block if k not in EXPERIMENT_META and k != "train"]
     for k in GRID_AXES:
-        if k not in names and grid.get(k):
+        # a pair the block sets a knob of (e.g. hard_weight) is not inherited: it would overwrite it
+        if k not in names and grid.get(k) and not any(knob in block for knob in PAIR_AXES.get(k, ())):
             names.append(k)
     for k in names:
         if k not in GRID_AXES and k not in KNOBS:

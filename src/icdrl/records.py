@@ -564,6 +564,60 @@ def write_records(path: str | os.PathLike, records: Sequence) -> int:
     return write_jsonl(path, type(records[0]).SCHEMA, (r.to_dict() for r in records))
 
 
+def _schema_of(path: Path) -> str:
+    """The schema a JSON Lines file's header names (checked against the known schemas)."""
+    with open(path) as fh:
+        first = fh.readline()
+    try:
+        header = json.loads(first) if first.strip() else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("schema") not in SCHEMAS:
+        raise SchemaError(f"{path}: no icdrl schema header line; known schemas: {sorted(SCHEMAS)}")
+    return header["schema"]
+
+
+def _frame(records: list[dict]) -> Any:
+    """Records as a DataFrame whose integer fields keep an integer dtype: int64, or pandas'
+    nullable Int64 where some records have none (e.g. the ``seed`` of a baseline)."""
+    import pandas as pd
+
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    data = {}
+    for col in columns:
+        values = [r.get(col) for r in records]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            data[col] = pd.array(values, dtype="int64" if len(present) == len(values) else "Int64")
+        else:
+            data[col] = pd.Series(values, dtype=object if any(isinstance(v, (list, dict)) for v in present) else None)
+    return pd.DataFrame(data, index=pd.RangeIndex(len(records)))
+
+
+def read_table(path: str | os.PathLike):
+    """Any icdrl record file as a ``pandas.DataFrame``: one row per record, integer ids kept.
+
+    JSON Lines files (pools, candidates, scored, rewards, evaluation records) are checked like
+    every reader checks them (header, end line, record count); neither line becomes a row, which
+    ``pandas.read_json(path, lines=True)`` would not do. CSV tables written with an end line
+    (``metrics.csv``) are checked for it. Nested fields (pools, candidate lists, specs) stay
+    Python objects in their cells.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    if path.suffix == ".csv":
+        n = check_csv_complete(path)
+        df = pd.read_csv(path, skipfooter=1, engine="python")
+        if len(df) != n:  # a data line pandas split or joined differently than the end line counted
+            raise SchemaError(f"{path}: read {len(df)} rows, its end line says {n}")
+        return df
+    records = list(iter_jsonl(path, _schema_of(path)))
+    return _frame(records)
+
+
 # Key of one record in each schema: concatenation and resumption refuse duplicates.
 _KEYS: dict[str, Callable[[dict], Hashable]] = {
     "icdrl.pools": lambda d: d["query_id"],

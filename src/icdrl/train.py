@@ -43,7 +43,6 @@ from torch import Tensor
 
 from icdrl import rl
 from icdrl.records import atomic_path, corrupt_file_error, csv_end_line, read_jsonl
-from icdrl.rewards import MODES
 from icdrl.selector import LABEL_ORDERS, PointerSelector, label_sequence
 
 log = logging.getLogger(__name__)
@@ -198,54 +197,6 @@ class V3Config(_Config):
             raise ValueError(f"V3Config.min_positive_ratio must be in [0, 1], got {self.min_positive_ratio}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"V3Config.dropout must be in [0, 1) or null, got {self.dropout}")
-
-
-# ============================================================================ seed env vars
-
-_TRUE = {"1", "true", "yes", "on", "t", "y"}
-_FALSE = {"0", "false", "no", "off", "f", "n"}
-ENV_VARS: dict[str, str] = {
-    "REWARD_MODE": "reward_mode",
-    "HARD_WEIGHT": "hard_weight",
-    "SOFT_WEIGHT": "soft_weight",
-    "REWARD_ALPHA": "alpha",
-    "REWARD_BETA": "beta",
-    "USE_RANK_ADVANTAGE": "use_rank",
-}
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The seed's environment variables, typed: {reward_mode, hard_weight, soft_weight, alpha, beta, use_rank}.
-
-    Unset or empty variables are left out (the seed's ``${VAR:-default}``). A value that does
-    not parse raises ``ValueError`` naming the variable.
-    """
-    out: dict[str, Any] = {}
-    for var, key in ENV_VARS.items():
-        raw = environ.get(var)
-        if raw is None or raw.strip() == "":
-            continue
-        v = raw.strip()
-        if key == "reward_mode":
-            if v not in MODES:
-                raise ValueError(f"{var}={raw!r} is not a reward mode; valid: {', '.join(MODES)}")
-            out[key] = v
-        elif key == "use_rank":
-            if v.lower() in _TRUE:
-                out[key] = True
-            elif v.lower() in _FALSE:
-                out[key] = False
-            else:
-                raise ValueError(f"{var}={raw!r} is not a boolean (use true/false, 1/0, yes/no)")
-        else:
-            try:
-                x = float(v)
-            except ValueError:
-                raise ValueError(f"{var}={raw!r} is not a number") from None
-            if not math.isfinite(x):
-                raise ValueError(f"{var}={raw!r} is not a finite number")
-            out[key] = x
-    return out
 
 
 # ============================================================================ records
