@@ -126,5 +126,6 @@ def test_killed_ablation_resumes(base):
         _ablate(base, "no_images", FakeBackend(fail_after=2))
     fb = FakeBackend()
     _ablate(base, "no_images", fb)
-    assert len(fb.gen_prompts) == len(want) - 2 * 5
+    # chunks of whole queries, at least chunk_prompts = 5: two queries x 4 shots each
+    assert len(fb.gen_prompts) == len(want) - 2 * 2 * len(SHOTS)
     assert read_records(base / "no_images.jsonl", EvalRecord) == want

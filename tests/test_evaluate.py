@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from stage_fakes import FakeBackend, make_examples, patch_dataset, random_table, save_table
 
-from icdrl.evaluate import evaluate_method, random_positions, similarity_positions
+from icdrl.evaluate import chunks_by_query, evaluate_method, random_positions, similarity_positions
 from icdrl.metrics import vqa_accuracy
 from icdrl.records import EvalRecord, PoolRecord, read_jsonl, read_records, write_records
 from icdrl.selector import PointerSelector, select_for_query
@@ -200,13 +202,41 @@ def test_killed_evaluation_resumes(setup):
         run(tmp, "random", out="e.jsonl", backend=FakeBackend(fail_after=2))
     fb = FakeBackend()
     run(tmp, "random", out="e.jsonl", backend=fb)
-    assert len(fb.gen_prompts) == len(ref) - 2 * 5  # two chunks of 5 answers were kept
+    # two chunks were kept, each of whole queries (at least chunk_prompts = 5 answers: 2 queries x 4 shots)
+    assert len(fb.gen_prompts) == len(ref) - 2 * 2 * len(SHOTS)
     # zero-shot killed after its first chunk: answers of finished records are reused, not regenerated
     run(tmp, "zero_shot", out="z_ref.jsonl")
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp, "zero_shot", out="z.jsonl", backend=FakeBackend(fail_after=1))
     fb = FakeBackend()
     run(tmp, "zero_shot", out="z.jsonl", backend=fb)
-    assert len(fb.gen_prompts) == len(EVAL) - 5
+    assert len(fb.gen_prompts) == len(EVAL) - 2  # the first chunk held 2 whole queries
     assert read_records(tmp / "z.jsonl", EvalRecord) == read_records(tmp / "z_ref.jsonl", EvalRecord)
     assert read_records(tmp / "e.jsonl", EvalRecord) == ref
+
+
+def test_chunks_keep_every_shot_of_a_query_together():
+    """Jobs come k by k; chunks hold whole queries (first-seen order), at least min_prompts jobs."""
+    from icdrl.evaluate import Job
+
+    jobs = [Job(q, k, (k,), (q + k,)) for k in SHOTS for q in (7, 3, 9, 1, 5)]
+    chunks = chunks_by_query(jobs, 6)
+    assert [[j.query_id for j in c] for c in chunks] == [[7] * 4 + [3] * 4, [9] * 4 + [1] * 4, [5] * 4]
+    assert all([j.k for j in c if j.query_id == q] == SHOTS for c in chunks for q in {j.query_id for j in c})
+    assert sorted((j.query_id, j.k) for c in chunks for j in c) == sorted((j.query_id, j.k) for j in jobs)
+    assert chunks_by_query(jobs, 1) == [[j for j in jobs if j.query_id == q] for q in (7, 3, 9, 1, 5)]
+    assert chunks_by_query([], 4) == []
+
+
+def test_generate_calls_hold_a_querys_shots_and_records_keep_their_order(setup):
+    """Each generate call gets every shot of its queries; the file lists records k by k, then query."""
+    tmp, _ = setup
+    fb = FakeBackend()
+    calls = []
+    gen = fb.generate
+    fb.generate = lambda prompts, max_new_tokens=None: calls.append([q.id for _, q in prompts]) or gen(prompts, max_new_tokens)
+    run(tmp, "random", backend=fb)
+    assert all(set(Counter(c).values()) == {len(SHOTS)} for c in calls)  # every query with all its shots
+    assert [len(c) for c in calls] == [8, 8, 8]
+    recs = read_records(tmp / "e.jsonl", EvalRecord)
+    assert [(r.k, r.query_id) for r in recs] == [(k, ex.id) for k in SHOTS for ex in EVAL]

@@ -532,7 +532,8 @@ def test_prefix_max_demos_keeps_only_the_prefixes_a_deeper_prompt_can_read(ex):
     for call in (step1, step2, extra):
         answers = ["fire hydrant"] * len(call)
         assert sums(b.answer_logprobs(call, answers)) == pytest.approx(sums(plain.answer_logprobs(call, answers)), abs=1e-5)
-        assert {pk.n_images for pk in b._prefix_kv.values()} == {1} and len(b._prefix_kv) == 5
+        # five 1-demonstration prefixes (the size) and, not counted in it, the chat header
+        assert sorted(pk.n_images for pk in b._prefix_kv.values()) == [0, 1, 1, 1, 1, 1]
     assert b.stats["prefix_hits"] == len(step2) + len(extra)
 
 
@@ -545,7 +546,7 @@ def test_prefix_cache_mixed_batches_and_eviction(ex, prompts):
     answers = ["red", "red", "red", *ANSWERS]
     assert sums(b.answer_logprobs(mixed, answers)) == pytest.approx(sums(plain.answer_logprobs(mixed, answers)), abs=1e-5)
     assert b.stats["prefix_hits"] >= 2
-    assert len(b._prefix_kv) <= 2
+    assert len([pk for pk in b._prefix_kv.values() if pk.n_images]) <= 2  # (and the chat header)
     b.clear_cache()
     assert not b._prefix_kv
 
@@ -703,6 +704,228 @@ def test_image_processor_alone_that_differs_switches_off(images):
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- cached greedy decoding
+
+
+def _same_ids(fast: HFBackend, ref: HFBackend, prompts, n: int) -> list:
+    """Token for token, the cached decoding's answers equal the reference path's (plain
+    transformers: the processor on every prompt, ``model.generate``); near-ties would be allowed
+    (the reference's two best logits within ``NEAR_TIE``), and none occurs on these models."""
+    from icdrl.lvlm.hf import compare_greedy
+
+    got = fast.generate_ids(prompts, n)
+    items = ref._items(prompts, [None] * len(prompts))
+    want, tied = ref._plain_tokens(items, n, gaps=True)
+    assert want == ref.generate_ids(prompts, n)  # one batch or batch_size at a time
+    mismatches, ties = compare_greedy(got, want, tied)
+    assert mismatches == [] and ties == []
+    assert got == want
+    return got
+
+
+def _fresh(family: str, **cfg) -> HFBackend:
+    return load_backend({"kind": "hf", "batch_size": 4, **cfg}, str(cached_checkpoint(family)))
+
+
+def test_compare_greedy_tells_near_ties_from_mismatches():
+    from icdrl.lvlm.hf import compare_greedy, near_tie_tolerance
+
+    fast = [(1, 2, 3), (1, 5, 9), (1, 5), (4,), (7, 8, 1)]
+    ref = [(1, 2, 3), (1, 6, 9), (1, 6), (4, 2), (7, 8)]
+    tied = [[False] * 3, [False, True, False], [False, False], [False, True], [False, False]]
+    # row 1 first differs at a near-tie, row 2 where the reference's top two were apart; row 3
+    # stopped a step early, at a near-tie; row 4 ran past the reference's end (no tie data there)
+    assert compare_greedy(fast, ref, tied) == ([2, 4], [1, 3])
+    assert compare_greedy(fast, fast, tied) == ([], [])
+    assert near_tie_tolerance(torch.float32, 3.0) == 1e-5 and near_tie_tolerance(torch.float32, -40.0) == pytest.approx(4e-5)
+    assert near_tie_tolerance(torch.bfloat16, 2.0) == 0.0625 and near_tie_tolerance(torch.bfloat16, 24.0) == 24 / 128
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_reference_without_and_with_cached_prefixes(family, prompts, ex):
+    """First call: nothing cached (the first batch runs whole prompts). Later calls: every prompt
+    on the chat header or on demonstrations an earlier call stored (qwen; LLaVA has no prefix
+    cache and decodes with the key/value cache alone)."""
+    fast, ref = _fresh(family), backend(family, image_cache="none")
+    _same_ids(fast, ref, prompts, 5)
+    assert fast.stats["decode_steps"] > 0 and fast.fast_paths()["cached_greedy_decoding"]
+    hits = fast.stats["prefix_hits"]
+    longer = [([*demos, ex[5]], q) for demos, q in prompts if ex[5] not in demos and q is not ex[5]]
+    _same_ids(fast, ref, longer, 5)  # each extends a prompt of the first call by one demonstration
+    if family == "qwen":
+        assert fast.stats["prefix_hits"] - hits == len(longer)
+        assert all(fast._lookup_prefix(it).n_images >= len(d) for it, (d, _) in zip(fast._items(longer, [None] * 5), longer))
+    else:
+        assert fast.stats["prefix_hits"] == 0 and not fast._prefix_kv
+    assert fast.fast_paths()["cached_greedy_decoding"] and fast.stats["generate_near_ties"] == 0
+
+
+def test_nested_prompts_run_on_the_longest_ones_prefixes(ex):
+    """A query's 1..4-shot prompts in one call: the 4-shot one runs first and the others on its
+    stored demonstration prefixes: one forward over each prompt's own tail."""
+    fast, ref = _fresh("qwen", batch_size=8), backend("qwen", image_cache="none")
+    fast.generate_ids([([], ex[0])], 2)  # header cached, checks of whole prompts done
+    nested = [(ex[1 : 1 + k], ex[0]) for k in range(1, 5)] + [(ex[:k], ex[5]) for k in range(1, 5)]
+    before = dict(fast.stats)
+    _same_ids(fast, ref, nested, 4)
+    assert fast.stats["prefix_hits"] - before["prefix_hits"] == 8
+    # two waves: the two 4-shot prompts (on the header), then the six others on their prefixes,
+    # plus the plain generate of the check of the first batch on cached prefixes
+    assert fast.stats["forward_batches"] - before["forward_batches"] == 2 + 1
+
+
+def test_mixed_batches_rows_with_and_without_cached_prefixes(ex, prompts, monkeypatch):
+    """Rows on demonstration prefixes, on the chat header only and (forced) on none, in one batch."""
+    fast, ref = _fresh("qwen", batch_size=8), backend("qwen", image_cache="none")
+    fast.generate_ids([([ex[1]], ex[0]), ([ex[3]], ex[2])], 3)
+    lookup = fast._lookup_prefix
+    calls = []
+
+    def every_third_none(item):
+        calls.append(item)
+        return None if len(calls) % 3 == 0 else lookup(item)
+
+    monkeypatch.setattr(fast, "_lookup_prefix", every_third_none)
+    seen = []
+    stack = fast._stack_prefixes
+    monkeypatch.setattr(fast, "_stack_prefixes", lambda pks, room=None: seen.append([pk and pk.n_images for pk in pks]) or stack(pks, room))
+    mixed = [([ex[1], ex[4]], ex[0]), ([ex[3], ex[5]], ex[2]), *prompts]
+    _same_ids(fast, ref, mixed, 4)
+    rows = [r for batch in seen for r in batch]
+    assert None in rows and 0 in rows and any(r and r >= 1 for r in rows)
+    assert any(None in b and any(b) for b in seen)  # one batch holds rows with and without a prefix
+
+
+def _stopping_token(b: HFBackend, prompts, n: int) -> int:
+    """A token that the greedy answers reach at different steps (and some never): as an end
+    token it makes rows stop at different lengths."""
+    free = b.generate_ids(prompts, n)
+    best = None
+    for t in sorted({t for row in free for t in row}):
+        first = [row.index(t) if t in row else None for row in free]
+        steps = {f for f in first if f is not None}
+        if len(steps) >= 2 and None in first:
+            best = t
+            break
+    assert best is not None, "no token reached at several steps; pick other prompts"
+    return best
+
+
+def _diverse_pair(family: str, **cfg) -> tuple[HFBackend, HFBackend]:
+    """(cached, reference) backends on one model whose greedy answers vary from row to row (the
+    tiny random Qwen answers every prompt with one repeated token: its language model's
+    matrices are redrawn with a larger spread, seeded)."""
+    fast = _fresh(family, **cfg)
+    if family == "qwen":
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in fast.model.model.language_model.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return fast, HFBackend(fast.model, fast.processor, batch_size=4, image_cache="none")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_stop_at_their_own_end_and_at_max_new_tokens(family, prompts, ex):
+    fast, ref = _diverse_pair(family)
+    many = prompts + [([ex[4]], ex[3]), ([ex[0], ex[2]], ex[5])]
+    end = _stopping_token(ref, many, 6)
+    fast.model.generation_config.eos_token_id = end  # one model for both
+    got = _same_ids(fast, ref, many, 6)
+    lengths = {len(t) for t in got}
+    assert len(lengths) >= 3 and 6 in lengths  # stopped at different steps, some at max_new_tokens
+    assert all(t[-1] == end for t in got if len(t) < 6) and all(end not in t[:-1] for t in got)
+    for n in (1, 2):  # max_new_tokens reached by every row
+        assert all(len(t) <= n for t in _same_ids(fast, ref, many, n))
+    raws = [g.raw for g in fast.generate(many, 6)]
+    assert raws == [g.raw for g in ref.generate(many, 6)]
+
+
+@pytest.mark.parametrize("insert", ["first", "last"])
+def test_cached_decoding_on_beam_search_like_steps(ex, insert):
+    """Step 1 then step 2 prompts (the new demonstration first or last), as scoring and beam
+    search build them; insert last reads the step-1 prefixes, insert first the chat header."""
+    fast, ref = _fresh("qwen", batch_size=4), backend("qwen", image_cache="none")
+    step1, step2, step3 = _steps(ex, insert)
+    _same_ids(fast, ref, step1, 4)
+    read = []  # per step, the demonstrations in each row's cached prefix
+    for step in (step2, step3):
+        items = fast._items(step, [None] * len(step))
+        read.append([fast.prefixes.lookup(it.ids, it.images, fast._boundaries(it)).n_images for it in items])
+        _same_ids(fast, ref, step, 4)
+    if insert == "last":  # (b, c) reads (b), ((b, c), d) reads (b, c)
+        assert read == [[1] * len(step2), [2] * len(step3)]
+    else:  # (c, b) reads (c), which step 1 stored
+        assert all(n >= 1 for n in read[0] + read[1])
+
+
+def test_a_real_mismatch_switches_cached_decoding_off(prompts, monkeypatch, caplog):
+    """A corrupted key/value cache (values doubled) makes the cached answers differ from
+    model.generate's: the first check says so, and this and every later batch come from
+    model.generate."""
+    import logging
+
+    from icdrl.lvlm import hf_patches
+
+    class Corrupt(hf_patches.RoomyLayer):
+        def update(self, k, v, *a, **kw):
+            return super().update(k, 2 * v, *a, **kw)
+
+    monkeypatch.setattr(hf_patches, "RoomyLayer", Corrupt)
+    fast, ref = _diverse_pair("qwen")
+    with caplog.at_level(logging.WARNING, logger="icdrl.lvlm.hf"):
+        got = fast.generate_ids(prompts, 5)
+    assert "cached greedy decoding differs from model.generate" in caplog.text
+    assert not fast.fast_paths()["cached_greedy_decoding"]
+    assert got == ref.generate_ids(prompts, 5) == fast.generate_ids(prompts, 5)
+
+
+def test_a_near_tie_does_not_switch_cached_decoding_off(prompts, monkeypatch):
+    """Differences whose reference logits are (here: declared) tied are counted, not mismatches."""
+    from icdrl.lvlm import hf, hf_patches
+
+    class Corrupt(hf_patches.RoomyLayer):
+        def update(self, k, v, *a, **kw):
+            return super().update(k, 2 * v, *a, **kw)
+
+    monkeypatch.setattr(hf_patches, "RoomyLayer", Corrupt)
+    monkeypatch.setitem(hf.NEAR_TIE, torch.float32, (1e9, 0.0))
+    fast, ref = _diverse_pair("qwen")
+    assert fast.generate_ids(prompts, 5) != ref.generate_ids(prompts, 5)  # the corruption shows
+    assert fast.stats["generate_near_ties"] > 0 and fast.fast_paths()["cached_greedy_decoding"]
+
+
+def test_bf16_fast_paths_stay_on_and_agree_with_the_reference(prompts, ex):
+    """Tiny Qwen2.5-VL in bfloat16 on the CPU: every fast path stays on; scores agree with the
+    reference path within bf16 rounding, generated answers token for token except at near-ties
+    within bf16's tolerance."""
+    from icdrl.lvlm.hf import compare_greedy
+
+    fast = _fresh("qwen", dtype="bfloat16")
+    ref = _fresh("qwen", dtype="bfloat16", image_cache="none")
+    f32 = backend("qwen")
+    assert fast.dtype == torch.bfloat16
+    calls = [prompts, [(ex[1 : 1 + k], ex[0]) for k in range(1, 5)]]
+    for pr in calls:
+        ans = [q.answer for _, q in pr]
+        got = [s.mean_logprob for s in fast.answer_logprobs(pr, ans)]
+        want = [s.mean_logprob for s in ref.answer_logprobs(pr, ans)]
+        assert got == pytest.approx(want, abs=0.06)
+        assert got == pytest.approx([s.mean_logprob for s in f32.answer_logprobs(pr, ans)], abs=0.1)
+    # generation on a model whose answers vary (the stock tiny one repeats one token)
+    gfast, gref = _diverse_pair("qwen", dtype="bfloat16")
+    for pr in calls:
+        toks = gfast.generate_ids(pr, 5)
+        plain, tied = gref._plain_tokens(gref._items(pr, [None] * len(pr)), 5, gaps=True)
+        mismatches, _ties = compare_greedy(toks, plain, tied)
+        assert mismatches == [] and len(set(toks)) > 1
+    for b in (fast, gfast):
+        assert b.stats["prefix_hits"] > 0
+        off = [k for k, on in b.fast_paths().items() if not on]
+        assert off == []
+    assert gfast.stats["decode_steps"] > 0
 
 
 # ---------------------------------------------------------------------- demonstrations without images

@@ -27,8 +27,10 @@ Before the LVLM answers anything, every prompt passes the integrity checks of
 and k. The ablations (``icdrl.ablations``) re-answer another method's records through
 :func:`answer_jobs`.
 
-Generation runs in chunks of at least ``chunk_prompts`` prompts; finished chunks go to
-``<out>.partial``, so a killed evaluation resumes where it stopped.
+Generation runs in chunks of whole queries (every k of a query together, so that its prompts
+share their cached demonstration prefixes) of at least ``chunk_prompts`` prompts; finished
+chunks go to ``<out>.partial``, so a killed evaluation resumes where it stopped. The output
+lists the records by k, then query, whatever the chunks.
 """
 
 from __future__ import annotations
@@ -159,6 +161,29 @@ class Job:
     spec: dict | None = field(default=None, hash=False)
 
 
+def chunks_by_query(jobs: Sequence[Job], min_prompts: int) -> list[list[Job]]:
+    """``jobs`` in chunks of whole queries, each of at least ``min_prompts`` jobs (the last may
+    hold fewer).
+
+    Every k of a query lands in the same chunk, hence in one ``generate`` call, where the backend
+    runs the prompt with the most demonstrations first and the query's shorter prompts, whose
+    demonstrations it starts with (a k-shot selection extends the (k−1)-shot one), on its cached
+    prefix. Queries keep the order of their first job, each query's jobs their order in ``jobs``.
+    """
+    by_query: dict[int, list] = {}
+    for j in jobs:
+        by_query.setdefault(j.query_id, []).append(j)
+    out, cur = [], []
+    for group in by_query.values():
+        cur += group
+        if len(cur) >= min_prompts:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
 def method_label(method: str, cell: str | None) -> str:
     """The name of a method in log lines and errors (``v3 <cell slug>``)."""
     return method if not cell else f"{method} {cell}"
@@ -228,9 +253,8 @@ def answer_jobs(
         (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"]) for d in done.values()
     }
     try:
-        for start in range(0, len(todo), chunk):
+        for part in chunks_by_query(todo, chunk):
             t0 = time.perf_counter()
-            part = todo[start:start + chunk]
             need = list(dict.fromkeys((j.query_id, j.icd_ids) for j in part if (j.query_id, j.icd_ids) not in answered))
             prompts = []
             for q, ids in need:

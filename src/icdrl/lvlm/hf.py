@@ -9,9 +9,14 @@ whose processor has a chat template and an image placeholder token (Qwen2.5-VL, 
   generation prompt, and the answer is the tokens between the two (ANCHORS defect 1 is a
   plain-text length; this never looks at one). The answer ends before the end-of-turn tokens.
 * :meth:`HFBackend.generate` — greedy decoding of ``max_new_tokens`` new tokens from the
-  generation prompt, decoded without special tokens and post-processed (SPEC §3).
+  generation prompt, decoded without special tokens and post-processed (SPEC §3);
+  :meth:`HFBackend.generate_ids` gives the new token ids.
 
-Speed. Prompts are sorted by length and run ``batch_size`` at a time. Every distinct image path
+This module is the backend; the prefix key/value cache is :mod:`icdrl.lvlm.prefix_cache` (no
+model needed), the transformers internals the fast paths patch are :mod:`icdrl.lvlm.hf_patches`.
+
+Speed. Prompts are sorted by length and run ``batch_size`` at a time (generation on cached
+prefixes packs more rows when their remainders are short, see below). Every distinct image path
 is preprocessed once per backend instance (``image_cache``):
 
 * ``"features"`` (default where the model accepts ``mm_encoder_outputs``): the processor runs
@@ -56,7 +61,19 @@ More savings on the cached paths, each checked against the slow way before it is
 * the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
   length, all images (or windows) of that length in one batch, instead of once per image or
   window as transformers loops (same features; compared with that loop by the tests), and
-  its grid-only inputs (rope positions, window order) are computed once per list of grids.
+  its grid-only inputs (rope positions, window order) are computed once per list of grids;
+* generation decodes greedily on the same prefix cache (:meth:`HFBackend._generate_cached`):
+  the longest prompts of a call run first and store the prefixes of the shorter ones nested in
+  them (a 4-shot selection holds the 1-3-shot ones), a prompt whose prefix another prompt of
+  the call stores waits for it, the first step runs each row's ids after its cached prefix
+  (the last decoder layer at the last column only), and later steps feed one token per row
+  against a key/value cache with room to grow in place, a row leaving the batch at its end
+  token. It equals plain ``model.generate`` token for token except at near-ties
+  (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
+  prefixes, a real difference switching it off for the backend.
+
+The once-per-backend checks sit together in the class (``_check_*``); :meth:`HFBackend.fast_paths`
+says which savings are on.
 
 Cached features and prefixes belong to the weights they were computed with: call
 :meth:`clear_cache` after changing the model's weights.
@@ -64,25 +81,23 @@ Cached features and prefixes belong to the weights they were computed with: call
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
 import re
-import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from icdrl.data import load_image
+from icdrl.lvlm import hf_patches as patches
 from icdrl.lvlm import qwen as _qwen  # noqa: F401  (registers the torchvision-free Qwen processor)
 from icdrl.lvlm.base import AnswerScore, Generation, Prompt
+from icdrl.lvlm.prefix_cache import PrefixCache, PrefixKV, next_wave
 from icdrl.lvlm.prompt import build_messages, postprocess
 
 log = logging.getLogger(__name__)
@@ -93,109 +108,11 @@ PADDING_SIDES = ("left", "right")
 #: Processor outputs that belong to the text, not to an image.
 TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "offset_mapping"})
 
-
-#: name under which :func:`_scored_columns_attention` is registered with transformers
-_SCORED_COLUMNS = "icdrl_scored_columns"
-_scored = threading.local()  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
-
-
-def _scored_columns_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention of the queries at columns ``_scored.pos`` only, by the implementation ``_scored.inner``.
-
-    ``query`` [rows, heads, columns, dim]; keys and values as given (every column, and any cached
-    prefix). The mask keeps its rows at ``pos`` (a causal one is built where transformers passes
-    none). Returns [rows, columns, heads, dim] like the wrapped function, zeros at the other
-    columns: only the attention output projection reads them, and it runs at ``pos`` only.
-    """
-    pos = _scored.pos
-    b, h, n, d = query.shape
-    m = pos.shape[1]
-    q = query.gather(2, pos[:, None, :, None].expand(b, h, m, d))
-    if attention_mask is None:  # causal: column i sees key j iff j <= (cached columns) + i
-        past = key.shape[2] - n
-        mask = torch.arange(key.shape[2], device=q.device)[None, None, None, :] <= (past + pos)[:, None, :, None]
-    else:
-        full_mask = attention_mask.expand(b, -1, -1, -1)
-        mask = full_mask.gather(2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3]))
-    kwargs["is_causal"] = False
-    out, _ = ALL_ATTENTION_FUNCTIONS[_scored.inner](module, q, key, value, mask, **kwargs)
-    full = out.new_zeros((b, n, *out.shape[2:]))
-    full.scatter_(1, pos[:, :, None, None].expand(b, m, *out.shape[2:]), out)
-    return full, None
-
-
-AttentionInterface.register(_SCORED_COLUMNS, _scored_columns_attention)
-
-
-#: name under which :func:`_segments_attention` is registered. It contains "flash" because that
-#: is what makes Qwen2.5-VL's vision attention take its packed-sequence branch, the one that
-#: passes the segment boundaries (``cu_seq_lens_q``) instead of looping over the segments itself.
-_SEGMENTS = "icdrl_flash_segments"
-_segments = threading.local()  # .inner (the wrapped implementation) while the vision encoder runs
-
-
-def _segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """Attention within each segment of a packed sequence, by the implementation ``_segments.inner``.
-
-    ``query``/``key``/``value`` [1, heads, total, dim] hold the segments (images, or windows of
-    an image) one after another, ``cu_seq_lens_q`` their boundaries. The segments of each
-    length run as one batch in one ``inner`` call, where transformers' loop for non-flash
-    implementations makes one call per segment; same numbers. Returns [1, total, heads, dim]
-    like that loop.
-    """
-    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
-        kwargs.pop(k, None)
-    inner = ALL_ATTENTION_FUNCTIONS[_segments.inner]
-    if cu_seq_lens_q is None:
-        return inner(module, query, key, value, attention_mask, **kwargs)
-    _, h, total, d = query.shape
-    bounds = cu_seq_lens_q.tolist()
-    groups: dict[int, list[int]] = {}
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            groups.setdefault(b - a, []).append(a)
-    out = query.new_empty((total, h, value.shape[-1]))
-    for length, starts in groups.items():
-        n, first = len(starts), starts[0]
-        if starts == list(range(first, first + n * length, length)):  # back to back: views, no copies
-            span = slice(first, first + n * length)
-            q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
-        else:
-            span = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(query.device)
-            q, k, v = (t[0][:, span].transpose(0, 1) for t in (query, key, value))
-            span = span.reshape(-1)
-        o, _ = inner(module, q, k, v, None, **kwargs)  # [n, heads, length, dim] in, [n, length, heads, dim] out
-        out[span] = o.reshape(-1, *o.shape[2:])
-    return out[None], None
-
-
-AttentionInterface.register(_SEGMENTS, _segments_attention)
-
-
-@contextmanager
-def _attention_as(modules: Sequence[torch.nn.Module], name: str):
-    """Within the block, ``modules`` read a copy of their config (one per shared config) whose
-    attention implementation is ``name``; yields the implementation they named (None: no modules)."""
-    saved = [m.config for m in modules]
-    copies: dict[int, object] = {}
-    for m, cfg in zip(modules, saved):
-        if id(cfg) not in copies:
-            copies[id(cfg)] = copy.copy(cfg)
-            copies[id(cfg)]._attn_implementation = name
-        m.config = copies[id(cfg)]
-    try:
-        yield saved[0]._attn_implementation if saved else None
-    finally:
-        for m, cfg in zip(modules, saved):
-            m.config = cfg
-
-
-@dataclass
-class _LastLayer:
-    """The parts of the last decoder layer that scoring runs at the scored columns only."""
-
-    rowwise: list  # its attention output projection and MLP (act on each position alone)
-    attn: torch.nn.Module | None  # its attention module, where the implementation is sdpa or eager
+# the attention implementations and their state live in icdrl.lvlm.hf_patches; these names stay
+# importable from here (tests and older callers read them)
+_SCORED_COLUMNS, _SEGMENTS = patches.SCORED_COLUMNS, patches.SEGMENTS
+_scored, _segments = patches.SCORED_STATE, patches.SEGMENT_STATE
+_scored_columns_attention, _segments_attention = patches.scored_columns_attention, patches.segments_attention
 
 
 class BackendError(ValueError):
@@ -227,23 +144,6 @@ class _ImageEntry:
     rel_pos: np.ndarray | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
     types: np.ndarray | None = None  # the processor's mm_token_type_ids of ``ids`` (zeros if it gives none)
     advance: int = 0  # how far the text position moves past this image (mrope models)
-
-
-@dataclass
-class _PrefixKV:
-    """Keys and values of a prompt's first ``length`` ids (its first ``n_images`` images).
-
-    They sit in row ``row`` of ``layers``, columns ``column`` to ``column + length``, which is
-    the copy's last column: ``layers`` is one copy per layer ``(keys [rows, kv_heads, columns,
-    head_dim], values)``, shared by the prefixes that one forward pass stored, each
-    right-aligned (one copy per layer per batch instead of one per row).
-    """
-
-    length: int
-    n_images: int
-    layers: list
-    row: int
-    column: int
 
 
 @dataclass
@@ -319,6 +219,55 @@ def _is_prefix(short: Sequence[int], long: Sequence[int]) -> bool:
     return len(short) <= len(long) and list(long[: len(short)]) == list(short)
 
 
+#: a greedy step whose two best logits (of the reference) are at most
+#: ``max(absolute, relative * |best logit|)`` apart is a near-tie: float rounding may pick either
+#: token, so a path that does the same sums in another order may pick the other. float32:
+#: 1e-5, or 1e-6 of the logit (about 8 float32 rounding steps); bfloat16 / float16: their own
+#: rounding step at the logit's size (2^-7 / 2^-10 of it), at least that of a logit of 8 (bf16
+#: scores of the cached paths agree with the reference within 0.06 in mean log-prob).
+NEAR_TIE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (0.0625, 2.0**-7), torch.float16: (0.0078125, 2.0**-10)}
+
+
+def near_tie_tolerance(dtype: torch.dtype, best: float) -> float:
+    """How close the two best logits of a step may be for it to count as a near-tie."""
+    absolute, relative = NEAR_TIE.get(dtype, NEAR_TIE[torch.float32])
+    return max(absolute, relative * abs(best))
+
+
+#: rows of a batch the generation check runs through plain ``model.generate`` as well
+_CHECK_ROWS = 8
+#: cached greedy decoding packs rows with short remainders up to this many times ``batch_size``
+_ROWS_PER_BATCH = 4
+
+
+def _until_end(row: Sequence[int], eos: frozenset[int]) -> tuple[int, ...]:
+    """``row`` up to and including its first end token (all of it if none)."""
+    for k, t in enumerate(row):
+        if t in eos:
+            return tuple(row[: k + 1])
+    return tuple(row)
+
+
+def compare_greedy(
+    fast: Sequence[Sequence[int]], ref: Sequence[Sequence[int]], tied: Sequence[Sequence[bool]]
+) -> tuple[list[int], list[int]]:
+    """Rows whose greedy answers differ: ``(mismatches, near_ties)``.
+
+    ``fast[r]``/``ref[r]``: row r's new token ids by two paths (each up to its end token);
+    ``tied[r][t]``: whether the reference's two best logits at step t are a near-tie
+    (:func:`near_tie_tolerance`). A row whose first differing step is tied is a near-tie (either
+    token is the argmax within float rounding; the steps after it cannot be compared), any other
+    difference a mismatch.
+    """
+    mismatches, ties = [], []
+    for r, (a, b) in enumerate(zip(fast, ref)):
+        if tuple(a) == tuple(b):
+            continue
+        t = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        (ties if t < len(tied[r]) and tied[r][t] else mismatches).append(r)
+    return mismatches, ties
+
+
 class HFBackend:
     """An :class:`~icdrl.lvlm.base.LVLMBackend` on a transformers image-text-to-text model."""
 
@@ -361,12 +310,7 @@ class HFBackend:
         self.image_cache_size = int(image_cache_size)
         #: prompt prefixes whose keys/values are kept (LRU; 0 = off; mrope models, cached paths)
         self.prefix_cache_size = int(prefix_cache_size)
-        #: keep only prefixes of at most this many demonstrations (None: all). A caller that
-        #: knows its longest prompt (beam search of depth D: D demonstrations) sets D - 1, so
-        #: that the last step's prefixes, which nothing reads, neither cost a copy nor evict
-        #: the ones the extra candidate sequences still read.
-        self.prefix_max_demos: int | None = None
-        self._prefix_kv: OrderedDict[tuple, _PrefixKV] = OrderedDict()
+        self.prefixes = PrefixCache(self.prefix_cache_size)
         self.image_token = getattr(processor, "image_token", None)
         if not self.image_token:
             raise BackendError(f"{type(processor).__name__} has no image placeholder token (processor.image_token)")
@@ -393,6 +337,7 @@ class HFBackend:
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._n_layers = int(model.config.get_text_config().num_hidden_layers)
         # cached paths: parts of the last layer run at the scored columns only (answer_logprobs)
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
@@ -403,9 +348,15 @@ class HFBackend:
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
         self._skeleton_checks: dict[tuple[int, bool], int] = {}
         self._tok = functools.lru_cache(maxsize=200_000)(self._tokenize_uncached)
-        #: counters: processor calls on a single image, cache hits, images through the vision encoder
+        # cached paths: greedy decoding on the prefix cache (checked against model.generate once
+        # without and once with cached prefixes)
+        self._fast_generate = image_cache != "none"
+        self._generation_checked: set[str] = set()
+        #: counters: processor calls on a single image, cache hits, images through the vision
+        #: encoder, forward passes over prompts, rows run on a cached prefix, decoding steps of
+        #: cached greedy decoding, near-ties its checks met (not mismatches)
         self.stats = {"image_preprocess": 0, "image_hits": 0, "vision_encoded": 0, "forward_batches": 0,
-                      "prefix_hits": 0}
+                      "prefix_hits": 0, "decode_steps": 0, "generate_near_ties": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -444,123 +395,23 @@ class HFBackend:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _last_layer_parts(self) -> _LastLayer | None:
-        """The last decoder layer's parts whose output feeds only the scored positions' logits.
+    def _last_layer_parts(self) -> patches.LastLayer | None:
+        """The last decoder layer's parts run at the read columns only (:func:`~icdrl.lvlm.hf_patches.last_layer_parts`)."""
+        return patches.last_layer_parts(self.model)
 
-        Its attention output projection and its MLP (position-wise; after them come only the
-        residual add, the final norm and the LM head, all per position, and no later layer), and
-        its attention's queries (keys and values still come from every position), where that
-        attention runs on ``sdpa`` or ``eager``. None where the model is not laid out that way.
-        """
-        try:
-            decoder = self.model.get_decoder()
-            layer = decoder.layers[-1]
-            rowwise = [layer.self_attn.o_proj, layer.mlp]
-        except (AttributeError, IndexError, TypeError):
-            return None
-        if not all(isinstance(m, torch.nn.Module) for m in rowwise):
-            return None
-        attn = layer.self_attn
-        cfg = getattr(attn, "config", None)
-        ok = cfg is not None and not getattr(cfg, "sub_configs", None) and cfg._attn_implementation in ("sdpa", "eager")
-        return _LastLayer(rowwise, attn if ok else None)
-
-    @contextmanager
     def _last_layer_at(self, pos: torch.Tensor):
-        """Within the block, the parts of :meth:`_last_layer_parts` run only at columns ``pos``.
-
-        ``pos`` [rows, m]: per row the input columns whose logits are scored. The row-wise
-        modules' inputs are gathered to [rows, m, ...] and their outputs scattered back as a
-        zero tensor of the full shape; the attention computes only the queries at ``pos`` (see
-        :func:`_scored_columns_attention`). Every other column's final hidden state is thus
-        wrong, but nothing reads it: the logits are taken at ``pos`` only, and keys and values,
-        the prefix cache included, come from each layer's input. Exact for the scored columns.
-        """
-        last = self._last
-        if last is None:
-            yield
-            return
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
-        width = []
-
-        def gather(module, args):
-            (h, *rest) = args
-            width.append(h.shape[1])
-            return (h[rows, pos], *rest)
-
-        def scatter(module, args, out):
-            full = out.new_zeros((out.shape[0], width.pop(), *out.shape[2:]))
-            full[rows, pos] = out
-            return full
-
-        handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
-        try:
-            with _attention_as([last.attn] if last.attn is not None else [], _SCORED_COLUMNS) as inner:
-                _scored.pos, _scored.inner = pos, inner
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            _scored.pos = None
+        """Within the block, :meth:`_last_layer_parts` run only at columns ``pos`` [rows, m]."""
+        return patches.last_layer_at(self._last, pos)
 
     def _vision_modules(self) -> list[torch.nn.Module]:
-        """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
-        or eager (flash implementations already take the segment boundaries); else none."""
-        mods = [m for m in self.model.modules() if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"]
-        if not mods or any(m.config._attn_implementation not in ("sdpa", "eager") for m in mods):
-            return []
-        return mods
+        return patches.vision_modules(self.model)
 
-    @contextmanager
     def _vision_in_segments(self):
-        """Within the block, the vision tower's attention runs as :func:`_segments_attention`.
-
-        Its modules get a copy of their config naming that function; the wrapped implementation
-        is the one they named. Same numbers (tests compare the features with plain transformers).
-        """
-        with _attention_as(self._vision, _SEGMENTS) as inner:
-            _segments.inner = inner
-            yield
+        """Within the block, the vision tower's attention runs in batched segments."""
+        return patches.vision_in_segments(self._vision)
 
     def _vision_geometry(self, grid: torch.Tensor) -> dict:
-        """The vision tower's inputs that depend on the patch grids alone (rope positions, window
-        order, segment boundaries), as ``image_*`` keyword arguments of ``get_image_features``.
-
-        Computed by transformers' own helpers, exactly as the tower would, and kept per list of
-        grids: batches of equally sized images, the usual case, reuse them. Called while
-        :meth:`_vision_in_segments` holds (the boundaries' maximum lengths depend on the
-        attention implementation); empty where the tower is not Qwen2.5-VL's.
-        """
-        tower = next((m for m in self._vision if hasattr(m, "fullatt_block_indexes")), None)
-        if tower is None:
-            return {}
-        key = tuple(grid.flatten().tolist())
-        got = self._geometry.get(key)
-        if got is None:
-            from transformers.utils.generic import get_max_seqlen
-            from transformers.vision_utils import (
-                get_vision_attention_seqlens,
-                get_vision_position_ids,
-                get_vision_window_index,
-            )
-
-            cu, longest = get_vision_attention_seqlens(grid, tower.config)
-            window_index, cu_window = get_vision_window_index(
-                grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
-            )
-            got = {
-                "image_position_ids": get_vision_position_ids(grid, tower.spatial_merge_size),
-                "image_cu_seqlens": cu,
-                "image_max_seqlen": longest,
-                "image_window_index": window_index,
-                "image_cu_window_seqlens": cu_window,
-                "image_max_window_seqlen": get_max_seqlen(cu_window, tower.config),
-            }
-            self._geometry[key] = got
-            while len(self._geometry) > 64:
-                self._geometry.pop(next(iter(self._geometry)))
-        return dict(got)
-
+        return patches.vision_geometry(self._vision, grid, self._geometry)
     def _supports_features(self) -> bool:
         import inspect
 
@@ -580,7 +431,7 @@ class HFBackend:
     def clear_cache(self) -> None:
         """Forget cached image encodings and prefix keys/values (needed after the model's weights change)."""
         self._cache.clear()
-        self._prefix_kv.clear()
+        self.prefixes.clear()
 
     # ------------------------------------------------------------------ chat text
 
@@ -611,16 +462,7 @@ class HFBackend:
         out = [pieces[0]]
         for t, piece in zip(texts, pieces[1:]):
             out += (t, piece)
-        text = "".join(out)
-        checks = self._skeleton_checks.get(key, 0)
-        if checks < 3:
-            self._skeleton_checks[key] = checks + 1
-            real = self._render_template(messages, answer is None)
-            if real != text:
-                log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
-                self._use_skeletons = False
-                return real
-        return text
+        return self._check_skeleton(key, messages, answer is None, "".join(out))
 
     def _render_template(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -705,14 +547,8 @@ class HFBackend:
         )
         n = len(paths)
         per_image = self._split_per_image(out, n)
-        if per_image is not None and not self._batch_checked:
-            self._batch_checked = True
-            one = self._preprocess(paths[0])
-            self.stats["image_preprocess"] -= 1
-            first = self._entry(out, 0, per_image[0])
-            if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
-                log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
-                per_image = None
+        if per_image is not None and not self._check_batch_preprocess(paths[0], out, per_image[0]):
+            per_image = None
         if per_image is None:
             self._batch_preprocess = False
             return [self._preprocess(p) for p in paths]
@@ -740,9 +576,7 @@ class HFBackend:
         new = [i for i, k in enumerate(keys) if k not in self._expansions]
         whole = dict(zip(new, self._preprocess_many([paths[i] for i in new]))) if new else {}
         for i, e in whole.items():
-            if not _same_tensors(e.tensors, per_image[i]):
-                log.warning("the image processor alone differs from the processor; preprocessing with the processor")
-                self._image_only = False
+            if not self._check_image_processor(e, per_image[i]):
                 rest = [i for i in range(len(paths)) if i not in whole]
                 whole.update(zip(rest, self._preprocess_many([paths[i] for i in rest])))
                 return [whole[i] for i in range(len(paths))]
@@ -905,22 +739,6 @@ class HFBackend:
         ids += last_f if full else last_pa
         return _Item(ids, images, start, end, [], (*segments, len(ids) - head))
 
-    def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
-        """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""
-        if self._segments_checked:
-            return
-        pieces = self._split(text, len(images))
-        expanded = pieces[0]
-        for piece, path in zip(pieces[1:], images):
-            expanded += self._cache[path].text + piece
-        whole = self.tokenizer(expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0"))
-        if list(whole["input_ids"]) != list(ids):
-            raise BackendError(
-                "tokenizer: tokenising the chat text piecewise around image placeholders differs from "
-                "tokenising it whole; use model.image_cache: none"
-            )
-        self._segments_checked = True
-
     def _item_reference(self, prompt: Prompt, answer: str | None, *, full: bool = False) -> _Item:
         """The processor called normally; the answer span from the tokenizer's character offsets."""
         images = self._images(prompt)
@@ -968,13 +786,15 @@ class HFBackend:
     # ------------------------------------------------------------------ batching
 
     def _collate(self, items: list[_Item], left: bool, positions: bool = False,
-                 prefixes: Sequence[_PrefixKV | None] | None = None) -> tuple[dict, list[int]]:
+                 prefixes: Sequence[PrefixKV | None] | None = None, room: int | None = None) -> tuple[dict, list[int]]:
         """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
 
-        ``prefixes`` (cached paths): per item a cached :class:`_PrefixKV` of its first ids or None.
+        ``prefixes`` (cached paths): per item a cached :class:`~icdrl.lvlm.prefix_cache.PrefixKV` of its first ids or None.
         The rows then hold only the ids after their prefix (right-padded), and ``inputs["cache"]``
         holds the prefixes' keys and values, left-padded to a common length; the attention mask
         covers both. Offsets are into the rows' *full* token index: ``column = offset + index``.
+        ``room`` (decoding): ``inputs["cache"]`` is a :func:`~icdrl.lvlm.hf_patches.roomy_cache`
+        with room for the rows and ``room`` more columns.
         """
         cut = [pk.length if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
         n_img = [pk.n_images if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
@@ -1018,9 +838,11 @@ class HFBackend:
             if has_prefix or self._check_positions(inputs, torch.from_numpy(pos)):
                 inputs["position_ids"] = torch.from_numpy(pos)
         if has_prefix:
-            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes)
+            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes, None if room is None else width + room)
             inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
             offsets = [o + prefix_mask.shape[1] for o in offsets]
+        elif room is not None:
+            inputs["cache"] = patches.roomy_cache(self._n_layers, room)
         dev, dt = self.device, self.dtype
         for k, v in list(inputs.items()):
             if isinstance(v, torch.Tensor):
@@ -1049,6 +871,80 @@ class HFBackend:
             at = hi
             cursor += n if isinstance(seg, int) else seg.advance
 
+    def _order(self, items: list[_Item]) -> list[int]:
+        """Indices sorted by length, longest first (less padding per batch)."""
+        return sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+
+    # ------------------------------------------------------------------ once-per-backend checks
+    #
+    # Every saving of the cached paths is compared with the slow way the first time(s) it is used;
+    # a difference switches that saving off for this backend (a warning says which), except where
+    # it cannot be done the slow way without changing the numbers (then it raises).
+
+    def fast_paths(self) -> dict[str, bool]:
+        """Which fast paths are on (True) or off (False: never applicable here, or switched off by
+        its check); the cached paths' state at a glance (benchmarks print it)."""
+        cached = self.image_cache != "none"
+        return {
+            "vision_features_cached": self.image_cache == "features",
+            "chat_template_skeletons": cached and self._use_skeletons,
+            "batched_image_preprocessing": cached and self._batch_preprocess,
+            "image_processor_alone": cached and self._image_only and self._image_processor is not None,
+            "composed_3d_positions": self._mrope,
+            "prefix_cache": bool(self.prefix_cache_size and self._mrope),
+            "last_layer_at_read_columns": self._last is not None and self._last.attn is not None,
+            "vision_attention_in_segments": bool(self._vision),
+            "cached_greedy_decoding": self._fast_generate_on,
+        }
+
+    def _check_skeleton(self, key: tuple[int, bool], messages: list[dict], generation_prompt: bool, text: str) -> str:
+        """The first 3 renders of each shape: a skeleton render must equal ``apply_chat_template``'s."""
+        checks = self._skeleton_checks.get(key, 0)
+        if checks >= 3:
+            return text
+        self._skeleton_checks[key] = checks + 1
+        real = self._render_template(messages, generation_prompt)
+        if real != text:
+            log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
+            self._use_skeletons = False
+        return real
+
+    def _check_batch_preprocess(self, path: str, out, tensors: dict) -> bool:
+        """Once: image 0 of a batched processor call must equal the processor on that image alone."""
+        if self._batch_checked:
+            return True
+        self._batch_checked = True
+        one = self._preprocess(path)
+        self.stats["image_preprocess"] -= 1
+        first = self._entry(out, 0, tensors)
+        if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
+            log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
+            self._batch_preprocess = False
+        return self._batch_preprocess
+
+    def _check_image_processor(self, entry: _ImageEntry, tensors: dict) -> bool:
+        """Per image layout: the image processor alone must give the processor's tensors."""
+        if not _same_tensors(entry.tensors, tensors):
+            log.warning("the image processor alone differs from the processor; preprocessing with the processor")
+            self._image_only = False
+        return self._image_only
+
+    def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
+        """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""
+        if self._segments_checked:
+            return
+        pieces = self._split(text, len(images))
+        expanded = pieces[0]
+        for piece, path in zip(pieces[1:], images):
+            expanded += self._cache[path].text + piece
+        whole = self.tokenizer(expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0"))
+        if list(whole["input_ids"]) != list(ids):
+            raise BackendError(
+                "tokenizer: tokenising the chat text piecewise around image placeholders differs from "
+                "tokenising it whole; use model.image_cache: none"
+            )
+        self._segments_checked = True
+
     def _check_positions(self, inputs: dict, pos: torch.Tensor) -> bool:
         """Once per backend: composed positions must equal the model's own; else stop composing."""
         if self._positions_checked:
@@ -1070,15 +966,47 @@ class HFBackend:
             self._mrope = False
         return self._mrope
 
-    def _order(self, items: list[_Item]) -> list[int]:
-        """Indices sorted by length, longest first (less padding per batch)."""
-        return sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+    def _check_generation(self, batch: list[_Item], fast: list[tuple[int, ...]], n_new: int, kind: str) -> list[tuple[int, ...]]:
+        """Once per kind of batch (``"full"``; ``"prefix"``: rows on cached prefixes): the cached
+        greedy decoding's answers must equal plain ``model.generate``'s on the batch's first
+        ``_CHECK_ROWS`` rows (its longest: the batch is sorted), token
+        for token, except at near-ties (:func:`compare_greedy`), which are counted in
+        ``stats["generate_near_ties"]``. A real difference switches cached decoding off for this
+        backend; the batch's answers are then plain ``generate``'s."""
+        self._generation_checked.add(kind)
+        n = min(len(batch), _CHECK_ROWS)
+        ref, tied = self._plain_tokens(batch[:n], n_new, gaps=True)
+        mismatches, ties = compare_greedy(fast[:n], ref, tied)
+        self.stats["generate_near_ties"] += len(ties)
+        if mismatches:
+            r = mismatches[0]
+            log.warning(
+                "cached greedy decoding differs from model.generate (%d of %d rows checked, e.g. %s vs %s); "
+                "generating with model.generate", len(mismatches), n, list(fast[r]), list(ref[r]))
+            self._fast_generate = False
+            return list(ref) + self._plain_tokens(batch[n:], n_new)[0] if n < len(batch) else ref
+        return fast
 
     # ------------------------------------------------------------------ prefix key/value cache
 
     @property
     def _prefix_on(self) -> bool:
         return bool(self.prefix_cache_size and self._mrope and self._positions_checked)
+
+    @property
+    def prefix_max_demos(self) -> int | None:
+        """Keep only prefixes of at most this many demonstrations (None: all); see
+        :attr:`~icdrl.lvlm.prefix_cache.PrefixCache.max_demos` (beam search sets its depth - 1)."""
+        return self.prefixes.max_demos
+
+    @prefix_max_demos.setter
+    def prefix_max_demos(self, value: int | None) -> None:
+        self.prefixes.max_demos = value
+
+    @property
+    def _prefix_kv(self):
+        """The stored prefixes (key -> :class:`~icdrl.lvlm.prefix_cache.PrefixKV`), oldest first."""
+        return self.prefixes.entries
 
     @staticmethod
     def _boundaries(item: _Item) -> list[tuple[int, int]]:
@@ -1095,85 +1023,28 @@ class HFBackend:
                 j += 1
         return out
 
-    @staticmethod
-    def _prefix_key(item: _Item, length: int, n_images: int) -> tuple:
-        return (tuple(item.ids[:length]), item.images[:n_images])
-
-    def _lookup_prefix(self, item: _Item) -> _PrefixKV | None:
+    def _lookup_prefix(self, item: _Item) -> PrefixKV | None:
         """The longest cached prefix of ``item`` (chat header, then demonstrations), or None."""
-        for length, j in reversed(self._boundaries(item)):
-            key = self._prefix_key(item, length, j)
-            pk = self._prefix_kv.get(key)
-            if pk is not None:
-                self._prefix_kv.move_to_end(key)
-                self.stats["prefix_hits"] += 1
-                return pk
-        return None
-
-    @staticmethod
-    def _right_aligned(layers, rows: list[int], starts: list[int], lengths: list[int], width: int, device) -> list:
-        """Per layer, ``(keys, values)[rows, :, start : start + length]`` of each row, right-aligned in
-        ``width`` columns: [len(rows), kv_heads, width, head_dim], one indexing per layer.
-
-        A column left of a row's span repeats the span's first column (finite; always masked out).
-        """
-        first = torch.tensor([s + n - width for s, n in zip(starts, lengths)])[:, None] + torch.arange(width)[None, :]
-        cols = torch.maximum(first, torch.tensor(starts)[:, None]).to(device)
-        src = torch.tensor(rows, device=device)[:, None]
-        # t[src, :, cols]: [rows, width, heads, dim] -> [rows, heads, width, dim]
-        return [(k[src, :, cols].transpose(1, 2), v[src, :, cols].transpose(1, 2)) for k, v in layers]
+        pk = self.prefixes.lookup(item.ids, item.images, self._boundaries(item))
+        if pk is not None:
+            self.stats["prefix_hits"] += 1
+        return pk
 
     def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
-        """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than ``done[r]``.
-
-        The new prefixes of one forward are copied out of its cache together, right-aligned
-        (each ends in the copy's last column), so that stacking rows from one copy later is a
-        row selection and a slice; the forward's own cache is not kept alive.
-        """
-        new = []  # (key, row, column, length, n_images)
-        for r, it in enumerate(items):
-            for length, j in self._boundaries(it):
-                if self.prefix_max_demos is not None and j > self.prefix_max_demos:
-                    break
-                key = self._prefix_key(it, length, j)
-                if length > done[r] and key not in self._prefix_kv:
-                    new.append((key, r, offsets[r], length, j))
-        if not new:
-            return
-        width = max(n for *_, n, _ in new)
+        """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than
+        ``done[r]``, copied out of the forward's ``cache`` (which is not kept alive)."""
         layers = [(lay.keys, lay.values) for lay in cache.layers]
-        aligned = self._right_aligned(
-            layers, [r for _, r, *_ in new], [o for _, _, o, _, _ in new], [n for *_, n, _ in new], width, layers[0][0].device
-        )
-        for i, (key, _, _, length, j) in enumerate(new):
-            self._prefix_kv[key] = _PrefixKV(length, j, aligned, i, width - length)
-        while len(self._prefix_kv) > self.prefix_cache_size:
-            self._prefix_kv.popitem(last=False)
+        rows = [(it.ids, it.images, self._boundaries(it), o, d) for it, o, d in zip(items, offsets, done)]
+        self.prefixes.store(rows, layers)
 
-    def _stack_prefixes(self, prefixes: Sequence[_PrefixKV | None]):
-        """A DynamicCache of the rows' prefixes, left-padded to one length, and its attention mask."""
+    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None], room: int | None = None):
+        """A DynamicCache of the rows' prefixes, left-padded to one length (with ``room``: a
+        :func:`~icdrl.lvlm.hf_patches.roomy_cache` with that many spare columns), and its attention mask."""
         from transformers import DynamicCache
 
-        n = len(prefixes)
-        lengths = torch.tensor([pk.length if pk else 0 for pk in prefixes])
-        width = int(lengths.max())
-        mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
-        copies = {id(pk.layers): pk.layers for pk in prefixes if pk}
-        ref = next(iter(copies.values()))
-        dev = ref[0][0].device
-        if len(copies) == 1 and all(prefixes):  # the usual case: one stored copy, right-aligned
-            stored = ref[0][0].shape[2]
-            src = torch.tensor([pk.row for pk in prefixes], device=dev)
-            data = [(k.index_select(0, src)[:, :, stored - width :], v.index_select(0, src)[:, :, stored - width :]) for k, v in ref]
-            return DynamicCache(ddp_cache_data=data), mask
-        data = [(k.new_zeros((n, k.shape[1], width, k.shape[3])), v.new_zeros((n, v.shape[1], width, v.shape[3]))) for k, v in ref]
-        for layers in copies.values():
-            out = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
-            pks = [prefixes[r] for r in out]
-            got = self._right_aligned(layers, [pk.row for pk in pks], [pk.column for pk in pks], [pk.length for pk in pks], width, dev)
-            at = torch.tensor(out, device=dev)
-            for (k, v), (gk, gv) in zip(data, got):
-                k[at], v[at] = gk, gv
+        data, mask = self.prefixes.stack(prefixes)
+        if room is not None:
+            return patches.roomy_cache(self._n_layers, room, data), mask
         return DynamicCache(ddp_cache_data=data), mask
 
     # ------------------------------------------------------------------ the two questions
@@ -1244,25 +1115,196 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
-        """Greedy answers (left padding), decoded without special tokens, post-processed."""
+        """Greedy answers, decoded without special tokens, post-processed (SPEC §3)."""
+        toks = self.generate_ids(prompts, max_new_tokens)
+        texts = self.tokenizer.batch_decode([list(t) for t in toks], skip_special_tokens=True) if toks else []
+        return [Generation(raw=raw, answer=postprocess(raw)) for raw in texts]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
+        """Each prompt's greedy new token ids, up to and including its first end token, at most
+        ``max_new_tokens`` (default: the backend's).
+
+        Cached paths: :meth:`_generate_cached` (prefix cache, batched greedy decoding with a
+        key/value cache, each row stopping at its own end). The reference path and a backend
+        whose cached decoding failed its check: plain ``model.generate``, ``batch_size`` prompts
+        at a time, longest first.
+        """
         n_new = int(max_new_tokens or self.max_new_tokens)
+        if n_new < 1:
+            raise BackendError(f"generate: max_new_tokens must be >= 1, got {n_new}")
         items = self._items(prompts, [None] * len(prompts))
+        if self._fast_generate_on:
+            return self._generate_cached(items, n_new)
+        return self._generate_plain(items, n_new)
+
+    @property
+    def _fast_generate_on(self) -> bool:
+        """Cached greedy decoding applies: cached paths, and positions the backend composes itself
+        (3-D rope) or a model without 3-D rope (1-D positions from the attention mask)."""
+        return self.image_cache != "none" and self._fast_generate and (self._mrope or self._rope_index is None)
+
+    def _eos_ids(self, n_new: int) -> frozenset[int]:
+        eos = self._generation_config(n_new).eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else list(eos or []))
+
+    def _generate_plain(self, items: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        results: list[tuple[int, ...] | None] = [None] * len(items)
         order = self._order(items)
-        gen_cfg = self._generation_config(n_new)
-        results: list[Generation | None] = [None] * len(prompts)
         for c in range(0, len(order), self.batch_size):
             idx = order[c : c + self.batch_size]
-            batch = [items[i] for i in idx]
-            if self.image_cache != "none":
-                self._entries([p for it in batch for p in it.images])
-            inputs, _ = self._collate(batch, left=True)
-            out = self.model.generate(**inputs, generation_config=gen_cfg)
-            self.stats["forward_batches"] += 1
-            new = out[:, inputs["input_ids"].shape[1] :].cpu()
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            for i, raw in zip(idx, texts):
-                results[i] = Generation(raw=raw, answer=postprocess(raw))
+            for i, t in zip(idx, self._plain_tokens([items[i] for i in idx], n_new)[0]):
+                results[i] = t
         return results  # type: ignore[return-value]
+
+    def _plain_tokens(self, batch: list[_Item], n_new: int, gaps: bool = False):
+        """One batch through plain ``model.generate`` (left padding, the purely greedy config):
+        (each row's new ids up to its first end token, and with ``gaps`` per row and step whether
+        its two best logits are a near-tie (:func:`near_tie_tolerance`), else None)."""
+        if self.image_cache != "none":
+            self._entries([p for it in batch for p in it.images])
+        inputs, _ = self._collate(batch, left=True)
+        cfg = self._generation_config(n_new)
+        cfg.return_dict_in_generate, cfg.output_logits = True, gaps
+        out = self.model.generate(**inputs, generation_config=cfg)
+        self.stats["forward_batches"] += 1
+        eos = self._eos_ids(n_new)
+        new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu().tolist()
+        toks = [_until_end(row, eos) for row in new]
+        if not gaps:
+            return toks, None
+        top = torch.stack([lg.float() for lg in out.logits], 1).topk(2, dim=-1).values.cpu().tolist()  # [rows, steps, 2]
+        tied = [[a - b <= near_tie_tolerance(self.dtype, a) for a, b in row[: len(t)]] for row, t in zip(top, toks)]
+        return toks, tied
+
+    def _generate_cached(self, items: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        """Greedy decoding on the prefix cache, in waves (:func:`~icdrl.lvlm.prefix_cache.next_wave`).
+
+        The longest prompts run first (most demonstrations, then most ids), so that one prompt
+        stores the prefixes of the shorter ones nested in it; a prompt whose prefix another
+        prompt of this call stores waits for it. Each wave runs in batches of ``batch_size``,
+        longest remainder (the ids after the row's cached prefix) first, rows with and without
+        cached prefixes mixed. The first batch of each kind (without, with cached prefixes) is
+        compared with plain ``model.generate`` (:meth:`_check_generation`).
+        """
+        results: list[tuple[int, ...] | None] = [None] * len(items)
+        pending = sorted(range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i))
+        waves = bool(self.prefix_cache_size and self._mrope)
+        budget = self.batch_size * max(len(it.ids) for it in items) if items else 0
+        try:
+            while pending:
+                if waves:
+                    keys = [self.prefixes.shareable(items[i].ids, items[i].images, self._boundaries(items[i])) for i in pending]
+                    ready, wait = next_wave(keys, self.prefixes.__contains__)
+                    shared = Counter(k for ks in keys for k in ks)
+                    self.prefixes.protected = frozenset(k for k, n in shared.items() if n > 1)
+                    now, pending = [pending[i] for i in ready], [pending[i] for i in wait]
+                else:
+                    now, pending = pending, []
+                self._run_wave(items, now, n_new, results, budget)
+        finally:
+            self.prefixes.protected = frozenset()
+            self.prefixes.evict()
+        return results  # type: ignore[return-value]
+
+    def _run_wave(self, items: list[_Item], now: list[int], n_new: int, results: list, budget: int) -> None:
+        """The rows ``now`` in batches, longest remainder first; answers into ``results``.
+
+        A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
+        their cached prefix) are short: as many as fit in ``budget`` new ids (``batch_size`` times
+        the call's longest prompt, what a batch of whole prompts may hold), at most
+        ``_ROWS_PER_BATCH`` times ``batch_size``.
+        """
+
+        def rest(i: int) -> int:
+            pk = self.prefixes.lookup(items[i].ids, items[i].images, self._boundaries(items[i])) if self._prefix_on else None
+            return len(items[i].ids) - (pk.length if pk else 0)
+
+        rests = {i: rest(i) for i in now}
+        now.sort(key=lambda i: (-rests[i], i))
+        cap = _ROWS_PER_BATCH * self.batch_size
+        at = 0
+        while at < len(now):
+            rows = max(self.batch_size, min(cap, budget // max(1, rests[now[at]])))
+            idx = now[at : at + rows]
+            at += len(idx)
+            if self._fast_generate_on:
+                got = self._greedy_batch([items[i] for i in idx], n_new)
+            else:  # switched off by a check
+                got = self._generate_plain([items[i] for i in idx], n_new)
+            for i, t in zip(idx, got):
+                results[i] = t
+
+    def _greedy_batch(self, batch: list[_Item], n_new: int) -> list[tuple[int, ...]]:
+        """One batch of cached greedy decoding (see :meth:`_generate_cached`).
+
+        The first step runs each row's ids after its cached prefix (right-padded, the prefixes'
+        keys and values left-padded in front), the last decoder layer only at each row's last
+        column, and stores the rows' new prefixes. Each later step feeds every unfinished row its
+        last token at its next position (3-D rope: one past the prompt's last position, as
+        transformers' rope deltas give; else the count of the row's ids so far), attending to
+        the key/value cache; a row that produced an end token leaves the batch.
+        """
+        if self.image_cache != "none":
+            self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
+        pks = [self._lookup_prefix(it) for it in batch] if self._prefix_on else [None] * len(batch)
+        has_prefix = any(pks)
+        inputs, offs = self._collate(batch, left=True, positions=True, prefixes=pks if has_prefix else None, room=n_new)
+        dev = self.device
+        mask = inputs["attention_mask"]
+        shift = mask.shape[1] - inputs["input_ids"].shape[1]  # prefix columns
+        last = torch.tensor([[o + len(it.ids) - 1 - shift] for o, it in zip(offs, batch)], device=dev)
+        if "position_ids" in inputs:  # composed 3-D positions
+            mrope = True
+            nxt = inputs["position_ids"][0].gather(1, last)[:, 0] + 1
+        elif self._rope_index is None:
+            mrope = False
+            full = mask.long().cumsum(-1) - 1
+            inputs["position_ids"] = full.masked_fill(mask == 0, 0)[:, shift:]
+            nxt = mask.sum(-1)
+        else:  # 3-D rope whose positions the backend does not compose (its check failed)
+            self._fast_generate = False
+            return self._plain_tokens(batch, n_new)[0]
+        with self._last_layer_at(last):
+            if self._keeps_logits:
+                out = self.model(**inputs, logits_to_keep=last, use_cache=True)
+                logits = out.logits[:, -1]
+            else:
+                out = self.model(**inputs, use_cache=True)
+                logits = out.logits.gather(1, last[..., None].expand(-1, -1, out.logits.shape[-1]))[:, -1]
+        self.stats["forward_batches"] += 1
+        cache = out.cache
+        if self._prefix_on:
+            self._store_prefixes(batch, offs, cache, [pk.length if pk else 0 for pk in pks])
+        eos = self._eos_ids(n_new)
+        toks: list[list[int]] = [[] for _ in batch]
+        alive = list(range(len(batch)))
+        tok = logits.float().argmax(-1)
+        for step in range(n_new):
+            got = tok.tolist()
+            for r, t in zip(alive, got):
+                toks[r].append(t)
+            keep = [k for k, t in enumerate(got) if t not in eos]
+            if step == n_new - 1 or not keep:
+                break
+            if len(keep) < len(alive):  # finished rows leave the batch
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, nxt, tok = mask[sel], nxt[sel], tok[sel]
+                alive = [alive[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            pos = (nxt + step)[:, None]
+            out = self.model(
+                input_ids=tok[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                position_ids=pos[None].expand(3, -1, -1) if mrope else pos,
+            )
+            self.stats["decode_steps"] += 1
+            tok = out.logits[:, -1].float().argmax(-1)
+        result = [tuple(t) for t in toks]
+        kind = "prefix" if has_prefix else "full"
+        if kind not in self._generation_checked:
+            result = self._check_generation(batch, result, n_new, kind)
+        return result
 
     def _generation_config(self, max_new_tokens: int):
         """The checkpoint's generation config made purely greedy.

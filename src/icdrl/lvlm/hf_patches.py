@@ -1,0 +1,318 @@
+"""The transformers internals the backend's fast paths rely on (the code a transformers upgrade is likeliest to break).
+
+Two attention implementations registered with transformers' ``AttentionInterface`` and the
+context managers that switch modules to them for one forward pass:
+
+* :func:`scored_columns_attention` with :func:`last_layer_at`: the last decoder layer's attention
+  queries, attention output projection and MLP run only at given columns per row (the ones whose
+  logits are read); keys and values still come from every column. Exact for those columns:
+  nothing after that layer reads the others.
+* :func:`segments_attention` with :func:`vision_in_segments`: the Qwen2.5-VL vision tower's
+  attention runs once per layer and segment length, all images (or windows) of that length in
+  one batch, instead of once per image or window as transformers loops. Same numbers.
+* :func:`vision_geometry`: the tower's grid-only inputs (rope positions, window order, segment
+  boundaries), computed by transformers' own helpers once per list of grids.
+* :func:`roomy_cache`: a key/value cache whose layers (:class:`RoomyLayer`) keep spare columns,
+  so that a decoding step writes its column in place instead of copying the cache.
+
+Each switch is made on a *copy* of the modules' config (:func:`attention_as`), restored after
+the block, so nothing outside the block sees it. The backend checks every one of these against
+the unpatched model (tests, and its once-per-backend checks).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+#: name under which :func:`scored_columns_attention` is registered with transformers
+SCORED_COLUMNS = "icdrl_scored_columns"
+SCORED_STATE = threading.local()  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
+
+
+def scored_columns_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of the queries at columns ``SCORED_STATE.pos`` only, by the implementation ``SCORED_STATE.inner``.
+
+    ``query`` [rows, heads, columns, dim]; keys and values as given (every column, and any cached
+    prefix). The mask keeps its rows at ``pos`` (a causal one is built where transformers passes
+    none). Returns [rows, columns, heads, dim] like the wrapped function, zeros at the other
+    columns: only the attention output projection reads them, and it runs at ``pos`` only.
+    """
+    pos = SCORED_STATE.pos
+    b, h, n, d = query.shape
+    m = pos.shape[1]
+    q = query.gather(2, pos[:, None, :, None].expand(b, h, m, d))
+    if attention_mask is None:  # causal: column i sees key j iff j <= (cached columns) + i
+        past = key.shape[2] - n
+        mask = torch.arange(key.shape[2], device=q.device)[None, None, None, :] <= (past + pos)[:, None, :, None]
+    else:
+        full_mask = attention_mask.expand(b, -1, -1, -1)
+        mask = full_mask.gather(2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3]))
+    kwargs["is_causal"] = False
+    out, _ = ALL_ATTENTION_FUNCTIONS[SCORED_STATE.inner](module, q, key, value, mask, **kwargs)
+    full = out.new_zeros((b, n, *out.shape[2:]))
+    full.scatter_(1, pos[:, :, None, None].expand(b, m, *out.shape[2:]), out)
+    return full, None
+
+
+AttentionInterface.register(SCORED_COLUMNS, scored_columns_attention)
+
+
+#: name under which :func:`segments_attention` is registered. It contains "flash" because that
+#: is what makes Qwen2.5-VL's vision attention take its packed-sequence branch, the one that
+#: passes the segment boundaries (``cu_seq_lens_q``) instead of looping over the segments itself.
+SEGMENTS = "icdrl_flash_segments"
+SEGMENT_STATE = threading.local()  # .inner (the wrapped implementation) while the vision encoder runs
+
+
+def segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """Attention within each segment of a packed sequence, by the implementation ``SEGMENT_STATE.inner``.
+
+    ``query``/``key``/``value`` [1, heads, total, dim] hold the segments (images, or windows of
+    an image) one after another, ``cu_seq_lens_q`` their boundaries. The segments of each
+    length run as one batch in one ``inner`` call, where transformers' loop for non-flash
+    implementations makes one call per segment; same numbers. Returns [1, total, heads, dim]
+    like that loop.
+    """
+    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(k, None)
+    inner = ALL_ATTENTION_FUNCTIONS[SEGMENT_STATE.inner]
+    if cu_seq_lens_q is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    _, h, total, d = query.shape
+    bounds = cu_seq_lens_q.tolist()
+    groups: dict[int, list[int]] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            groups.setdefault(b - a, []).append(a)
+    out = query.new_empty((total, h, value.shape[-1]))
+    for length, starts in groups.items():
+        n, first = len(starts), starts[0]
+        if starts == list(range(first, first + n * length, length)):  # back to back: views, no copies
+            span = slice(first, first + n * length)
+            q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
+        else:
+            span = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(query.device)
+            q, k, v = (t[0][:, span].transpose(0, 1) for t in (query, key, value))
+            span = span.reshape(-1)
+        o, _ = inner(module, q, k, v, None, **kwargs)  # [n, heads, length, dim] in, [n, length, heads, dim] out
+        out[span] = o.reshape(-1, *o.shape[2:])
+    return out[None], None
+
+
+AttentionInterface.register(SEGMENTS, segments_attention)
+
+
+@contextmanager
+def attention_as(modules: Sequence[torch.nn.Module], name: str):
+    """Within the block, ``modules`` read a copy of their config (one per shared config) whose
+    attention implementation is ``name``; yields the implementation they named (None: no modules)."""
+    saved = [m.config for m in modules]
+    copies: dict[int, object] = {}
+    for m, cfg in zip(modules, saved):
+        if id(cfg) not in copies:
+            copies[id(cfg)] = copy.copy(cfg)
+            copies[id(cfg)]._attn_implementation = name
+        m.config = copies[id(cfg)]
+    try:
+        yield saved[0]._attn_implementation if saved else None
+    finally:
+        for m, cfg in zip(modules, saved):
+            m.config = cfg
+
+
+@dataclass
+class LastLayer:
+    """The parts of the last decoder layer that run at the read columns only (scoring, a generation's first step)."""
+
+    rowwise: list  # its attention output projection and MLP (act on each position alone)
+    attn: torch.nn.Module | None  # its attention module, where the implementation is sdpa or eager
+
+
+def last_layer_parts(model) -> LastLayer | None:
+    """The last decoder layer's parts whose output feeds only the read positions' logits.
+
+    Its attention output projection and its MLP (position-wise; after them come only the
+    residual add, the final norm and the LM head, all per position, and no later layer), and
+    its attention's queries (keys and values still come from every position), where that
+    attention runs on ``sdpa`` or ``eager``. None where the model is not laid out that way.
+    """
+    try:
+        decoder = model.get_decoder()
+        layer = decoder.layers[-1]
+        rowwise = [layer.self_attn.o_proj, layer.mlp]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if not all(isinstance(m, torch.nn.Module) for m in rowwise):
+        return None
+    attn = layer.self_attn
+    cfg = getattr(attn, "config", None)
+    ok = cfg is not None and not getattr(cfg, "sub_configs", None) and cfg._attn_implementation in ("sdpa", "eager")
+    return LastLayer(rowwise, attn if ok else None)
+
+
+@contextmanager
+def last_layer_at(last: LastLayer | None, pos: torch.Tensor):
+    """Within the block, the parts ``last`` (:func:`last_layer_parts`) run only at columns ``pos``.
+
+    ``pos`` [rows, m]: per row the input columns whose logits are read. The row-wise modules'
+    inputs are gathered to [rows, m, ...] and their outputs scattered back as a zero tensor of
+    the full shape; the attention computes only the queries at ``pos`` (see
+    :func:`scored_columns_attention`). Every other column's final hidden state is thus wrong,
+    but nothing reads it: the logits are taken at ``pos`` only, and keys and values, the
+    key/value cache included, come from each layer's input. Exact for the columns ``pos``.
+    ``last`` None: the block runs unchanged.
+    """
+    if last is None:
+        yield
+        return
+    rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+    width = []
+
+    def gather(module, args):
+        (h, *rest) = args
+        width.append(h.shape[1])
+        return (h[rows, pos], *rest)
+
+    def scatter(module, args, out):
+        full = out.new_zeros((out.shape[0], width.pop(), *out.shape[2:]))
+        full[rows, pos] = out
+        return full
+
+    handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+    try:
+        with attention_as([last.attn] if last.attn is not None else [], SCORED_COLUMNS) as inner:
+            SCORED_STATE.pos, SCORED_STATE.inner = pos, inner
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        SCORED_STATE.pos = None
+
+
+def vision_modules(model) -> list[torch.nn.Module]:
+    """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
+    or eager (flash implementations already take the segment boundaries); else none."""
+    mods = [m for m in model.modules() if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"]
+    if not mods or any(m.config._attn_implementation not in ("sdpa", "eager") for m in mods):
+        return []
+    return mods
+
+
+@contextmanager
+def vision_in_segments(modules: Sequence[torch.nn.Module]):
+    """Within the block, the vision tower's attention (``modules``: :func:`vision_modules`) runs
+    as :func:`segments_attention`.
+
+    Its modules get a copy of their config naming that function; the wrapped implementation
+    is the one they named. Same numbers (tests compare the features with plain transformers).
+    """
+    with attention_as(modules, SEGMENTS) as inner:
+        SEGMENT_STATE.inner = inner
+        yield
+
+
+def vision_geometry(modules: Sequence[torch.nn.Module], grid: torch.Tensor, memo: dict) -> dict:
+    """The vision tower's inputs that depend on the patch grids alone (rope positions, window
+    order, segment boundaries), as ``image_*`` keyword arguments of ``get_image_features``.
+
+    Computed by transformers' own helpers, exactly as the tower would, and kept in ``memo`` per
+    list of grids (at most 64): batches of equally sized images, the usual case, reuse them.
+    Called while :func:`vision_in_segments` holds (the boundaries' maximum lengths depend on the
+    attention implementation); empty where the tower is not Qwen2.5-VL's.
+    """
+    tower = next((m for m in modules if hasattr(m, "fullatt_block_indexes")), None)
+    if tower is None:
+        return {}
+    key = tuple(grid.flatten().tolist())
+    got = memo.get(key)
+    if got is None:
+        from transformers.utils.generic import get_max_seqlen
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        cu, longest = get_vision_attention_seqlens(grid, tower.config)
+        window_index, cu_window = get_vision_window_index(
+            grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
+        )
+        got = {
+            "image_position_ids": get_vision_position_ids(grid, tower.spatial_merge_size),
+            "image_cu_seqlens": cu,
+            "image_max_seqlen": longest,
+            "image_window_index": window_index,
+            "image_cu_window_seqlens": cu_window,
+            "image_max_window_seqlen": get_max_seqlen(cu_window, tower.config),
+        }
+        memo[key] = got
+        while len(memo) > 64:
+            memo.pop(next(iter(memo)))
+    return dict(got)
+
+
+def roomy_cache(n_layers: int, room: int, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A ``DynamicCache`` of ``n_layers`` :class:`RoomyLayer` (each with ``room`` spare columns),
+    holding ``data`` (per layer ``(keys, values)``) if given."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [RoomyLayer(room) for _ in range(n_layers)]
+    for layer, (k, v) in zip(cache.layers, data or ()):
+        layer.update(k, v)
+    return cache
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values sit in buffers with ``room`` spare columns past
+    the first update, so that later updates (a decoding step's one column) are written in
+    place; ``DynamicLayer`` concatenates, copying the whole cache at every generated token.
+    ``keys``/``values`` are views of the filled columns (what attention and callers read).
+    """
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = int(room)
+        self.n = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        m = key_states.shape[-2]
+        if not self.is_initialized:
+            self.device = key_states.device
+            self._k = key_states.new_empty((*key_states.shape[:2], m + self.room, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:2], m + self.room, value_states.shape[-1]))
+            self.is_initialized = True
+        elif self.n + m > self._k.shape[-2]:  # out of room: grow (never in the backend's use)
+            self._k = torch.cat([self._k[..., : self.n, :], key_states.new_empty((*self._k.shape[:2], m + self.room, self._k.shape[-1]))], -2)
+            self._v = torch.cat([self._v[..., : self.n, :], value_states.new_empty((*self._v.shape[:2], m + self.room, self._v.shape[-1]))], -2)
+        self._k[..., self.n : self.n + m, :] = key_states
+        self._v[..., self.n : self.n + m, :] = value_states
+        self.n += m
+        self._views()
+        return self.keys, self.values
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.is_initialized:
+            self.n = max(0, self.n + tokens_to_remove)
+            self._views()
+        elif tokens_to_remove > 0:
+            raise ValueError("RoomyLayer.crop: pass a negative number of tokens to remove")
