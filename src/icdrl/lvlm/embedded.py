@@ -801,7 +801,7 @@ class _PhaseClock:
         return f"wall {self.phases[name]['wall']:.1f} s, cpu {self.phases[name]['cpu']:.1f} s"
 
 
-def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
+def icl_check(model_dir: str, cfg: dict, out_json: str, *, threads: int | None = None) -> dict:
     """Competence and demonstration sensitivity of the embedded LVLM; writes ``out_json``.
 
     Through the shared backend (``icdrl.lvlm.load_backend``): accuracy on ``check.n_test``
@@ -822,7 +822,8 @@ def icl_check(model_dir: str, cfg: dict, out_json: str) -> dict:
 
     c = EmbeddedConfig.from_dict(cfg)
     ck = c.check
-    torch.set_num_threads(int(c.threads))
+    # the job's threads where a workflow runs it beside other jobs (more would oversubscribe the cores)
+    torch.set_num_threads(int(c.threads if threads is None else threads))
     t0 = time.time()
     clock = _PhaseClock()
     backend = load_backend(_model_cfg(ck.batch_size), str(model_dir))
