@@ -177,22 +177,22 @@ def test_cell_slug_and_dict_carry_training_overrides():
 
 def test_default_config_experiments(default_cfg):
     exps = {e.name: e for e in experiments(default_cfg)}
-    assert list(exps) == ["reward_modes", "use_rank", "weights", "hybrid_alpha", "conditional_grpo",
+    assert list(exps) == ["reward_modes", "use_rank", "hybrid_alpha", "conditional_grpo",
                           "legacy_alpha_beta", "label_order"]
     assert exps["reward_modes"].contrast == "reward_modes" and exps["reward_modes"].reference == "legacy"
-    assert exps["weights"].reference == (1.0, 1.0)
-    assert {c.mode for c in exps["reward_modes"].cells()} == set(MODES)
+    # hard_plus_soft is left out of the default (single-answer data: a multiple of hard_plus_soft_v2)
+    assert {c.mode for c in exps["reward_modes"].cells()} == set(MODES) - {"hard_plus_soft"}
     # plan 4: (0, gate) and (0, no gate) are one cell; 0.2 with and without gating are two more
     plan4 = exps["conditional_grpo"]
     assert len(plan4.members) == 4 and len(plan4.cells()) == 3
     assert {c.train for c in plan4.cells()} == {(), (("min_positive_ratio", 0.2),),
                                                (("gate_rce", True), ("min_positive_ratio", 0.2))}
     merged = cells(default_cfg)
-    assert len(merged) == len(set(merged)) == 18
-    # the reference cells are shared: hard_plus_soft_v2 (1, 1) z-score appears in five experiments, once
+    assert len(merged) == len(set(merged)) == 12
+    # the reference cells are shared: hard_plus_soft_v2 (1, 1) z-score appears in four experiments, once
     shared = Cell(reward_spec("hard_plus_soft_v2"), False)
-    assert sum(shared in e.cells() for e in exps.values()) == 5
-    assert len(reward_specs(merged)) == 10
+    assert sum(shared in e.cells() for e in exps.values()) == 4
+    assert len(reward_specs(merged)) == 7
 
 
 def test_seed_config_holds_every_plan(seed_cfg):

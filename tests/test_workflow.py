@@ -16,9 +16,9 @@ def test_default_dry_run_lists_every_stage(tmp_path):
     assert set(counts) == ALL_RULES
     assert counts["train_lvlm"] == 1 and counts["embed"] == 2 and counts["pools"] == 3  # anchors, test, val
     assert counts["candidates_shard"] == counts["score_shard"] == 2
-    assert counts["train_v3"] == counts["evaluate_v3"] == 18  # merged experiment cells x 1 seed
+    assert counts["train_v3"] == counts["evaluate_v3"] == 12  # merged experiment cells x 1 seed
     assert counts["train_v2"] == 2  # the v2 method, and the selection-order parent of one v3 cell
-    assert counts["rewards"] == 10 and counts["evaluate_baseline"] == 3 and counts["report"] == 1
+    assert counts["rewards"] == 7 and counts["evaluate_baseline"] == 3 and counts["report"] == 1
     assert counts["select_per_shot"] == 1
     # RICES x 3 and copy in one job; both ablations of v2 and of per_shot, one job each
     assert counts["evaluate_rices"] == 1 and counts["evaluate_ablation"] == 2 and counts["answers"] == 1
