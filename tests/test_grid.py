@@ -283,7 +283,7 @@ def test_paths_carry_config_segments(default_cfg):
     assert "{v3}/{reward}/{adv}/seed{seed}" in L.v3_ckpt and "{v2}/seed{seed}" in L.v2_ckpt
     assert L.eval_baseline.endswith("test-n200-k1.2.3.4-mnt10-official/{method}.jsonl")
     assert "/scored-t1-mnt10-official/" in L.scored
-    assert L.val_v3.endswith("val-n100-k1.2.3.4-mnt10-official.jsonl") and L.pools_val.endswith("val-n100.jsonl")
+    assert L.val_v3.endswith("val-n50-k1.2.3.4-mnt10-official.jsonl") and L.pools_val.endswith("val-n50.jsonl")
     assert "random-r0" in " ".join(L.all_eval()) and L.per_shot.format(seed=0) in L.all_eval()
     # training overrides move only their cells' {v3} folder; the label order also its v2
     tags = {tc.cell.slug: tc for tc in L.trained_cells()}
@@ -299,13 +299,13 @@ def test_paths_carry_config_segments(default_cfg):
 
 def test_reward_weight_changes_only_reward_training_eval_paths(default_cfg):
     def edit(c):
-        c["grid"]["experiments"]["weights"]["weights"] = [[1, 1], [3, 1]]
+        c["grid"]["weights"] = [[3, 1]]  # the hard_plus_soft_v2 cells of every experiment
     assert _changed(default_cfg, edit) == {"all_rewards", "all_eval", "all_v3", "val_v3", "per_shot", "report_dir"}
 
 
 def test_training_axis_moves_only_training_eval_and_report(default_cfg):
     def edit(c):
-        c["grid"]["experiments"]["kl"] = {"reward_modes": ["hard_plus_soft"], "train": {"kl_beta": [0.1, 0]}}
+        c["grid"]["experiments"]["kl"] = {"reward_modes": ["hard_plus_soft_v2"], "train": {"kl_beta": [0.1, 0]}}
     assert _changed(default_cfg, edit) == {"all_eval", "all_v3", "val_v3", "per_shot", "report_dir"}
 
 
