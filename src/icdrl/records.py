@@ -176,6 +176,15 @@ def _parse_line(line: str, path: Path, lineno: int, schema: str) -> Any:
         raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg}); {remake(path)}") from None
 
 
+def _parse_header(first: str) -> dict | None:
+    """A file's first line as a header dict, or None where it is empty or not a JSON object."""
+    try:
+        header = json.loads(first) if first.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
     """Yield the records of a file written by :func:`write_jsonl` with the same schema.
 
@@ -186,12 +195,8 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found (expected schema {schema})")
     with open(path) as fh:
-        first = fh.readline()
-        try:
-            header = json.loads(first) if first.strip() else None
-        except json.JSONDecodeError:
-            header = None
-        if not isinstance(header, dict) or "schema" not in header:
+        header = _parse_header(fh.readline())
+        if header is None or "schema" not in header:
             raise SchemaError(f"{path}: no schema header line; expected {schema} v{SCHEMAS.get(schema)}")
         if header["schema"] != schema:
             raise SchemaError(f"{path}: schema is {header['schema']!r}, expected {schema!r}")
@@ -567,12 +572,8 @@ def write_records(path: str | os.PathLike, records: Sequence) -> int:
 def _schema_of(path: Path) -> str:
     """The schema a JSON Lines file's header names (checked against the known schemas)."""
     with open(path) as fh:
-        first = fh.readline()
-    try:
-        header = json.loads(first) if first.strip() else None
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("schema") not in SCHEMAS:
+        header = _parse_header(fh.readline())
+    if header is None or header.get("schema") not in SCHEMAS:
         raise SchemaError(f"{path}: no icdrl schema header line; known schemas: {sorted(SCHEMAS)}")
     return header["schema"]
 
