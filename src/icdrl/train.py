@@ -545,7 +545,7 @@ def val_proxy(model: PointerSelector, packed: Packed | None, table: EmbeddingTab
             b = make_batch(packed, idx, table, device)
             lens = (b.seqs >= 0).sum(-1)  # [B, N]
             depth = torch.where(b.cand_mask, lens, torch.zeros_like(lens)).amax(-1)  # [B]
-            greedy = model._greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
+            greedy = model.greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
             steps = torch.arange(b.seqs.shape[-1], device=device)
             # steps beyond the group's depth do not count; a match must have the group's depth
             eq = ((b.seqs == greedy[:, None, :]) | (steps >= depth[:, None, None])).all(-1)
@@ -632,20 +632,19 @@ def _step(model: PointerSelector, opt: torch.optim.Optimizer, loss: Tensor, grad
 
 
 def sft_loss(model: PointerSelector, b: Batch, label_smoothing: float) -> Tensor:
-    """Teacher-forced CE per step, averaged over every real step of every target sequence.
+    """Teacher-forced CE per step (:meth:`PointerSelector.step_log_probs`), averaged over every
+    real step of every target sequence.
 
     Label smoothing spreads ``label_smoothing`` uniformly over the items still available.
     """
-    s = model.scores(b.query, b.pool, b.pool_mask)
-    lp_all, avail = model.step_log_probs(s, b.seqs)
-    valid = b.seqs >= 0
-    picked = torch.gather(lp_all, 3, b.seqs.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    ce = -picked
+    tf = model.step_log_probs(model.scores(b.query, b.pool, b.pool_mask), b.seqs)
+    ce = -tf.picked
     if label_smoothing > 0:
-        smooth = torch.where(avail, lp_all, torch.zeros_like(lp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
+        avail = tf.avail
+        smooth = torch.where(avail, tf.logp_all, torch.zeros_like(tf.logp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
         ce = (1.0 - label_smoothing) * ce - label_smoothing * smooth
-    ce = torch.where(valid, ce, torch.zeros_like(ce))
-    return ce.sum() / valid.sum().clamp_min(1)
+    ce = torch.where(tf.valid, ce, torch.zeros_like(ce))
+    return ce.sum() / tf.valid.sum().clamp_min(1)
 
 
 def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed: int,
