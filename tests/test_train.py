@@ -154,6 +154,35 @@ def test_sft_uses_whole_pool_and_pool_positions():
     assert G.sft_group(G.Group(1, (5, 6), ((0,),), (0.0,), None, (0.0,), ("random",)), 5) is None
 
 
+def test_sft_loss_and_sequence_logprob_share_one_teacher_forcing_path():
+    # the v2 loss, sequence_logprob (RCE/GRPO) and forward(labels=...) read PointerSelector.step_log_probs
+    syn = _syn(n_groups=6, n_cands=4, pool_size=10, depth=3)
+    packed = G.pack_groups(syn.groups, syn.table)
+    b = G.make_batch(packed, torch.arange(len(packed)), syn.table, torch.device("cpu"))
+    model = _model().eval()
+    lp = model.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask)
+    n_steps = (b.seqs >= 0).sum()
+    assert torch.allclose(T.sft_loss(model, b, 0.0), -lp.sum() / n_steps, atol=1e-6)
+    labels = b.seqs[:, 0]
+    assert torch.equal(model(b.query, b.pool, b.pool_mask, labels=labels)["logp"], lp[:, 0])
+    # label smoothing: (1 − ε)·CE + ε·(mean −log p over the items still available), per real step
+    eps, want = 0.1, 0.0
+    s = model.scores(b.query, b.pool, b.pool_mask)
+    for i in range(b.seqs.shape[0]):
+        for n in range(b.seqs.shape[1]):
+            chosen = []
+            for y in b.seqs[i, n].tolist():
+                if y < 0:
+                    break
+                logits = s[i].clone()
+                logits[chosen] = float("-inf")
+                logp = torch.log_softmax(logits, -1)
+                avail = torch.isfinite(logits)
+                want += -(1 - eps) * logp[y].item() - eps * logp[avail].mean().item()
+                chosen.append(y)
+    assert T.sft_loss(model, b, eps).item() == pytest.approx(want / int(n_steps), rel=1e-5)
+
+
 def test_split_val_is_deterministic_and_disjoint():
     syn = _syn(n_groups=20)
     tr, va = G.split_val(syn.groups, 0.25, 0)
