@@ -1,6 +1,6 @@
 """GRPO epoch time on CPU: batched groups versus one query per optimiser step.
 
-Data: synthetic groups (icdrl.train.synthetic_groups), 800 groups × 15 candidates × pool 64 ×
+Data: synthetic groups (icdrl.synthetic.synthetic_groups), 800 groups × 15 candidates × pool 64 ×
 depth 2, 512-d embeddings, the v3 defaults otherwise. Both runs start from the same weights and
 run one GRPO epoch (π_old snapshot included). Equal losses: the GRPO loss of every group at one
 set of weights (θ = the per-query run's result, π_old = π_ref = the start) is computed once in
@@ -20,8 +20,10 @@ import time
 import torch
 
 from icdrl import rl
+from icdrl.groups import make_batch, pack_groups
 from icdrl.selector import PointerSelector
-from icdrl.train import V3Config, make_batch, pack_groups, synthetic_groups, train_v3
+from icdrl.synthetic import synthetic_groups
+from icdrl.train import V3Config, train_v3
 
 
 def grpo_epoch(model: PointerSelector, syn, batch: int) -> tuple[float, float, PointerSelector, float]:

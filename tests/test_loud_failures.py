@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from icdrl import groups as G
 from icdrl import rewards as R
 from icdrl import train as T
 from icdrl.records import SchemaError, check_csv_complete, read_jsonl, write_jsonl
 from icdrl.selector import PointerSelector
+from icdrl.synthetic import synthetic_groups
 
 SMALL_V3 = dict(rce_epochs=1, grpo_epochs=2, batch_queries=8, val_fraction=0.25)
 
 
 def _syn(n_groups=3):
-    return T.synthetic_groups(n_groups=n_groups, n_cands=6, pool_size=10, depth=2, dim=8, seed=0)
+    return synthetic_groups(n_groups=n_groups, n_cands=6, pool_size=10, depth=2, dim=8, seed=0)
 
 
 def _write_files(tmp_path, syn):
@@ -43,7 +45,7 @@ def _write_files(tmp_path, syn):
 
 def test_group_refuses_zero_sequences():
     with pytest.raises(ValueError, match="anchor 4: a group needs at least one candidate sequence"):
-        T.Group(4, (1, 2), (), (), (), (), ())
+        G.Group(4, (1, 2), (), (), (), (), ())
 
 
 def test_loaders_skip_and_count_empty_groups_and_refuse_all_empty(tmp_path, caplog):
@@ -53,8 +55,8 @@ def test_loaders_skip_and_count_empty_groups_and_refuse_all_empty(tmp_path, capl
     recs[1]["candidates"], rews[1]["rewards"], rews[1]["hard"] = [], [], []
     write_jsonl(tmp_path / "s1.jsonl", "icdrl.scored", recs)
     write_jsonl(tmp_path / "r1.jsonl", "icdrl.rewards", rews)
-    with caplog.at_level("WARNING", logger="icdrl.train"):
-        groups = T.load_groups(tmp_path / "s1.jsonl", tmp_path / "r1.jsonl")
+    with caplog.at_level("WARNING", logger="icdrl.groups"):
+        groups = G.load_groups(tmp_path / "s1.jsonl", tmp_path / "r1.jsonl")
     assert [g.query_id for g in groups] == [recs[0]["anchor_id"], recs[2]["anchor_id"]]
     assert "1 of 3 anchors have no candidate sequence and are skipped" in caplog.text
     for r, w in zip(recs, rews):
@@ -63,14 +65,14 @@ def test_loaders_skip_and_count_empty_groups_and_refuse_all_empty(tmp_path, capl
     write_jsonl(tmp_path / "r0.jsonl", "icdrl.rewards", rews)
     # train_v3 with every group empty: refused before training, naming the file
     with pytest.raises(ValueError, match=r"s0.jsonl: no anchor has a candidate sequence \(3 empty groups\)"):
-        T.load_groups(tmp_path / "s0.jsonl", tmp_path / "r0.jsonl")
+        G.load_groups(tmp_path / "s0.jsonl", tmp_path / "r0.jsonl")
     with pytest.raises(ValueError, match=r"s0.jsonl: no anchor has a candidate sequence"):
-        T.load_candidate_groups(tmp_path / "s0.jsonl")
+        G.load_candidate_groups(tmp_path / "s0.jsonl")
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="no training groups"):
         T.train_v3(PointerSelector(8, hidden_size=16), [], syn.table, T.V3Config(**SMALL_V3), True, 0)
     with pytest.raises(ValueError, match="no groups to pack"):
-        T.pack_groups([], syn.table)
+        G.pack_groups([], syn.table)
 
 
 # ---------------------------------------------------------------------------- NaN rewards
@@ -86,7 +88,7 @@ def test_a_nan_or_null_reward_is_an_error_naming_file_and_anchor(tmp_path, bad):
     text = json.dumps({**rec, "rewards": ["@"] + rec["rewards"][1:]}).replace('"@"', bad)
     (tmp_path / "bad.jsonl").write_text("\n".join(lines[:3] + [text] + lines[4:]) + "\n")
     with pytest.raises(ValueError, match=rf"bad.jsonl.*anchor {aid}.*(NaN|None)") as e:
-        T.load_groups(tmp_path / "scored.jsonl", tmp_path / "bad.jsonl")
+        G.load_groups(tmp_path / "scored.jsonl", tmp_path / "bad.jsonl")
     assert "scored.jsonl" not in str(e.value)  # the rewards file is the one named
 
 
@@ -117,7 +119,7 @@ def test_truncated_embeddings_and_checkpoints_name_the_file(tmp_path):
     np.savez(tmp_path / "e.npz", ids=np.arange(500), emb=np.ones((500, 16), np.float32))
     data = (tmp_path / "e.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    for load in (EmbeddingTable.load, T.load_embeddings):
+    for load in (EmbeddingTable.load,):  # the one loader (icdrl.train had a second)
         with pytest.raises(SchemaError, match=r"cut.npz: cannot be read, cut short or corrupt"):
             load(tmp_path / "cut.npz")
     torch.manual_seed(0)

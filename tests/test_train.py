@@ -12,17 +12,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from icdrl import groups as G
 from icdrl import rewards as R
 from icdrl import train as T
+from icdrl.embeddings import EmbeddingTable
 from icdrl.records import check_csv_complete, write_jsonl
 from icdrl.selector import PointerSelector
+from icdrl.synthetic import synthetic_groups
 
 SMALL_V2 = dict(hidden_size=16, epochs=2, batch_queries=8, val_fraction=0.25)
 SMALL_V3 = dict(rce_epochs=1, grpo_epochs=2, batch_queries=8, val_fraction=0.25)
 
 
 def _syn(n_groups=24, n_cands=6, pool_size=10, depth=2, dim=8, seed=0, mode="hard_plus_soft_v2"):
-    return T.synthetic_groups(n_groups=n_groups, n_cands=n_cands, pool_size=pool_size, depth=depth,
+    return synthetic_groups(n_groups=n_groups, n_cands=n_cands, pool_size=pool_size, depth=depth,
                               dim=dim, seed=seed, mode=mode)
 
 
@@ -47,7 +50,7 @@ def _write_files(tmp_path, syn, mode="hard_plus_soft_v2"):
                      vqa_acc_score=float(np.clip(0.5 + 2 * c["info_score"], 0, 1)))
     write_jsonl(tmp_path / "scored.jsonl", "icdrl.scored", recs)
     R.write_rewards(tmp_path / "scored.jsonl", mode, out_path=tmp_path / "rewards.jsonl")
-    np.savez(tmp_path / "emb.npz", ids=syn.table.ids, emb=syn.table.emb.numpy())
+    np.savez(tmp_path / "emb.npz", ids=syn.table.ids, emb=syn.table.emb)
     return tmp_path
 
 
@@ -98,14 +101,14 @@ def test_config_defaults_and_every_knob_documented():
 def test_load_groups_keeps_raw_rewards_and_every_candidate(tmp_path):
     syn = _syn(n_groups=6, n_cands=7)
     _write_files(tmp_path, syn)
-    groups = T.load_groups(tmp_path / "scored.jsonl", tmp_path / "rewards.jsonl")
+    groups = G.load_groups(tmp_path / "scored.jsonl", tmp_path / "rewards.jsonl")
     assert len(groups) == 6
     for g, want in zip(groups, syn.groups):
         # defect 7: no top-k filtering; defect 3: rewards exactly as in the rewards file, not z-scored
         assert len(g.seqs) == 7 and g.seqs == want.seqs and g.pool == want.pool
         assert g.rewards == pytest.approx(want.rewards) and g.hard == want.hard
         assert g.sources[0] == "beam"
-    cand_groups = T.load_candidate_groups(tmp_path / "cands.jsonl")
+    cand_groups = G.load_candidate_groups(tmp_path / "cands.jsonl")
     assert cand_groups[0].hard is None and cand_groups[0].rewards == cand_groups[0].info
 
 
@@ -120,44 +123,73 @@ def test_loaders_reject_inconsistent_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], json.dumps(rec)] + lines[2:]) + "\n")
     # defect 8: labels are pool positions; a position that does not point at the candidate's id is an error
     with pytest.raises(ValueError, match="do not point at icd_ids"):
-        T.load_groups(tmp_path / "bad.jsonl", tmp_path / "rewards.jsonl")
+        G.load_groups(tmp_path / "bad.jsonl", tmp_path / "rewards.jsonl")
     rlines = (tmp_path / "rewards.jsonl").read_text().splitlines()
     # a complete rewards file that lacks anchors
     write_jsonl(tmp_path / "short.jsonl", "icdrl.rewards", [json.loads(rlines[1])])
     with pytest.raises(ValueError, match="no rewards for anchor"):
-        T.load_groups(tmp_path / "scored.jsonl", tmp_path / "short.jsonl")
+        G.load_groups(tmp_path / "scored.jsonl", tmp_path / "short.jsonl")
     # the same file cut at a line boundary is refused as incomplete, naming the file
     (tmp_path / "cut.jsonl").write_text("\n".join(rlines[:2]) + "\n")
     with pytest.raises(ValueError, match=r"cut.jsonl: incomplete: no end line"):
-        T.load_groups(tmp_path / "scored.jsonl", tmp_path / "cut.jsonl")
+        G.load_groups(tmp_path / "scored.jsonl", tmp_path / "cut.jsonl")
     with pytest.raises(KeyError, match="no embedding"):
-        T.pack_groups(syn.groups, T.EmbeddingTable.from_arrays(syn.table.ids[:5], syn.table.emb[:5].numpy()))
+        G.pack_groups(syn.groups, EmbeddingTable(ids=syn.table.ids[:5], emb=syn.table.emb[:5]))
 
 
 def test_sft_uses_whole_pool_and_pool_positions():
     # defect 8: the supervised stage used a 2-item pool and labels "global id mod 2"
     syn = _syn(n_groups=4, n_cands=6, pool_size=10)
     g = syn.groups[0]
-    g = T.Group(g.query_id, g.pool, g.seqs, g.rewards, g.hard, g.info,
+    g = G.Group(g.query_id, g.pool, g.seqs, g.rewards, g.hard, g.info,
                 ("beam", "beam", "random", "beam", "similar", "random"))
-    t = T.sft_group(g, top_beams=2)
+    t = G.sft_group(g, top_beams=2)
     beams = sorted([0, 1, 3], key=lambda i: -g.info[i])[:2]
     assert t.seqs == tuple(g.seqs[i] for i in beams) and t.pool == g.pool
-    packed = T.pack_groups([t], syn.table)
+    packed = G.pack_groups([t], syn.table)
     assert int(packed.pool_mask.sum()) == 10
     pool_ids = syn.table.ids[packed.pool_rows[0].numpy()]
     for s in packed.seqs[0].tolist():
         assert [int(pool_ids[p]) for p in s] == [g.pool[p] for p in s]
-    assert T.sft_group(T.Group(1, (5, 6), ((0,),), (0.0,), None, (0.0,), ("random",)), 5) is None
+    assert G.sft_group(G.Group(1, (5, 6), ((0,),), (0.0,), None, (0.0,), ("random",)), 5) is None
+
+
+def test_sft_loss_and_sequence_logprob_share_one_teacher_forcing_path():
+    # the v2 loss, sequence_logprob (RCE/GRPO) and forward(labels=...) read PointerSelector.step_log_probs
+    syn = _syn(n_groups=6, n_cands=4, pool_size=10, depth=3)
+    packed = G.pack_groups(syn.groups, syn.table)
+    b = G.make_batch(packed, torch.arange(len(packed)), syn.table, torch.device("cpu"))
+    model = _model().eval()
+    lp = model.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask)
+    n_steps = (b.seqs >= 0).sum()
+    assert torch.allclose(T.sft_loss(model, b, 0.0), -lp.sum() / n_steps, atol=1e-6)
+    labels = b.seqs[:, 0]
+    assert torch.equal(model(b.query, b.pool, b.pool_mask, labels=labels)["logp"], lp[:, 0])
+    # label smoothing: (1 − ε)·CE + ε·(mean −log p over the items still available), per real step
+    eps, want = 0.1, 0.0
+    s = model.scores(b.query, b.pool, b.pool_mask)
+    for i in range(b.seqs.shape[0]):
+        for n in range(b.seqs.shape[1]):
+            chosen = []
+            for y in b.seqs[i, n].tolist():
+                if y < 0:
+                    break
+                logits = s[i].clone()
+                logits[chosen] = float("-inf")
+                logp = torch.log_softmax(logits, -1)
+                avail = torch.isfinite(logits)
+                want += -(1 - eps) * logp[y].item() - eps * logp[avail].mean().item()
+                chosen.append(y)
+    assert T.sft_loss(model, b, eps).item() == pytest.approx(want / int(n_steps), rel=1e-5)
 
 
 def test_split_val_is_deterministic_and_disjoint():
     syn = _syn(n_groups=20)
-    tr, va = T.split_val(syn.groups, 0.25, 0)
-    tr2, va2 = T.split_val(list(reversed(syn.groups)), 0.25, 0)
+    tr, va = G.split_val(syn.groups, 0.25, 0)
+    tr2, va2 = G.split_val(list(reversed(syn.groups)), 0.25, 0)
     assert len(va) == 5 and {g.query_id for g in va} == {g.query_id for g in va2}
     assert not {g.query_id for g in tr} & {g.query_id for g in va}
-    assert T.split_val(syn.groups, 0.0, 0)[1] == []
+    assert G.split_val(syn.groups, 0.0, 0)[1] == []
 
 
 # ============================================================================ training loops
@@ -203,8 +235,8 @@ def test_v2_learns_the_beams():
     # greedy now reproduces most training anchors' top beam (the planted best sequence)
     hits = 0
     for g in syn.groups:
-        q = syn.table.emb[syn.table.row[g.query_id]]
-        pool = syn.table.emb[syn.table.rows(g.pool, "pool")]
+        q = syn.table.tensor[syn.table.row(g.query_id)]
+        pool = syn.table.tensor[syn.table.rows(g.pool, "pool")]
         hits += tuple(model.select(q, pool, 2).tolist()) == g.seqs[0]
     assert hits / len(syn.groups) > 0.5
     assert meta["selected_epoch"] == 15
@@ -258,7 +290,7 @@ def test_conditional_training_and_flat_groups_are_counted(tmp_path):
     groups = list(syn.groups)
     for i in (0, 1, 2):  # make three groups flat (all rewards 0, no positive)
         g = groups[i]
-        groups[i] = T.Group(g.query_id, g.pool, g.seqs, (0.0,) * 5, (0.0,) * 5, g.info, g.sources)
+        groups[i] = G.Group(g.query_id, g.pool, g.seqs, (0.0,) * 5, (0.0,) * 5, g.info, g.sources)
     pos = [sum(h >= 0.5 for h in g.hard) / len(g.hard) for g in groups]
     flat = [len(set(g.rewards)) == 1 for g in groups]
     n_low = sum(p < 0.2 for p in pos)
@@ -282,13 +314,13 @@ def test_val_proxy_scores_the_greedy_sequence():
     model = _model().eval()
     groups = []
     for i, g in enumerate(syn.groups):
-        q = syn.table.emb[syn.table.row[g.query_id]]
-        pool = syn.table.emb[syn.table.rows(g.pool, "pool")]
+        q = syn.table.tensor[syn.table.row(g.query_id)]
+        pool = syn.table.tensor[syn.table.rows(g.pool, "pool")]
         greedy = tuple(model.select(q, pool, 2).tolist())
         others = [s for s in g.seqs if s != greedy][:2]
         seqs = (others[0], greedy, others[1]) if i < 3 else (others[0], others[1], tuple(reversed(greedy)))
-        groups.append(T.Group(g.query_id, g.pool, seqs, (1.0, 7.0 + i, 2.0), g.hard[:3], g.info[:3], g.sources[:3]))
-    packed = T.pack_groups(groups, syn.table)
+        groups.append(G.Group(g.query_id, g.pool, seqs, (1.0, 7.0 + i, 2.0), g.hard[:3], g.info[:3], g.sources[:3]))
+    packed = G.pack_groups(groups, syn.table)
     val, cov = T.val_proxy(model, packed, syn.table, torch.device("cpu"))
     assert val == pytest.approx((7 + 8 + 9) / 3) and cov == 0.75  # the reversed sequence does not match
     assert T.val_proxy(model, None, syn.table, torch.device("cpu")) == (None, 0.0)
@@ -317,8 +349,8 @@ def test_planted_preference_raises_greedy_reward():
     def greedy_reward(model):
         out = []
         for g in syn.groups:
-            q = syn.table.emb[syn.table.row[g.query_id]]
-            pool = syn.table.emb[syn.table.rows(g.pool, "pool")]
+            q = syn.table.tensor[syn.table.row(g.query_id)]
+            pool = syn.table.tensor[syn.table.rows(g.pool, "pool")]
             out.append(syn.planted_reward(g, model.select(q, pool, 2).tolist()))
         return float(np.mean(out))
 
@@ -367,7 +399,7 @@ def _adversarial_groups(draw):
         else:
             r = rng.randn(n) * 1e-30
         hard = tuple(float(x) for x in rng.randint(0, 2, size=n))
-        groups.append(T.Group(g.query_id, g.pool, seqs, tuple(float(x) for x in r), hard, (0.0,) * n, ("random",) * n))
+        groups.append(G.Group(g.query_id, g.pool, seqs, tuple(float(x) for x in r), hard, (0.0,) * n, ("random",) * n))
     return syn.table, groups
 
 
@@ -415,9 +447,9 @@ def test_label_order_selection_teaches_the_beam_order_and_needs_a_matching_v2(tm
     assert prompt_sequence([1, 2, 3], "selection", "last") == [1, 2, 3]
     assert prompt_sequence([1, 2, 3], "prompt", "first") == [1, 2, 3]
     syn = _syn()
-    flipped = T.in_label_order(syn.groups, "selection", "first")
+    flipped = G.in_label_order(syn.groups, "selection", "first")
     assert [s[::-1] for s in flipped[0].seqs] == list(syn.groups[0].seqs)
-    assert T.in_label_order(syn.groups, "prompt", "first") == list(syn.groups)
+    assert G.in_label_order(syn.groups, "prompt", "first") == list(syn.groups)
     d = _write_files(tmp_path, syn)
     sel_v2 = {**SMALL_V2, "label_order": "selection"}
     T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), sel_v2, 3, str(d / "v2s.pt"), str(d / "v2s.csv"))

@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,11 @@ def combine(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
 
 @dataclass
 class EmbeddingTable:
-    """An embeddings file in memory, indexed by example id."""
+    """An embeddings file in memory, indexed by example id.
+
+    The one table of the package: pools, retrieval and evaluation read ``emb``/``img``/``txt``
+    as numpy; the selector's training gathers rows of :attr:`tensor`.
+    """
 
     ids: np.ndarray
     emb: np.ndarray
@@ -57,6 +63,7 @@ class EmbeddingTable:
     txt: np.ndarray | None = None
     path: str = "<memory>"
     _rows: dict[int, int] = field(default_factory=dict, repr=False)
+    _tensor: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -102,15 +109,34 @@ class EmbeddingTable:
     def __contains__(self, ex_id: int) -> bool:
         return int(ex_id) in self._rows
 
-    def row(self, ex_id: int) -> int:
-        """Row index of example ``ex_id``."""
+    def row(self, ex_id: int, what: str = "") -> int:
+        """Row index of example ``ex_id``; ``what`` (e.g. "anchor") names it in the error."""
         try:
             return self._rows[int(ex_id)]
         except KeyError:
-            raise KeyError(f"{self.path}: id {ex_id} has no embedding") from None
+            raise KeyError(f"{self.path}: {what + ' ' if what else ''}id {ex_id} has no embedding") from None
 
-    def rows(self, ids: Sequence[int]) -> np.ndarray:
-        return np.array([self.row(i) for i in ids], dtype=np.int64)
+    def rows(self, ids: Sequence[int], what: str = "") -> np.ndarray:
+        return np.array([self.row(i, what) for i in ids], dtype=np.int64)
+
+    @property
+    def row_of(self) -> Mapping[int, int]:
+        """The read-only mapping example id → row."""
+        return MappingProxyType(self._rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+    @property
+    def tensor(self):
+        """``emb`` as a float32 torch tensor (made once, sharing memory with ``emb`` where it can):
+        the selector's training gathers its batches from it."""
+        if self._tensor is None:
+            import torch
+
+            self._tensor = torch.from_numpy(np.ascontiguousarray(self.emb, dtype=np.float32))
+        return self._tensor
 
     def _array(self, kind: str) -> np.ndarray:
         a = getattr(self, kind, None) if kind in ("emb", "img", "txt") else None

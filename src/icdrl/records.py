@@ -434,11 +434,13 @@ class ScoredCandidate(Candidate):
 
 
 def _check_positions(pool: tuple[int, ...], cands: Sequence[Candidate], where: str) -> None:
-    """Every candidate's positions index the pool and name the ids it records."""
+    """Every candidate's positions index the pool and name the ids it records (a selector's
+    labels are these pool positions, never an id mod the pool size)."""
     for i, c in enumerate(cands):
         for p, g in zip(c.icd_pos, c.icd_ids):
             if not 0 <= p < len(pool) or pool[p] != g:
-                raise SchemaError(f"{where}: candidate {i}: icd_pos {p} does not hold icd_id {g} in the pool")
+                raise SchemaError(f"{where}: candidate {i}: icd_pos {p} does not hold icd_id {g} in the pool "
+                                  f"(its icd_pos {list(c.icd_pos)} do not point at icd_ids {list(c.icd_ids)})")
         if len(set(c.icd_pos)) != len(c.icd_pos):
             raise SchemaError(f"{where}: candidate {i} repeats a pool position: {list(c.icd_pos)}")
 

@@ -16,13 +16,23 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 NEG_INF = float("-inf")
+
+
+class TeacherForcing(NamedTuple):
+    """What :meth:`PointerSelector.step_log_probs` gives for sequences [B, N, T] over pools of K."""
+
+    logits: Tensor    # [B, N, T, K] pool logits, −inf at padding and at items chosen earlier
+    logp_all: Tensor  # [B, N, T, K] log-softmax of ``logits`` per step
+    avail: Tensor     # [B, N, T, K] bool, the items still available at each step
+    picked: Tensor    # [B, N, T] log-prob of each step's label (meaningless at padding steps)
+    valid: Tensor     # [B, N, T] bool, the real (non-padding) steps
 
 
 class CrossAttention(nn.Module):
@@ -152,12 +162,12 @@ class PointerSelector(nn.Module):
         return s[0] if single else s
 
     @staticmethod
-    def step_log_probs(scores: Tensor, seqs: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced step log-softmax.
+    def step_log_probs(scores: Tensor, seqs: Tensor) -> TeacherForcing:
+        """Teacher forcing: the one computation of step logits and log-probs of given sequences.
 
-        scores [B, K] (−inf = unavailable), seqs [B, N, T] (−1 = padding step).
-        Returns (logp_all [B, N, T, K] with −inf at unavailable items, avail [B, N, T, K]).
-        At step t the items chosen at steps < t are unavailable.
+        scores [B, K] (−inf = unavailable), seqs [B, N, T] (−1 = padding step). At step t the
+        items chosen at steps < t are unavailable. :meth:`sequence_logprob`, :meth:`forward`
+        and the v2 loss (:func:`icdrl.train.sft_loss`) all read their values from here.
         """
         b, k = scores.shape
         valid = seqs >= 0
@@ -166,7 +176,9 @@ class PointerSelector(nn.Module):
         chosen_before = (onehot.cumsum(dim=2) - onehot) > 0
         avail = torch.isfinite(scores)[:, None, None, :] & ~chosen_before
         logits = scores[:, None, None, :].masked_fill(~avail, NEG_INF)
-        return torch.log_softmax(logits, dim=-1), avail
+        logp_all = torch.log_softmax(logits, dim=-1)
+        picked = torch.gather(logp_all, 3, idx.unsqueeze(-1)).squeeze(-1)  # [B, N, T]
+        return TeacherForcing(logits, logp_all, avail, picked, valid)
 
     @staticmethod
     def check_sequences(seqs: Tensor, pool_mask: Tensor) -> None:
@@ -210,11 +222,8 @@ class PointerSelector(nn.Module):
         seqs = seqs.to(device=pool.device, dtype=torch.long)
         if check:
             self.check_sequences(seqs, pool_mask)
-        s = self.scores(query, pool, pool_mask)
-        lp_all, _ = self.step_log_probs(s, seqs)
-        valid = seqs >= 0
-        picked = torch.gather(lp_all, 3, seqs.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, N, T]
-        lp = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
+        tf = self.step_log_probs(self.scores(query, pool, pool_mask), seqs)
+        lp = torch.where(tf.valid, tf.picked, torch.zeros_like(tf.picked)).sum(-1)
         return lp[:, 0] if squeeze else lp
 
     def forward(
@@ -228,26 +237,25 @@ class PointerSelector(nn.Module):
         """Step logits with teacher forcing (``labels`` [B, T]) or greedy decoding (``k`` steps).
 
         Returns ``logits`` [B, T, K] (−inf at padding and at items chosen earlier),
-        ``predictions`` [B, T] (argmax per step) and, with labels, ``logp`` [B] of the labels.
+        ``predictions`` [B, T] (argmax per step) and, with labels, ``logp`` [B] of the labels
+        (as :meth:`sequence_logprob`: both come from :meth:`step_log_probs`).
         """
         query, pool, pool_mask, _ = self._batch(query, pool, pool_mask)
         s = self.scores(query, pool, pool_mask)
         if labels is None:
             if k is None:
                 raise ValueError("forward needs labels (teacher forcing) or k (greedy steps)")
-            seq = self._greedy(s.detach(), k)
-            return {"logits": _step_logits(s, seq), "predictions": seq}
+            seq = self.greedy(s.detach(), k)
+            return {"logits": self.step_log_probs(s, seq.unsqueeze(1)).logits[:, 0], "predictions": seq}
         labels = labels.to(device=pool.device, dtype=torch.long)
         self.check_sequences(labels.unsqueeze(1), pool_mask)
-        logits = _step_logits(s, labels)
-        lp_all, _ = self.step_log_probs(s, labels.unsqueeze(1))
-        valid = labels >= 0
-        picked = torch.gather(lp_all[:, 0], 2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        logp = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
+        tf = self.step_log_probs(s, labels.unsqueeze(1))
+        logits = tf.logits[:, 0]
+        logp = torch.where(tf.valid, tf.picked, torch.zeros_like(tf.picked)).sum(-1)[:, 0]
         return {"logits": logits, "predictions": logits.argmax(-1), "logp": logp}
 
     @staticmethod
-    def _greedy(scores: Tensor, k: int, allow_short: bool = False) -> Tensor:
+    def greedy(scores: Tensor, k: int, allow_short: bool = False) -> Tensor:
         """Greedy decoding on static pool scores: k steps of masked argmax (ties → lowest position).
 
         A pool with fewer than k items raises, or with ``allow_short`` gets −1 for the missing steps.
@@ -274,7 +282,7 @@ class PointerSelector(nn.Module):
         try:
             s = self.scores(query, pool, pool_mask)
             single = s.dim() == 1
-            seq = self._greedy(s.unsqueeze(0) if single else s, k)
+            seq = self.greedy(s.unsqueeze(0) if single else s, k)
         finally:
             self.train(was_training)
         return seq[0] if single else seq
@@ -316,15 +324,6 @@ class PointerSelector(nn.Module):
         model.load_state_dict(ckpt["state_dict"])
         model.checkpoint_config = ckpt["config"]
         return model.eval()
-
-
-def _step_logits(scores: Tensor, seqs: Tensor) -> Tensor:
-    """Raw step logits [B, T, K] for sequences [B, T]: −inf at padding and earlier choices."""
-    b, k = scores.shape
-    valid = seqs >= 0
-    onehot = F.one_hot(seqs.clamp_min(0), k).to(torch.int32) * valid.unsqueeze(-1)
-    chosen_before = (onehot.cumsum(dim=1) - onehot) > 0
-    return scores[:, None, :].masked_fill(chosen_before, NEG_INF)
 
 
 def select_for_query(model: PointerSelector, query_vec: Any, pool_vecs: Any, k: int) -> list[int]:

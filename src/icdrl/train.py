@@ -21,6 +21,10 @@ the batch, so batching 16 groups makes a GRPO epoch ~6× cheaper (benchmarks/ben
 while still giving 50 updates per epoch; with lr 1e-4 the product lr × steps per epoch
 (5e-3) stays near the seed's (8e-3). Larger batches gain little more speed (~15% at 32) and
 halve the updates.
+
+This module holds the configs, the loops and the stage entry points; the groups, their
+loaders and the padded batches are :mod:`icdrl.groups`, the embeddings table
+:class:`icdrl.embeddings.EmbeddingTable`, synthetic groups :mod:`icdrl.synthetic`.
 """
 
 from __future__ import annotations
@@ -28,11 +32,9 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,8 +44,21 @@ import torch
 from torch import Tensor
 
 from icdrl import rl
-from icdrl.records import atomic_path, corrupt_file_error, csv_end_line, read_jsonl
-from icdrl.selector import LABEL_ORDERS, PointerSelector, label_sequence
+from icdrl.embeddings import EmbeddingTable
+from icdrl.groups import (
+    Batch,
+    Group,
+    Packed,
+    in_label_order,
+    load_candidate_groups,
+    load_groups,
+    make_batch,
+    pack_groups,
+    sft_group,
+    split_val,
+)
+from icdrl.records import atomic_path, csv_end_line
+from icdrl.selector import LABEL_ORDERS, PointerSelector
 
 log = logging.getLogger(__name__)
 
@@ -199,317 +214,7 @@ class V3Config(_Config):
             raise ValueError(f"V3Config.dropout must be in [0, 1) or null, got {self.dropout}")
 
 
-# ============================================================================ records
-
-
-@dataclass(frozen=True)
-class Group:
-    """One anchor's RL group: its pool and N candidate sequences (pool positions) with scores.
-
-    ``hard`` is None for unscored candidate files (v2); ``rewards`` there are the InfoScores.
-    """
-
-    query_id: int
-    pool: tuple[int, ...]
-    seqs: tuple[tuple[int, ...], ...]
-    rewards: tuple[float, ...]
-    hard: tuple[float, ...] | None
-    info: tuple[float, ...]
-    sources: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        n = len(self.seqs)
-        where = f"anchor {self.query_id}"
-        if not self.pool:
-            raise ValueError(f"{where}: empty pool")
-        if n == 0:
-            raise ValueError(f"{where}: a group needs at least one candidate sequence, got none")
-        for name in ("rewards", "info", "sources") + (("hard",) if self.hard is not None else ()):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences")
-        for name in ("rewards", "info") + (("hard",) if self.hard is not None else ()):
-            if not all(math.isfinite(x) for x in getattr(self, name)):
-                raise ValueError(f"{where}: non-finite value in {name}")
-        k = len(self.pool)
-        for s in self.seqs:
-            if not s:
-                raise ValueError(f"{where}: empty candidate sequence")
-            if any(not 0 <= p < k for p in s):
-                raise ValueError(f"{where}: sequence {list(s)} has a position outside the pool of {k}")
-            if len(set(s)) != len(s):
-                raise ValueError(f"{where}: sequence {list(s)} repeats a pool position")
-
-
-def _positions(path: Any, rec: dict, cand: dict) -> tuple[int, ...]:
-    """Pool positions of a candidate, checked against its global ids (labels are positions, never id mod K)."""
-    aid = rec.get("anchor_id")
-    pool = rec["pool"]
-    if "icd_pos" not in cand:
-        raise ValueError(f"{path}: anchor {aid}: candidate lacks 'icd_pos'")
-    pos = tuple(int(p) for p in cand["icd_pos"])
-    if any(not 0 <= p < len(pool) for p in pos):
-        raise ValueError(f"{path}: anchor {aid}: icd_pos {list(pos)} outside its pool of {len(pool)}")
-    ids = cand.get("icd_ids")
-    if ids is not None and [pool[p] for p in pos] != [int(i) for i in ids]:
-        raise ValueError(f"{path}: anchor {aid}: icd_pos {list(pos)} do not point at icd_ids {list(ids)} in its pool")
-    return pos
-
-
-def _num(path: Any, aid: Any, name: str, v: Any, *, missing_ok: bool = True) -> float:
-    """A finite number; ``None`` counts as 0 where ``missing_ok`` (SPEC §6: a missing input).
-    NaN is never a missing value: it is an error naming the file and the anchor."""
-    if v is None and missing_ok:
-        return 0.0
-    if isinstance(v, bool):
-        return float(v)
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{path}: anchor {aid}: {name}={v!r} is not a finite number")
-    return float(v)
-
-
-def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
-    """Groups from an ``icdrl.candidates`` (or ``icdrl.scored``) file; rewards = info_score, hard = None."""
-    schema = "icdrl.candidates"
-    try:
-        with open(candidates_path) as fh:
-            if json.loads(fh.readline()).get("schema") == "icdrl.scored":
-                schema = "icdrl.scored"
-    except (OSError, ValueError, AttributeError):
-        pass  # read_jsonl reports the problem with the file's name
-    recs = read_jsonl(candidates_path, schema)
-    groups: list[Group] = []
-    empty: list = []
-    for rec in recs:
-        for key in ("anchor_id", "pool", "candidates"):
-            if key not in rec:
-                raise ValueError(f"{candidates_path}: a record lacks {key!r}")
-        aid = rec["anchor_id"]
-        cands = rec["candidates"]
-        if not cands:
-            empty.append(aid)
-            continue
-        info = tuple(_num(candidates_path, aid, "info_score", c.get("info_score")) for c in cands)
-        try:
-            groups.append(Group(
-                query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
-                seqs=tuple(_positions(candidates_path, rec, c) for c in cands),
-                rewards=info, hard=None, info=info,
-                sources=tuple(str(c.get("source", "")) for c in cands),
-            ))
-        except ValueError as e:
-            raise ValueError(f"{candidates_path}: {e}") from None
-    return _non_empty(groups, empty, candidates_path)
-
-
-def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike) -> list[Group]:
-    """RL groups: an ``icdrl.scored`` file joined with an ``icdrl.rewards`` file on anchor_id.
-
-    Every candidate is kept (no top-k filtering) and rewards are taken raw from the rewards file.
-    """
-    scored = read_jsonl(scored_path, "icdrl.scored")
-    rewards = {}
-    for r in read_jsonl(rewards_path, "icdrl.rewards"):
-        if "anchor_id" not in r or "rewards" not in r or "hard" not in r:
-            raise ValueError(f"{rewards_path}: a record lacks 'anchor_id', 'rewards' or 'hard'")
-        rewards[r["anchor_id"]] = r
-    groups: list[Group] = []
-    empty: list = []
-    for rec in scored:
-        aid = rec.get("anchor_id")
-        if aid not in rewards:
-            raise ValueError(f"{rewards_path}: no rewards for anchor {aid} of {scored_path}")
-        rr = rewards[aid]
-        cands = rec["candidates"]
-        if len(rr["rewards"]) != len(cands) or len(rr["hard"]) != len(cands):
-            raise ValueError(
-                f"{rewards_path}: anchor {aid} has {len(rr['rewards'])} rewards for {len(cands)} scored candidates"
-            )
-        r = tuple(_num(rewards_path, aid, "rewards", x, missing_ok=False) for x in rr["rewards"])
-        h = tuple(_num(rewards_path, aid, "hard", x, missing_ok=False) for x in rr["hard"])
-        if not cands:
-            empty.append(aid)
-            continue
-        try:
-            groups.append(Group(
-                query_id=int(aid), pool=tuple(int(i) for i in rec["pool"]),
-                seqs=tuple(_positions(scored_path, rec, c) for c in cands),
-                rewards=r, hard=h,
-                info=tuple(_num(scored_path, aid, "info_score", c.get("info_score")) for c in cands),
-                sources=tuple(str(c.get("source", "")) for c in cands),
-            ))
-        except ValueError as e:
-            raise ValueError(f"{scored_path}: {e}") from None
-    extra = set(rewards) - {rec.get("anchor_id") for rec in scored}
-    if extra:
-        raise ValueError(f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})")
-    return _non_empty(groups, empty, scored_path)
-
-
-def _non_empty(groups: list[Group], empty: list, path: Any) -> list[Group]:
-    """``groups``, after logging how many anchors had no candidate (skipped); none left is an error."""
-    if empty:
-        log.warning("%s: %d of %d anchors have no candidate sequence and are skipped (e.g. anchor %s)",
-                    path, len(empty), len(empty) + len(groups), empty[0])
-    if not groups:
-        raise ValueError(f"{path}: no anchor has a candidate sequence ({len(empty)} empty groups)")
-    return groups
-
-
-def sft_group(g: Group, top_beams: int) -> Group | None:
-    """The v2 targets of an anchor: its ``top_beams`` best beams by InfoScore (ties: file order)."""
-    beams = [i for i, s in enumerate(g.sources) if s == "beam"]
-    if not beams:
-        return None
-    beams = sorted(beams, key=lambda i: -g.info[i])[:top_beams]  # sorted() is stable
-    pick = lambda xs: tuple(xs[i] for i in beams)  # noqa: E731
-    return Group(g.query_id, g.pool, pick(g.seqs), pick(g.rewards),
-                 None if g.hard is None else pick(g.hard), pick(g.info), pick(g.sources))
-
-
-def in_label_order(groups: Sequence[Group], label_order: str, insert: str) -> list[Group]:
-    """``groups`` with every candidate sequence in the order the selector is taught (SPEC §7)."""
-    if label_order == "prompt":
-        return list(groups)
-    return [dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))
-            for g in groups]
-
-
-# ============================================================================ embeddings and packing
-
-
-@dataclass
-class EmbeddingTable:
-    """Embedding rows addressed by global example id."""
-
-    ids: np.ndarray
-    emb: Tensor
-    row: dict[int, int]
-    path: str = ""
-
-    @classmethod
-    def from_arrays(cls, ids: Any, emb: Any, path: str = "") -> "EmbeddingTable":
-        ids = np.asarray(ids, dtype=np.int64)
-        emb = np.asarray(emb, dtype=np.float32)
-        if emb.ndim != 2 or ids.shape != (emb.shape[0],):
-            raise ValueError(f"{path or 'embeddings'}: need ids [N] and emb [N, d], got {ids.shape} and {emb.shape}")
-        if not np.isfinite(emb).all():
-            raise ValueError(f"{path or 'embeddings'}: emb holds NaN or infinite values")
-        row = {int(i): r for r, i in enumerate(ids)}
-        if len(row) != len(ids):
-            raise ValueError(f"{path or 'embeddings'}: duplicate ids")
-        return cls(ids=ids, emb=torch.from_numpy(emb.copy()), row=row, path=path)
-
-    def rows(self, ids: Sequence[int], what: str) -> list[int]:
-        try:
-            return [self.row[int(i)] for i in ids]
-        except KeyError as e:
-            raise KeyError(f"{self.path or 'embeddings'}: no embedding for {what} id {e.args[0]}") from None
-
-    @property
-    def dim(self) -> int:
-        return int(self.emb.shape[1])
-
-
-def load_embeddings(path: str | os.PathLike) -> EmbeddingTable:
-    """An ``.npz`` with ``ids`` (int64 [N]) and ``emb`` (float32 [N, d])."""
-    try:
-        with np.load(path) as z:
-            for k in ("ids", "emb"):
-                if k not in z:
-                    raise ValueError(f"{path}: missing array {k!r} (need 'ids' and 'emb')")
-            ids, emb = z["ids"], z["emb"]
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise corrupt_file_error(path, e) from None
-    return EmbeddingTable.from_arrays(ids, emb, str(path))
-
-
-@dataclass
-class Packed:
-    """Groups as padded tensors (CPU); a batch gathers rows and moves them to the device."""
-
-    query_rows: Tensor   # [G] embedding rows of the anchors
-    pool_rows: Tensor    # [G, K] embedding rows of pool items (0 at padding)
-    pool_mask: Tensor    # [G, K] bool
-    seqs: Tensor         # [G, N, T] pool positions, −1 padding
-    cand_mask: Tensor    # [G, N] bool
-    rewards: Tensor      # [G, N] float32 raw rewards (0 at padding)
-    hard: Tensor         # [G, N] float32 vqa_correct (0 at padding or when unknown)
-
-    def __len__(self) -> int:
-        return int(self.query_rows.shape[0])
-
-
-def pack_groups(groups: Sequence[Group], table: EmbeddingTable) -> Packed:
-    """Pad ``groups`` into tensors; checks every id has an embedding and every sequence is valid."""
-    if not groups:
-        raise ValueError("pack_groups: no groups to pack")
-    g = len(groups)
-    k = max((len(x.pool) for x in groups), default=1)
-    n = max((len(x.seqs) for x in groups), default=1)
-    t = max((len(s) for x in groups for s in x.seqs), default=1)
-    query_rows = torch.tensor(table.rows([x.query_id for x in groups], "anchor"), dtype=torch.long)
-    pool_rows = torch.zeros((g, k), dtype=torch.long)
-    pool_mask = torch.zeros((g, k), dtype=torch.bool)
-    seqs = torch.full((g, n, t), -1, dtype=torch.long)
-    cand_mask = torch.zeros((g, n), dtype=torch.bool)
-    rewards = torch.zeros((g, n), dtype=torch.float32)
-    hard = torch.zeros((g, n), dtype=torch.float32)
-    for i, x in enumerate(groups):
-        pool_rows[i, : len(x.pool)] = torch.tensor(table.rows(x.pool, f"pool item of anchor {x.query_id}"))
-        pool_mask[i, : len(x.pool)] = True
-        for j, s in enumerate(x.seqs):
-            seqs[i, j, : len(s)] = torch.tensor(s)
-        cand_mask[i, : len(x.seqs)] = True
-        rewards[i, : len(x.seqs)] = torch.tensor(x.rewards, dtype=torch.float64).to(torch.float32)
-        if x.hard is not None:
-            hard[i, : len(x.seqs)] = torch.tensor(x.hard)
-    if not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards overflow float32")
-    return Packed(query_rows, pool_rows, pool_mask, seqs, cand_mask, rewards, hard)
-
-
-@dataclass
-class Batch:
-    query: Tensor
-    pool: Tensor
-    pool_mask: Tensor
-    seqs: Tensor
-    cand_mask: Tensor
-    rewards: Tensor
-    hard: Tensor
-
-
-def make_batch(p: Packed, idx: Tensor, table: EmbeddingTable, device: torch.device) -> Batch:
-    """Gather groups ``idx`` into device tensors, trimmed to the batch's own max sizes."""
-    pm = p.pool_mask[idx]
-    cm = p.cand_mask[idx]
-    seqs = p.seqs[idx]
-    k = int(pm.sum(-1).max())
-    n = max(int(cm.sum(-1).max()), 1)
-    tt = max(int((seqs >= 0).sum(-1).max()), 1)
-    emb = table.emb
-    return Batch(
-        query=emb[p.query_rows[idx]].to(device),
-        pool=emb[p.pool_rows[idx, :k]].to(device),
-        pool_mask=pm[:, :k].to(device),
-        seqs=seqs[:, :n, :tt].to(device),
-        cand_mask=cm[:, :n].to(device),
-        rewards=p.rewards[idx, :n].to(device),
-        hard=p.hard[idx, :n].to(device),
-    )
-
-
-def split_val(groups: Sequence[Group], val_fraction: float, val_seed: int) -> tuple[list[Group], list[Group]]:
-    """Deterministic train/val split of anchors (by a seeded permutation of the sorted anchor ids)."""
-    ids = sorted({g.query_id for g in groups})
-    n_val = int(round(val_fraction * len(ids)))
-    if val_fraction > 0 and len(ids) > 1:
-        n_val = min(max(n_val, 1), len(ids) - 1)
-    else:
-        n_val = 0
-    perm = np.random.RandomState(val_seed).permutation(len(ids))
-    val_ids = {ids[i] for i in perm[:n_val]}
-    return [g for g in groups if g.query_id not in val_ids], [g for g in groups if g.query_id in val_ids]
+# ============================================================================ device and batches
 
 
 def _device(name: str) -> torch.device:
@@ -545,7 +250,7 @@ def val_proxy(model: PointerSelector, packed: Packed | None, table: EmbeddingTab
             b = make_batch(packed, idx, table, device)
             lens = (b.seqs >= 0).sum(-1)  # [B, N]
             depth = torch.where(b.cand_mask, lens, torch.zeros_like(lens)).amax(-1)  # [B]
-            greedy = model._greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
+            greedy = model.greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
             steps = torch.arange(b.seqs.shape[-1], device=device)
             # steps beyond the group's depth do not count; a match must have the group's depth
             eq = ((b.seqs == greedy[:, None, :]) | (steps >= depth[:, None, None])).all(-1)
@@ -632,20 +337,19 @@ def _step(model: PointerSelector, opt: torch.optim.Optimizer, loss: Tensor, grad
 
 
 def sft_loss(model: PointerSelector, b: Batch, label_smoothing: float) -> Tensor:
-    """Teacher-forced CE per step, averaged over every real step of every target sequence.
+    """Teacher-forced CE per step (:meth:`PointerSelector.step_log_probs`), averaged over every
+    real step of every target sequence.
 
     Label smoothing spreads ``label_smoothing`` uniformly over the items still available.
     """
-    s = model.scores(b.query, b.pool, b.pool_mask)
-    lp_all, avail = model.step_log_probs(s, b.seqs)
-    valid = b.seqs >= 0
-    picked = torch.gather(lp_all, 3, b.seqs.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    ce = -picked
+    tf = model.step_log_probs(model.scores(b.query, b.pool, b.pool_mask), b.seqs)
+    ce = -tf.picked
     if label_smoothing > 0:
-        smooth = torch.where(avail, lp_all, torch.zeros_like(lp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
+        avail = tf.avail
+        smooth = torch.where(avail, tf.logp_all, torch.zeros_like(tf.logp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
         ce = (1.0 - label_smoothing) * ce - label_smoothing * smooth
-    ce = torch.where(valid, ce, torch.zeros_like(ce))
-    return ce.sum() / valid.sum().clamp_min(1)
+    ce = torch.where(tf.valid, ce, torch.zeros_like(ce))
+    return ce.sum() / tf.valid.sum().clamp_min(1)
 
 
 def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed: int,
@@ -874,7 +578,7 @@ def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[st
     """
     cfg = V2Config.from_dict(v2_cfg)
     groups = in_label_order(load_candidate_groups(candidates_path), cfg.label_order, insert)
-    table = load_embeddings(train_emb_path)
+    table = EmbeddingTable.load(train_emb_path)
     model, rows, meta = train_v2(groups, table, cfg, int(seed), out_ckpt=out_ckpt)
     model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert})
     write_metrics(rows, out_metrics)
@@ -897,65 +601,8 @@ def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_
         raise ValueError(f"{v2_ckpt}: trained with label_order={parent[0]}, insert={parent[1]}; this v3 cell "
                          f"needs label_order={cfg.label_order}, insert={insert}")
     groups = in_label_order(load_groups(scored_path, rewards_path), cfg.label_order, insert)
-    table = load_embeddings(train_emb_path)
+    table = EmbeddingTable.load(train_emb_path)
     model, rows, meta = train_v3(model, groups, table, cfg, use_rank, int(seed), out_ckpt=out_ckpt)
     model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert,
                           "cell": dict(cell) if cell is not None else None})
     write_metrics(rows, out_metrics)
-
-
-# ============================================================================ synthetic data
-# (for tests, benchmarks and smoke runs of the workflow)
-
-
-@dataclass(frozen=True)
-class Synthetic:
-    """Synthetic groups with a planted preference: an item's quality is emb · direction."""
-
-    groups: list[Group]
-    table: EmbeddingTable
-    direction: np.ndarray
-
-    def planted_reward(self, group: Group, seq: Sequence[int]) -> float:
-        """Mean quality of the pool items at positions ``seq`` (the planted sequence reward)."""
-        rows = self.table.rows([group.pool[p] for p in seq], "pool item")
-        return float((self.table.emb[rows].numpy().astype(np.float64) @ self.direction).mean())
-
-
-def synthetic_groups(n_groups: int = 64, n_cands: int = 15, pool_size: int = 64, depth: int = 2,
-                     dim: int = 32, seed: int = 0, mode: str = "hard_plus_soft_v2",
-                     n_items: int | None = None) -> Synthetic:
-    """Random unit embeddings, pools drawn from them, and N random candidate sequences per anchor.
-
-    A candidate's InfoScore is its planted reward (mean item quality); ``hard`` = 1 when that is
-    above 0.1, ``soft`` = clip(0.5 + 2·quality, 0, 1); rewards follow ``mode``. The first
-    candidate of each group is the pool's best sequence (the planted optimum, source "beam").
-    """
-    from icdrl.rewards import reward
-
-    rng = np.random.RandomState(seed)
-    n_items = n_items or max(4 * pool_size, n_groups + pool_size + 1)
-    emb = rng.randn(n_items, dim).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    direction = rng.randn(dim)
-    direction /= np.linalg.norm(direction)
-    quality = emb.astype(np.float64) @ direction
-    ids = np.arange(1000, 1000 + n_items, dtype=np.int64)
-    table = EmbeddingTable.from_arrays(ids, emb, "synthetic")
-    groups = []
-    for a in range(n_groups):
-        others = np.delete(np.arange(n_items), a)
-        pool_idx = rng.choice(others, size=pool_size, replace=False)
-        q = quality[pool_idx]
-        best = tuple(int(p) for p in np.argsort(-q, kind="stable")[:depth])
-        seqs = [best] + [tuple(int(p) for p in rng.choice(pool_size, size=depth, replace=False))
-                         for _ in range(n_cands - 1)]
-        info = np.array([q[list(s)].mean() for s in seqs])
-        hard = (info > 0.1).astype(np.float64)
-        soft = np.clip(0.5 + 2.0 * info, 0.0, 1.0)
-        r = reward(mode, hard=hard, soft=soft, info=info)
-        groups.append(Group(query_id=int(ids[a]), pool=tuple(int(ids[i]) for i in pool_idx), seqs=tuple(seqs),
-                            rewards=tuple(float(x) for x in r), hard=tuple(float(x) for x in hard),
-                            info=tuple(float(x) for x in info),
-                            sources=("beam",) + ("random",) * (n_cands - 1)))
-    return Synthetic(groups, table, direction)
