@@ -27,15 +27,8 @@ min_version("9.0")
 _SRC = Path(workflow.basedir).resolve() / "src"
 sys.path.insert(0, str(_SRC))
 import icdrl.config as icfg  # noqa: E402
-from icdrl.grid import (  # noqa: E402
-    ADV,
-    BASELINE_RE,
-    REWARD_SLUG_RE,
-    V2_TAG_RE,
-    V3_TAG_RE,
-    Layout,
-    canonical_json,
-)
+from icdrl.grid import ADV, REWARD_SLUG_RE, canonical_json  # noqa: E402
+from icdrl.layout import BASELINE_RE, V2_TAG_RE, V3_TAG_RE, Layout  # noqa: E402
 
 if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
     sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")

@@ -178,12 +178,12 @@ def test_env_overrides():
             env_overrides(env)
 
 
-def test_config_and_grid_import_no_torch():
+def test_config_grid_and_layout_import_no_torch():
     """The Snakefile imports these at parse time (every dry run): torch must stay out."""
     import subprocess
     import sys
 
-    code = "import sys, icdrl.config, icdrl.grid; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, icdrl.config, icdrl.grid, icdrl.layout; sys.exit(1 if 'torch' in sys.modules else 0)"
     env_overrides({"REWARD_MODE": "hybrid"})  # the parsing lives here, not in the trainer
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

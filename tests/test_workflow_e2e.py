@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from icdrl.config import load_config
-from icdrl.grid import Layout
+from icdrl.layout import Layout
 from workflow_util import CONFIG, FAKE_SLURM, ROOT, SNAKEFILE, dry_run, job_counts, snakemake
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from icdrl.config import load_config
-from icdrl.grid import Layout
+from icdrl.layout import Layout
 from icdrl.records import read_jsonl, write_jsonl
 from workflow_util import CONFIG, FAKE_SLURM, ROOT, snakemake
 

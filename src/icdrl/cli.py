@@ -42,7 +42,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from icdrl.grid import Layout, experiment_cells
+    from icdrl.grid import experiment_cells
+    from icdrl.layout import Layout
     from icdrl.report.experiments import fmt_level
 
     cfg = _load(args.config)

@@ -1,4 +1,4 @@
-# Helpers shared by the rules. Paths come from icdrl.grid.Layout (L, in the Snakefile).
+# Helpers shared by the rules. Paths come from icdrl.layout.Layout (L, in the Snakefile).
 from icdrl.report import report_files
 
 

@@ -39,7 +39,7 @@ def ablations(sm, xi: bool) -> None:
 
 def main(sm):
     from icdrl.evaluate import evaluate_method
-    from icdrl.grid import parse_baseline
+    from icdrl.layout import parse_baseline
     from icdrl.lvlm import load_backend
 
     c, w = sm.config, sm.wildcards
