@@ -138,8 +138,14 @@ def test_slurm_profile_plans(tmp_path):
                                   "evaluate_ablation"])
 def test_gpu_rules_declare_one_gpu_and_have_profile_resources(rule):
     smk = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
-    body = smk.split(f"rule {rule}:")[1].split("\nrule ")[0]
-    assert "gpu=1" in body and "log:" in body and "benchmark:" in body and "threads:" in body
+    if f"rule {rule}:" not in smk:  # a variant (`use rule <base> as <rule> with:`): its own log and
+        # benchmark, the base's threads and resources (which it must not override)
+        base, body = re.search(rf"use rule (\w+) as {rule} with:(.*?)(?=\n\S|\Z)", smk, flags=re.S).groups()
+        assert "log:" in body and "benchmark:" in body and "threads:" not in body and "resources:" not in body
+        rule_body = smk.split(f"rule {base}:")[1].split("\nrule ")[0]
+    else:
+        rule_body = body = smk.split(f"rule {rule}:")[1].split("\nrule ")[0]
+    assert "gpu=1" in rule_body and "log:" in body and "benchmark:" in body and "threads:" in rule_body
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     res = profile["set-resources"][rule]
     assert res["slurm_partition"] == "gpu" and res["runtime"] > 0 and res["mem_mb"] > 0

@@ -10,6 +10,9 @@ rule candidates_shard:
         L.candidates_shard,
     params:
         n_shards=L.n_shards,
+        dataset=section("dataset"),
+        model=section("model"),
+        candidates=section("candidates"),
     log:
         logfile(L.candidates_shard),
     benchmark:

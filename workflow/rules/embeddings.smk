@@ -6,6 +6,10 @@ rule embed:
         model=ENCODER_INPUT,
     output:
         L.emb,
+    params:
+        dataset=section("dataset"),
+        embeddings=section("embeddings"),
+        model=section("model"),
     log:
         logfile(L.emb),
     benchmark:

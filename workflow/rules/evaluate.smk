@@ -10,13 +10,14 @@ EVAL_INPUT = dict(
     eval_emb=L.emb.format(split="eval"),
     train_emb=L.emb.format(split="train"),
 )
-
-
 rule evaluate_baseline:
+    # a baseline ({method}: zero_shot, random-r<seed>, similarity); the base of evaluate_v2, evaluate_v3
     input:
         **EVAL_INPUT,
     output:
         L.eval_baseline,
+    params:
+        **eval_params("baseline"),
     log:
         logfile(L.eval_baseline),
     benchmark:
@@ -37,7 +38,7 @@ rule evaluate_rices:
     output:
         list(L.eval_rices.values()),
     params:
-        methods=list(L.eval_rices),
+        **eval_params("rices", methods=list(L.eval_rices)),
     log:
         logfile(L.eval_rices["copy"]),
     benchmark:
@@ -51,26 +52,21 @@ rule evaluate_rices:
         "../scripts/evaluate.py"
 
 
-rule evaluate_v2:
+use rule evaluate_baseline as evaluate_v2 with:
     input:
         **EVAL_INPUT,
         selector=L.v2_ckpt,
     output:
         L.eval_v2,
+    params:
+        **eval_params("v2"),
     log:
         logfile(L.eval_v2),
     benchmark:
         benchfile(L.eval_v2)
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
-    script:
-        "../scripts/evaluate.py"
 
 
-rule evaluate_v3:
+use rule evaluate_baseline as evaluate_v3 with:
     input:
         **EVAL_INPUT,
         val_pools=[L.pools_val] if L.n_val else [],
@@ -80,18 +76,11 @@ rule evaluate_v3:
         test=L.eval_v3,
         val=[L.val_v3] if L.val_v3 else [],
     params:
-        cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict(),
+        **eval_params("v3", cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict()),
     log:
         logfile(L.eval_v3),
     benchmark:
         benchfile(L.eval_v3)
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
-    script:
-        "../scripts/evaluate.py"
 
 
 if L.per_shot:
@@ -120,6 +109,8 @@ if L.ablate:
             base="{ablated}.jsonl",
         output:
             **L.ablation_outputs("{ablated}.jsonl"),
+        params:
+            **eval_params("ablations"),
         wildcard_constraints:
             ablated="|".join(re.escape(b[: -len(".jsonl")]) for b in L.ablation_bases()),
         log:

@@ -6,6 +6,10 @@ if L.embedded:
     rule train_lvlm:
         output:
             model=directory(L.lvlm_model),
+        params:
+            # all of it: embedded_config.json in the folder records it (its path hashes the
+            # knobs that change the model)
+            lvlm=section("embedded_lvlm"),
         log:
             logfile(L.lvlm_model),
         benchmark:
@@ -26,6 +30,7 @@ if L.embedded:
             # the check's own knobs (not part of the model's path): a change reruns only the
             # check; canonical JSON, so that key order and 1 vs 1.0 are no change
             check=canonical_json(config["embedded_lvlm"]["check"]),
+            lvlm=section("embedded_lvlm"),
         log:
             logfile(L.icl_check),
         benchmark:

@@ -7,6 +7,9 @@ rule pools:
         train=L.emb.format(split="train"),
     output:
         L.pools,
+    params:
+        dataset=section("dataset"),
+        pools=section("pools"),
     log:
         logfile(L.pools),
     benchmark:

@@ -9,6 +9,8 @@ rule answers:
     # the training split's answers, for the report's copy-rate diagnostics (written once per dataset)
     output:
         L.answers,
+    params:
+        dataset=section("dataset"),
     log:
         logfile(L.answers),
     benchmark:
@@ -35,6 +37,8 @@ rule report:
         rewards_labels=[r.slug for r in L.reward_specs()],
         experiments=[e.as_dict() for e in L.experiments()],
         report_cfg=config["report"],
+        # the whole config: the report folder keeps a copy (config.yaml)
+        config=untracked(config),
     log:
         f"{L.report_dir}.log",
     benchmark:

@@ -7,6 +7,10 @@ rule score_shard:
         candidates=L.candidates_shard,
     output:
         L.scored_shard,
+    params:
+        dataset=section("dataset"),
+        model=section("model"),
+        scoring=section("scoring"),
     log:
         logfile(L.scored_shard),
     benchmark:
