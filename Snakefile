@@ -1,10 +1,12 @@
 """icdrl: which in-context demonstrations to show a vision-language model.
 
-Stages: [embedded LVLM] -> embeddings -> pools -> InfoScore candidates (sharded) -> VQA scoring
-(sharded) -> rewards per mode -> selector training (v2 per seed, v3 per grid cell and seed)
--> evaluation at shots 1-4 (test queries; v3 cells also on validation queries, for per_shot)
--> report. The grid is the union of the configured experiments (grid.experiments): reward mode,
-use_rank, weights, any reward or v3 training knob, x seed.
+Stages (one rule file each, workflow/rules/): 1 [embedded LVLM] (lvlm.smk) -> 2 embeddings ->
+3 pools -> 4 InfoScore candidates (sharded) -> 5 VQA scoring (sharded) -> 6 rewards per mode ->
+7 selector training (v2 per seed, v3 per grid cell and seed) -> 8 evaluation at shots 1-4 (test
+queries; v3 cells also on validation queries, for per_shot) -> 9 report. The grid is the union of
+the configured experiments (grid.experiments): reward mode, use_rank, weights, any reward or v3
+training knob, x seed. Paths: icdrl.layout.Layout (each rule's output carries a comment naming
+its pattern).
 
     snakemake --cores 2                                  # the embedded default (config/config.yaml)
     snakemake --cores 8 --use-conda --resources gpu=1 --configfile config/okvqa_qwen2.5vl3b.yaml

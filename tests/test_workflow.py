@@ -32,9 +32,9 @@ def test_seed_config_dry_run_without_data_or_weights(tmp_path):
     proc = snakemake("-n", "--configfile", str(CONFIG / "okvqa_qwen2.5vl3b.yaml"), workdir=tmp_path, check=True)
     elapsed = time.perf_counter() - t0
     counts = job_counts(proc.stdout + proc.stderr)
-    assert "train_lvlm" not in counts and "lvlm_check" not in counts
+    assert "train_lvlm" not in counts and "icl_check" not in counts
     assert counts["candidates_shard"] == counts["score_shard"] == 8
-    assert counts["gather_candidates"] == counts["gather_scored"] == 1
+    assert counts["concat_candidates"] == counts["concat_scored"] == 1
     assert counts["evaluate_v2"] == 3 and counts["train_v2"] == 2 * 3  # + the selection-order parent
     # exp 1-3, plans 2, 4, 5, adaptive and label order merged: 15 cells x 3 seeds
     assert counts["train_v3"] == counts["evaluate_v3"] == 15 * 3

@@ -1,4 +1,13 @@
 # Helpers shared by the rules. Paths come from icdrl.layout.Layout (L, in the Snakefile).
+#
+# The comment above each rule's output: names its path pattern's segments (config/README.md draws
+# the tree): <dataset> the dataset label + subsets (easyvqa-train1000-eval300); <model> model.name
+# (+ -<dtype>, -sp<hash of system_prompt>; embedded: embedded-<hash of embedded_lvlm>); <encoder>
+# the embeddings' encoder (clip-vit-b32; lvlm-<model>, just "lvlm" below <model>/); <pools>
+# <sampler>-K<size>-s<seed>[-xi]; <candidates> B<beam_width>-D<depth>-<insert>-r<n_random>-m<n_similar>-s<seed>;
+# <scored> scored-t<correct_threshold>-mnt<max_new_tokens>-<metric>; {v2}, {v3} v2-/v3-<hash of
+# the training settings>. Stages 1-9: lvlm, embeddings, pools, candidates, scoring, rewards,
+# train, evaluate, report (one rule file each, in this order).
 from icdrl.report import report_files
 
 

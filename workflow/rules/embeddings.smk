@@ -1,9 +1,10 @@
-# L2-normalised image+question embeddings of a split (encoder lvlm or clip).
+# Stage 2: L2-normalised image+question embeddings of a split (encoder lvlm or clip).
 
 
 rule embed:
     input:
         model=ENCODER_INPUT,
+    # results/<dataset>/emb/<encoder>/{split}.npz
     output:
         L.emb,
     params:

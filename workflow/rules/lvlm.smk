@@ -1,9 +1,10 @@
-# The embedded tiny LVLM (model.kind: embedded): trained first, then its in-context check.
+# Stage 1: the embedded tiny LVLM (model.kind: embedded): trained first, then its in-context check.
 # For model.kind: hf the model folder is model.path, checked before the first job (onstart).
 
 if L.embedded:
 
     rule train_lvlm:
+        # results/lvlm/<model.name>-<hash of embedded_lvlm>/model/
         output:
             model=directory(L.lvlm_model),
         params:
@@ -20,9 +21,10 @@ if L.embedded:
         script:
             "../scripts/train_lvlm.py"
 
-    rule lvlm_check:
+    rule icl_check:
         input:
             model=L.lvlm_model,
+        # results/lvlm/<model.name>-<hash of embedded_lvlm>/icl_check.json
         output:
             report(L.icl_check, caption="../report/icl_check.rst", category="8 Config",
                    labels={"shows": "embedded LVLM in-context check"}),
@@ -40,4 +42,4 @@ if L.embedded:
         conda:
             "../envs/icdrl.yaml"
         script:
-            "../scripts/lvlm_check.py"
+            "../scripts/icl_check.py"
