@@ -2,7 +2,7 @@
 
 Accuracies follow a logistic model with a shared per-query difficulty (so methods are
 correlated over queries, as in real paired evaluations), a per-method-and-shot effect shaped
-like the seed's findings (hard_plus_soft below legacy at 1–2 shots), small per-seed offsets,
+like the reference implementation's findings (hard_plus_soft below legacy at 1–2 shots), small per-seed offsets,
 and VQA-style partial credit (0, 0.3, 0.6, 0.9, 1.0).
 """
 

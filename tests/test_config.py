@@ -224,7 +224,7 @@ def test_env_vars_reach_every_experiment(schema):
     got = cells(validate(apply_env_overrides(cfg, env), schema))
     assert {c.reward.knob("soft_weight") for c in got if c.reward.knob("soft_weight") is not None} == {0.25}
     legacy = [c for c in got if c.mode == "legacy"]
-    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the seed's "plan 5"
+    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the reference implementation's "plan 5"
     assert {c.mode for c in got} == set(MODES)
 
 

@@ -26,7 +26,7 @@ def test_default_dry_run_lists_every_stage(tmp_path):
 
 
 def test_seed_config_dry_run_without_data_or_weights(tmp_path):
-    """The seed's setting (OK-VQA, Qwen2.5-VL-3B, 3 seeds, 8 shards) plans on a machine with
+    """The reference implementation's setting (OK-VQA, Qwen2.5-VL-3B, 3 seeds, 8 shards) plans on a machine with
     neither the data nor the weights; the DAG time is measured in benchmarks/."""
     t0 = time.perf_counter()
     proc = snakemake("-n", "--configfile", str(CONFIG / "okvqa_qwen2.5vl3b.yaml"), workdir=tmp_path, check=True)
@@ -48,7 +48,7 @@ def test_seed_config_dry_run_without_data_or_weights(tmp_path):
                  "rewards/adaptive-is10.jsonl", "per_shot-", "val-n200-k1.2.3.4-mnt10-official.jsonl"):
         assert plan in out, plan
     assert len(set(re.findall(r"(v3-[0-9a-f]{8})/hard_plus_soft_v2-hw1-sw1/zscore", out))) == 4  # +mpr, +gate, +order
-    print(f"seed-config dry run: {elapsed:.1f} s")
+    print(f"reference-setting dry run: {elapsed:.1f} s")
 
 
 def test_lint_is_clean():
@@ -127,7 +127,7 @@ def test_env_override_restricts_the_grid(tmp_path):
 
 
 def test_slurm_profile_plans(tmp_path):
-    """The SLURM profile parses and plans the seed's setting (no cluster needed for a dry run)."""
+    """The SLURM profile parses and plans the reference implementation's setting (no cluster needed for a dry run)."""
     proc = snakemake("--profile", str(ROOT / "profiles" / "slurm"), "-n", "--quiet", "rules",
                      "--configfile", str(CONFIG / "okvqa_qwen2.5vl3b.yaml"), workdir=tmp_path, check=True)
     assert job_counts(proc.stdout + proc.stderr)["train_v3"] == 45

@@ -9,7 +9,7 @@ zero-shot probability is computed once per anchor and every P(a_q | S, q) is mem
 prompt is ever scored twice for an anchor.
 
 Sequences are tuples of pool positions in *prompt order* (first = farthest from the query).
-``insert="first"`` (the seed's default) puts each new ICD at the front, farthest from the
+``insert="first"`` (the reference implementation's default) puts each new ICD at the front, farthest from the
 query; ``insert="last"`` appends it next to the query. The t-th build step of a sequence is
 therefore its last t items (``first``) or its first t items (``last``); step gains of every
 candidate, beam or extra, are measured along that build order.

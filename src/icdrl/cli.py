@@ -8,7 +8,7 @@
   the report's summary gives them (its experiments' comparisons with ``--config``): size a GPU run
   before paying for it.
 
-The seed's environment variables (``REWARD_MODE`` ...) apply to ``validate`` and ``grid`` as
+The reference implementation's environment variables (``REWARD_MODE`` ...) apply to ``validate`` and ``grid`` as
 they do to the workflow.
 """
 
