@@ -1,10 +1,12 @@
 """icdrl: which in-context demonstrations to show a vision-language model.
 
-Stages: [embedded LVLM] -> embeddings -> pools -> InfoScore candidates (sharded) -> VQA scoring
-(sharded) -> rewards per mode -> selector training (v2 per seed, v3 per grid cell and seed)
--> evaluation at shots 1-4 (test queries; v3 cells also on validation queries, for per_shot)
--> report. The grid is the union of the configured experiments (grid.experiments): reward mode,
-use_rank, weights, any reward or v3 training knob, x seed.
+Stages (one rule file each, workflow/rules/): 1 [embedded LVLM] (lvlm.smk) -> 2 embeddings ->
+3 pools -> 4 InfoScore candidates (sharded) -> 5 VQA scoring (sharded) -> 6 rewards per mode ->
+7 selector training (v2 per seed, v3 per grid cell and seed) -> 8 evaluation at shots 1-4 (test
+queries; v3 cells also on validation queries, for per_shot) -> 9 report. The grid is the union of
+the configured experiments (grid.experiments): reward mode, use_rank, weights, any reward or v3
+training knob, x seed. Paths: icdrl.layout.Layout (each rule's output carries a comment naming
+its pattern).
 
     snakemake --cores 2                                  # the embedded default (config/config.yaml)
     snakemake --cores 8 --use-conda --resources gpu=1 --configfile config/okvqa_qwen2.5vl3b.yaml
@@ -27,15 +29,8 @@ min_version("9.0")
 _SRC = Path(workflow.basedir).resolve() / "src"
 sys.path.insert(0, str(_SRC))
 import icdrl.config as icfg  # noqa: E402
-from icdrl.grid import (  # noqa: E402
-    ADV,
-    BASELINE_RE,
-    REWARD_SLUG_RE,
-    V2_TAG_RE,
-    V3_TAG_RE,
-    Layout,
-    canonical_json,
-)
+from icdrl.grid import ADV, REWARD_SLUG_RE, canonical_json  # noqa: E402
+from icdrl.layout import BASELINE_RE, V2_TAG_RE, V3_TAG_RE, Layout  # noqa: E402
 
 if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
     sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")

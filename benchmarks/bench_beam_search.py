@@ -1,10 +1,10 @@
-"""InfoScore beam search on the embedded LVLM: the project's path versus the seed's naive one.
+"""InfoScore beam search on the embedded LVLM: the project's path versus the reference implementation's naive one.
 
 Setting: easy-VQA training anchors (seeded), a random pool of K = 32 per anchor, beam width
 B = 5, depth D = 2 (1 + 32 + 5·31 = 188 answer scores per anchor). Both paths run
 ``icdrl.beam.beam_search`` on the same model and the same anchors and differ only in the backend:
 
-* naive (as the seed's codebase did): ``HFBackend(batch_size=1, image_cache="none")``: one
+* naive (as the reference implementation did): ``HFBackend(batch_size=1, image_cache="none")``: one
   prompt per forward pass, the processor re-run on every prompt's images;
 * project: ``HFBackend(batch_size=--batch-size, image_cache="features")`` with its defaults:
   every expansion of a step in one batched call, each distinct image preprocessed (by the image

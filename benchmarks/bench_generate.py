@@ -22,7 +22,7 @@ Paths, each with its own backend on the same weights, ``max_new_tokens`` 10:
   features etc., then ``model.generate`` on the full prompts (this project before issue 17);
 * plain batched: ``HFBackend(image_cache="none", batch_size=--batch-size)``: the processor on
   every prompt and ``model.generate``, as plain transformers usage does it (the reference path);
-* plain one at a time: the same with batch size 1 (the seed's way), on every ``--single-every``-th
+* plain one at a time: the same with batch size 1 (the reference implementation's way), on every ``--single-every``-th
   chunk only (its time per answer is reported).
 
 The paths run side by side, chunk by chunk, the order alternating, so that all see the same

@@ -1,7 +1,7 @@
 """The report's two-level paired bootstrap: vectorised resample weights versus a per-resample
-Python loop, and the whole ``build_report`` on synthetic inputs of the seed's scale.
+Python loop, and the whole ``build_report`` on synthetic inputs of the reference implementation's scale.
 
-Setting: N test queries (default 800, the seed's largest N), 2 seeds, n_boot = 1000 resamples
+Setting: N test queries (default 800, the reference implementation's largest N), 2 seeds, n_boot = 1000 resamples
 (the report's default is 10000: ``--n-boot 10000``); ``--comparisons`` paired comparisons
 (default 200, about what a 4-mode × 2-use_rank × 2-weights grid needs over 4 shots). Both paths
 use the same query and seed draws (``index_matrix``, the seed multiplicities) and the same

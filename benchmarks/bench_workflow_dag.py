@@ -1,6 +1,6 @@
 """How long Snakemake takes to plan the workflow (parse + validate + build the DAG).
 
-Target (issue 6): a dry run of the seed's setting (config/okvqa_qwen2.5vl3b.yaml: 3 seeds,
+Target (issue 6): a dry run of the reference implementation's setting (config/okvqa_qwen2.5vl3b.yaml: 3 seeds,
 8 shards, every experiment: 141 jobs) builds its DAG in under 10 s on the 2-core dev machine,
 without the OK-VQA data or the Qwen weights (a dry run only plans).
 

@@ -3,7 +3,7 @@
 A randomly initialised model with Qwen2.5-VL-3B-Instruct's exact configuration (written below;
 no weights are read or downloaded) and a word-level tokenizer whose special tokens sit at the
 real checkpoint's ids, the real image processor settings (patch 14, merge 2, CLIP mean/std).
-Prompts of the seed's shape: 4 demonstrations + query, 448x448 images (256 image tokens each),
+Prompts of the reference implementation's shape: 4 demonstrations + query, 448x448 images (256 image tokens each),
 OK-VQA-like questions; the demonstrations are drawn from a pool, so prompts share some.
 
 It runs, in this order (each once to warm up on other prompts, then timed):

@@ -2,7 +2,7 @@
 
 Accuracies follow a logistic model with a shared per-query difficulty (so methods are
 correlated over queries, as in real paired evaluations), a per-method-and-shot effect shaped
-like the seed's findings (hard_plus_soft below legacy at 1–2 shots), small per-seed offsets,
+like the reference implementation's findings (hard_plus_soft below legacy at 1–2 shots), small per-seed offsets,
 and VQA-style partial credit (0, 0.3, 0.6, 0.9, 1.0).
 """
 
@@ -201,7 +201,7 @@ def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int
         p = root / "metrics" / "v2" / f"seed{s}" / "metrics.csv"
         p.parent.mkdir(parents=True, exist_ok=True)
         _to_csv(pd.DataFrame(rows, columns=cols), p)
-        out[f"v2 seed{s}"] = str(p)  # labels as icdrl.grid.Layout.labelled_metrics writes them
+        out[f"v2 seed{s}"] = str(p)  # labels as icdrl.layout.Layout.labelled_metrics writes them
     for c in cell_list:
         for s in seeds:
             rows = [{"phase": "rce", "epoch": e, "loss": 2.0 - 0.2 * e + rng.normal(0, 0.02),

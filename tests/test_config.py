@@ -178,12 +178,12 @@ def test_env_overrides():
             env_overrides(env)
 
 
-def test_config_and_grid_import_no_torch():
+def test_config_grid_and_layout_import_no_torch():
     """The Snakefile imports these at parse time (every dry run): torch must stay out."""
     import subprocess
     import sys
 
-    code = "import sys, icdrl.config, icdrl.grid; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, icdrl.config, icdrl.grid, icdrl.layout; sys.exit(1 if 'torch' in sys.modules else 0)"
     env_overrides({"REWARD_MODE": "hybrid"})  # the parsing lives here, not in the trainer
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -224,7 +224,7 @@ def test_env_vars_reach_every_experiment(schema):
     got = cells(validate(apply_env_overrides(cfg, env), schema))
     assert {c.reward.knob("soft_weight") for c in got if c.reward.knob("soft_weight") is not None} == {0.25}
     legacy = [c for c in got if c.mode == "legacy"]
-    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the seed's "plan 5"
+    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the reference implementation's "plan 5"
     assert {c.mode for c in got} == set(MODES)
 
 

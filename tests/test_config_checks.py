@@ -24,7 +24,8 @@ from icdrl.checks import (
 )
 from icdrl.config import ConfigError, load_config, name_sources, validate
 from icdrl.data import DatasetError, Example, load_dataset, load_image
-from icdrl.grid import Layout, canonical_shots
+from icdrl.grid import canonical_shots
+from icdrl.layout import Layout
 from icdrl.metrics import vqa_accuracy
 from workflow_util import CONFIG, snakemake
 

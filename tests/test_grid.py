@@ -1,4 +1,4 @@
-"""icdrl.grid: canonical spelling, cell merging, slugs and the results layout."""
+"""icdrl.grid and icdrl.layout: canonical spelling, cell merging, slugs and the results layout."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from icdrl.config import load_config
 from icdrl.grid import (
     Cell,
-    Layout,
     canonical_json,
     cells,
     content,
@@ -22,7 +21,6 @@ from icdrl.grid import (
     experiment_cells,
     experiments,
     fmt_float,
-    parse_baseline,
     parse_reward_slug,
     reward_spec,
     reward_specs,
@@ -30,6 +28,7 @@ from icdrl.grid import (
     short_hash,
     train_overrides,
 )
+from icdrl.layout import Layout, parse_baseline
 from icdrl.rewards import KNOBS, MODES
 
 ROOT = Path(__file__).resolve().parents[1]

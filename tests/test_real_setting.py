@@ -105,7 +105,7 @@ def test_stages_1_to_5_on_vqa_format_with_tiny_qwen(model_dir, tmp_path):
 
 
 def test_batched_cached_beams_equal_naive_path(model_dir):
-    """The project's path (batches + image cache) and the seed's (one prompt per forward, images
+    """The project's path (batches + image cache) and the reference implementation's (one prompt per forward, images
     re-processed every time) give the same candidates for every anchor."""
     from icdrl.lvlm import load_backend
 

@@ -1,4 +1,4 @@
-"""Reward modes (SPEC §6) at their boundaries, the seed's own numbers, and write_rewards."""
+"""Reward modes (SPEC §6) at their boundaries, the reference implementation's own numbers, and write_rewards."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_modes_and_unknown_mode_lists_valid_ones():
 def test_seed_numbers_v2():
     assert R.reward("hard_plus_soft_v2", hard=1, soft=1, info=0) == 3.0
     assert R.reward("hard_plus_soft_v2", hard=0, soft=0, info=0) == 0.0
-    # positives in [2, 3], negatives in [0, 1] (the seed's gap)
+    # positives in [2, 3], negatives in [0, 1] (the reference implementation's gap)
     s = np.linspace(0, 1, 11)
     pos = R.reward("hard_plus_soft_v2", hard=np.ones(11), soft=s, info=None)
     neg = R.reward("hard_plus_soft_v2", hard=np.zeros(11), soft=s, info=None)
@@ -52,7 +52,7 @@ def test_hard_plus_soft():
 
 def test_legacy():
     np.testing.assert_allclose(R.reward("legacy", hard=H, soft=S, info=INFO), INFO)  # α=1, β=0: InfoScore
-    # the seed's "plan 5": α=0, β=1 → correctness only
+    # the reference implementation's "plan 5": α=0, β=1 → correctness only
     np.testing.assert_allclose(R.reward("legacy", hard=H, soft=S, info=INFO, alpha=0.0, beta=1.0), H)
     assert R.reward("legacy", hard=1, soft=0, info=0.1, alpha=2.0, beta=0.5) == pytest.approx(0.7)
 

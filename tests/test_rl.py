@@ -17,7 +17,7 @@ T = torch.tensor
 
 
 def seed_rank_advantage(r: torch.Tensor) -> torch.Tensor:
-    """The seed's formula, verbatim in spirit: argsort(desc).argsort(), A = 1 − 2·rank/(N−1)."""
+    """The reference implementation's formula, verbatim in spirit: argsort(desc).argsort(), A = 1 − 2·rank/(N−1)."""
     ranks = r.argsort(descending=True, stable=True).argsort().double()
     return 1.0 - 2.0 * ranks / (len(r) - 1)
 
@@ -36,7 +36,7 @@ def test_rank_advantages_reproduce_seed_ordinal_ranks_with_stable_ties():
     for n in (2, 3, 7, 20):
         r = torch.randn(n, generator=g, dtype=torch.float64)
         assert torch.equal(rl.advantages(r, use_rank=True), seed_rank_advantage(r))
-    # ties: distinct ordinal ranks, the earlier candidate first (the seed's behaviour the
+    # ties: distinct ordinal ranks, the earlier candidate first (the reference implementation's behaviour the
     # diagnosis criticises: an all-negative flat group still gets [1 … −1])
     assert rl.advantages(T([0.0] * 5), use_rank=True).tolist() == [1, 0.5, 0, -0.5, -1]
     a = rl.advantages(T([2.0, 1.0, 1.0, 0.0]), use_rank=True)
@@ -60,7 +60,7 @@ def test_min_std_acts_on_raw_rewards():
     assert torch.allclose(a, (r - r.mean()) / 0.1)
     assert a.abs().max() < 0.07
     twice = rl.advantages((r - r.mean()) / r.std(), use_rank=False, min_std=0.1)
-    assert twice.abs().max() > 1.1  # what the seed's double normalisation produced
+    assert twice.abs().max() > 1.1  # what the reference implementation's double normalisation produced
 
 
 def test_single_candidate_and_flat_groups_give_zero():

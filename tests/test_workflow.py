@@ -26,15 +26,15 @@ def test_default_dry_run_lists_every_stage(tmp_path):
 
 
 def test_seed_config_dry_run_without_data_or_weights(tmp_path):
-    """The seed's setting (OK-VQA, Qwen2.5-VL-3B, 3 seeds, 8 shards) plans on a machine with
+    """The reference implementation's setting (OK-VQA, Qwen2.5-VL-3B, 3 seeds, 8 shards) plans on a machine with
     neither the data nor the weights; the DAG time is measured in benchmarks/."""
     t0 = time.perf_counter()
     proc = snakemake("-n", "--configfile", str(CONFIG / "okvqa_qwen2.5vl3b.yaml"), workdir=tmp_path, check=True)
     elapsed = time.perf_counter() - t0
     counts = job_counts(proc.stdout + proc.stderr)
-    assert "train_lvlm" not in counts and "lvlm_check" not in counts
+    assert "train_lvlm" not in counts and "icl_check" not in counts
     assert counts["candidates_shard"] == counts["score_shard"] == 8
-    assert counts["gather_candidates"] == counts["gather_scored"] == 1
+    assert counts["concat_candidates"] == counts["concat_scored"] == 1
     assert counts["evaluate_v2"] == 3 and counts["train_v2"] == 2 * 3  # + the selection-order parent
     # exp 1-3, plans 2, 4, 5, adaptive and label order merged: 15 cells x 3 seeds
     assert counts["train_v3"] == counts["evaluate_v3"] == 15 * 3
@@ -48,7 +48,7 @@ def test_seed_config_dry_run_without_data_or_weights(tmp_path):
                  "rewards/adaptive-is10.jsonl", "per_shot-", "val-n200-k1.2.3.4-mnt10-official.jsonl"):
         assert plan in out, plan
     assert len(set(re.findall(r"(v3-[0-9a-f]{8})/hard_plus_soft_v2-hw1-sw1/zscore", out))) == 4  # +mpr, +gate, +order
-    print(f"seed-config dry run: {elapsed:.1f} s")
+    print(f"reference-setting dry run: {elapsed:.1f} s")
 
 
 def test_lint_is_clean():
@@ -127,7 +127,7 @@ def test_env_override_restricts_the_grid(tmp_path):
 
 
 def test_slurm_profile_plans(tmp_path):
-    """The SLURM profile parses and plans the seed's setting (no cluster needed for a dry run)."""
+    """The SLURM profile parses and plans the reference implementation's setting (no cluster needed for a dry run)."""
     proc = snakemake("--profile", str(ROOT / "profiles" / "slurm"), "-n", "--quiet", "rules",
                      "--configfile", str(CONFIG / "okvqa_qwen2.5vl3b.yaml"), workdir=tmp_path, check=True)
     assert job_counts(proc.stdout + proc.stderr)["train_v3"] == 45
@@ -138,8 +138,14 @@ def test_slurm_profile_plans(tmp_path):
                                   "evaluate_ablation"])
 def test_gpu_rules_declare_one_gpu_and_have_profile_resources(rule):
     smk = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
-    body = smk.split(f"rule {rule}:")[1].split("\nrule ")[0]
-    assert "gpu=1" in body and "log:" in body and "benchmark:" in body and "threads:" in body
+    if f"rule {rule}:" not in smk:  # a variant (`use rule <base> as <rule> with:`): its own log and
+        # benchmark, the base's threads and resources (which it must not override)
+        base, body = re.search(rf"use rule (\w+) as {rule} with:(.*?)(?=\n\S|\Z)", smk, flags=re.S).groups()
+        assert "log:" in body and "benchmark:" in body and "threads:" not in body and "resources:" not in body
+        rule_body = smk.split(f"rule {base}:")[1].split("\nrule ")[0]
+    else:
+        rule_body = body = smk.split(f"rule {rule}:")[1].split("\nrule ")[0]
+    assert "gpu=1" in rule_body and "log:" in body and "benchmark:" in body and "threads:" in rule_body
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     res = profile["set-resources"][rule]
     assert res["slurm_partition"] == "gpu" and res["runtime"] > 0 and res["mem_mb"] > 0

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from icdrl.config import load_config
-from icdrl.grid import Layout
+from icdrl.layout import Layout
 from workflow_util import CONFIG, FAKE_SLURM, ROOT, SNAKEFILE, dry_run, job_counts, snakemake
 
 pytestmark = pytest.mark.slow
@@ -191,7 +191,7 @@ def test_slurm_profile_submits_gpu_cpu_and_local_jobs(run, tmp_path):
     """Fake sbatch/squeue/sacct/srun on PATH: GPU rules get one GPU on the gpu partition with the
     profile's time and memory, CPU rules none, the report runs on the submit host."""
     L = run.layout
-    # three jobs to run: a CPU job (lvlm_check), a GPU job (zero-shot eval), the report. (A
+    # three jobs to run: a CPU job (icl_check), a GPU job (zero-shot eval), the report. (A
     # missing intermediate file whose downstream outputs are up to date is not re-made unless
     # asked for, so the eval file is named as a target.)
     zero_shot = L.eval_baseline.format(method="zero_shot")

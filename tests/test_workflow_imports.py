@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from icdrl.config import load_config
-from icdrl.grid import Layout
+from icdrl.layout import Layout
 from icdrl.records import read_jsonl, write_jsonl
 from workflow_util import CONFIG, FAKE_SLURM, ROOT, snakemake
 
@@ -41,10 +41,10 @@ def test_jobs_import_the_checkouts_src_while_another_icdrl_is_installed(tmp_path
     env = _decoy_env(tmp_path)
     work = tmp_path / "work"
     if where == "local":
-        # gather_candidates (a localrule) over two ready shards
+        # concat_candidates (a localrule) over two ready shards
         for i, p in enumerate(L.shards(L.candidates_shard)):
             write_jsonl(work / p, "icdrl.candidates", [])
-        target, rule, extra = L.candidates, "gather_candidates", ["--cores", "1"]
+        target, rule, extra = L.candidates, "concat_candidates", ["--cores", "1"]
     else:
         # pools (a CPU job submitted with sbatch) over ready embeddings
         for split in ("train", "eval"):

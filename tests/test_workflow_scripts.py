@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
 
     inp = Named([]); inp.model = []
     sm = types.SimpleNamespace(log=[{log!r}], threads=1, rule="demo", wildcards={{"shard": "0"}},
-                               input=inp, config={{"model": {{"path": "/models/x"}}}})
+                               input=inp, params=types.SimpleNamespace(model={{"path": "/models/x"}}))
 
     def main(sm):
         from tqdm import tqdm

@@ -15,8 +15,8 @@ FAKE_SLURM = ROOT / "tests" / "fake_slurm"
 
 #: every rule of the workflow (the embedded default schedules all of them)
 ALL_RULES = {
-    "train_lvlm", "lvlm_check", "embed", "pools", "candidates_shard", "gather_candidates",
-    "score_shard", "gather_scored", "rewards", "train_v2", "train_v3", "evaluate_baseline",
+    "train_lvlm", "icl_check", "embed", "pools", "candidates_shard", "concat_candidates",
+    "score_shard", "concat_scored", "rewards", "train_v2", "train_v3", "evaluate_baseline",
     "evaluate_v2", "evaluate_v3", "select_per_shot", "report", "all",
     "evaluate_rices", "evaluate_ablation", "answers",
 }

@@ -1,4 +1,4 @@
-"""Stage 3: candidate ICD sequences per training anchor by InfoScore beam search (SPEC §4).
+"""Stage 4: candidate ICD sequences per training anchor by InfoScore beam search (SPEC §4).
 
 For an anchor q with target answer a_q and pool C (K training examples),
 ``InfoScore(c | S) = P(a_q | S ⊕ c, q) − P(a_q | S, q)``. Beam search of width B and depth D
@@ -9,7 +9,7 @@ zero-shot probability is computed once per anchor and every P(a_q | S, q) is mem
 prompt is ever scored twice for an anchor.
 
 Sequences are tuples of pool positions in *prompt order* (first = farthest from the query).
-``insert="first"`` (the seed's default) puts each new ICD at the front, farthest from the
+``insert="first"`` (the reference implementation's default) puts each new ICD at the front, farthest from the
 query; ``insert="last"`` appends it next to the query. The t-th build step of a sequence is
 therefore its last t items (``first``) or its first t items (``last``); step gains of every
 candidate, beam or extra, are measured along that build order.

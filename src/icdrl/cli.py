@@ -8,7 +8,7 @@
   the report's summary gives them (its experiments' comparisons with ``--config``): size a GPU run
   before paying for it.
 
-The seed's environment variables (``REWARD_MODE`` ...) apply to ``validate`` and ``grid`` as
+The reference implementation's environment variables (``REWARD_MODE`` ...) apply to ``validate`` and ``grid`` as
 they do to the workflow.
 """
 
@@ -42,7 +42,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from icdrl.grid import Layout, experiment_cells
+    from icdrl.grid import experiment_cells
+    from icdrl.layout import Layout
     from icdrl.report.experiments import fmt_level
 
     cfg = _load(args.config)

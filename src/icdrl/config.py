@@ -4,7 +4,7 @@
 * :func:`validate` checks a config against ``workflow/schemas/config.schema.yaml``, fills in the
   schema's defaults and raises :class:`ConfigError` with one line naming the key (NaN and ±inf
   are refused in every numeric key); :func:`name_sources` adds the config file(s) to a message.
-* :func:`apply_env_overrides` applies the seed's environment variables (``REWARD_MODE``,
+* :func:`apply_env_overrides` applies the reference implementation's environment variables (``REWARD_MODE``,
   ``HARD_WEIGHT``, ``SOFT_WEIGHT``, ``REWARD_ALPHA``, ``REWARD_BETA``, ``USE_RANK_ADVANTAGE``):
   each one that is set replaces its grid dimension everywhere (top-level grid and every
   experiment), e.g. ``REWARD_MODE=hybrid`` restricts the grid to hybrid cells.
@@ -31,7 +31,7 @@ from icdrl.rewards import MODES
 #: the schema shipped with the workflow
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-#: the seed's environment variables (SPEC §6, seed's train_v3.sh) -> the override each one sets
+#: the reference implementation's environment variables (SPEC §6, its train_v3.sh) -> the override each one sets
 ENV_VARS: dict[str, str] = {
     "REWARD_MODE": "reward_mode",
     "HARD_WEIGHT": "hard_weight",
@@ -179,7 +179,7 @@ def name_sources(message: str, files: Sequence[str | os.PathLike],
                  cli: Mapping[str, Any] | None = None) -> str:
     """``message`` (a one-line config error) with the config file(s) it is about appended:
     ``(set in b.yaml)`` where one or more of ``files`` (or ``--config``, ``cli``) sets the key the
-    message names, else ``(config file(s): a.yaml, b.yaml)``. Errors about the seed's
+    message names, else ``(config file(s): a.yaml, b.yaml)``. Errors about the reference implementation's
     environment variables are returned as they are."""
     if any(message.startswith(v + "=") for v in ENV_VARS):
         return message
@@ -286,9 +286,9 @@ def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The seed's environment variables, typed: {reward_mode, hard_weight, soft_weight, alpha, beta, use_rank}.
+    """The reference implementation's environment variables, typed: {reward_mode, hard_weight, soft_weight, alpha, beta, use_rank}.
 
-    Unset or empty variables are left out (the seed's ``${VAR:-default}``). A value that does
+    Unset or empty variables are left out (the reference implementation's ``${VAR:-default}``). A value that does
     not parse raises ``ValueError`` naming the variable.
     """
     out: dict[str, Any] = {}
@@ -328,7 +328,7 @@ def _replace_pairs(pairs: list, index: int, value: float) -> list:
 
 def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
                         overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of ``config`` with the seed's env vars applied to the grid.
+    """A copy of ``config`` with the reference implementation's env vars applied to the grid.
 
     ``overrides`` (default: :func:`env_overrides` of ``environ``) maps ``reward_mode``,
     ``hard_weight``, ``soft_weight``, ``alpha``, ``beta``, ``use_rank`` to values; each one

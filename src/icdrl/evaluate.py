@@ -1,4 +1,4 @@
-"""Stage 5: evaluation at shots 1–4 for every method (SPEC §8).
+"""Stage 8: evaluation at shots 1–4 for every method (SPEC §8).
 
 Every pool method chooses, for each test query and each k in ``evaluation.shots``, k positions
 in the query's OWN pool (ANCHORS defect 9); the LVLM answers greedily with those ICDs and the

@@ -17,7 +17,7 @@ compared:
   another are both sides normalised. Where every reference string is the same, neither side is
   normalised and the strings must be equal as they are: "a dog" against ten "dog" scores 0,
   "Dog" against ten "dog" scores 0.
-* ``normalised``: prediction and references are always normalised (the seed codebase's
+* ``normalised``: prediction and references are always normalised (the reference implementation's
   behaviour; it scores at least as high as ``official`` on every question with 2+ references).
 
 With a single reference answer (easy-VQA) both metrics give 1 or 0 by exact match after

@@ -1,4 +1,4 @@
-"""Stage 2: training anchors, test and validation queries, and one pool of K train examples per query (SPEC §2).
+"""Stage 3: training anchors, test and validation queries, and one pool of K train examples per query (SPEC §2).
 
 One code path builds pools for every role: ``anchors`` (queries = a seeded subset of the train
 split), ``test`` (queries = a seeded subset of the eval split) and ``val`` (validation queries:

@@ -1,4 +1,4 @@
-"""Stage 3 — rewards of scored candidate sequences (SPEC §6).
+"""Stage 6 — rewards of scored candidate sequences (SPEC §6).
 
 h = ``vqa_correct`` (0/1), s = ``vqa_acc_score`` in [0, 1], I = ``info_score`` (InfoScore gain).
 

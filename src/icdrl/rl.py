@@ -73,7 +73,7 @@ def flat_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
 def descending_ranks(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """0-based rank of each candidate in descending reward order, ties by candidate order.
 
-    This is the seed's ``argsort(descending).argsort()`` with a stable sort; masked
+    This is the reference implementation's ``argsort(descending).argsort()`` with a stable sort; masked
     candidates rank after all real ones.
     """
     r, m, single = _as_groups(rewards, mask)
@@ -138,7 +138,7 @@ def advantages(
     """Group-relative advantages (SPEC §7), same shape and dtype as ``rewards``; 0 where masked.
 
     rank:    A = 1 − 2·rank/(n−1), rank in descending order with ties by candidate order
-             (the seed's ordinal ranks: equal rewards still get distinct advantages).
+             (the reference implementation's ordinal ranks: equal rewards still get distinct advantages).
     z-score: A = (r − mean)/max(std, min_std), unbiased std; groups with zero variance give
              exactly 0.
     A group of one candidate gives 0 in both. Then A is clipped to ±clip.

@@ -1,4 +1,4 @@
-"""Stage 4: VQA scoring of candidate sequences (SPEC §5).
+"""Stage 5: VQA scoring of candidate sequences (SPEC §5).
 
 For every candidate sequence of every anchor, the LVLM answers the anchor greedily with the
 candidate's ICDs; the record keeps the raw and post-processed prediction,
@@ -8,7 +8,7 @@ candidate's ICDs; the record keeps the raw and post-processed prediction,
 Identical sequences of one anchor are generated once. Anchors are sent in chunks of at least
 ``chunk_prompts`` prompts (the backend batches them); each finished chunk goes to
 ``<out>.partial`` at once, so a killed run resumes with the finished anchors, and the output
-is moved into place atomically. One call scores one candidates file (a shard, as in stage 3).
+is moved into place atomically. One call scores one candidates file (a shard, as in stage 4).
 """
 
 from __future__ import annotations

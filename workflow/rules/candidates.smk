@@ -1,4 +1,5 @@
-# Stage 1: InfoScore beam search (+ random and similar extras), scattered over anchor shards.
+# Stage 4: InfoScore beam search (+ random and similar extras), scattered over anchor shards
+# (candidates_shard), then concatenated in shard order (concat_candidates).
 
 
 rule candidates_shard:
@@ -6,10 +7,14 @@ rule candidates_shard:
         model=MODEL_INPUT,
         pools=L.pools_anchors,
         train_emb=L.emb.format(split="train"),
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/shards/candidates-{shard}-of-<shards>.jsonl
     output:
         L.candidates_shard,
     params:
         n_shards=L.n_shards,
+        dataset=section("dataset"),
+        model=section("model"),
+        candidates=section("candidates"),
     log:
         logfile(L.candidates_shard),
     benchmark:
@@ -20,12 +25,13 @@ rule candidates_shard:
     conda:
         "../envs/icdrl.yaml"
     script:
-        "../scripts/candidates.py"
+        "../scripts/candidates_shard.py"
 
 
-rule gather_candidates:
+rule concat_candidates:
     input:
         L.shards(L.candidates_shard),
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/candidates.jsonl
     output:
         L.candidates,
     params:
@@ -36,4 +42,4 @@ rule gather_candidates:
     conda:
         "../envs/icdrl.yaml"
     script:
-        "../scripts/gather.py"
+        "../scripts/concat_jsonl.py"

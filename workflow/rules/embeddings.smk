@@ -1,11 +1,16 @@
-# L2-normalised image+question embeddings of a split (encoder lvlm or clip).
+# Stage 2: L2-normalised image+question embeddings of a split (encoder lvlm or clip).
 
 
 rule embed:
     input:
         model=ENCODER_INPUT,
+    # results/<dataset>/emb/<encoder>/{split}.npz
     output:
         L.emb,
+    params:
+        dataset=section("dataset"),
+        embeddings=section("embeddings"),
+        model=section("model"),
     log:
         logfile(L.emb),
     benchmark:

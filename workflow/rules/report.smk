@@ -1,4 +1,4 @@
-# The final rule: tables, plots and summary for this config's grid (icdrl.report.build_report):
+# Stage 9, the final rule: tables, plots and summary for this config's grid (icdrl.report.build_report):
 # fixed tables and plots, plus one table, delta plot and summary paragraph per experiment.
 # Its folder is keyed by the evaluation files it covers, so a restricted run (REWARD_MODE=...)
 # writes its own report and never overwrites the full one.
@@ -7,8 +7,11 @@
 
 rule answers:
     # the training split's answers, for the report's copy-rate diagnostics (written once per dataset)
+    # results/<dataset>/answers/train.json
     output:
         L.answers,
+    params:
+        dataset=section("dataset"),
     log:
         logfile(L.answers),
     benchmark:
@@ -27,6 +30,7 @@ rule report:
         metrics=list(L.labelled_metrics().values()),
         rewards=L.all_rewards(),
         scored=L.scored,
+    # results/<dataset>/<model>/report/<hash of the eval files>/summary.md, ... (REPORT_FILES)
     output:
         [report_output(p) for p in REPORT_FILES],
     params:
@@ -35,6 +39,8 @@ rule report:
         rewards_labels=[r.slug for r in L.reward_specs()],
         experiments=[e.as_dict() for e in L.experiments()],
         report_cfg=config["report"],
+        # the whole config: the report folder keeps a copy (config.yaml)
+        config=untracked(config),
     log:
         f"{L.report_dir}.log",
     benchmark:

@@ -1,12 +1,18 @@
-# Stage 2: the LVLM answers with every candidate sequence; VQA accuracy and correctness.
+# Stage 5: the LVLM answers with every candidate sequence; VQA accuracy and correctness
+# (score_shard per anchor shard, then concat_scored).
 
 
 rule score_shard:
     input:
         model=MODEL_INPUT,
         candidates=L.candidates_shard,
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/<scored>/shards/scored-{shard}-of-<shards>.jsonl
     output:
         L.scored_shard,
+    params:
+        dataset=section("dataset"),
+        model=section("model"),
+        scoring=section("scoring"),
     log:
         logfile(L.scored_shard),
     benchmark:
@@ -17,12 +23,13 @@ rule score_shard:
     conda:
         "../envs/icdrl.yaml"
     script:
-        "../scripts/score.py"
+        "../scripts/score_shard.py"
 
 
-rule gather_scored:
+rule concat_scored:
     input:
         L.shards(L.scored_shard),
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/<scored>/scored.jsonl
     output:
         L.scored,
     params:
@@ -33,4 +40,4 @@ rule gather_scored:
     conda:
         "../envs/icdrl.yaml"
     script:
-        "../scripts/gather.py"
+        "../scripts/concat_jsonl.py"

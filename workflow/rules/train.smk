@@ -1,4 +1,4 @@
-# Stage 4: the pointer selector. v2 (supervised on InfoScore beams) per {v2} setting and seed;
+# Stage 7: the pointer selector. v2 (supervised on InfoScore beams) per {v2} setting and seed;
 # v3 (v2 + RCE + GRPO) per grid cell ({v3} training settings, {reward}, {adv}) and seed.
 
 
@@ -6,6 +6,7 @@ rule train_v2:
     input:
         candidates=L.candidates,
         train_emb=L.emb.format(split="train"),
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/{v2}/seed{seed}/{selector.pt,metrics.csv}
     output:
         ckpt=L.v2_ckpt,
         metrics=L.v2_metrics,
@@ -32,6 +33,7 @@ rule train_v3:
         scored=L.scored,
         rewards=L.rewards,
         train_emb=L.emb.format(split="train"),
+    # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/<scored>/{v3}/{reward}/{adv}/seed{seed}/{selector.pt,metrics.csv}
     output:
         ckpt=L.v3_ckpt,
         metrics=L.v3_metrics,

@@ -1,5 +1,9 @@
 """Plumbing shared by the workflow scripts (each script is thin: read ``snakemake``, call icdrl).
 
+A script reads ``snakemake.input``, ``output``, ``wildcards``, ``threads`` and ``params`` only,
+never ``snakemake.config``: its rule declares the config sections it reads as params (see
+``section`` in workflow/rules/common.smk), and it calls the library with keyword arguments.
+
 :func:`run` sends everything the library prints — ``logging`` records, ``tqdm`` bars, plain
 ``print`` output, even output of C extensions — to the rule's ``log:`` file, caps torch's
 threads at the rule's ``threads:``, and on failure prints one line to the console (the error
@@ -78,7 +82,7 @@ def model_path(snakemake: Any) -> str | None:
     model_inputs = list(getattr(snakemake.input, "model", []) or [])
     if model_inputs:
         return str(model_inputs[0])
-    return snakemake.config["model"].get("path")
+    return snakemake.params.model.get("path")
 
 
 def run(snakemake: Any, main: Callable[[Any], None]) -> None:

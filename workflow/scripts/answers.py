@@ -6,7 +6,7 @@ from _common import run
 def main(sm):
     from icdrl.answers import write_answers
 
-    write_answers(sm.config["dataset"], str(sm.output[0]))
+    write_answers(dataset_cfg=sm.params.dataset, out_path=str(sm.output[0]))
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

@@ -6,8 +6,9 @@ from _common import model_path, run
 def main(sm):
     from icdrl.embeddings import embed_split
 
-    c = sm.config
-    embed_split(c["dataset"], sm.wildcards.split, c["embeddings"], c["model"], model_path(sm), str(sm.output[0]))
+    p = sm.params
+    embed_split(dataset_cfg=p.dataset, split=sm.wildcards.split, emb_cfg=p.embeddings, model_cfg=p.model,
+                model_path=model_path(sm), out_path=str(sm.output[0]))
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

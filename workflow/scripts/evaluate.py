@@ -1,69 +1,83 @@
-"""Evaluation at shots 1-4 of a baseline (wildcard method), the v2 selector or a v3 cell (param cell;
-also on the validation queries when there are any, with the same backend); of the RICES variants and
-the copy baseline (rule evaluate_rices: one backend); or of both ablations of one eval file (rule
-evaluate_ablation: one backend)."""
+"""Evaluation at shots 1-4, by ``snakemake.params.method``: ``baseline`` (wildcard method), ``v2``
+or ``v3`` (param cell; also on the validation queries when there are any, with the same backend);
+``rices``: the RICES variants and the copy baseline (one backend); ``ablations``: both ablations of
+one eval file (one backend)."""
 
 from _common import model_path, run
 
 
 def eval_cfg(sm) -> dict:
     """The evaluation section plus the VQA metric of every record's acc (scoring.metric)."""
-    return {**sm.config["evaluation"], "metric": sm.config["scoring"]["metric"]}
+    return {**sm.params.evaluation, "metric": sm.params.metric}
 
 
-def rices(sm, xi: bool) -> None:
+def rices(sm) -> None:
     from icdrl.evaluate import evaluate_method, write_copy_baseline
     from icdrl.lvlm import load_backend
 
-    c, i = sm.config, sm.input
-    out = dict(zip(sm.params.methods, map(str, sm.output), strict=True))
+    p, i = sm.params, sm.input
+    out = dict(zip(p.methods, map(str, sm.output), strict=True))
     lvlm = [m for m in out if m != "copy"]
-    backend = load_backend(c["model"], model_path(sm)) if lvlm else None
+    backend = load_backend(p.model, model_path(sm)) if lvlm else None
     for m in lvlm:
-        evaluate_method(c["dataset"], c["model"], model_path(sm), str(i.pools), str(i.eval_emb), str(i.train_emb), m,
-                        eval_cfg(sm), out[m], backend=backend, exclude_same_image=xi)
-    write_copy_baseline(c["dataset"], str(i.pools), str(i.eval_emb), str(i.train_emb), eval_cfg(sm),
-                        out["copy"], exclude_same_image=xi)
+        evaluate_method(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm),
+                        test_pools_path=str(i.pools), eval_emb_path=str(i.eval_emb), train_emb_path=str(i.train_emb),
+                        method=m, eval_cfg=eval_cfg(sm), out_path=out[m], backend=backend,
+                        exclude_same_image=p.exclude_same_image)
+    write_copy_baseline(dataset_cfg=p.dataset, test_pools_path=str(i.pools), eval_emb_path=str(i.eval_emb),
+                        train_emb_path=str(i.train_emb), eval_cfg=eval_cfg(sm), out_path=out["copy"],
+                        exclude_same_image=p.exclude_same_image)
 
 
-def ablations(sm, xi: bool) -> None:
+def ablations(sm) -> None:
     from icdrl.ablations import ABLATIONS, evaluate_ablation
     from icdrl.lvlm import load_backend
 
-    c = sm.config
-    backend = load_backend(c["model"], model_path(sm))
+    p = sm.params
+    backend = load_backend(p.model, model_path(sm))
     for a in ABLATIONS:
-        evaluate_ablation(c["dataset"], c["model"], model_path(sm), str(sm.input.base), a, eval_cfg(sm),
-                          str(getattr(sm.output, a)), backend=backend, exclude_same_image=xi)
+        evaluate_ablation(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm),
+                          base_path=str(sm.input.base), ablation=a, eval_cfg=eval_cfg(sm),
+                          out_path=str(getattr(sm.output, a)), backend=backend, exclude_same_image=p.exclude_same_image)
 
 
-def main(sm):
+def selectors(sm) -> None:
+    """A baseline, v2 or a v3 cell (v3: on the test and the validation queries)."""
     from icdrl.evaluate import evaluate_method
-    from icdrl.grid import parse_baseline
+    from icdrl.layout import parse_baseline
     from icdrl.lvlm import load_backend
 
-    c, w = sm.config, sm.wildcards
-    xi = bool(c["pools"].get("exclude_same_image", False))
-    if sm.rule == "evaluate_rices":
-        return rices(sm, xi)
-    if sm.rule == "evaluate_ablation":
-        return ablations(sm, xi)
+    p, w = sm.params, sm.wildcards
     kw = {}
-    if sm.rule == "evaluate_baseline":
+    if p.method == "baseline":
         method, seed = parse_baseline(w.method)
         kw = {} if seed is None else {"seed": seed}
-    elif sm.rule == "evaluate_v2":
+    elif p.method == "v2":
         method, kw = "v2", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed)}
+    elif p.method == "v3":
+        method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": p.cell}
     else:
-        method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": sm.params.cell}
+        raise ValueError(f"params.method {p.method!r}: expected one of {', '.join(METHODS)}")
     # (pools, output) per query role: the test queries, and for v3 the validation queries (one backend)
     jobs = [(str(sm.input.pools), str(sm.output[0]))]
     if method == "v3" and sm.output.val:
         jobs.append((str(sm.input.val_pools), str(sm.output.val)))
-    backend = load_backend(c["model"], model_path(sm)) if len(jobs) > 1 else None
+    backend = load_backend(p.model, model_path(sm)) if len(jobs) > 1 else None
     for pools, out in jobs:
-        evaluate_method(c["dataset"], c["model"], model_path(sm), pools, str(sm.input.eval_emb), str(sm.input.train_emb),
-                        method, eval_cfg(sm), out, backend=backend, exclude_same_image=xi, **kw)
+        evaluate_method(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm), test_pools_path=pools,
+                        eval_emb_path=str(sm.input.eval_emb), train_emb_path=str(sm.input.train_emb),
+                        method=method, eval_cfg=eval_cfg(sm), out_path=out, backend=backend,
+                        exclude_same_image=p.exclude_same_image, **kw)
+
+
+#: ``params.method`` -> what runs
+METHODS = {"baseline": selectors, "v2": selectors, "v3": selectors, "rices": rices, "ablations": ablations}
+
+
+def main(sm):
+    if sm.params.method not in METHODS:
+        raise ValueError(f"params.method {sm.params.method!r}: expected one of {', '.join(METHODS)}")
+    METHODS[sm.params.method](sm)
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

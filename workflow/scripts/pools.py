@@ -6,12 +6,12 @@ from _common import run
 def main(sm):
     from icdrl.pools import N_KEY, write_pools
 
-    role = sm.wildcards.role
-    want = sm.config["pools"][N_KEY[role]]
+    role, p = sm.wildcards.role, sm.params
+    want = p.pools[N_KEY[role]]
     if int(sm.wildcards.n) != int(want):
         raise ValueError(f"{sm.output[0]}: n={sm.wildcards.n} in the path, but the config asks for {want}")
-    write_pools(sm.config["dataset"], role, sm.config["pools"], str(sm.input.query), str(sm.input.train),
-                str(sm.output[0]))
+    write_pools(dataset_cfg=p.dataset, role=role, pools_cfg=p.pools, query_emb_path=str(sm.input.query),
+                train_emb_path=str(sm.input.train), out_path=str(sm.output[0]))
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

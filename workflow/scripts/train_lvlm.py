@@ -6,7 +6,7 @@ from _common import run
 def main(sm):
     from icdrl.lvlm.embedded import train_embedded
 
-    train_embedded(dict(sm.config["embedded_lvlm"]), str(sm.output.model))
+    train_embedded(cfg=dict(sm.params.lvlm), out_dir=str(sm.output.model))
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

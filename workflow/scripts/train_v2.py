@@ -6,8 +6,9 @@ from _common import run
 def main(sm):
     from icdrl.train import train_v2_files
 
-    train_v2_files(str(sm.input.candidates), str(sm.input.train_emb), sm.params.v2_cfg, int(sm.wildcards.seed),
-                   str(sm.output.ckpt), str(sm.output.metrics), insert=sm.params.insert_side)
+    train_v2_files(candidates_path=str(sm.input.candidates), train_emb_path=str(sm.input.train_emb),
+                   v2_cfg=sm.params.v2_cfg, seed=int(sm.wildcards.seed), out_ckpt=str(sm.output.ckpt),
+                   out_metrics=str(sm.output.metrics), insert=sm.params.insert_side)
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

@@ -11,7 +11,7 @@ on VQA: competent at the task, but answering in a verbose form unless its demons
 the short form for the same kind of question. :func:`icl_check` measures both.
 
 Entry points: :func:`train_embedded` (workflow rule ``train_lvlm``), :func:`icl_check` (rule
-``lvlm_check``), :func:`main_icl_check` (``icdrl icl-check``). Presets: :data:`DEFAULT` (the
+``icl_check``), :func:`main_icl_check` (``icdrl icl-check``). Presets: :data:`DEFAULT` (the
 values of :class:`EmbeddedConfig`) and :data:`TEST_PRESET` (trains in well under a minute).
 """
 

@@ -24,7 +24,7 @@ is preprocessed once per backend instance (``image_cache``):
   features, so a demonstration that recurs in many candidate sequences costs its vision
   encoding once.
 * ``"pixels"``: the processor runs once per image; the vision encoder runs on every batch.
-* ``"none"``: the reference path, plain transformers usage as the seed's code did it: the chat
+* ``"none"``: the reference path, plain transformers usage as the reference implementation's code did it: the chat
   template is rendered by ``apply_chat_template`` and the processor called normally for every
   prompt (text and images), the answer span is taken from the tokenizer's character offsets,
   and the whole sequence runs through the whole model. None of the savings below apply to it;

@@ -340,7 +340,7 @@ def _legacy_reference(data: EvalData, m: MethodInfo) -> MethodInfo | None:
 
 
 def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
-    """The seed's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank,
+    """The reference implementation's "shot | new vs old | trend" for every mode: each v3 cell vs legacy (same use_rank,
     training overrides and seed)."""
     rows = []
     others = [m for m in data.v3() if m.mode != "legacy"]
@@ -484,7 +484,7 @@ _GROUP_COLS = ["label", "n_groups", "mean_group_size", "share_flat", "share_all_
 
 
 def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
-    """Per rewards file: the group shares the seed's diagnosis is about, and the reward range."""
+    """Per rewards file: the group shares the reference implementation's diagnosis is about, and the reward range."""
     rows = [{"label": lab} | group_stats(g) | {"note": "" if g.n_groups else "empty file"}
             for lab, g in rewards.items()]
     if not rows:
