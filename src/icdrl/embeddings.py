@@ -1,4 +1,4 @@
-"""Stage 1: one vector per example (SPEC §2), cached per dataset split in an ``.npz`` file.
+"""Stage 2: one vector per example (SPEC §2), cached per dataset split in an ``.npz`` file.
 
 The file holds ``ids`` (int64 [N]), ``img`` and ``txt`` (float32 [N, d], each row
 L2-normalised: image-only and question-only embeddings, used by the ``image_sim`` and

@@ -1,4 +1,4 @@
-"""Stage 4 — training the pointer selector (SPEC §7).
+"""Stage 7 — training the pointer selector (SPEC §7).
 
 * **v2** (supervised): teacher-forced cross-entropy on each anchor's top InfoScore beams,
   candidates = the anchor's whole pool, labels = pool positions.
