@@ -206,8 +206,8 @@ def test_slurm_profile_submits_gpu_cpu_and_local_jobs(run, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
     sbatch = {c["comment"].split("_wildcards")[0]: c for c in calls if c["tool"] == "sbatch"}
-    assert set(sbatch) == {"rule_lvlm_check", "rule_evaluate_baseline"}
-    gpu, cpu = sbatch["rule_evaluate_baseline"], sbatch["rule_lvlm_check"]
+    assert set(sbatch) == {"rule_icl_check", "rule_evaluate_baseline"}
+    gpu, cpu = sbatch["rule_evaluate_baseline"], sbatch["rule_icl_check"]
     assert (gpu["partition"], gpu["gpus"], gpu["time"], gpu["mem"]) == ("gpu", "1", "240", "32000")
     assert (cpu["partition"], cpu["gpus"], cpu["gres"], cpu["time"], cpu["mem"]) == ("cpu", None, None, "60", "8000")
     sruns = [c for c in calls if c["tool"] == "srun"]
