@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from icdrl.embeddings import EmbeddingTable
-from icdrl.records import CandidateRecord, ScoredRecord, read_jsonl, read_records
+from icdrl.records import CandidateRecord, ScoredRecord, header_schema, read_jsonl, read_records
 from icdrl.selector import label_sequence
 
 log = logging.getLogger(__name__)
@@ -93,13 +92,9 @@ def _group(path: Any, rec: CandidateRecord, rewards: tuple[float, ...], hard: tu
 
 def load_candidate_groups(candidates_path: str | os.PathLike) -> list[Group]:
     """Groups from an ``icdrl.candidates`` (or ``icdrl.scored``) file; rewards = info_score, hard = None."""
-    cls: type[CandidateRecord] = CandidateRecord
-    try:
-        with open(candidates_path) as fh:
-            if json.loads(fh.readline()).get("schema") == ScoredRecord.SCHEMA:
-                cls = ScoredRecord
-    except (OSError, ValueError, AttributeError):
-        pass  # read_records reports the problem with the file's name
+    # a file that cannot be read or has no header is CandidateRecord's: read_records says why
+    scored = header_schema(candidates_path) == ScoredRecord.SCHEMA
+    cls: type[CandidateRecord] = ScoredRecord if scored else CandidateRecord
     groups: list[Group] = []
     empty: list = []
     for rec in read_records(candidates_path, cls):

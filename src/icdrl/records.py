@@ -571,13 +571,24 @@ def write_records(path: str | os.PathLike, records: Sequence) -> int:
     return write_jsonl(path, type(records[0]).SCHEMA, (r.to_dict() for r in records))
 
 
+def header_schema(path: str | os.PathLike) -> str | None:
+    """The schema a JSON Lines file's header line names, or None where there is none to read
+    (no such file, no header line); :func:`iter_jsonl` then says what is wrong."""
+    try:
+        with open(path) as fh:
+            header = _parse_header(fh.readline())
+    except (OSError, UnicodeDecodeError):
+        return None
+    schema = header.get("schema") if header else None
+    return schema if isinstance(schema, str) else None
+
+
 def _schema_of(path: Path) -> str:
     """The schema a JSON Lines file's header names (checked against the known schemas)."""
-    with open(path) as fh:
-        header = _parse_header(fh.readline())
-    if header is None or header.get("schema") not in SCHEMAS:
+    schema = header_schema(path)
+    if schema not in SCHEMAS:
         raise SchemaError(f"{path}: no icdrl schema header line; known schemas: {sorted(SCHEMAS)}")
-    return header["schema"]
+    return schema
 
 
 def _frame(records: list[dict]) -> Any:

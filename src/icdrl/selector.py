@@ -34,6 +34,11 @@ class TeacherForcing(NamedTuple):
     picked: Tensor    # [B, N, T] log-prob of each step's label (meaningless at padding steps)
     valid: Tensor     # [B, N, T] bool, the real (non-padding) steps
 
+    @property
+    def seq_logp(self) -> Tensor:
+        """[B, N] log-prob of each whole sequence: ``picked`` summed over its real steps."""
+        return torch.where(self.valid, self.picked, torch.zeros_like(self.picked)).sum(-1)
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of one query vector over a pool, computed in input space.
@@ -222,8 +227,7 @@ class PointerSelector(nn.Module):
         seqs = seqs.to(device=pool.device, dtype=torch.long)
         if check:
             self.check_sequences(seqs, pool_mask)
-        tf = self.step_log_probs(self.scores(query, pool, pool_mask), seqs)
-        lp = torch.where(tf.valid, tf.picked, torch.zeros_like(tf.picked)).sum(-1)
+        lp = self.step_log_probs(self.scores(query, pool, pool_mask), seqs).seq_logp
         return lp[:, 0] if squeeze else lp
 
     def forward(
@@ -251,7 +255,7 @@ class PointerSelector(nn.Module):
         self.check_sequences(labels.unsqueeze(1), pool_mask)
         tf = self.step_log_probs(s, labels.unsqueeze(1))
         logits = tf.logits[:, 0]
-        logp = torch.where(tf.valid, tf.picked, torch.zeros_like(tf.picked)).sum(-1)[:, 0]
+        logp = tf.seq_logp[:, 0]
         return {"logits": logits, "predictions": logits.argmax(-1), "logp": logp}
 
     @staticmethod

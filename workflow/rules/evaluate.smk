@@ -10,6 +10,8 @@ EVAL_INPUT = dict(
     eval_emb=L.emb.format(split="eval"),
     train_emb=L.emb.format(split="train"),
 )
+
+
 rule evaluate_baseline:
     # a baseline ({method}: zero_shot, random-r<seed>, similarity); the base of evaluate_v2, evaluate_v3
     input:

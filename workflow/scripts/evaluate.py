@@ -54,10 +54,8 @@ def selectors(sm) -> None:
         kw = {} if seed is None else {"seed": seed}
     elif p.method == "v2":
         method, kw = "v2", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed)}
-    elif p.method == "v3":
+    else:  # v3 (main checked params.method)
         method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": p.cell}
-    else:
-        raise ValueError(f"params.method {p.method!r}: expected one of {', '.join(METHODS)}")
     # (pools, output) per query role: the test queries, and for v3 the validation queries (one backend)
     jobs = [(str(sm.input.pools), str(sm.output[0]))]
     if method == "v3" and sm.output.val:
