@@ -1,4 +1,4 @@
-"""Ablations (SPEC §8): shuffled demonstration order and demonstrations without images, on the
+"""Ablations (docs/science.md §8): shuffled demonstration order and demonstrations without images, on the
 same ICDs as the ablated method's records."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""InfoScore beam search and stage-3 shards (SPEC §4) against a deterministic fake backend."""
+"""InfoScore beam search and stage-3 shards (docs/science.md §4) against a deterministic fake backend."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Embeddings (SPEC §2): normalisation, the .npz table, the CLIP and LVLM encoders offline."""
+"""Embeddings (docs/science.md §2): normalisation, the .npz table, the CLIP and LVLM encoders offline."""
 
 from __future__ import annotations
 

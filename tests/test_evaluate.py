@@ -1,4 +1,4 @@
-"""Evaluation at shots 1–4 (SPEC §8) with a fake backend: every method picks from the query's own pool."""
+"""Evaluation at shots 1–4 (docs/science.md §8) with a fake backend: every method picks from the query's own pool."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_acc_uses_the_configured_metric(setup, monkeypatch):
                         str(tmp / "train.npz"), "random", {**cfg, "metric": metric}, str(tmp / f"{metric}.jsonl"),
                         backend=_Says("a dog"))
         accs[metric] = {r.acc for r in read_records(tmp / f"{metric}.jsonl", EvalRecord)}
-    assert accs == {"official": {0.0}, "normalised": {1.0}}  # "a dog" vs ten "dog" (SPEC §5)
+    assert accs == {"official": {0.0}, "normalised": {1.0}}  # "a dog" vs ten "dog" (docs/science.md §5)
     with pytest.raises(ValueError, match="scoring.metric"):
         evaluate_method({}, {"batch_size": 4}, None, str(tmp / "test_pools.jsonl"), str(tmp / "eval.npz"),
                         str(tmp / "train.npz"), "random", {**cfg, "metric": "exact"}, str(tmp / "x.jsonl"),

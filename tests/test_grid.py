@@ -108,7 +108,7 @@ def test_reward_spec_rejects_bad_knobs():
 
 
 def test_hybrid_no_longer_reads_the_weights():
-    # SPEC §6: hybrid's share is hybrid_alpha; hard_weight 1 and 2 are the same cell
+    # docs/science.md §6: hybrid's share is hybrid_alpha; hard_weight 1 and 2 are the same cell
     assert reward_spec("hybrid", hard_weight=2.0) == reward_spec("hybrid", hard_weight=1.0)
     assert reward_spec("hybrid", hybrid_alpha=0.25) != reward_spec("hybrid", hybrid_alpha=0.75)
 
@@ -342,7 +342,7 @@ def test_scoring_threshold_keeps_candidates(default_cfg):
 
 
 def test_scoring_metric_moves_scored_and_every_evaluation(default_cfg):
-    # the metric decides vqa_acc_score (scored) and every evaluation record's acc (SPEC §5)
+    # the metric decides vqa_acc_score (scored) and every evaluation record's acc (docs/science.md §5)
     changed = _changed(default_cfg, lambda c: c["scoring"].__setitem__("metric", "normalised"))
     assert "candidates" not in changed and "all_v2" not in changed and "pools_test" not in changed
     assert {"scored", "rewards", "all_v3", "eval_v3", "eval_v2", "eval_baseline", "all_eval", "val_v3"} <= changed

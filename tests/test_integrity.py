@@ -1,4 +1,4 @@
-"""Integrity checks at evaluation time (SPEC §8): each fails the job naming method, query and k."""
+"""Integrity checks at evaluation time (docs/science.md §8): each fails the job naming method, query and k."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """HFBackend on tiny random Qwen2.5-VL and LLaVA checkpoints saved to disk and loaded like real ones.
 
-Covers SPEC §3: the answer span comes from the chat-formatted token ids (and decodes to the
+Covers docs/science.md §3: the answer span comes from the chat-formatted token ids (and decodes to the
 answer), batch == one at a time, left == right padding, the cached paths == the processor
 called normally, images preprocessed once per backend, greedy generation == plain
 transformers generation, and config errors.
@@ -119,7 +119,7 @@ def test_cached_ids_equal_processor_ids(family, prompts, ex):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_anchors_defect_1_plain_text_length_span_differs(family, prompts):
-    """ANCHORS defect 1 the other way: a span from a plain-text length is not the answer span."""
+    """docs/defects.md defect 1 the other way: a span from a plain-text length is not the answer span."""
     b = backend(family)
     pr, ans = prompts[2], ANSWERS[2]
     demos, query = pr

@@ -136,7 +136,7 @@ def test_agrees_with_the_official_evaluator_on_hand_worked_cases(pred, refs, off
 
 
 def test_single_reference_is_normalised_under_both_metrics():
-    # SPEC §5: one reference -> exact match after normalisation (the official script has no
+    # docs/science.md §5: one reference -> exact match after normalisation (the official script has no
     # such case; its leave-one-out would leave no reference and score 0 everywhere)
     for metric in ("official", "normalised"):
         assert vqa_accuracy("a dog.", ["dog"], metric) == 1.0

@@ -1,4 +1,4 @@
-"""Anchors, test queries and per-query pools (SPEC §2)."""
+"""Anchors, test queries and per-query pools (docs/science.md §2)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_pools_never_hold_query_or_duplicate(sampler, role):
         assert not (set(r.pool) & _dups(q, TRAIN))
         if role == "anchors":
             assert q.id not in r.pool
-    # pools differ between queries (ANCHORS defect 9: not the same first K items for everyone)
+    # pools differ between queries (docs/defects.md defect 9: not the same first K items for everyone)
     assert len({r.pool for r in recs}) == len(recs)
 
 

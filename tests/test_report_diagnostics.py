@@ -1,4 +1,4 @@
-"""Copy-rate diagnostics and ablation deltas (SPEC §8, §10), from the evaluation records and the
+"""Copy-rate diagnostics and ablation deltas (docs/science.md §8, §10), from the evaluation records and the
 training answers table alone."""
 
 from __future__ import annotations

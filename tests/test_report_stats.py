@@ -1,4 +1,4 @@
-"""The report's statistics on synthetic data with known answers (SPEC §10).
+"""The report's statistics on synthetic data with known answers (docs/science.md §10).
 
 Coverage, power and the seed level are checked by simulation (vectorised data, the library's
 own bootstrap per dataset); Holm against a hand-worked example; the detection of comparisons

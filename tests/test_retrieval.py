@@ -1,4 +1,4 @@
-"""RICES over the whole training split and the copy baseline (SPEC §8)."""
+"""RICES over the whole training split and the copy baseline (docs/science.md §8)."""
 
 from __future__ import annotations
 

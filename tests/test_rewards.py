@@ -1,4 +1,4 @@
-"""Reward modes (SPEC §6) at their boundaries, the reference implementation's own numbers, and write_rewards."""
+"""Reward modes (docs/science.md §6) at their boundaries, the reference implementation's own numbers, and write_rewards."""
 
 from __future__ import annotations
 

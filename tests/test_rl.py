@@ -1,4 +1,4 @@
-"""Advantages, RCE and GRPO (SPEC §7) at their boundaries; ANCHORS defects 3, 4, 7, 11."""
+"""Advantages, RCE and GRPO (docs/science.md §7) at their boundaries; docs/defects.md defects 3, 4, 7, 11."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VQA scoring of candidate sequences (SPEC §5) with a deterministic fake backend."""
+"""VQA scoring of candidate sequences (docs/science.md §5) with a deterministic fake backend."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_metric_decides_unanimous_references():
     by_id[0] = dataclasses.replace(BY_ID[0], answers=("dog",) * 10, answer="dog")
     scores = {m: {c.vqa_acc_score for c in score_records(_Says("a dog"), RECS[:1], by_id, metric=m)[0].candidates}
               for m in ("official", "normalised")}
-    assert scores == {"official": {0.0}, "normalised": {1.0}}  # the official evaluator's quirk (SPEC §5)
+    assert scores == {"official": {0.0}, "normalised": {1.0}}  # the official evaluator's quirk (docs/science.md §5)
     assert {c.vqa_acc_score for c in score_records(_Says("a dog"), RECS[:1], by_id)[0].candidates} == {0.0}
 
 

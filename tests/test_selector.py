@@ -1,4 +1,4 @@
-"""PointerSelector (SPEC §7): scoring, masking, teacher forcing, greedy decoding, persistence."""
+"""PointerSelector (docs/science.md §7): scoring, masking, teacher forcing, greedy decoding, persistence."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_greedy_select_any_k_up_to_pool_size():
 
 
 def test_eval_is_deterministic_and_grad_mode_does_not_change_values():
-    # the PPO ratio needs identical log-probs at identical weights (ANCHORS defect 5)
+    # the PPO ratio needs identical log-probs at identical weights (docs/defects.md defect 5)
     m = _model(dropout=0.5)
     q, pool = _data(k=40)  # folded path
     seqs = torch.tensor([[[0, 1], [2, 3]]] * 3)

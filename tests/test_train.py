@@ -1,4 +1,4 @@
-"""Selector training (SPEC §7): configs, loaders, v2 and v3 loops; ANCHORS defects 3, 5–8, 11."""
+"""Selector training (docs/science.md §7): configs, loaders, v2 and v3 loops; docs/defects.md defects 3, 5–8, 11."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ablations of an evaluated method (SPEC §8): the same ICDs, shown differently.
+"""Ablations of an evaluated method (docs/science.md §8): the same ICDs, shown differently.
 
 An ablation re-answers the test queries of another method's ``icdrl.eval`` file with the *same*
 ICDs per (query, k), so that its accuracy is paired with the unablated method's query by query:

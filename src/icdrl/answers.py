@@ -1,8 +1,8 @@
-"""The training split's answers, written once for the report's diagnostics (SPEC §8, §10).
+"""The training split's answers, written once for the report's diagnostics (docs/science.md §8, §10).
 
 Evaluation records name their ICDs by id; whether a prediction copies a demonstration's answer
 needs the answer each demonstration showed. This small table (``icdrl.answers`` v1, one JSON
-document) holds the ``answer`` of every training example, the one the prompt shows (SPEC §3),
+document) holds the ``answer`` of every training example, the one the prompt shows (docs/science.md §3),
 and the dataset's **answer form** where it has one: easy-VQA answers with one word of a closed
 vocabulary (colours, shapes, yes, no), so a prediction outside it is in the wrong form (the
 embedded LVLM's verbose "the answer is …" is the typical one). Open-vocabulary datasets

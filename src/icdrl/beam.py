@@ -1,4 +1,4 @@
-"""Stage 4: candidate ICD sequences per training anchor by InfoScore beam search (SPEC §4).
+"""Stage 4: candidate ICD sequences per training anchor by InfoScore beam search (docs/science.md §4).
 
 For an anchor q with target answer a_q and pool C (K training examples),
 ``InfoScore(c | S) = P(a_q | S ⊕ c, q) − P(a_q | S, q)``. Beam search of width B and depth D

@@ -31,7 +31,7 @@ from icdrl.rewards import MODES
 #: the schema shipped with the workflow
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-#: the reference implementation's environment variables (SPEC §6, its train_v3.sh) -> the override each one sets
+#: the reference implementation's environment variables (docs/science.md §6, its train_v3.sh) -> the override each one sets
 ENV_VARS: dict[str, str] = {
     "REWARD_MODE": "reward_mode",
     "HARD_WEIGHT": "hard_weight",

@@ -1,4 +1,4 @@
-"""Examples and datasets (SPEC §2).
+"""Examples and datasets (docs/science.md §2).
 
 Two sources, selected by the ``dataset`` config section (docs/ARCHITECTURE.md):
 

@@ -1,4 +1,4 @@
-"""Stage 2: one vector per example (SPEC §2), cached per dataset split in an ``.npz`` file.
+"""Stage 2: one vector per example (docs/science.md §2), cached per dataset split in an ``.npz`` file.
 
 The file holds ``ids`` (int64 [N]), ``img`` and ``txt`` (float32 [N, d], each row
 L2-normalised: image-only and question-only embeddings, used by the ``image_sim`` and
@@ -45,7 +45,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def combine(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
-    """SPEC §2: L2-normalised mean of the L2-normalised image and question embeddings."""
+    """docs/science.md §2: L2-normalised mean of the L2-normalised image and question embeddings."""
     return l2_normalize((l2_normalize(img) + l2_normalize(txt)) / 2.0)
 
 

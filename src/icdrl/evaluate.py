@@ -1,7 +1,7 @@
-"""Stage 8: evaluation at shots 1–4 for every method (SPEC §8).
+"""Stage 8: evaluation at shots 1–4 for every method (docs/science.md §8).
 
 Every pool method chooses, for each test query and each k in ``evaluation.shots``, k positions
-in the query's OWN pool (ANCHORS defect 9); the LVLM answers greedily with those ICDs and the
+in the query's OWN pool (docs/defects.md defect 9); the LVLM answers greedily with those ICDs and the
 answer's VQA accuracy is recorded (``icdrl.eval``: one line per method, k, query).
 
 * ``zero_shot``: no ICD; answered once per query, the record repeated for every k in
@@ -17,7 +17,7 @@ answer's VQA accuracy is recorded (``icdrl.eval``: one line per method, k, query
   demonstrations.
 * ``v2`` / ``v3``: the selector in ``selector_ckpt`` decodes k positions greedily
   (``icdrl.selector.select_for_query``); they go into the prompt in the order it was taught
-  (``label_order: prompt``) or one by one by the insertion rule (``selection``), SPEC §7.
+  (``label_order: prompt``) or one by one by the insertion rule (``selection``), docs/science.md §7.
 * ``per_shot`` (:func:`select_per_shot`): at each k, the records of the v3 cell with the best
   accuracy on the validation queries (per seed), relabelled; no LVLM call.
 
@@ -191,7 +191,7 @@ def method_label(method: str, cell: str | None) -> str:
 
 def check_jobs(method: str, jobs: Sequence[Job], queries: dict[int, Example], train: dict[int, Example],
                where: str, *, exclude_same_image: bool = False) -> None:
-    """:func:`icdrl.integrity.check_icds` on every job before the LVLM answers any (SPEC §8)."""
+    """:func:`icdrl.integrity.check_icds` on every job before the LVLM answers any (docs/science.md §8)."""
     for j in jobs:
         w = f"{where} (query {j.query_id})"
         check_icds(method_label(method, j.cell), lookup(queries, [j.query_id], w)[0], j.k,
@@ -408,7 +408,7 @@ def write_copy_baseline(dataset_cfg: dict, test_pools_path, eval_emb_path, train
     return summary
 
 
-# --------------------------------------------------------------------------- per_shot (SPEC §8)
+# --------------------------------------------------------------------------- per_shot (docs/science.md §8)
 
 
 def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, dict[int, float]]]:
@@ -446,7 +446,7 @@ def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int
 
 
 def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict[int, tuple[str, float]]:
-    """Write the ``per_shot`` method's test records (SPEC §8): at each k, the test records of the
+    """Write the ``per_shot`` method's test records (docs/science.md §8): at each k, the test records of the
     v3 cell best on the validation queries (:func:`choose_per_shot`); returns the choice.
 
     ``val_paths`` / ``test_paths``: the v3 cells' eval files on the validation / test queries, one

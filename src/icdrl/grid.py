@@ -1,4 +1,4 @@
-"""The experiment grid (SPEC §9): reward settings, cells, experiments, seeds.
+"""The experiment grid (docs/science.md §9): reward settings, cells, experiments, seeds.
 
 A v3 **cell** (:class:`Cell`) is one reward setting (:class:`RewardSpec`: a mode and the knobs it
 reads), one advantage kind (``use_rank``) and the v3 training overrides of its experiment (any
@@ -186,7 +186,7 @@ def train_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> tu
 
 
 def label_order(v2: Mapping[str, Any], v3: Mapping[str, Any]) -> str:
-    """The label order (SPEC §7) of a v3 selector: ``train.v3.label_order``, or v2's when null."""
+    """The label order (docs/science.md §7) of a v3 selector: ``train.v3.label_order``, or v2's when null."""
     return v3.get("label_order") or v2.get("label_order") or "prompt"
 
 
@@ -203,7 +203,7 @@ def _spell(v: Any) -> str:
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One v3 training setting (SPEC §7, §9): reward setting, advantage kind, training overrides.
+    """One v3 training setting (docs/science.md §7, §9): reward setting, advantage kind, training overrides.
 
     ``train`` holds only the ``train.v3`` knobs whose value differs from the config's own (after
     :func:`effective_v3`), so an override equal to the default is the same cell as none.
@@ -284,7 +284,7 @@ class Member:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One configured experiment (``grid.experiments.<name>``, SPEC §9)."""
+    """One configured experiment (``grid.experiments.<name>``, docs/science.md §9)."""
 
     name: str
     title: str

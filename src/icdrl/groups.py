@@ -6,7 +6,7 @@
   :class:`~icdrl.records.ScoredRecord`, so every position is checked against its pool and ids
   there) and an ``icdrl.rewards`` file.
 * :func:`sft_group`, :func:`in_label_order`, :func:`split_val` — the v2 targets, the label
-  order (SPEC §7) and the deterministic train/val split of anchors.
+  order (docs/science.md §7) and the deterministic train/val split of anchors.
 * :class:`Packed` / :func:`pack_groups` and :class:`Batch` / :func:`make_batch` — groups as
   padded CPU tensors, and one step's groups gathered onto the device.
 """
@@ -163,7 +163,7 @@ def sft_group(g: Group, top_beams: int) -> Group | None:
 
 
 def in_label_order(groups: Sequence[Group], label_order: str, insert: str) -> list[Group]:
-    """``groups`` with every candidate sequence in the order the selector is taught (SPEC §7)."""
+    """``groups`` with every candidate sequence in the order the selector is taught (docs/science.md §7)."""
     if label_order == "prompt":
         return list(groups)
     return [dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))

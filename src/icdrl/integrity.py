@@ -1,4 +1,4 @@
-"""Integrity checks of evaluation prompts (SPEC §8), run before the LVLM answers them.
+"""Integrity checks of evaluation prompts (docs/science.md §8), run before the LVLM answers them.
 
 Every k-shot record holds exactly k distinct ICDs (zero-shot: none), no ICD has the query's
 image and question (an exact duplicate: the answer would be in the prompt), and with

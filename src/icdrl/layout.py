@@ -1,4 +1,4 @@
-"""The results layout (SPEC §9): every output path pattern of the workflow, from one config.
+"""The results layout (docs/science.md §9): every output path pattern of the workflow, from one config.
 
 Paths: every output path carries exactly the settings its content depends on. Numbers appear in
 one canonical spelling (:func:`icdrl.grid.fmt_float`); sections too long for a path appear as the
@@ -190,7 +190,7 @@ class Layout:
         self.eval_v3 = _join(v3_dir, self.eval_name["test"])
         # the same job also answers the validation queries (pools.n_val > 0)
         self.val_v3 = _join(v3_dir, self.eval_name["val"]) if self.n_val else None
-        # per_shot (SPEC §8): per k, the v3 cell best on the validation queries; keyed by the cells
+        # per_shot (docs/science.md §8): per k, the v3 cell best on the validation queries; keyed by the cells
         # it chooses among
         self.per_shot = None
         if self.n_val:

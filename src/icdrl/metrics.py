@@ -1,4 +1,4 @@
-"""VQA accuracy (SPEC §5): the official evaluator's, or always-normalised.
+"""VQA accuracy (docs/science.md §5): the official evaluator's, or always-normalised.
 
 Normalisation (:func:`normalize_answer`) follows the official VQA evaluation script
 (GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): newlines/tabs to spaces
@@ -21,7 +21,7 @@ compared:
   behaviour; it scores at least as high as ``official`` on every question with 2+ references).
 
 With a single reference answer (easy-VQA) both metrics give 1 or 0 by exact match after
-normalisation (SPEC §5). The official script, written for ten answers, has no such case: its
+normalisation (docs/science.md §5). The official script, written for ten answers, has no such case: its
 leave-one-out would leave no reference and score every prediction 0.
 """
 
@@ -115,7 +115,7 @@ def normalize_answer(text: str) -> str:
     return _digits_articles(_punctuation(t))
 
 
-#: ``scoring.metric`` values (SPEC §5)
+#: ``scoring.metric`` values (docs/science.md §5)
 METRICS = ("official", "normalised")
 
 
@@ -151,7 +151,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], metric: str = "officia
 
 
 def vqa_correct(acc: float, threshold: float = 1.0) -> int:
-    """1 if ``acc >= threshold`` (default 1.0: full credit), else 0 (SPEC §5)."""
+    """1 if ``acc >= threshold`` (default 1.0: full credit), else 0 (docs/science.md §5)."""
     if not (isinstance(acc, (int, float)) and math.isfinite(acc)):
         raise ValueError(f"vqa_correct: accuracy must be a finite number, got {acc!r}")
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):

@@ -1,10 +1,10 @@
-"""Stage 3: training anchors, test and validation queries, and one pool of K train examples per query (SPEC §2).
+"""Stage 3: training anchors, test and validation queries, and one pool of K train examples per query (docs/science.md §2).
 
 One code path builds pools for every role: ``anchors`` (queries = a seeded subset of the train
 split), ``test`` (queries = a seeded subset of the eval split) and ``val`` (validation queries:
-another seeded subset of the eval split, disjoint from the test queries, SPEC §8). A pool never holds its query
+another seeded subset of the eval split, disjoint from the test queries, docs/science.md §8). A pool never holds its query
 nor an exact duplicate of it (same image and same question), so no leakage at training or
-test time, and each query gets its own pool (ANCHORS defect 9). With ``pools.exclude_same_image``
+test time, and each query gets its own pool (docs/defects.md defect 9). With ``pools.exclude_same_image``
 a pool holds no train example that shows the query's image at all (:class:`Exclusions`, shared
 with RICES, ``icdrl.retrieval``).
 
@@ -52,7 +52,7 @@ def duplicate_key(ex: Example) -> tuple[str, str]:
 
 
 class Exclusions:
-    """Which train rows a query may never be shown (SPEC §2, §8): its exact duplicates (same image
+    """Which train rows a query may never be shown (docs/science.md §2, §8): its exact duplicates (same image
     and question), itself when it is a train example, and with ``exclude_same_image`` every train
     example showing its image."""
 

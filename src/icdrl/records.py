@@ -270,10 +270,10 @@ def corrupt_file_error(path: str | os.PathLike, e: BaseException) -> SchemaError
 # ---------------------------------------------------------------------------------------------
 
 
-#: Where a candidate sequence came from (SPEC §4).
+#: Where a candidate sequence came from (docs/science.md §4).
 SOURCES: tuple[str, ...] = ("beam", "random", "similar")
 
-#: Evaluation methods (SPEC §8): the ablations (``shuffled``, ``no_images``) re-answer another
+#: Evaluation methods (docs/science.md §8): the ablations (``shuffled``, ``no_images``) re-answer another
 #: method's ICDs, named in their ``spec`` (``icdrl.ablations``).
 METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy",
                             "v2", "v3", "per_shot", "shuffled", "no_images")
@@ -366,7 +366,7 @@ class Candidate:
     """A candidate ICD sequence of an anchor, in prompt order (first = farthest from the query).
 
     ``info_score`` = P(a|S,q) − P(a|∅,q); ``step_gains[t]`` is the gain of the t-th build step
-    (the items are added in the order fixed by the insertion side, SPEC §4), so
+    (the items are added in the order fixed by the insertion side, docs/science.md §4), so
     ``sum(step_gains) == info_score`` up to rounding.
     """
 
@@ -405,7 +405,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ScoredCandidate(Candidate):
-    """A candidate with the LVLM's greedy answer for its anchor (SPEC §5)."""
+    """A candidate with the LVLM's greedy answer for its anchor (docs/science.md §5)."""
 
     prediction_raw: str
     prediction: str
@@ -450,7 +450,7 @@ class CandidateRecord:
     """One anchor with its candidate sequences (``icdrl.candidates``).
 
     ``zero_shot_logprob`` is the mean answer-token log-probability with no ICD, so
-    ``zero_shot_prob == exp(zero_shot_logprob)`` (SPEC §3).
+    ``zero_shot_prob == exp(zero_shot_logprob)`` (docs/science.md §3).
     """
 
     SCHEMA: ClassVar[str] = "icdrl.candidates"

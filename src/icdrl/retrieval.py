@@ -1,4 +1,4 @@
-"""RICES and the copy baseline (SPEC §8): retrieval over the whole training split.
+"""RICES and the copy baseline (docs/science.md §8): retrieval over the whole training split.
 
 **RICES** (retrieval-based in-context example selection, the field's standard baseline) shows a
 test query the k training examples most cosine-similar to it, over the *whole* training split

@@ -1,4 +1,4 @@
-"""Stage 6 — rewards of scored candidate sequences (SPEC §6).
+"""Stage 6 — rewards of scored candidate sequences (docs/science.md §6).
 
 h = ``vqa_correct`` (0/1), s = ``vqa_acc_score`` in [0, 1], I = ``info_score`` (InfoScore gain).
 
@@ -16,7 +16,7 @@ knobs it reads (:data:`KNOBS`: name, short key in result paths, default) and the
 :func:`group_rewards` gives the rewards of one group for every mode; :func:`reward` gives them
 per candidate for the modes that do not need the group (it refuses ``adaptive``).
 Missing inputs (``None`` or NaN) count as 0; :func:`write_rewards` counts and logs them.
-Rewards are raw: nothing here normalises them (the advantage does that once, ANCHORS defect 3).
+Rewards are raw: nothing here normalises them (the advantage does that once, docs/defects.md defect 3).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _common_shape(raw: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def group_rewards(mode: str, *, hard: Any, soft: Any, info: Any, **knobs: float) -> np.ndarray:
-    """Rewards (float64, 1-D) of the N candidates of one group, for every mode (SPEC §6).
+    """Rewards (float64, 1-D) of the N candidates of one group, for every mode (docs/science.md §6).
 
     ``hard``, ``soft``, ``info``: length-N sequences (or ``None``: all missing); ``None``/NaN
     count as 0. ``knobs``: any of :data:`KNOBS` (defaults where left out; ones the mode ignores

@@ -1,4 +1,4 @@
-"""Offline RL losses of the v3 selector (SPEC §7): advantages, RCE warm-up, GRPO.
+"""Offline RL losses of the v3 selector (docs/science.md §7): advantages, RCE warm-up, GRPO.
 
 Every function takes per-candidate tensors shaped ``[N]`` (one group) or ``[G, N]`` (a batch of
 groups padded to N with ``mask`` marking real candidates). A group with no real candidate (all
@@ -135,7 +135,7 @@ def advantages(
     clip: float = 5.0,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Group-relative advantages (SPEC §7), same shape and dtype as ``rewards``; 0 where masked.
+    """Group-relative advantages (docs/science.md §7), same shape and dtype as ``rewards``; 0 where masked.
 
     rank:    A = 1 − 2·rank/(n−1), rank in descending order with ties by candidate order
              (the reference implementation's ordinal ranks: equal rewards still get distinct advantages).
@@ -257,7 +257,7 @@ def grpo_loss(
     min_std: float = 0.1,
     adv_clip: float = 5.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO loss (SPEC §7) on sequence log-probs [G, N] (or [N]) and raw rewards.
+    """GRPO loss (docs/science.md §7) on sequence log-probs [G, N] (or [N]) and raw rewards.
 
     ρ = exp(logp − logp_old) per sequence; per kept group
     L_g = −mean_i min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε) A_i) + β·mean_i k3_i; loss = mean_g L_g.

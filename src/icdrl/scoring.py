@@ -1,4 +1,4 @@
-"""Stage 5: VQA scoring of candidate sequences (SPEC §5).
+"""Stage 5: VQA scoring of candidate sequences (docs/science.md §5).
 
 For every candidate sequence of every anchor, the LVLM answers the anchor greedily with the
 candidate's ICDs; the record keeps the raw and post-processed prediction,

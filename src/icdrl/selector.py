@@ -1,4 +1,4 @@
-"""The pointer selector (SPEC §7; the seed's "v2"/"v3" model).
+"""The pointer selector (docs/science.md §7; the seed's "v2"/"v3" model).
 
 Input projection d→H, L cross-attention layers in which the query attends over its pool
 (residual + LayerNorm), query/candidate projections, L2-normalised dot product divided by a
@@ -343,7 +343,7 @@ def select_for_query(model: PointerSelector, query_vec: Any, pool_vecs: Any, k: 
     return [int(i) for i in model.select(q, pool, k)]
 
 
-# ---------------------------------------------------------------------------- label order (SPEC §7)
+# ---------------------------------------------------------------------------- label order (docs/science.md §7)
 
 #: ``prompt``: taught the ICDs in prompt order (the reference implementation's); ``selection``:
 #: in the order beam search chose them (best single ICD first)

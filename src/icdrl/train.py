@@ -1,4 +1,4 @@
-"""Stage 7 — training the pointer selector (SPEC §7).
+"""Stage 7 — training the pointer selector (docs/science.md §7).
 
 * **v2** (supervised): teacher-forced cross-entropy on each anchor's top InfoScore beams,
   candidates = the anchor's whole pool, labels = pool positions.
@@ -150,7 +150,7 @@ class V2Config(_Config):
     val_fraction: float = 0.1     # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
     val_seed: int = 0             # seed of the anchor train/val split (shared by v2 and v3) [0]
     selection: str = "last"       # checkpoint kept: "last" epoch or "best" val_reward [last]
-    label_order: str = "prompt"   # labels in "prompt" order or beam "selection" order (SPEC §7) [prompt]
+    label_order: str = "prompt"   # labels in "prompt" order or beam "selection" order (docs/science.md §7) [prompt]
     save_epochs: bool = False     # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"           # torch device, "cpu" or "cuda[:i]" [cpu]
 

@@ -1,4 +1,4 @@
-"""LVLM backends (SPEC §3): ``load_backend(model_cfg, model_path)`` and the config checks.
+"""LVLM backends (docs/science.md §3): ``load_backend(model_cfg, model_path)`` and the config checks.
 
 Importing this package is cheap; transformers is imported when a backend is loaded.
 """
@@ -53,7 +53,7 @@ class ModelConfigError(ValueError):
 
 
 def check_system_prompt(system_prompt: str | None) -> None:
-    """Reject a system prompt that states a number of examples (SPEC §3; e.g. "four examples")."""
+    """Reject a system prompt that states a number of examples (docs/science.md §3; e.g. "four examples")."""
     if system_prompt is None:
         return
     if not isinstance(system_prompt, str):

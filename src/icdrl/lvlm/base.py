@@ -1,4 +1,4 @@
-"""The LVLM backend interface (SPEC §3): two questions asked of a vision-language model."""
+"""The LVLM backend interface (docs/science.md §3): two questions asked of a vision-language model."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class AnswerScore:
 
     @property
     def prob(self) -> float:
-        """P(a | ctx) = exp(mean answer-token log-prob) (SPEC §3)."""
+        """P(a | ctx) = exp(mean answer-token log-prob) (docs/science.md §3)."""
         return float(np.exp(self.mean_logprob))
 
 

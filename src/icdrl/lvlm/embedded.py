@@ -703,7 +703,7 @@ TARGETS = {
 
 
 def embed_examples(model_dir: str, examples: Sequence[Example], *, batch_size: int = 64) -> np.ndarray:
-    """SPEC §2 embeddings from the LVLM itself, float32 [N, d], L2-normalised rows.
+    """docs/science.md §2 embeddings from the LVLM itself, float32 [N, d], L2-normalised rows.
 
     The L2-normalised mean of the image embedding (mean of the vision tower's merged tokens)
     and the question embedding (mean of the question's input-token embeddings), both
@@ -720,7 +720,7 @@ def embed_examples(model_dir: str, examples: Sequence[Example], *, batch_size: i
 def similar_demos(query_emb: np.ndarray, train_emb: np.ndarray, k: int) -> list[np.ndarray]:
     """Per query, the rows of the ``k`` most cosine-similar train examples, most similar *last*.
 
-    SPEC §8: the most similar demonstration sits nearest the query.
+    docs/science.md §8: the most similar demonstration sits nearest the query.
     """
     from icdrl.pools import top_k
 
@@ -753,7 +753,7 @@ def _model_cfg(batch_size: int) -> dict:
 
 
 def infoscore_spread(backend, anchors: Sequence[Example], pools: Sequence[Sequence[Example]]) -> dict:
-    """Single-step InfoScore of every pool item (SPEC §4 with S = ∅) and its spread per anchor.
+    """Single-step InfoScore of every pool item (docs/science.md §4 with S = ∅) and its spread per anchor.
 
     ``InfoScore(c) = P(a | c, q) - P(a | q)``; spread = best item's InfoScore minus the pool's
     median. Returns per-anchor arrays ``spread``, ``best``, ``median``, ``p0`` and the gains

@@ -1,15 +1,15 @@
-"""The transformers LVLM backend (SPEC §3): ``AutoModelForImageTextToText`` + ``AutoProcessor``.
+"""The transformers LVLM backend (docs/science.md §3): ``AutoModelForImageTextToText`` + ``AutoProcessor``.
 
-One backend answers the two questions of SPEC §3 for any image-text-to-text checkpoint folder
+One backend answers the two questions of docs/science.md §3 for any image-text-to-text checkpoint folder
 whose processor has a chat template and an image placeholder token (Qwen2.5-VL, LLaVA, ...):
 
 * :meth:`HFBackend.answer_logprobs` — summed log-probabilities of the answer tokens and their
   count. The answer span is located in the *chat-formatted token ids*: the conversation with
   the answer as the assistant turn is tokenised next to the conversation ending in the
-  generation prompt, and the answer is the tokens between the two (ANCHORS defect 1 is a
+  generation prompt, and the answer is the tokens between the two (docs/defects.md defect 1 is a
   plain-text length; this never looks at one). The answer ends before the end-of-turn tokens.
 * :meth:`HFBackend.generate` — greedy decoding of ``max_new_tokens`` new tokens from the
-  generation prompt, decoded without special tokens and post-processed (SPEC §3);
+  generation prompt, decoded without special tokens and post-processed (docs/science.md §3);
   :meth:`HFBackend.generate_ids` gives the new token ids.
 
 This module is the backend; the prefix key/value cache is :mod:`icdrl.lvlm.prefix_cache` (no
@@ -1115,7 +1115,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
-        """Greedy answers, decoded without special tokens, post-processed (SPEC §3)."""
+        """Greedy answers, decoded without special tokens, post-processed (docs/science.md §3)."""
         toks = self.generate_ids(prompts, max_new_tokens)
         texts = self.tokenizer.batch_decode([list(t) for t in toks], skip_special_tokens=True) if toks else []
         return [Generation(raw=raw, answer=postprocess(raw)) for raw in texts]

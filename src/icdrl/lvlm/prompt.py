@@ -1,4 +1,4 @@
-"""The prompt format of SPEC §3 and answer post-processing.
+"""The prompt format of docs/science.md §3 and answer post-processing.
 
 One user turn holds, per demonstration (ICD) in selection order,
 ``<image> Question: {q} Short answer: {a}``, then ``<image> Question: {q} Short answer:`` for
@@ -53,7 +53,7 @@ def build_messages(
 
 
 def postprocess(raw: str) -> str:
-    """Strip, cut at a newline or the next "Question"/"Short answer", lower-case (SPEC §3)."""
+    """Strip, cut at a newline or the next "Question"/"Short answer", lower-case (docs/science.md §3)."""
     m = _STOP.search(raw)
     cut = raw[: m.start()] if m else raw
     return cut.strip().strip(".").strip().lower()

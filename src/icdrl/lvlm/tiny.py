@@ -18,7 +18,7 @@ from pathlib import Path
 
 from icdrl.data import EASYVQA_COLORS, EASYVQA_SHAPES
 
-#: Words every tiny tokenizer knows: the SPEC §3 prompt, easy-VQA's vocabulary, digits.
+#: Words every tiny tokenizer knows: the docs/science.md §3 prompt, easy-VQA's vocabulary, digits.
 DEFAULT_WORDS: tuple[str, ...] = (
     *"question short answer : ? . , ' -".split(),
     *"what is the color of shape does image contain a an there not no in present yes".split(),

@@ -1,4 +1,4 @@
-"""The report (SPEC §10): tables with paired bootstrap intervals, RL-data diagnostics, plots.
+"""The report (docs/science.md §10): tables with paired bootstrap intervals, RL-data diagnostics, plots.
 
 Entry point for the workflow's final rule::
 
@@ -14,7 +14,7 @@ Entry point for the workflow's final rule::
   Intervals are 95% (``LEVEL``); p-values come from the same resamples, so n_boot bounds the
   smallest one (2/(n_boot + 1)) and with it how large a family Holm can resolve.
 
-The statistics (SPEC §10) are a library the tables call: :mod:`.bootstrap` (two-level clustered
+The statistics (docs/science.md §10) are a library the tables call: :mod:`.bootstrap` (two-level clustered
 paired bootstrap: ``paired_bootstrap``, ``Interval`` with ``p``, ``se``, ``mde()``, ``parts``),
 :mod:`.compare` (``compare`` one pair at one shot, ``family`` one experiment's comparisons: repeats
 counted once, Holm), :mod:`.multiplicity` (``holm``), :mod:`.power` (``power_plan``,

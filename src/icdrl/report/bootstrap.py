@@ -1,4 +1,4 @@
-"""Seeded, vectorised two-level clustered percentile bootstrap (SPEC §10).
+"""Seeded, vectorised two-level clustered percentile bootstrap (docs/science.md §10).
 
 One comparison at one shot has, per side (method A, method B), a matrix ``X[s, q]`` of
 per-query accuracies: one row per training seed (one row for a method without seeds), one

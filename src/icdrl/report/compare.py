@@ -1,4 +1,4 @@
-"""Paired comparisons of two evaluated methods at one shot, and families of them (SPEC §10).
+"""Paired comparisons of two evaluated methods at one shot, and families of them (docs/science.md §10).
 
 Seeds: when both methods have runs for some common seeds, only those seeds are used, paired
 (a v3 cell of seed s against legacy of seed s; one seed draw for both sides). When they share no

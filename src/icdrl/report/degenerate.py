@@ -1,4 +1,4 @@
-"""Comparisons that cannot differ (SPEC §10): detected, so the report says so instead of testing them.
+"""Comparisons that cannot differ (docs/science.md §10): detected, so the report says so instead of testing them.
 
 Two ways a paired delta is zero by construction:
 

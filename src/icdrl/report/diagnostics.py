@@ -1,4 +1,4 @@
-"""How the LVLM uses its demonstrations (SPEC §8, §10): copy rates, answer form, ablations.
+"""How the LVLM uses its demonstrations (docs/science.md §8, §10): copy rates, answer form, ablations.
 
 Everything here is computed from the evaluation records (prediction, ICD ids, accuracy) and the
 training split's answers table (:mod:`icdrl.answers`), so it can be re-derived and re-plotted

@@ -1,4 +1,4 @@
-"""One table per configured experiment (SPEC §9, §10): every level of its contrasted axis against
+"""One table per configured experiment (docs/science.md §9, §10): every level of its contrasted axis against
 the reference level, per shot, with paired bootstrap intervals.
 
 An experiment arrives as :meth:`icdrl.grid.Experiment.as_dict` (the report rule's ``experiments``

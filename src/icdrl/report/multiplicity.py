@@ -1,4 +1,4 @@
-"""Holm's step-down adjustment over one family of comparisons (SPEC §10).
+"""Holm's step-down adjustment over one family of comparisons (docs/science.md §10).
 
 For m p-values sorted ascending p_(1) ≤ … ≤ p_(m), the adjusted values are
 ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1)·p_(j))``; a comparison is significant at level α after

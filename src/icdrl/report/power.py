@@ -1,4 +1,4 @@
-"""Power (SPEC §10): minimum detectable effects and the test set that would resolve a given delta.
+"""Power (docs/science.md §10): minimum detectable effects and the test set that would resolve a given delta.
 
 Each comparison's bootstrap carries :class:`~icdrl.report.bootstrap.VarianceParts` (seed,
 query and seed × query variance, per unit). Its variance with S seeds and Q queries is

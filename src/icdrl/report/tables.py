@@ -399,7 +399,7 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
 
 
 def per_shot_table(data: EvalData) -> Table:
-    """Which v3 cell ``per_shot`` uses at each shot and seed, and its validation accuracy (SPEC §8)."""
+    """Which v3 cell ``per_shot`` uses at each shot and seed, and its validation accuracy (docs/science.md §8)."""
     rows = []
     for (s_, k), (cell, acc, n) in sorted(data.per_shot.items(), key=lambda kv: (kv[0][1], -1 if kv[0][0] is None else kv[0][0])):
         m = data.methods.get(f"v3:{cell}")
