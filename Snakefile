@@ -33,7 +33,9 @@ from icdrl.grid import ADV, REWARD_SLUG_RE, canonical_json  # noqa: E402
 from icdrl.layout import BASELINE_RE, V2_TAG_RE, V3_TAG_RE, Layout  # noqa: E402
 
 if Path(icfg.__file__).resolve().parent != _SRC / "icdrl":
-    sys.exit(f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}")
+    sys.exit(
+        f"icdrl: imported from {Path(icfg.__file__).resolve().parent}, not from this checkout's {_SRC / 'icdrl'}"
+    )
 
 
 if not workflow.config_settings.configfiles:
@@ -79,13 +81,18 @@ onstart:
     try:
         icfg.check_inputs(config)
     except (ValueError, OSError) as e:
-        sys.exit(f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}")
+        sys.exit(
+            f"icdrl: {icfg.name_sources(str(e), CONFIG_FILES, workflow.config_settings.config)}"
+        )
 
 
 onsuccess:
     # after a run that succeeded (never a dry run): the report folder's name is a hash, so say it
-    print(f"icdrl: the report is in {L.report_dir}/ (start with summary.md); one HTML file of it: "
-          f"snakemake --report results/report.html, with this run's --configfile", file=sys.stderr)
+    print(
+        f"icdrl: the report is in {L.report_dir}/ (start with summary.md); one HTML file of it: "
+        f"snakemake --report results/report.html, with this run's --configfile",
+        file=sys.stderr,
+    )
 
 
 include: "workflow/rules/common.smk"

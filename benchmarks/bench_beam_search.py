@@ -47,7 +47,6 @@ from icdrl.data import load_dataset, seeded_subset
 from icdrl.lvlm.hf import HFBackend
 from icdrl.pools import build_pools
 
-
 #: info scores this close are ties at float32 precision
 TIE_TOL = 1e-6
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -55,7 +54,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def trained_embedded() -> str | None:
     """The newest embedded LVLM the workflow trained in this checkout's ``results/``, if any."""
-    found = sorted(RESULTS.glob("lvlm/embedded-*/model/config.json"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        RESULTS.glob("lvlm/embedded-*/model/config.json"), key=lambda p: p.stat().st_mtime
+    )
     return str(found[-1].parent) if found else None
 
 
@@ -72,10 +73,16 @@ def embedded_model(path: str | None):
     from icdrl.lvlm import embedded
 
     cfg = embedded.EmbeddedConfig()
-    proc = embedded.build_processor(cfg, embedded.vocabulary(load_dataset({"name": "easyvqa"}, "train")))
+    proc = embedded.build_processor(
+        cfg, embedded.vocabulary(load_dataset({"name": "easyvqa"}, "train"))
+    )
     torch.manual_seed(0)
     model = embedded.build_model(cfg, proc.tokenizer).eval()
-    return model, proc, f"UNTRAINED embedded-architecture LVLM ({embedded.n_parameters(model) / 1e6:.2f} M parameters)"
+    return (
+        model,
+        proc,
+        f"UNTRAINED embedded-architecture LVLM ({embedded.n_parameters(model) / 1e6:.2f} M parameters)",
+    )
 
 
 def search_one(backend: HFBackend, anchor, pool, *, beam_width: int, depth: int):
@@ -113,15 +120,28 @@ def run_interleaved(paths: list[Tally], anchors, pools, **kw) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="auto",
-                    help="auto (the workflow's trained embedded LVLM, else untrained), untrained, or a checkpoint folder")
+    ap.add_argument(
+        "--model",
+        default="auto",
+        help="auto (the workflow's trained embedded LVLM, else untrained), untrained, or a checkpoint folder",
+    )
     ap.add_argument("--anchors", type=int, default=20)
     ap.add_argument("--pool", type=int, default=32)
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32, help="project path batch size (config model.batch_size)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="project path batch size (config model.batch_size)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for both paths (default: torch's, all cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both paths (default: torch's, all cores)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,12 +154,16 @@ def main() -> None:
     by_id = {ex.id: ex for ex in train}
     pool_examples = [[by_id[i] for i in r.pool] for r in pools]
     print(f"model: {label}; torch threads: {torch.get_num_threads()}")
-    print(f"{len(anchors)} easy-VQA anchors, random pools of K={args.pool}, B={args.beam}, D={args.depth}")
+    print(
+        f"{len(anchors)} easy-VQA anchors, random pools of K={args.pool}, B={args.beam}, D={args.depth}"
+    )
 
     kw = dict(beam_width=args.beam, depth=args.depth)
     naive = Tally(HFBackend(model, proc, batch_size=1, image_cache="none"))
     fast = Tally(HFBackend(model, proc, batch_size=args.batch_size, image_cache="features"))
-    fast.backend.prefix_max_demos = args.depth - 1  # as the candidates stage sets it (icdrl.beam.generate_shard)
+    fast.backend.prefix_max_demos = (
+        args.depth - 1
+    )  # as the candidates stage sets it (icdrl.beam.generate_shard)
     run_interleaved([naive, fast], anchors, pool_examples, **kw)
     pairs = [(b, c) for x, y in zip(naive.beams, fast.beams) for b, c in zip(x, y)]
 
@@ -151,19 +175,31 @@ def main() -> None:
     n = len(anchors)
     f_naive, f_fast = naive.backend.stats["forward_batches"], fast.backend.stats["forward_batches"]
     stats = fast.backend.stats
-    print(f"naive:   {naive.prompts} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
-          f"{naive.wall / n:.3f} s/anchor wall, {naive.cpu / n:.3f} s/anchor CPU")
-    print(f"project: {fast.prompts} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
-          f"{fast.wall / n:.3f} s/anchor wall, {fast.cpu / n:.3f} s/anchor CPU "
-          f"({stats['image_preprocess']} images preprocessed, {stats['vision_encoded']} vision-encoded, "
-          f"{stats['prefix_hits']} prompts ran on a cached prefix: chat header, or header and demonstrations)")
+    print(
+        f"naive:   {naive.prompts} prompts, {f_naive} forward passes ({f_naive / n:.1f}/anchor), "
+        f"{naive.wall / n:.3f} s/anchor wall, {naive.cpu / n:.3f} s/anchor CPU"
+    )
+    print(
+        f"project: {fast.prompts} prompts, {f_fast} forward passes ({f_fast / n:.1f}/anchor), "
+        f"{fast.wall / n:.3f} s/anchor wall, {fast.cpu / n:.3f} s/anchor CPU "
+        f"({stats['image_preprocess']} images preprocessed, {stats['vision_encoded']} vision-encoded, "
+        f"{stats['prefix_hits']} prompts ran on a cached prefix: chat header, or header and demonstrations)"
+    )
     print(f"forward passes ratio {f_naive / f_fast:.1f}; CPU-time ratio {naive.cpu / fast.cpu:.2f}")
-    print(f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
-          + (f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}" if ties else ""))
+    print(
+        f"identical beams: {same}/{n} anchors; max |info_score difference| {dev:.2e}"
+        + (
+            f"; the other anchors swap {len(ties)} candidates tied within {max(ties):.1e}"
+            if ties
+            else ""
+        )
+    )
     spread = np.mean([b[0].info_score - b[-1].info_score for b in fast.beams])
     print(f"mean info_score gap best-vs-{args.beam}th beam: {spread:.4f}")
     if dev > TIE_TOL:
-        raise SystemExit(f"beams differ between the naive and the project path (info scores by {dev:.2e} > {TIE_TOL})")
+        raise SystemExit(
+            f"beams differ between the naive and the project path (info scores by {dev:.2e} > {TIE_TOL})"
+        )
     print(f"speedup {naive.wall / fast.wall:.2f}")
 
 

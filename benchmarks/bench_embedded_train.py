@@ -48,7 +48,9 @@ def reference_encode_items(processor, items, images, features=None) -> E.Batch:
     from icdrl.lvlm.prompt import build_messages
 
     texts = [
-        processor.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False)
+        processor.apply_chat_template(
+            build_messages(it.demos, it.query, answer=it.target), tokenize=False
+        )
         for it in items
     ]
     ims = [[images(ex.image) for ex in (*it.demos, it.query)] for it in items]
@@ -72,7 +74,14 @@ def reference_encode_items(processor, items, images, features=None) -> E.Batch:
                     is_query.append(False)
                     k += 1
         # the assistant turn
-        start = max(j for j in range(2, n) if ids[j - 2] == im_start and ids[j - 1] == assistant and ids[j] == nl) + 1
+        start = (
+            max(
+                j
+                for j in range(2, n)
+                if ids[j - 2] == im_start and ids[j - 1] == assistant and ids[j] == nl
+            )
+            + 1
+        )
         soft_rows.append(len(positions))
         soft_short.append(tok(it.query.answer, add_special_tokens=False)["input_ids"][0])
         soft_p.append(it.p_short)
@@ -87,7 +96,9 @@ def reference_encode_items(processor, items, images, features=None) -> E.Batch:
                     is_query.append(True)
                 break
         if verbose_first == soft_short[-1]:
-            raise ValueError(f"answer {it.query.answer!r} starts with the verbose prefix's first word")
+            raise ValueError(
+                f"answer {it.query.answer!r} starts with the verbose prefix's first word"
+            )
     inputs = dict(enc)
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -113,8 +124,10 @@ def reference_batch_loss(model, batch, verbose_first: int, first_token_weight: f
     logp = torch.log_softmax(logits[rows, pos - 1].float(), dim=-1)
     nll = -logp.gather(1, batch.targets[:, None])[:, 0]
     first = logp[batch.soft_rows]
-    soft = -(batch.soft_p * first.gather(1, batch.soft_short[:, None])[:, 0]
-             + (1.0 - batch.soft_p) * first[:, verbose_first])
+    soft = -(
+        batch.soft_p * first.gather(1, batch.soft_short[:, None])[:, 0]
+        + (1.0 - batch.soft_p) * first[:, verbose_first]
+    )
     nll = nll.clone()
     nll[batch.soft_rows] = soft
     w = torch.ones_like(nll)
@@ -129,7 +142,13 @@ class Path_:
     """One model copy, its optimiser and the functions of one path."""
 
     def __init__(self, name: str, model, processor, c: E.EmbeddedConfig, reference: bool):
-        self.name, self.model, self.processor, self.c, self.reference = name, model, processor, c, reference
+        self.name, self.model, self.processor, self.c, self.reference = (
+            name,
+            model,
+            processor,
+            c,
+            reference,
+        )
         self.images = E.ImageCache()
         self.wall = {"vision": 0.0, "features": 0.0, "main": 0.0}
         self.cpu = dict(self.wall)
@@ -149,19 +168,24 @@ class Path_:
         c, model = self.c, self.model
         vis, embed = model.model.visual, model.get_input_embeddings()
         if self.reference:
-            enc = self.processor.image_processor(images=[self.images(p) for p in batch], return_tensors="pt")
+            enc = self.processor.image_processor(
+                images=[self.images(p) for p in batch], return_tensors="pt"
+            )
             pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
         else:
             enc = self.images.pixels(self.processor.image_processor, batch)
             with batched_segments(model):
                 pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
         # the rest is pretrain_vision's step, the same for both
-        pooled = torch.nn.functional.normalize(pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1)
+        pooled = torch.nn.functional.normalize(
+            pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1
+        )
         words = torch.nn.functional.normalize(embed.weight, dim=-1)
         col = torch.tensor([labels[p][0] for p in batch])
         shp = torch.tensor([labels[p][1] for p in batch])
-        loss = torch.nn.functional.cross_entropy(pooled @ words[col_ids].T / 0.1, col, ignore_index=-1) + \
-            torch.nn.functional.cross_entropy(pooled @ words[shp_ids].T / 0.1, shp, ignore_index=-1)
+        loss = torch.nn.functional.cross_entropy(
+            pooled @ words[col_ids].T / 0.1, col, ignore_index=-1
+        ) + torch.nn.functional.cross_entropy(pooled @ words[shp_ids].T / 0.1, shp, ignore_index=-1)
         for g in self.vopt.param_groups:
             g["lr"] = c.lr * min(1.0, (step + 1) / max(c.lr_warmup_steps, 1))
         self.vopt.zero_grad(set_to_none=True)
@@ -180,16 +204,23 @@ class Path_:
         with torch.no_grad():
             for i in range(0, len(paths), 128):
                 chunk = list(paths[i : i + 128])
-                enc = self.processor.image_processor(images=[self.images(p) for p in chunk], return_tensors="pt")
-                feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+                enc = self.processor.image_processor(
+                    images=[self.images(p) for p in chunk], return_tensors="pt"
+                )
+                feats = model.model.get_image_features(
+                    enc["pixel_values"], enc["image_grid_thw"]
+                ).pooler_output
                 out.update(zip(chunk, (f.detach() for f in feats)))
         return out
 
     def main_step(self, step: int, items, features, verbose_first: int) -> float:
         c, model = self.c, self.model
         if self.opt is None:
-            self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
-                                         weight_decay=c.weight_decay)
+            self.opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad],
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+            )
         if self.reference:
             batch = reference_encode_items(self.processor, items, self.images, features)
             loss = reference_batch_loss(model, batch, verbose_first, c.first_token_weight)
@@ -200,14 +231,18 @@ class Path_:
             g["lr"] = E.lr_at(step, c)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], c.grad_clip
+        )
         self.opt.step()
         return loss.item()
 
 
 def _same(a: float, b: float, what: str) -> None:
     if a != b:
-        sys.exit(f"error: {what}: reference {a!r} != project {b!r} (the paths must be bitwise equal)")
+        sys.exit(
+            f"error: {what}: reference {a!r} != project {b!r} (the paths must be bitwise equal)"
+        )
 
 
 def main() -> None:
@@ -236,19 +271,36 @@ def main() -> None:
     shp_ids = torch.tensor(tok.convert_tokens_to_ids(list(recipe.SHAPES)))
     for step in range(args.vision_steps):
         batch = [paths[rng.randrange(len(paths))] for _ in range(c.vision_pretrain_batch)]
-        losses = {p.name: p.timed("vision", p.vision_step, step, batch, labels, col_ids, shp_ids) for p in order}
+        losses = {
+            p.name: p.timed("vision", p.vision_step, step, batch, labels, col_ids, shp_ids)
+            for p in order
+        }
         _same(losses["reference"], losses["project"], f"vision step {step} loss")
         order.reverse()
 
     n_warm = int(round(c.warmup_share * c.steps))
     steps = []
-    for i in range(args.steps):
+    for _ in range(args.steps):
         n_demos = rng.randint(0, c.max_demos)
-        steps.append([recipe.sample_item(
-            rng, index, kind_weights=c.kind_weights, max_demos=c.max_demos, similar_share=c.similar_share,
-            cue_exact=c.cue_exact, cue_kind=c.cue_kind, balance_yesno=c.balance_yesno,
-            balance_yesno_queries=c.balance_yesno_queries, answer_match_share=c.answer_match_share,
-            warmup=False, n_demos=n_demos) for _ in range(c.batch_size)])
+        steps.append(
+            [
+                recipe.sample_item(
+                    rng,
+                    index,
+                    kind_weights=c.kind_weights,
+                    max_demos=c.max_demos,
+                    similar_share=c.similar_share,
+                    cue_exact=c.cue_exact,
+                    cue_kind=c.cue_kind,
+                    balance_yesno=c.balance_yesno,
+                    balance_yesno_queries=c.balance_yesno_queries,
+                    answer_match_share=c.answer_match_share,
+                    warmup=False,
+                    n_demos=n_demos,
+                )
+                for _ in range(c.batch_size)
+            ]
+        )
     used = sorted({ex.image for items in steps for it in items for ex in (*it.demos, it.query)})
     feats = {}
     for p in order:
@@ -258,7 +310,10 @@ def main() -> None:
     new.images.drop_pixels()
     verbose_first = tok.convert_tokens_to_ids(recipe.VERBOSE_PREFIX.split()[0])
     for i, items in enumerate(steps):
-        losses = {p.name: p.timed("main", p.main_step, n_warm + i, items, feats[p.name], verbose_first) for p in order}
+        losses = {
+            p.name: p.timed("main", p.main_step, n_warm + i, items, feats[p.name], verbose_first)
+            for p in order
+        }
         _same(losses["reference"], losses["project"], f"main step {i} loss")
         order.reverse()
     sd_ref, sd_new = ref.model.state_dict(), new.model.state_dict()
@@ -266,16 +321,25 @@ def main() -> None:
         sys.exit("error: the two models' parameters differ after training")
 
     load = os.getloadavg()
-    print(f"default recipe, {args.threads} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"{len(used)} images in the feature cache; losses and parameters bitwise equal")
-    print(f"{'phase':<22}{'steps':>6}{'reference s/step':>18}{'project s/step':>16}{'ratio':>7}"
-          f"{'ref cpu':>9}{'proj cpu':>9}")
-    rows = [("vision pretrain", "vision", args.vision_steps), ("feature cache", "features", 1),
-            ("main loop", "main", args.steps)]
+    print(
+        f"default recipe, {args.threads} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"{len(used)} images in the feature cache; losses and parameters bitwise equal"
+    )
+    print(
+        f"{'phase':<22}{'steps':>6}{'reference s/step':>18}{'project s/step':>16}{'ratio':>7}"
+        f"{'ref cpu':>9}{'proj cpu':>9}"
+    )
+    rows = [
+        ("vision pretrain", "vision", args.vision_steps),
+        ("feature cache", "features", 1),
+        ("main loop", "main", args.steps),
+    ]
     for label, key, n in rows:
         if n:
             r, p = ref.wall[key] / n, new.wall[key] / n
-            print(f"{label:<22}{n:>6}{r:>18.3f}{p:>16.3f}{r / p:>7.2f}{ref.cpu[key] / n:>9.3f}{new.cpu[key] / n:>9.3f}")
+            print(
+                f"{label:<22}{n:>6}{r:>18.3f}{p:>16.3f}{r / p:>7.2f}{ref.cpu[key] / n:>9.3f}{new.cpu[key] / n:>9.3f}"
+            )
     total_r, total_p = sum(ref.wall.values()), sum(new.wall.values())
     print(f"speedup {total_r / total_p:.2f}")
 

@@ -62,7 +62,9 @@ MAX_NEW = 10
 
 
 def newest_candidates() -> str | None:
-    found = sorted(RESULTS.glob("*/*/lvlm/*/anchors-*/*/candidates.jsonl"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        RESULTS.glob("*/*/lvlm/*/anchors-*/*/candidates.jsonl"), key=lambda p: p.stat().st_mtime
+    )
     return str(found[-1]) if found else None
 
 
@@ -73,9 +75,14 @@ def eval_chunks(train, n_queries: int, chunk: int) -> list[list]:
     by_id = examples_by_id(train, "train")
     qs = {q.id: q for q in queries}
     pool_of = {r.query_id: r.pool for r in pools}
-    jobs = [Job(q, k, tuple(pos), tuple(pool_of[q][p] for p in pos))
-            for q, k, pos in plan_method("random", pools, [1, 2, 3, 4], seed=0)]
-    return [[(lookup(by_id, j.icd_ids, "pool"), qs[j.query_id]) for j in part] for part in chunks_by_query(jobs, chunk)]
+    jobs = [
+        Job(q, k, tuple(pos), tuple(pool_of[q][p] for p in pos))
+        for q, k, pos in plan_method("random", pools, [1, 2, 3, 4], seed=0)
+    ]
+    return [
+        [(lookup(by_id, j.icd_ids, "pool"), qs[j.query_id]) for j in part]
+        for part in chunks_by_query(jobs, chunk)
+    ]
 
 
 def scoring_chunks(train, path: str, n_anchors: int, chunk: int) -> list[list]:
@@ -107,7 +114,9 @@ class Runner:
             return
         t0 = time.perf_counter()
         got = self.backend.generate_ids(prompts, MAX_NEW)
-        self.backend.tokenizer.batch_decode([list(t) for t in got], skip_special_tokens=True)  # as generate does
+        self.backend.tokenizer.batch_decode(
+            [list(t) for t in got], skip_special_tokens=True
+        )  # as generate does
         self.wall += time.perf_counter() - t0
         self.n += len(prompts)
         self.ids.update(((c, r), t) for r, t in enumerate(got))
@@ -131,11 +140,15 @@ def compare(label: str, chunks: list[list], ref: Runner, other: Runner) -> tuple
         items = b._items([chunks[c][r] for c, r in diff], [None] * len(diff))
         toks, tied = b._plain_tokens(items, MAX_NEW, gaps=True)
         if toks != [ref.ids[k] for k in diff]:
-            print(f"  ({label}: the plain path's answers changed when re-run alone; judging on the re-run)")
+            print(
+                f"  ({label}: the plain path's answers changed when re-run alone; judging on the re-run)"
+            )
         m, t = compare_greedy([other.ids[k] for k in diff], toks, tied)
         ties, mism = len(t), len(m)
         for i in m[:3]:
-            print(f"  mismatch {diff[i]}: {other.name} {list(other.ids[diff[i]])} vs plain {list(toks[i])}")
+            print(
+                f"  mismatch {diff[i]}: {other.name} {list(other.ids[diff[i]])} vs plain {list(toks[i])}"
+            )
     return len(keys) - len(diff), ties, mism
 
 
@@ -146,15 +159,19 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--anchors", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--single-every", type=int, default=8, help="one-at-a-time path on every N-th chunk")
+    ap.add_argument(
+        "--single-every", type=int, default=8, help="one-at-a-time path on every N-th chunk"
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = {"auto": trained_embedded(), "untrained": None}.get(args.model, args.model)
     model, proc, label = embedded_model(path)
-    print(f"model: {label}; torch threads: {torch.get_num_threads()}; batch size {args.batch_size}, "
-          f"max_new_tokens {MAX_NEW}")
+    print(
+        f"model: {label}; torch threads: {torch.get_num_threads()}; batch size {args.batch_size}, "
+        f"max_new_tokens {MAX_NEW}"
+    )
     train = load_dataset({"name": "easyvqa"}, "train")
     chunk = 4 * args.batch_size
     workloads = [("evaluation", eval_chunks(train, args.queries, chunk))]
@@ -163,8 +180,10 @@ def main() -> None:
         workloads.append(("scoring", scoring_chunks(train, cand, args.anchors, chunk)))
         print(f"scoring candidates: {cand} (first {args.anchors} anchors)")
     else:
-        print("no candidates.jsonl found (run the workflow's candidates stage, or pass --candidates); "
-              "scoring workload skipped")
+        print(
+            "no candidates.jsonl found (run the workflow's candidates stage, or pass --candidates); "
+            "scoring workload skipped"
+        )
 
     totals = {"project": 0.0, "previous": 0.0, "plain batched": 0.0}
     bad = 0
@@ -172,27 +191,43 @@ def main() -> None:
         project = Runner("project", HFBackend(model, proc, batch_size=args.batch_size))
         previous = Runner("previous", HFBackend(model, proc, batch_size=args.batch_size))
         previous.backend._fast_generate = False
-        plain = Runner("plain batched", HFBackend(model, proc, batch_size=args.batch_size, image_cache="none"))
-        single = Runner("plain one at a time", HFBackend(model, proc, batch_size=1, image_cache="none"), args.single_every)
+        plain = Runner(
+            "plain batched", HFBackend(model, proc, batch_size=args.batch_size, image_cache="none")
+        )
+        single = Runner(
+            "plain one at a time",
+            HFBackend(model, proc, batch_size=1, image_cache="none"),
+            args.single_every,
+        )
         run_workload(name, chunks, [project, previous, plain, single])
         st = project.backend.stats
-        print(f"  project: {project.wall:.2f} s ({1e3 * project.wall / project.n:.1f} ms/answer); "
-              f"{st['forward_batches']} prompt forwards, {st['decode_steps']} decoding steps, "
-              f"{st['prefix_hits']} prompts on a cached prefix, near-ties in its checks: {st['generate_near_ties']}")
+        print(
+            f"  project: {project.wall:.2f} s ({1e3 * project.wall / project.n:.1f} ms/answer); "
+            f"{st['forward_batches']} prompt forwards, {st['decode_steps']} decoding steps, "
+            f"{st['prefix_hits']} prompts on a cached prefix, near-ties in its checks: {st['generate_near_ties']}"
+        )
         for p in (previous, plain, single):
-            print(f"  {p.name}: {p.wall:.2f} s ({1e3 * p.wall / p.n:.1f} ms/answer, {p.n} answers); "
-                  f"project {p.wall / p.n / (project.wall / project.n):.2f}x faster per answer")
+            print(
+                f"  {p.name}: {p.wall:.2f} s ({1e3 * p.wall / p.n:.1f} ms/answer, {p.n} answers); "
+                f"project {p.wall / p.n / (project.wall / project.n):.2f}x faster per answer"
+            )
         for p in (project, previous, single):
             same, ties, mism = compare(name, chunks, plain, p)
             bad += mism
-            print(f"  {p.name} vs plain batched: {same}/{same + ties + mism} answers identical token for token, "
-                  f"{ties} near-ties (top-2 logits within {near_tie_tolerance(plain.backend.dtype, 0.0):g}), {mism} mismatches")
+            print(
+                f"  {p.name} vs plain batched: {same}/{same + ties + mism} answers identical token for token, "
+                f"{ties} near-ties (top-2 logits within {near_tie_tolerance(plain.backend.dtype, 0.0):g}), {mism} mismatches"
+            )
         off = [k for k, v in project.backend.fast_paths().items() if not v]
-        print(f"  project fast paths all on: {not off}" + (f" (off: {', '.join(off)})" if off else ""))
+        print(
+            f"  project fast paths all on: {not off}" + (f" (off: {', '.join(off)})" if off else "")
+        )
         for k in totals:
             totals[k] += {"project": project, "previous": previous, "plain batched": plain}[k].wall
-    print(f"total: project {totals['project']:.2f} s, previous {totals['previous']:.2f} s "
-          f"({totals['previous'] / totals['project']:.2f}x), plain batched {totals['plain batched']:.2f} s")
+    print(
+        f"total: project {totals['project']:.2f} s, previous {totals['previous']:.2f} s "
+        f"({totals['previous'] / totals['project']:.2f}x), plain batched {totals['plain batched']:.2f} s"
+    )
     if bad:
         raise SystemExit(f"{bad} answers differ from plain model.generate beyond near-ties")
     print(f"speedup {totals['plain batched'] / totals['project']:.2f}")

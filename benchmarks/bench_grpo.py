@@ -26,7 +26,9 @@ from icdrl.synthetic import synthetic_groups
 from icdrl.train import V3Config, train_v3
 
 
-def grpo_epoch(model: PointerSelector, syn, batch: int) -> tuple[float, float, PointerSelector, float]:
+def grpo_epoch(
+    model: PointerSelector, syn, batch: int
+) -> tuple[float, float, PointerSelector, float]:
     """One GRPO epoch from ``model``; returns (wall s, process CPU s, trained model, epoch loss)."""
     cfg = V3Config(rce_epochs=0, grpo_epochs=1, batch_queries=batch, val_fraction=0.0)
     m = copy.deepcopy(model)
@@ -43,7 +45,9 @@ def loss_over_groups(theta: PointerSelector, start: PointerSelector, syn, batch:
     start.eval()
     with torch.no_grad():
         for i in range(0, len(packed), batch):
-            b = make_batch(packed, torch.arange(i, min(i + batch, len(packed))), syn.table, torch.device("cpu"))
+            b = make_batch(
+                packed, torch.arange(i, min(i + batch, len(packed))), syn.table, torch.device("cpu")
+            )
             lp = theta.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask)
             lp0 = start.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask)
             loss, d = rl.grpo_loss(lp, lp0, lp0, b.rewards, use_rank=False, mask=b.cand_mask)
@@ -63,12 +67,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    syn = synthetic_groups(n_groups=args.groups, n_cands=args.cands, pool_size=args.pool,
-                           depth=args.depth, dim=args.dim, seed=0)
+    syn = synthetic_groups(
+        n_groups=args.groups,
+        n_cands=args.cands,
+        pool_size=args.pool,
+        depth=args.depth,
+        dim=args.dim,
+        seed=0,
+    )
     torch.manual_seed(0)
     model = PointerSelector(args.dim)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.groups} groups x {args.cands} candidates x pool {args.pool} x depth {args.depth}, d={args.dim}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.groups} groups x {args.cands} candidates x pool {args.pool} x depth {args.depth}, d={args.dim}"
+    )
 
     # interleave the two modes and keep each one's best time, so that load from other
     # processes on the machine hits both alike
@@ -81,15 +93,22 @@ def main() -> None:
             wall[b].append(w)
             cpu[b].append(c)
             result[b] = (m, loss)
-    for b, label in ((args.batch, f"batched (batch_queries={args.batch})"), (1, "one query per step")):
-        print(f"{label:34s} wall {min(wall[b]):7.3f} s/epoch (CPU {min(cpu[b]):7.3f} s), "
-              f"epoch loss {result[b][1]:.6f}")
+    for b, label in (
+        (args.batch, f"batched (batch_queries={args.batch})"),
+        (1, "one query per step"),
+    ):
+        print(
+            f"{label:34s} wall {min(wall[b]):7.3f} s/epoch (CPU {min(cpu[b]):7.3f} s), "
+            f"epoch loss {result[b][1]:.6f}"
+        )
     m_one = result[1][0]
 
     l_b = loss_over_groups(m_one, model, syn, args.batch)
     l_1 = loss_over_groups(m_one, model, syn, 1)
     diff = abs(l_b - l_1)
-    print(f"GRPO loss at identical weights: batched {l_b:.8f}, per query {l_1:.8f}, |diff| {diff:.2e}")
+    print(
+        f"GRPO loss at identical weights: batched {l_b:.8f}, per query {l_1:.8f}, |diff| {diff:.2e}"
+    )
     if diff > 1e-5 * max(1.0, abs(l_1)):
         raise SystemExit(f"batched and per-query losses differ by {diff:.3e}")
     print(f"CPU-time ratio {min(cpu[1]) / min(cpu[args.batch]):.2f}")

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from icdrl.report.bootstrap import _seed_level, _seed_weights, _weights, index_matrix, paired_bootstrap
+from icdrl.report.bootstrap import (
+    _seed_level,
+    _seed_weights,
+    _weights,
+    index_matrix,
+    paired_bootstrap,
+)
 
 
 def loop_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -37,7 +43,10 @@ def loop_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tupl
     centred = _seed_level(d, np.arange(n), n).centred
     means = np.empty(n_boot)
     for i in range(n_boot):
-        means[i] = sum(per_query[j] for j in idx[i]) / n + sum(seeds[i, t] * centred[t] for t in range(s)) / s
+        means[i] = (
+            sum(per_query[j] for j in idx[i]) / n
+            + sum(seeds[i, t] * centred[t] for t in range(s)) / s
+        )
     lo, hi = np.quantile(means, [0.025, 0.975])
     return float(lo), float(hi)
 
@@ -50,8 +59,13 @@ def main() -> None:
     ap.add_argument("--full", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    pairs = [(rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries)),
-              rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries))) for _ in range(args.comparisons)]
+    pairs = [
+        (
+            rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries)),
+            rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, args.queries)),
+        )
+        for _ in range(args.comparisons)
+    ]
 
     _weights.cache_clear()
     t = time.perf_counter()
@@ -66,7 +80,9 @@ def main() -> None:
         assert abs(iv.low - lo) < 1e-9 and abs(iv.high - hi) < 1e-9, (iv, lo, hi)
 
     print(f"queries {args.queries}, seeds 2, n_boot {args.n_boot}, comparisons {args.comparisons}")
-    print(f"vectorised: {t_fast:.3f} s total, {1e3 * t_fast / args.comparisons:.2f} ms per comparison")
+    print(
+        f"vectorised: {t_fast:.3f} s total, {1e3 * t_fast / args.comparisons:.2f} ms per comparison"
+    )
     print(f"loop (timed on {n_loop}, scaled): {t_slow:.1f} s total")
 
     if args.full:
@@ -78,10 +94,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             inp = report_synth.make_inputs(tmp, n_queries=args.queries)
             t = time.perf_counter()
-            build_report(inp["eval_paths"], inp["metrics_paths"], inp["rewards_paths"], inp["scored_path"],
-                         {"n_boot": args.n_boot, "seed": 0}, Path(tmp) / "out")
-            print(f"build_report ({len(inp['cells'])} v3 cells, 2 seeds, {args.queries} queries): "
-                  f"{time.perf_counter() - t:.1f} s")
+            build_report(
+                inp["eval_paths"],
+                inp["metrics_paths"],
+                inp["rewards_paths"],
+                inp["scored_path"],
+                {"n_boot": args.n_boot, "seed": 0},
+                Path(tmp) / "out",
+            )
+            print(
+                f"build_report ({len(inp['cells'])} v3 cells, 2 seeds, {args.queries} queries): "
+                f"{time.perf_counter() - t:.1f} s"
+            )
     print(f"speedup {t_slow / t_fast:.0f}")
 
 

@@ -26,9 +26,13 @@ import time
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n-prompts", type=int, default=64)
-    ap.add_argument("--pool", type=int, default=24, help="distinct demonstrations the prompts draw from")
+    ap.add_argument(
+        "--pool", type=int, default=24, help="distinct demonstrations the prompts draw from"
+    )
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--modes", nargs="+", default=["none", "pixels", "features"])
@@ -78,9 +82,13 @@ def main(argv=None) -> None:
 
     ref = check[args.modes[0]]
     agree = max(abs(a - b) for m in args.modes for a, b in zip(check[m], ref))
-    print(f"tiny Qwen2.5-VL ({n_params / 1e6:.2f} M parameters), CPU, {args.threads} thread(s), torch {torch.__version__}")
-    print(f"{len(prompts)} prompts x ({args.shots} demonstrations + query), {len(distinct)} distinct images, "
-          f"best of {args.repeats}; cold cache per run")
+    print(
+        f"tiny Qwen2.5-VL ({n_params / 1e6:.2f} M parameters), CPU, {args.threads} thread(s), torch {torch.__version__}"
+    )
+    print(
+        f"{len(prompts)} prompts x ({args.shots} demonstrations + query), {len(distinct)} distinct images, "
+        f"best of {args.repeats}; cold cache per run"
+    )
     print(f"max |log-prob difference| across cache modes: {agree:.2e}")
     for label, r in (("wall-clock prompts/s", rate), ("prompts per CPU-second", cpu_rate)):
         print(f"\n{label}")
@@ -92,9 +100,12 @@ def main(argv=None) -> None:
             row = f"{bs:5d} | " + " | ".join(f"{r[(bs, m)]:9.1f}" for m in args.modes)
             if "none" in args.modes:
                 row += " | " + " | ".join(
-                    f"{r[(bs, m)] / r[(bs, 'none')]:{len(m) + 7}.2f}x" for m in args.modes if m != "none"
+                    f"{r[(bs, m)] / r[(bs, 'none')]:{len(m) + 7}.2f}x"
+                    for m in args.modes
+                    if m != "none"
                 )
             print(row)
+
 
 if __name__ == "__main__":
     main()

@@ -24,8 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run_seconds(configfile: Path, workdir: Path) -> float:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "-n",
-           "--quiet", "all", "--configfile", str(configfile)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "-n",
+        "--quiet",
+        "all",
+        "--configfile",
+        str(configfile),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0

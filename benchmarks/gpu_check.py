@@ -85,23 +85,49 @@ QWEN25_VL_3B_CONFIG = {
 }
 #: Qwen2.5-VL's special tokens and their ids in the real tokenizer
 SPECIAL_IDS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
 }
 #: the real preprocessor_config.json's normalisation (CLIP)
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 #: dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, first match wins
-PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-               ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-               ("RTX 4090", 165.0), ("A6000", 155.0)]
-WORDS = ("what is the man holding in his hand which sport are they playing how many animals are there "
-         "where was this picture taken what kind of food is on the plate is it raining who makes this "
-         "vehicle what color is the bus question short answer : ? . , tennis pizza two beach red yes no "
-         "frisbee kitchen dog cat umbrella toyota").split()
-QUESTIONS = ["what is the man holding in his hand ?", "which sport are they playing ?",
-             "how many animals are there ?", "where was this picture taken ?",
-             "what kind of food is on the plate ?", "is it raining ?", "who makes this vehicle ?",
-             "what color is the bus ?"]
+PEAK_TFLOPS = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("A6000", 155.0),
+]
+WORDS = (
+    "what is the man holding in his hand which sport are they playing how many animals are there "
+    "where was this picture taken what kind of food is on the plate is it raining who makes this "
+    "vehicle what color is the bus question short answer : ? . , tennis pizza two beach red yes no "
+    "frisbee kitchen dog cat umbrella toyota"
+).split()
+QUESTIONS = [
+    "what is the man holding in his hand ?",
+    "which sport are they playing ?",
+    "how many animals are there ?",
+    "where was this picture taken ?",
+    "what kind of food is on the plate ?",
+    "is it raining ?",
+    "who makes this vehicle ?",
+    "what color is the bus ?",
+]
 ANSWERS = ["frisbee", "tennis", "two", "beach", "pizza", "no", "toyota", "red"]
 
 
@@ -110,10 +136,23 @@ def model_config(tiny: bool):
 
     cfg = dict(QWEN25_VL_3B_CONFIG)
     if tiny:  # same architecture, toy sizes (mrope_section sums to head_dim / 2 = 8)
-        cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-        cfg["vision_config"] = {**cfg["vision_config"], "depth": 2, "hidden_size": 32, "intermediate_size": 64,
-                                "num_heads": 2, "out_hidden_size": 64, "fullatt_block_indexes": [1]}
+        cfg.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        )
+        cfg["vision_config"] = {
+            **cfg["vision_config"],
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+        }
     return Qwen2_5_VLConfig(**cfg)
 
 
@@ -134,15 +173,28 @@ def build_processor(image_size: int):
     for i in free:
         vocab[f"<w{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),
-                                                 pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),
+            pre_tokenizers.Split("\n", "isolated"),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                 eos_token="<|im_end|>", additional_special_tokens=list(qwen.QWEN_SPECIAL_TOKENS[1:]))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=list(qwen.QWEN_SPECIAL_TOKENS[1:]),
+    )
     hf.chat_template = qwen.QWEN_CHAT_TEMPLATE
-    ip = qwen.build_image_processor(patch_size=14, merge_size=2, image_size=image_size, image_mean=CLIP_MEAN,
-                                    image_std=CLIP_STD)
-    return qwen.Qwen2_5_VLImageProcessor(image_processor=ip, tokenizer=hf, chat_template=qwen.QWEN_CHAT_TEMPLATE)
+    ip = qwen.build_image_processor(
+        patch_size=14, merge_size=2, image_size=image_size, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    return qwen.Qwen2_5_VLImageProcessor(
+        image_processor=ip, tokenizer=hf, chat_template=qwen.QWEN_CHAT_TEMPLATE
+    )
 
 
 def make_examples(folder: Path, n: int, size: int, seed: int):
@@ -201,12 +253,20 @@ def sync(device):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="toy sizes of the same architecture (CPU smoke run)")
+    ap.add_argument(
+        "--tiny", action="store_true", help="toy sizes of the same architecture (CPU smoke run)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=64, help="scoring prompts (4 demonstrations + query)")
+    ap.add_argument(
+        "--prompts", type=int, default=64, help="scoring prompts (4 demonstrations + query)"
+    )
     ap.add_argument("--queries", type=int, default=16, help="evaluation queries (shots 1-4 each)")
-    ap.add_argument("--check", type=int, default=8, help="prompts also run through the reference path")
-    ap.add_argument("--pool", type=int, default=24, help="distinct demonstrations the prompts draw from")
+    ap.add_argument(
+        "--check", type=int, default=8, help="prompts also run through the reference path"
+    )
+    ap.add_argument(
+        "--pool", type=int, default=24, help="distinct demonstrations the prompts draw from"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=None)
     args = ap.parse_args()
@@ -226,15 +286,24 @@ def main() -> int:
     t0 = time.perf_counter()
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(
-            model_config(args.tiny), dtype=torch.bfloat16, attn_implementation="sdpa")
+            model_config(args.tiny), dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     model.eval()
     sync(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"device: {name}; model: {'toy-size ' if args.tiny else ''}Qwen2.5-VL-3B-Instruct architecture, "
-          f"random init, {n_params / 1e9:.2f} B parameters, bf16, sdpa; built in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"device: {name}; model: {'toy-size ' if args.tiny else ''}Qwen2.5-VL-3B-Instruct architecture, "
+        f"random init, {n_params / 1e9:.2f} B parameters, bf16, sdpa; built in {time.perf_counter() - t0:.1f} s"
+    )
     proc = build_processor(size)
     fast = HFBackend(model, proc, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    ref = HFBackend(model, proc, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_cache="none")
+    ref = HFBackend(
+        model,
+        proc,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        image_cache="none",
+    )
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +322,11 @@ def main() -> int:
         fast.generate_ids(warm[4:], args.max_new_tokens)
         rows = []
         for label, run, prompts in (
-            ("answer_logprobs", lambda p: fast.answer_logprobs(p, [e.answer for _, e in p]), scoring),
+            (
+                "answer_logprobs",
+                lambda p: fast.answer_logprobs(p, [e.answer for _, e in p]),
+                scoring,
+            ),
             ("generate", lambda p: fast.generate_ids(p, args.max_new_tokens), evaluation),
         ):
             counter = FlopCounter(model)
@@ -265,34 +338,55 @@ def main() -> int:
             sync(device)
             dt = time.perf_counter() - t
             counter.close()
-            tokens = sum(len(it.ids) for it in fast._items(prompts, [None] * len(prompts)))  # after: no encoding timed
+            tokens = sum(
+                len(it.ids) for it in fast._items(prompts, [None] * len(prompts))
+            )  # after: no encoding timed
             new = sum(len(x) for x in out) if label == "generate" else 0
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            mem = (
+                torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else float("nan")
+            )
             mfu = counter.flops / dt / (peak * 1e12) if peak else float("nan")
             rows.append((label, len(prompts), dt))
-            print(f"{label}: {len(prompts)} prompts in {dt:.2f} s: {len(prompts) / dt:.1f} prompts/s, "
-                  f"{tokens / dt:,.0f} prompt tokens/s" + (f", {new / dt:,.0f} generated tokens/s" if new else "")
-                  + f"; {counter.flops / 1e12:.3g} TFLOP executed, {counter.flops / dt / 1e12:.3g} TFLOP/s"
-                  + (f", MFU {100 * mfu:.1f}% of {peak:.0f} TFLOP/s" if peak else ", MFU: device peak unknown (--peak-tflops)")
-                  + f"; peak GPU memory {mem:.1f} GiB")
+            print(
+                f"{label}: {len(prompts)} prompts in {dt:.2f} s: {len(prompts) / dt:.1f} prompts/s, "
+                f"{tokens / dt:,.0f} prompt tokens/s"
+                + (f", {new / dt:,.0f} generated tokens/s" if new else "")
+                + f"; {counter.flops / 1e12:.3g} TFLOP executed, {counter.flops / dt / 1e12:.3g} TFLOP/s"
+                + (
+                    f", MFU {100 * mfu:.1f}% of {peak:.0f} TFLOP/s"
+                    if peak
+                    else ", MFU: device peak unknown (--peak-tflops)"
+                )
+                + f"; peak GPU memory {mem:.1f} GiB"
+            )
         stats = fast.stats
-        print(f"fast path counters: {stats['prefix_hits']} prompts on a cached prefix, {stats['vision_encoded']} images "
-              f"vision-encoded once, {stats['decode_steps']} decoding steps, "
-              f"{stats['generate_near_ties']} near-ties in the generation checks")
+        print(
+            f"fast path counters: {stats['prefix_hits']} prompts on a cached prefix, {stats['vision_encoded']} images "
+            f"vision-encoded once, {stats['decode_steps']} decoding steps, "
+            f"{stats['generate_near_ties']} near-ties in the generation checks"
+        )
 
         ok = True
         got = [s.mean_logprob for s in fast.answer_logprobs(check, [e.answer for _, e in check])]
         want = [s.mean_logprob for s in ref.answer_logprobs(check, [e.answer for _, e in check])]
         dev = max(abs(a - b) for a, b in zip(got, want))
         ok &= dev <= 0.06
-        print(f"scores vs reference path ({len(check)} prompts): max |mean log-prob difference| {dev:.4f} "
-              f"({'within' if dev <= 0.06 else 'BEYOND'} bf16 tolerance 0.06)")
+        print(
+            f"scores vs reference path ({len(check)} prompts): max |mean log-prob difference| {dev:.4f} "
+            f"({'within' if dev <= 0.06 else 'BEYOND'} bf16 tolerance 0.06)"
+        )
         toks = fast.generate_ids(check, args.max_new_tokens)
-        plain, tied = ref._plain_tokens(ref._items(check, [None] * len(check)), args.max_new_tokens, gaps=True)
+        plain, tied = ref._plain_tokens(
+            ref._items(check, [None] * len(check)), args.max_new_tokens, gaps=True
+        )
         mismatches, ties = compare_greedy(toks, plain, tied)
         ok &= not mismatches
-        print(f"answers vs reference path ({len(check)} prompts): {len(check) - len(mismatches) - len(ties)} identical "
-              f"token for token, {len(ties)} near-ties, {len(mismatches)} mismatches")
+        print(
+            f"answers vs reference path ({len(check)} prompts): {len(check) - len(mismatches) - len(ties)} identical "
+            f"token for token, {len(ties)} near-ties, {len(mismatches)} mismatches"
+        )
     paths = fast.fast_paths()
     off = [k for k, on in paths.items() if not on]
     print("fast paths: " + ", ".join(f"{k} {'on' if on else 'OFF'}" for k, on in paths.items()))

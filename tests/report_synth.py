@@ -17,25 +17,52 @@ import pandas as pd
 from icdrl.records import csv_end_line, write_jsonl
 
 MODES = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
-SOURCES = ("beam", "beam", "beam", "beam", "beam", "random", "random", "random", "random", "similar",
-           "similar", "similar")
+SOURCES = (
+    "beam",
+    "beam",
+    "beam",
+    "beam",
+    "beam",
+    "random",
+    "random",
+    "random",
+    "random",
+    "similar",
+    "similar",
+    "similar",
+)
 
 
 def _config(modes, use_rank, weights) -> dict:
     """The smallest config icdrl.grid expands: a modes experiment and a weights experiment."""
-    exps = {"modes": {"title": "Reward modes vs legacy", "reward_modes": list(modes), "contrast": "reward_modes",
-                      "reference": modes[0]}}
+    exps = {
+        "modes": {
+            "title": "Reward modes vs legacy",
+            "reward_modes": list(modes),
+            "contrast": "reward_modes",
+            "reference": modes[0],
+        }
+    }
     if len(weights) > 1:
-        exps["weights"] = {"title": "Weights", "reward_modes": [m for m in modes if m != "legacy"],
-                           "weights": [list(w) for w in weights], "contrast": "weights",
-                           "reference": list(weights[0])}
+        exps["weights"] = {
+            "title": "Weights",
+            "reward_modes": [m for m in modes if m != "legacy"],
+            "weights": [list(w) for w in weights],
+            "contrast": "weights",
+            "reference": list(weights[0]),
+        }
     if len(use_rank) > 1:
         exps["use_rank"] = {"reward_modes": list(modes), "contrast": "use_rank", "reference": True}
-    return {"grid": {"use_rank": list(use_rank), "weights": [list(weights[0])], "experiments": exps},
-            "rewards": {}, "train": {"v3": {}}}
+    return {
+        "grid": {"use_rank": list(use_rank), "weights": [list(weights[0])], "experiments": exps},
+        "rewards": {},
+        "train": {"v3": {}},
+    }
 
 
-def experiments(modes=MODES, use_rank=(True, False), weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
+def experiments(
+    modes=MODES, use_rank=(True, False), weights=((1.0, 1.0), (2.0, 1.0))
+) -> list[dict]:
     """The experiments of such a grid, as the report rule receives them."""
     from icdrl.grid import experiments as expand
 
@@ -60,13 +87,23 @@ def reward_specs(modes=MODES, weights=((1.0, 1.0), (2.0, 1.0))) -> list[dict]:
 
 def _effect(c: dict | None, method: str, k: int) -> float:
     """Logit effect of a method at shot k (seed-like pattern)."""
-    base = {"zero_shot": -0.7, "random": 0.05 - 0.08 * (k - 1), "similarity": 0.2 - 0.03 * (k - 1),
-            "v2": 0.25 - 0.03 * (k - 1), "rices": 0.6 + 0.05 * (k - 1), "copy": 0.3}
+    base = {
+        "zero_shot": -0.7,
+        "random": 0.05 - 0.08 * (k - 1),
+        "similarity": 0.2 - 0.03 * (k - 1),
+        "v2": 0.25 - 0.03 * (k - 1),
+        "rices": 0.6 + 0.05 * (k - 1),
+        "copy": 0.3,
+    }
     if method != "v3":
         return base[method]
     eff = 0.32 - 0.07 * (k - 1)
-    mode_eff = {"legacy": (0, 0, 0, 0), "hard_plus_soft": (-0.35, -0.12, 0.05, 0.03),
-                "hard_plus_soft_v2": (-0.1, 0.0, 0.06, 0.05), "hybrid": (-0.05, -0.02, 0.0, 0.02)}[c["mode"]]
+    mode_eff = {
+        "legacy": (0, 0, 0, 0),
+        "hard_plus_soft": (-0.35, -0.12, 0.05, 0.03),
+        "hard_plus_soft_v2": (-0.1, 0.0, 0.06, 0.05),
+        "hybrid": (-0.05, -0.02, 0.0, 0.02),
+    }[c["mode"]]
     eff += mode_eff[min(k, 4) - 1]
     if c["knobs"].get("hard_weight") == 2.0:
         eff += 0.08
@@ -114,23 +151,39 @@ def write_answers(root: Path) -> str:
 
     from icdrl.metrics import normalize_answer
 
-    doc = {"schema": "icdrl.answers", "version": 1, "split": "train", "dataset": "synth",
-           "vocabulary": sorted(normalize_answer(a) for a in VOCAB), "answers": [[i, train_answer(i)] for i in range(N_TRAIN)]}
+    doc = {
+        "schema": "icdrl.answers",
+        "version": 1,
+        "split": "train",
+        "dataset": "synth",
+        "vocabulary": sorted(normalize_answer(a) for a in VOCAB),
+        "answers": [[i, train_answer(i)] for i in range(N_TRAIN)],
+    }
     p = root / "answers-train.json"
     p.write_text(json.dumps(doc))
     return str(p)
 
 
-def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0, 1), shots=(1, 2, 3, 4),
-               rng_seed: int = 0, baselines=("zero_shot", "random", "similarity", "v2"), ablate_v2: bool = False,
-               per_image: int = 2) -> list[str]:
+def write_eval(
+    root: Path,
+    cell_list: list[dict],
+    n_queries: int = 200,
+    seeds=(0, 1),
+    shots=(1, 2, 3, 4),
+    rng_seed: int = 0,
+    baselines=("zero_shot", "random", "similarity", "v2"),
+    ablate_v2: bool = False,
+    per_image: int = 2,
+) -> list[str]:
     """One eval file per (method[, cell], seed), like the workflow writes them; ``ablate_v2``: also
     the shuffled (k >= 2) and no-images ablations of v2, with the same ICDs.
 
     ``per_image`` consecutive queries share an image (``image_id``; 0: no image ids recorded).
     """
     rng = np.random.default_rng(rng_seed)
-    demo_rng = np.random.default_rng(rng_seed + 1000)  # a stream of its own: accuracies do not depend on it
+    demo_rng = np.random.default_rng(
+        rng_seed + 1000
+    )  # a stream of its own: accuracies do not depend on it
     qids = np.arange(1000, 1000 + n_queries) * 7
     difficulty = rng.normal(0.3, 1.3, size=n_queries)
     paths = []
@@ -144,13 +197,23 @@ def write_eval(root: Path, cell_list: list[dict], n_queries: int = 200, seeds=(0
             acc = _acc(rng, difficulty + _effect(c, method, k) + seed_off)
             for q, a in zip(qids, acc):
                 ids, pred = _demos_and_prediction(demo_rng, method, k)
-                rec = {"method": method, "cell": c["cell"] if c else None, "seed": seed, "k": k,
-                       "query_id": int(q), "icd_ids": ids, "prediction_raw": pred,
-                       "prediction": pred, "acc": float(a)}
+                rec = {
+                    "method": method,
+                    "cell": c["cell"] if c else None,
+                    "seed": seed,
+                    "k": k,
+                    "query_id": int(q),
+                    "icd_ids": ids,
+                    "prediction_raw": pred,
+                    "prediction": pred,
+                    "acc": float(a),
+                }
                 if per_image:
                     rec["image_id"] = f"img{(int(q) // 7) // per_image}"
                 if c:
-                    rec["spec"] = {key: c[key] for key in ("slug", "mode", "knobs", "use_rank", "train")}
+                    rec["spec"] = {
+                        key: c[key] for key in ("slug", "mode", "knobs", "use_rank", "train")
+                    }
                 recs.append(rec)
         name = method if c is None else c["cell"]
         p = root / "eval" / f"{name}{'' if seed is None else f'-seed{seed}'}.jsonl"
@@ -172,10 +235,19 @@ def write_ablations(root: Path, base: list[dict], rng: np.random.Generator) -> l
                 continue
             ids = r["icd_ids"][::-1] if ablation == "shuffled" else r["icd_ids"]
             acc = 0.0 if rng.random() < drop else r["acc"]
-            recs.append(r | {"method": ablation, "icd_ids": ids, "acc": acc,
-                             "spec": {"ablation": ablation, "of": {"method": r["method"], "cell": r["cell"],
-                                                                   "spec": r.get("spec")},
-                                      "shuffle_seed": 0 if ablation == "shuffled" else None}})
+            recs.append(
+                r
+                | {
+                    "method": ablation,
+                    "icd_ids": ids,
+                    "acc": acc,
+                    "spec": {
+                        "ablation": ablation,
+                        "of": {"method": r["method"], "cell": r["cell"], "spec": r.get("spec")},
+                        "shuffle_seed": 0 if ablation == "shuffled" else None,
+                    },
+                }
+            )
         p = root / "eval" / f"{base[0]['method']}-seed{base[0]['seed']}.{ablation}.jsonl"
         write_jsonl(p, "icdrl.eval", recs)
         paths.append(str(p))
@@ -189,30 +261,71 @@ def _to_csv(df: pd.DataFrame, path: Path) -> None:
         fh.write(csv_end_line(len(df)) + "\n")
 
 
-def write_metrics(root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int = 1) -> dict[str, str]:
+def write_metrics(
+    root: Path, cell_list: list[dict], seeds=(0, 1), rng_seed: int = 1
+) -> dict[str, str]:
     """Training-metrics CSVs: v2 per seed (phase v2), v3 per cell × seed (phases rce, grpo)."""
     rng = np.random.default_rng(rng_seed)
     out = {}
-    cols = ["phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac", "adv_std",
-            "groups_kept", "groups_skipped", "val_reward"]
+    cols = [
+        "phase",
+        "epoch",
+        "loss",
+        "ppo_loss",
+        "kl",
+        "ratio_mean",
+        "ratio_max",
+        "clip_frac",
+        "adv_std",
+        "groups_kept",
+        "groups_skipped",
+        "val_reward",
+    ]
     for s in seeds:
-        rows = [{"phase": "v2", "epoch": e, "loss": 3.0 * math.exp(-e / 4) + 0.4 + rng.normal(0, 0.02),
-                 "val_reward": 0.4 + 0.2 * (1 - math.exp(-e / 3))} for e in range(10)]
+        rows = [
+            {
+                "phase": "v2",
+                "epoch": e,
+                "loss": 3.0 * math.exp(-e / 4) + 0.4 + rng.normal(0, 0.02),
+                "val_reward": 0.4 + 0.2 * (1 - math.exp(-e / 3)),
+            }
+            for e in range(10)
+        ]
         p = root / "metrics" / "v2" / f"seed{s}" / "metrics.csv"
         p.parent.mkdir(parents=True, exist_ok=True)
         _to_csv(pd.DataFrame(rows, columns=cols), p)
         out[f"v2 seed{s}"] = str(p)  # labels as icdrl.layout.Layout.labelled_metrics writes them
     for c in cell_list:
         for s in seeds:
-            rows = [{"phase": "rce", "epoch": e, "loss": 2.0 - 0.2 * e + rng.normal(0, 0.02),
-                     "groups_kept": 100, "groups_skipped": 20, "val_reward": 0.5 + 0.02 * e} for e in range(3)]
+            rows = [
+                {
+                    "phase": "rce",
+                    "epoch": e,
+                    "loss": 2.0 - 0.2 * e + rng.normal(0, 0.02),
+                    "groups_kept": 100,
+                    "groups_skipped": 20,
+                    "val_reward": 0.5 + 0.02 * e,
+                }
+                for e in range(3)
+            ]
             kept = 60 if c["mode"] != "legacy" else 120
             for e in range(8):
-                rows.append({"phase": "grpo", "epoch": e, "loss": -0.02 * e + 0.01 * rng.normal(),
-                             "ppo_loss": -0.025 * e, "kl": 0.002 * e ** 1.3, "ratio_mean": 1.0 + rng.normal(0, 0.01),
-                             "ratio_max": 1.2 + 0.05 * e, "clip_frac": 0.05 + 0.01 * e,
-                             "adv_std": 0.9 if c["use_rank"] else 0.7, "groups_kept": kept,
-                             "groups_skipped": 120 - kept + 20, "val_reward": 0.56 + 0.01 * e})
+                rows.append(
+                    {
+                        "phase": "grpo",
+                        "epoch": e,
+                        "loss": -0.02 * e + 0.01 * rng.normal(),
+                        "ppo_loss": -0.025 * e,
+                        "kl": 0.002 * e**1.3,
+                        "ratio_mean": 1.0 + rng.normal(0, 0.01),
+                        "ratio_max": 1.2 + 0.05 * e,
+                        "clip_frac": 0.05 + 0.01 * e,
+                        "adv_std": 0.9 if c["use_rank"] else 0.7,
+                        "groups_kept": kept,
+                        "groups_skipped": 120 - kept + 20,
+                        "val_reward": 0.56 + 0.01 * e,
+                    }
+                )
             p = root / "metrics" / c["cell"] / f"seed{s}" / "metrics.csv"
             p.parent.mkdir(parents=True, exist_ok=True)
             _to_csv(pd.DataFrame(rows, columns=cols), p)
@@ -242,17 +355,36 @@ def reward_values(spec: dict, hard, soft, info) -> np.ndarray:
     return group_rewards(spec["mode"], hard=hard, soft=soft, info=info, **spec["knobs"])
 
 
-def write_scored_and_rewards(root: Path, specs: list[dict], n_anchors: int = 120) -> tuple[str, dict[str, str]]:
+def write_scored_and_rewards(
+    root: Path, specs: list[dict], n_anchors: int = 120
+) -> tuple[str, dict[str, str]]:
     groups = synth_groups(n_anchors)
     scored = []
     for g in groups:
         cands = []
         for j, src in enumerate(SOURCES):
-            cands.append({"source": src, "icd_ids": [j, j + 1], "icd_pos": [j, j + 1], "info_score": g["info"][j],
-                          "step_gains": [0.0, 0.0], "prediction_raw": "x", "prediction": "x",
-                          "vqa_acc_score": float(g["soft"][j]), "vqa_correct": int(g["hard"][j])})
-        scored.append({"anchor_id": g["anchor_id"], "pool": list(range(16)), "zero_shot_logprob": -1.0,
-                       "zero_shot_prob": 0.37, "candidates": cands})
+            cands.append(
+                {
+                    "source": src,
+                    "icd_ids": [j, j + 1],
+                    "icd_pos": [j, j + 1],
+                    "info_score": g["info"][j],
+                    "step_gains": [0.0, 0.0],
+                    "prediction_raw": "x",
+                    "prediction": "x",
+                    "vqa_acc_score": float(g["soft"][j]),
+                    "vqa_correct": int(g["hard"][j]),
+                }
+            )
+        scored.append(
+            {
+                "anchor_id": g["anchor_id"],
+                "pool": list(range(16)),
+                "zero_shot_logprob": -1.0,
+                "zero_shot_prob": 0.37,
+                "candidates": cands,
+            }
+        )
     scored_path = root / "scored.jsonl"
     write_jsonl(scored_path, "icdrl.scored", scored)
     rewards = {}
@@ -260,25 +392,57 @@ def write_scored_and_rewards(root: Path, specs: list[dict], n_anchors: int = 120
         recs = []
         for g in groups:
             r = reward_values(spec, g["hard"], g["soft"], g["info"])
-            missing = sum(v is None for v in g["info"]) if spec["mode"] in ("legacy", "hybrid", "adaptive") else 0
-            recs.append({"anchor_id": g["anchor_id"], "rewards": r.tolist(), "hard": g["hard"].tolist(),
-                         "soft": g["soft"].tolist(), "info": [0.0 if v is None else v for v in g["info"]],
-                         "missing": missing})
+            missing = (
+                sum(v is None for v in g["info"])
+                if spec["mode"] in ("legacy", "hybrid", "adaptive")
+                else 0
+            )
+            recs.append(
+                {
+                    "anchor_id": g["anchor_id"],
+                    "rewards": r.tolist(),
+                    "hard": g["hard"].tolist(),
+                    "soft": g["soft"].tolist(),
+                    "info": [0.0 if v is None else v for v in g["info"]],
+                    "missing": missing,
+                }
+            )
         p = root / "rewards" / f"{spec['slug']}.jsonl"
         write_jsonl(p, "icdrl.rewards", recs)
         rewards[spec["slug"]] = str(p)
     return str(scored_path), rewards
 
 
-def make_inputs(root, n_queries: int = 200, seeds=(0, 1), modes=MODES, use_rank=(True, False),
-                weights=((1.0, 1.0), (2.0, 1.0)), n_anchors: int = 120) -> dict:
+def make_inputs(
+    root,
+    n_queries: int = 200,
+    seeds=(0, 1),
+    modes=MODES,
+    use_rank=(True, False),
+    weights=((1.0, 1.0), (2.0, 1.0)),
+    n_anchors: int = 120,
+) -> dict:
     """Write a full set of report inputs under ``root``; return build_report's arguments."""
     root = Path(root)
     cl = cells(modes, use_rank, weights)
-    eval_paths = write_eval(root, cl, n_queries=n_queries, seeds=seeds,
-                            baselines=("zero_shot", "random", "similarity", "rices", "copy", "v2"), ablate_v2=True)
+    eval_paths = write_eval(
+        root,
+        cl,
+        n_queries=n_queries,
+        seeds=seeds,
+        baselines=("zero_shot", "random", "similarity", "rices", "copy", "v2"),
+        ablate_v2=True,
+    )
     metrics = write_metrics(root, cl, seeds=seeds)
-    scored, rewards = write_scored_and_rewards(root, reward_specs(modes, weights), n_anchors=n_anchors)
-    return {"eval_paths": eval_paths, "metrics_paths": metrics, "rewards_paths": rewards,
-            "scored_path": scored, "cells": cl, "experiments": experiments(modes, use_rank, weights),
-            "answers": write_answers(root)}
+    scored, rewards = write_scored_and_rewards(
+        root, reward_specs(modes, weights), n_anchors=n_anchors
+    )
+    return {
+        "eval_paths": eval_paths,
+        "metrics_paths": metrics,
+        "rewards_paths": rewards,
+        "scored_path": scored,
+        "cells": cl,
+        "experiments": experiments(modes, use_rank, weights),
+        "answers": write_answers(root),
+    }

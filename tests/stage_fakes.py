@@ -79,20 +79,24 @@ class FakeBackend:
         return out
 
 
-def make_examples(n: int, start: int = 0, *, images: list[str] | None = None, dup_of: dict[int, int] | None = None):
+def make_examples(
+    n: int, start: int = 0, *, images: list[str] | None = None, dup_of: dict[int, int] | None = None
+):
     """``n`` examples with ids start..start+n-1; ``dup_of[i] = j`` makes i an exact duplicate of j's image+question."""
     exs = []
     for i in range(start, start + n):
         src = (dup_of or {}).get(i, i)
         answers = tuple([f"ans{src % 5}"] * 7 + [f"alt{src % 3}"] * 3)
-        exs.append(Example(
-            id=i,
-            image=images[src % len(images)] if images else f"/nonexistent/img{src}.png",
-            question=f"question number {src} ?",
-            answers=answers,
-            answer=answers[0],
-            image_id=f"img{src}",
-        ))
+        exs.append(
+            Example(
+                id=i,
+                image=images[src % len(images)] if images else f"/nonexistent/img{src}.png",
+                question=f"question number {src} ?",
+                answers=answers,
+                answer=answers[0],
+                image_id=f"img{src}",
+            )
+        )
     return exs
 
 

@@ -11,7 +11,14 @@ from stage_fakes import FakeBackend, make_examples, patch_dataset, random_table,
 
 from icdrl import beam
 from icdrl.beam import AnchorScorer, BeamConfig, beam_search, build_steps, generate_shard
-from icdrl.records import CandidateRecord, PoolRecord, concat_jsonl, read_jsonl, read_records, write_records
+from icdrl.records import (
+    CandidateRecord,
+    PoolRecord,
+    concat_jsonl,
+    read_jsonl,
+    read_records,
+    write_records,
+)
 
 TRAIN = make_examples(40)
 
@@ -23,7 +30,10 @@ def brute_force(query, pool, depth, insert):
     rows = []
     for seq in itertools.permutations(range(len(pool)), depth):
         steps = build_steps(seq, insert)
-        ps = [fb.answer_logprobs([([pool[i] for i in s], query)], [query.answer])[0].prob for s in steps]
+        ps = [
+            fb.answer_logprobs([([pool[i] for i in s], query)], [query.answer])[0].prob
+            for s in steps
+        ]
         gains = tuple(np.diff([p0, *ps]))
         rows.append((seq, ps[-1] - p0, gains))
     rows.sort(key=lambda r: (-r[1], r[0]))
@@ -35,17 +45,23 @@ def brute_force(query, pool, depth, insert):
 def test_wide_beam_equals_brute_force(insert, depth):
     query, pool = TRAIN[0], TRAIN[1:6]
     n_all = len(list(itertools.permutations(range(5), depth)))
-    beams = beam_search(AnchorScorer(FakeBackend(), query, pool), beam_width=n_all, depth=depth, insert=insert)
+    beams = beam_search(
+        AnchorScorer(FakeBackend(), query, pool), beam_width=n_all, depth=depth, insert=insert
+    )
     ref = brute_force(query, pool, depth, insert)
     assert [b.pos for b in beams] == [r[0] for r in ref]
-    np.testing.assert_allclose([b.info_score for b in beams], [r[1] for r in ref], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        [b.info_score for b in beams], [r[1] for r in ref], rtol=0, atol=1e-12
+    )
     for b, r in zip(beams, ref):
         np.testing.assert_allclose(b.step_gains, r[2], rtol=0, atol=1e-12)
 
 
 def test_narrow_beam_is_sorted_and_not_brute_force_everywhere():
     query, pool = TRAIN[3], TRAIN[10:22]
-    beams = beam_search(AnchorScorer(FakeBackend(), query, pool), beam_width=3, depth=3, insert="first")
+    beams = beam_search(
+        AnchorScorer(FakeBackend(), query, pool), beam_width=3, depth=3, insert="first"
+    )
     scores = [b.info_score for b in beams]
     assert len(beams) == 3 and scores == sorted(scores, reverse=True)
     assert len({b.pos for b in beams}) == 3
@@ -66,10 +82,16 @@ def test_width_one_is_greedy_with_insert_side():
         for _ in range(3):
             options = [beam.extend(seq, c, insert) for c in range(len(pool)) if c not in seq]
             seq = max(options, key=lambda s: (p(s), tuple(-x for x in s)))
-        got = beam_search(AnchorScorer(FakeBackend(), query, pool), beam_width=1, depth=3, insert=insert)
+        got = beam_search(
+            AnchorScorer(FakeBackend(), query, pool), beam_width=1, depth=3, insert=insert
+        )
         assert got[0].pos == seq
     # insert=first puts the newest item at the front (farthest from the query)
-    assert beam.extend((1, 2), 7, "first") == (7, 1, 2) and beam.extend((1, 2), 7, "last") == (1, 2, 7)
+    assert beam.extend((1, 2), 7, "first") == (7, 1, 2) and beam.extend((1, 2), 7, "last") == (
+        1,
+        2,
+        7,
+    )
     assert build_steps((7, 1, 2), "first") == [(2,), (1, 2), (7, 1, 2)]
 
 
@@ -119,7 +141,8 @@ def test_anchor_candidates_record():
     cfg8 = BeamConfig(beam_width=3, depth=2, n_random=4, n_similar=3, seed=8)
     other, _ = beam.anchor_candidates(FakeBackend(), query, pool, pool_ids, cfg8, sim)
     assert [c.icd_pos for c in other.candidates if c.source == "random"] != [
-        c.icd_pos for c in rec.candidates if c.source == "random"]
+        c.icd_pos for c in rec.candidates if c.source == "random"
+    ]
 
 
 def test_random_sequences_small_space_exhausts_without_repeats():
@@ -152,19 +175,39 @@ def shard_setup(tmp_path, monkeypatch):
     pools = []
     for a in anchors:
         others = [i for i in range(len(TRAIN)) if i != a]
-        pools.append(PoolRecord(query_id=a, pool=tuple(int(x) for x in rng.choice(others, 8, replace=False))))
+        pools.append(
+            PoolRecord(query_id=a, pool=tuple(int(x) for x in rng.choice(others, 8, replace=False)))
+        )
     pools_path = tmp_path / "pools.jsonl"
     write_records(pools_path, pools)
     emb_path = tmp_path / "train.npz"
     save_table(random_table([ex.id for ex in TRAIN]), emb_path)
-    cfg = {"beam_width": 2, "depth": 2, "insert": "first", "n_random": 2, "n_similar": 2, "seed": 0, "shards": 2}
+    cfg = {
+        "beam_width": 2,
+        "depth": 2,
+        "insert": "first",
+        "n_random": 2,
+        "n_similar": 2,
+        "seed": 0,
+        "shards": 2,
+    }
     return pools_path, emb_path, cfg, anchors
 
 
 def _run(setup, out, shard=0, n_shards=1, backend=None):
     pools_path, emb_path, cfg, _ = setup
-    generate_shard({}, {"name": "fake"}, None, str(pools_path), str(emb_path), cfg, shard, n_shards, str(out),
-                   backend=backend or FakeBackend())
+    generate_shard(
+        {},
+        {"name": "fake"},
+        None,
+        str(pools_path),
+        str(emb_path),
+        cfg,
+        shard,
+        n_shards,
+        str(out),
+        backend=backend or FakeBackend(),
+    )
 
 
 def test_shards_partition_anchors_and_concat(shard_setup, tmp_path):
@@ -172,15 +215,25 @@ def test_shards_partition_anchors_and_concat(shard_setup, tmp_path):
     _run(shard_setup, tmp_path / "all.jsonl")
     for s in range(3):
         _run(shard_setup, tmp_path / f"s{s}.jsonl", s, 3)
-    concat_jsonl([tmp_path / f"s{s}.jsonl" for s in range(3)], "icdrl.candidates", tmp_path / "cat.jsonl")
+    concat_jsonl(
+        [tmp_path / f"s{s}.jsonl" for s in range(3)], "icdrl.candidates", tmp_path / "cat.jsonl"
+    )
     whole = {r.anchor_id: r for r in read_records(tmp_path / "all.jsonl", CandidateRecord)}
     cat = read_records(tmp_path / "cat.jsonl", CandidateRecord)
     assert sorted(r.anchor_id for r in cat) == sorted(anchors)
     assert all(whole[r.anchor_id] == r for r in cat)
-    assert [r.anchor_id for r in read_records(tmp_path / "s1.jsonl", CandidateRecord)] == anchors[1::3]
+    assert [r.anchor_id for r in read_records(tmp_path / "s1.jsonl", CandidateRecord)] == anchors[
+        1::3
+    ]
     first = read_jsonl(tmp_path / "all.jsonl", "icdrl.candidates")[0]
     assert set(first) == {"anchor_id", "pool", "zero_shot_logprob", "zero_shot_prob", "candidates"}
-    assert set(first["candidates"][0]) == {"source", "icd_ids", "icd_pos", "info_score", "step_gains"}
+    assert set(first["candidates"][0]) == {
+        "source",
+        "icd_ids",
+        "icd_pos",
+        "info_score",
+        "step_gains",
+    }
     with open(tmp_path / "all.jsonl") as fh:
         assert json.loads(fh.readline()) == {"schema": "icdrl.candidates", "version": 1}
 
@@ -222,8 +275,18 @@ def test_torn_partial_line_and_other_settings_are_recomputed(shard_setup, tmp_pa
         _run(shard_setup, out, backend=FakeBackend(fail_at_query=anchors[1]))
     pools_path, emb_path, cfg, _ = shard_setup
     fb = FakeBackend()
-    generate_shard({}, {"name": "fake"}, None, str(pools_path), str(emb_path), {**cfg, "beam_width": 3}, 0, 1,
-                   str(out), backend=fb)
+    generate_shard(
+        {},
+        {"name": "fake"},
+        None,
+        str(pools_path),
+        str(emb_path),
+        {**cfg, "beam_width": 3},
+        0,
+        1,
+        str(out),
+        backend=fb,
+    )
     assert set(fb.per_query) == set(anchors)
 
 

@@ -47,7 +47,9 @@ def test_three_configs_shipped():
 
 
 def test_defaults_filled(schema):
-    cfg = validate({"dataset": {"name": "easyvqa"}, "model": {"name": "embedded", "kind": "embedded"}}, schema)
+    cfg = validate(
+        {"dataset": {"name": "easyvqa"}, "model": {"name": "embedded", "kind": "embedded"}}, schema
+    )
     assert cfg["pools"]["size"] == 64 and cfg["candidates"]["beam_width"] == 5
     assert cfg["candidates"]["depth"] == 2 and cfg["scoring"]["correct_threshold"] == 1.0
     assert cfg["train"]["v3"]["clip_eps"] == 0.2 and cfg["embedded_lvlm"]["check"]["n_test"] == 500
@@ -71,14 +73,23 @@ def _error(cfg, schema) -> str:
         (lambda c: c["pools"].__setitem__("size", -1), "pools.size"),
         (lambda c: c["candidates"].__setitem__("depth", 9), "candidates.depth"),
         (lambda c: c["candidates"].__setitem__("insert", "middle"), "candidates.insert"),
-        (lambda c: c["grid"].__setitem__("reward_modes", ["legacy", "bogus"]), "grid.reward_modes[1]"),
+        (
+            lambda c: c["grid"].__setitem__("reward_modes", ["legacy", "bogus"]),
+            "grid.reward_modes[1]",
+        ),
         (lambda c: c["grid"].__setitem__("weights", [[1, 1], [2]]), "grid.weights[1]"),
         (lambda c: c["train"]["v3"].__setitem__("clip_epsilon", 0.2), "train.v3.clip_epsilon"),
         (lambda c: c["train"]["v2"].__setitem__("epochs", "ten"), "train.v2.epochs"),
         (lambda c: c["model"].__setitem__("kind", "remote"), "model.kind"),
         (lambda c: c["embedded_lvlm"].__setitem__("stepz", 3), "embedded_lvlm.stepz"),
-        (lambda c: c["dataset"].__setitem__("train", {"questionz": "x"}), "dataset.train.questionz"),
-        (lambda c: c["model"].__setitem__("system_prompt", "Here are four examples."), "model.system_prompt"),
+        (
+            lambda c: c["dataset"].__setitem__("train", {"questionz": "x"}),
+            "dataset.train.questionz",
+        ),
+        (
+            lambda c: c["model"].__setitem__("system_prompt", "Here are four examples."),
+            "model.system_prompt",
+        ),
         (lambda c: c["candidates"].__setitem__("shards", 10_000), "candidates.shards"),
         (lambda c: c["evaluation"].__setitem__("shots", [1, 99]), "evaluation.shots"),
         (lambda c: c["embeddings"].__setitem__("encoder", "clip"), "embeddings.clip_path"),
@@ -145,7 +156,9 @@ def test_schema_matches_library_config_classes(schema, module, cls, path):
     want = _dataclass_defaults(klass)
     workflow_only = {"shards"} if cls == "BeamConfig" else set()
     assert set(props) - workflow_only == set(want)
-    filled = validate({"dataset": {"name": "easyvqa"}, "model": {"name": "e", "kind": "embedded"}}, schema)
+    filled = validate(
+        {"dataset": {"name": "easyvqa"}, "model": {"name": "e", "kind": "embedded"}}, schema
+    )
     node = filled
     for p in path:
         node = node[p]
@@ -166,14 +179,31 @@ def test_model_schema_matches_backend_defaults(schema):
 
 
 def test_env_overrides():
-    env = {"REWARD_MODE": "legacy", "HARD_WEIGHT": "2", "SOFT_WEIGHT": "0.5", "REWARD_ALPHA": "0.0",
-           "REWARD_BETA": "1.0", "USE_RANK_ADVANTAGE": "False", "UNRELATED": "x"}
-    assert env_overrides(env) == {"reward_mode": "legacy", "hard_weight": 2.0, "soft_weight": 0.5,
-                                    "alpha": 0.0, "beta": 1.0, "use_rank": False}
+    env = {
+        "REWARD_MODE": "legacy",
+        "HARD_WEIGHT": "2",
+        "SOFT_WEIGHT": "0.5",
+        "REWARD_ALPHA": "0.0",
+        "REWARD_BETA": "1.0",
+        "USE_RANK_ADVANTAGE": "False",
+        "UNRELATED": "x",
+    }
+    assert env_overrides(env) == {
+        "reward_mode": "legacy",
+        "hard_weight": 2.0,
+        "soft_weight": 0.5,
+        "alpha": 0.0,
+        "beta": 1.0,
+        "use_rank": False,
+    }
     assert env_overrides({"USE_RANK_ADVANTAGE": "1", "HARD_WEIGHT": ""}) == {"use_rank": True}
     assert env_overrides({}) == {}
-    for env, var in [({"USE_RANK_ADVANTAGE": "maybe"}, "USE_RANK_ADVANTAGE"), ({"HARD_WEIGHT": "two"}, "HARD_WEIGHT"),
-                     ({"REWARD_MODE": "plan4"}, "REWARD_MODE"), ({"REWARD_BETA": "nan"}, "REWARD_BETA")]:
+    for env, var in [
+        ({"USE_RANK_ADVANTAGE": "maybe"}, "USE_RANK_ADVANTAGE"),
+        ({"HARD_WEIGHT": "two"}, "HARD_WEIGHT"),
+        ({"REWARD_MODE": "plan4"}, "REWARD_MODE"),
+        ({"REWARD_BETA": "nan"}, "REWARD_BETA"),
+    ]:
         with pytest.raises(ValueError, match=var):
             env_overrides(env)
 
@@ -199,7 +229,9 @@ def test_reward_mode_env_restricts_the_grid(schema):
     got = cells(new)
     assert {c.mode for c in got} == {"hybrid"}
     assert {c.use_rank for c in got} == {True, False}
-    assert {c.mode for c in cells(cfg)} == set(MODES) - {"hard_plus_soft"}  # a copy: the original is untouched
+    assert {c.mode for c in cells(cfg)} == set(MODES) - {
+        "hard_plus_soft"
+    }  # a copy: the original is untouched
     # the modes experiment keeps its contrast, and says its reference level was not run here
     e = next(x for x in experiments(new) if x.name == "reward_modes")
     assert e.contrast == "reward_modes" and e.levels("reward_modes") == ("hybrid",)
@@ -211,20 +243,29 @@ def test_weight_and_rank_env_vars(schema):
     got = cells(validate(apply_env_overrides(cfg, env), schema))
     # weights (1, 1) -> hard weight 2; the training-knob experiments on hard_plus_soft_v2
     # become hard_plus_soft cells with their training overrides
-    assert {(c.mode, c.use_rank, c.reward.knob("hard_weight"), c.reward.knob("soft_weight")) for c in got} == {
-        ("hard_plus_soft", False, 2.0, 1.0)}
-    assert {c.train for c in got} == {(), (("min_positive_ratio", 0.2),),
-                                     (("gate_rce", True), ("min_positive_ratio", 0.2)),
-                                     (("label_order", "selection"),)}
+    assert {
+        (c.mode, c.use_rank, c.reward.knob("hard_weight"), c.reward.knob("soft_weight"))
+        for c in got
+    } == {("hard_plus_soft", False, 2.0, 1.0)}
+    assert {c.train for c in got} == {
+        (),
+        (("min_positive_ratio", 0.2),),
+        (("gate_rce", True), ("min_positive_ratio", 0.2)),
+        (("label_order", "selection"),),
+    }
 
 
 def test_env_vars_reach_every_experiment(schema):
     cfg = load_config(ROOT / "config" / "okvqa_qwen2.5vl3b.yaml")
     env = {"SOFT_WEIGHT": "0.25", "REWARD_ALPHA": "0", "REWARD_BETA": "1"}
     got = cells(validate(apply_env_overrides(cfg, env), schema))
-    assert {c.reward.knob("soft_weight") for c in got if c.reward.knob("soft_weight") is not None} == {0.25}
+    assert {
+        c.reward.knob("soft_weight") for c in got if c.reward.knob("soft_weight") is not None
+    } == {0.25}
     legacy = [c for c in got if c.mode == "legacy"]
-    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [(0.0, 1.0)]  # the reference implementation's "plan 5"
+    assert [(c.reward.knob("alpha"), c.reward.knob("beta")) for c in legacy] == [
+        (0.0, 1.0)
+    ]  # the reference implementation's "plan 5"
     assert {c.mode for c in got} == set(MODES)
 
 
@@ -248,7 +289,10 @@ def test_check_inputs_missing_model_folder(tmp_path):
     cfg["model"].update(kind="hf", path=str(tmp_path / "no-such-model"))
     with pytest.raises(ConfigError) as e:
         check_inputs(cfg)
-    assert str(e.value) == f"config key model.path: model folder {tmp_path / 'no-such-model'} not found"
+    assert (
+        str(e.value)
+        == f"config key model.path: model folder {tmp_path / 'no-such-model'} not found"
+    )
 
 
 def test_check_inputs_missing_dataset_file(tmp_path):

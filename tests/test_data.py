@@ -82,7 +82,12 @@ def test_easyvqa_records(easy):
 def test_easyvqa_qtype_tags_agree_with_answers(easy):
     colours = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
     shapes = {"circle", "rectangle", "triangle"}
-    want = {"colour": colours, "shape": shapes, "yes-no-colour": {"yes", "no"}, "yes-no-shape": {"yes", "no"}}
+    want = {
+        "colour": colours,
+        "shape": shapes,
+        "yes-no-colour": {"yes", "no"},
+        "yes-no-shape": {"yes", "no"},
+    }
     for e in easy["train"]:
         assert e.answer in want[e.qtype], e
     assert easyvqa_qtype("what color is the triangle?") == "colour"
@@ -123,7 +128,10 @@ def test_vqa_loads_fixture():
     assert [e.id for e in train] == [90, 91, 250, 300, 420, 421]  # question ids, file order
     bus = train[0]
     assert len(bus.answers) == 10 and bus.answer == "red"
-    assert bus.image.endswith("train2014/COCO_train2014_000000000009.jpg") and Path(bus.image).is_file()
+    assert (
+        bus.image.endswith("train2014/COCO_train2014_000000000009.jpg")
+        and Path(bus.image).is_file()
+    )
     assert bus.image_id == "9" and bus.qtype == "what"
     assert train[2].answer == "dog"  # 4 dog / 4 puppy tie: the first seen wins
     assert train[5].answer == "fall"
@@ -138,7 +146,10 @@ def test_vqa_image_prefix_from_config(vqa_copy):
         f.rename(d / f.name.replace("COCO_val2014_", "X_"))
     cfg = vqa_cfg(vqa_copy, eval={"image_prefix": "X_"})
     assert load_dataset(cfg, "eval")[0].image.endswith("X_000000000100.jpg")
-    with pytest.raises(DatasetError, match=r"^dataset\.eval\.images: image not found: .*COCO_val2014_000000000100\.jpg"):
+    with pytest.raises(
+        DatasetError,
+        match=r"^dataset\.eval\.images: image not found: .*COCO_val2014_000000000100\.jpg",
+    ):
         load_dataset(vqa_cfg(vqa_copy), "eval")
 
 
@@ -147,7 +158,9 @@ def test_vqa_default_prefix_without_data_subtype(vqa_copy):
     doc = json.loads(q.read_text())
     del doc["data_subtype"]
     q.write_text(json.dumps(doc))
-    assert load_dataset(vqa_cfg(vqa_copy), "eval")[0].image.endswith("COCO_val2014_000000000100.jpg")
+    assert load_dataset(vqa_cfg(vqa_copy), "eval")[0].image.endswith(
+        "COCO_val2014_000000000100.jpg"
+    )
 
 
 @pytest.mark.parametrize("key", ["questions", "annotations", "images"])
@@ -173,24 +186,51 @@ def _edit_json(path: Path, fn) -> None:
 @pytest.mark.parametrize(
     "file, edit, pattern",
     [
-        ("train_annotations.json", lambda d: d["annotations"][1].pop("answers"),
-         r"^dataset\.train\.annotations: .*train_annotations\.json: question_id 91 lacks field 'answers'$"),
-        ("train_questions.json", lambda d: d["questions"][0].pop("image_id"),
-         r"^dataset\.train\.questions: .*train_questions\.json: question 0 lacks field 'image_id'$"),
-        ("train_questions.json", lambda d: d.pop("questions"),
-         r"^dataset\.train\.questions: .*train_questions\.json lacks field 'questions'$"),
-        ("train_annotations.json", lambda d: d["annotations"].pop(0),
-         r"^dataset\.train\.annotations: .*: no annotation for question_id 90$"),
-        ("train_annotations.json", lambda d: d["annotations"][0]["answers"][3].pop("answer"),
-         r"^dataset\.train\.annotations: .*question_id 90: answer 3 lacks field 'answer'$"),
-        ("train_annotations.json", lambda d: d["annotations"][0].update(answers=[]),
-         r"field 'answers' is empty"),
-        ("train_annotations.json", lambda d: d["annotations"][0].update(image_id=25),
-         r"question_id 90: image_id 25 differs"),
-        ("train_questions.json", lambda d: d["questions"].append(dict(d["questions"][0])),
-         r"duplicate question_id 90"),
-        ("train_questions.json", lambda d: d["questions"][0].update(question=7),
-         r"question 0: field 'question' has type int"),
+        (
+            "train_annotations.json",
+            lambda d: d["annotations"][1].pop("answers"),
+            r"^dataset\.train\.annotations: .*train_annotations\.json: question_id 91 lacks field 'answers'$",
+        ),
+        (
+            "train_questions.json",
+            lambda d: d["questions"][0].pop("image_id"),
+            r"^dataset\.train\.questions: .*train_questions\.json: question 0 lacks field 'image_id'$",
+        ),
+        (
+            "train_questions.json",
+            lambda d: d.pop("questions"),
+            r"^dataset\.train\.questions: .*train_questions\.json lacks field 'questions'$",
+        ),
+        (
+            "train_annotations.json",
+            lambda d: d["annotations"].pop(0),
+            r"^dataset\.train\.annotations: .*: no annotation for question_id 90$",
+        ),
+        (
+            "train_annotations.json",
+            lambda d: d["annotations"][0]["answers"][3].pop("answer"),
+            r"^dataset\.train\.annotations: .*question_id 90: answer 3 lacks field 'answer'$",
+        ),
+        (
+            "train_annotations.json",
+            lambda d: d["annotations"][0].update(answers=[]),
+            r"field 'answers' is empty",
+        ),
+        (
+            "train_annotations.json",
+            lambda d: d["annotations"][0].update(image_id=25),
+            r"question_id 90: image_id 25 differs",
+        ),
+        (
+            "train_questions.json",
+            lambda d: d["questions"].append(dict(d["questions"][0])),
+            r"duplicate question_id 90",
+        ),
+        (
+            "train_questions.json",
+            lambda d: d["questions"][0].update(question=7),
+            r"question 0: field 'question' has type int",
+        ),
     ],
 )
 def test_vqa_bad_fields_fail_in_one_line(vqa_copy, file, edit, pattern):
@@ -202,18 +242,25 @@ def test_vqa_bad_fields_fail_in_one_line(vqa_copy, file, edit, pattern):
 
 def test_vqa_missing_image_fails(vqa_copy):
     (vqa_copy / "images" / "train2014" / "COCO_train2014_000000000030.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"^dataset\.train\.images: image not found: .*000000000030\.jpg \(question_id 300\)$"):
+    with pytest.raises(
+        DatasetError,
+        match=r"^dataset\.train\.images: image not found: .*000000000030\.jpg \(question_id 300\)$",
+    ):
         load_dataset(vqa_cfg(vqa_copy), "train")
 
 
 def test_vqa_invalid_json(vqa_copy):
     (vqa_copy / "val_annotations.json").write_text("{not json")
-    with pytest.raises(DatasetError, match=r"^dataset\.eval\.annotations: .*val_annotations\.json: not valid JSON"):
+    with pytest.raises(
+        DatasetError, match=r"^dataset\.eval\.annotations: .*val_annotations\.json: not valid JSON"
+    ):
         check_dataset(vqa_cfg(vqa_copy))
 
 
 def test_load_vqa_direct_call():
-    ex = load_vqa(FIX / "val_questions.json", FIX / "val_annotations.json", FIX / "images" / "val2014", "eval")
+    ex = load_vqa(
+        FIX / "val_questions.json", FIX / "val_annotations.json", FIX / "images" / "val2014", "eval"
+    )
     assert [e.answer for e in ex] == ["tennis", "banana", "night"]
 
 

@@ -67,7 +67,9 @@ def test_config_rejects_bad_keys_with_one_line(bad, match):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    c = E.EmbeddedConfig.from_dict({"steps": 100, "lr_warmup_steps": 10, "lr": 1e-3, "min_lr_share": 0.1})
+    c = E.EmbeddedConfig.from_dict(
+        {"steps": 100, "lr_warmup_steps": 10, "lr": 1e-3, "min_lr_share": 0.1}
+    )
     lrs = [E.lr_at(s, c) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -85,7 +87,9 @@ def test_default_model_has_the_intended_size_and_image_tokens():
     from PIL import Image
 
     out = proc.image_processor(images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")
-    assert out["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 patches of 8x8 -> 16 tokens after 2x2 merge
+    assert out["image_grid_thw"].tolist() == [
+        [1, 8, 8]
+    ]  # 64 patches of 8x8 -> 16 tokens after 2x2 merge
     assert model.config.vision_config.patch_size == 8
 
 
@@ -95,7 +99,13 @@ def test_vocabulary_covers_easyvqa_and_the_prompt(easy, built):
     unk = tok.convert_tokens_to_ids("[UNK]")
     text = " ".join(f"Question: {e.question} Short answer: {e.answer} the answer is" for e in easy)
     assert unk not in tok(text, add_special_tokens=False)["input_ids"]
-    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+    for special in (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|vision_end|>",
+    ):
         assert tok.convert_tokens_to_ids(special) != unk
 
 
@@ -129,13 +139,27 @@ def test_supervised_tokens_are_the_answers(easy, built):
     for (row, pos), t in zip(b.positions.tolist(), b.targets.tolist()):
         assert b.inputs["input_ids"][row, pos] == t
         words[row].append(tok.convert_ids_to_tokens(t))
-    assert words[0] == [demos[0].answer, demos[1].answer, "the", "answer", "is", query.answer, "<|im_end|>", "\n"]
+    assert words[0] == [
+        demos[0].answer,
+        demos[1].answer,
+        "the",
+        "answer",
+        "is",
+        query.answer,
+        "<|im_end|>",
+        "\n",
+    ]
     assert words[1] == [easy[21].answer, "<|im_end|>", "\n"]
     assert b.soft_p.tolist() == pytest.approx([0.3, 1.0])
-    assert [tok.convert_ids_to_tokens(i) for i in b.soft_short.tolist()] == [query.answer, easy[21].answer]
+    assert [tok.convert_ids_to_tokens(i) for i in b.soft_short.tolist()] == [
+        query.answer,
+        easy[21].answer,
+    ]
     # each query's soft target sits at its first answer token
     first = b.positions[b.soft_rows]
-    assert [tok.convert_ids_to_tokens(int(b.inputs["input_ids"][r, p])) for r, p in first.tolist()] == ["the", easy[21].answer]
+    assert [
+        tok.convert_ids_to_tokens(int(b.inputs["input_ids"][r, p])) for r, p in first.tolist()
+    ] == ["the", easy[21].answer]
 
 
 def test_training_encoding_is_what_the_backend_scores(tmp_path, easy, built):
@@ -155,7 +179,11 @@ def test_training_encoding_is_what_the_backend_scores(tmp_path, easy, built):
     special = {proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "\n")}
     scores = backend.answer_logprobs(prompts, [q.answer for _, q in prompts])
     for row, s in enumerate(scores):
-        sel = (b.positions[:, 0] == row) & b.is_query & ~torch.isin(b.targets, torch.tensor(sorted(special)))
+        sel = (
+            (b.positions[:, 0] == row)
+            & b.is_query
+            & ~torch.isin(b.targets, torch.tensor(sorted(special)))
+        )
         assert int(sel.sum()) == s.n_tokens == 1
         assert float(tok_lp[sel].sum()) == pytest.approx(s.sum_logprob, abs=1e-4)
 
@@ -168,8 +196,19 @@ def _sampled_items(examples, n, seed, n_demos):
 
     index = R.RecipeIndex(examples)
     rng = random.Random(seed)
-    return [R.sample_item(rng, index, kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5}, max_demos=4,
-                          similar_share=0.5, cue_exact=0.9, cue_kind=0.2, n_demos=n_demos) for _ in range(n)]
+    return [
+        R.sample_item(
+            rng,
+            index,
+            kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5},
+            max_demos=4,
+            similar_share=0.5,
+            cue_exact=0.9,
+            cue_kind=0.2,
+            n_demos=n_demos,
+        )
+        for _ in range(n)
+    ]
 
 
 def test_image_cache_pixels_are_the_processors(easy, built):
@@ -180,12 +219,19 @@ def test_image_cache_pixels_are_the_processors(easy, built):
     ref = proc.image_processor(images=[images(p) for p in paths], return_tensors="pt")
     got = images.pixels(proc.image_processor, paths)
     assert set(got) == {"pixel_values", "image_grid_thw"}
-    assert torch.equal(got["pixel_values"], ref["pixel_values"]) and got["pixel_values"].dtype == ref["pixel_values"].dtype
+    assert (
+        torch.equal(got["pixel_values"], ref["pixel_values"])
+        and got["pixel_values"].dtype == ref["pixel_values"].dtype
+    )
     assert torch.equal(got["image_grid_thw"], ref["image_grid_thw"])
     images.drop_pixels()
     assert torch.equal(images.grids(proc.image_processor, paths[:3]), ref["image_grid_thw"][:3])
-    assert torch.equal(images.pixels(proc.image_processor, paths[:2])["pixel_values"],
-                       proc.image_processor(images=[images(p) for p in paths[:2]], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        images.pixels(proc.image_processor, paths[:2])["pixel_values"],
+        proc.image_processor(images=[images(p) for p in paths[:2]], return_tensors="pt")[
+            "pixel_values"
+        ],
+    )
 
 
 @pytest.mark.parametrize("n_demos", [0, 1, 4])
@@ -195,12 +241,25 @@ def test_training_encoding_equals_the_processor_and_the_models_positions(easy, b
 
     _, model, proc = built
     items = _sampled_items(easy, 6, seed=n_demos, n_demos=n_demos)
-    texts = [proc.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False) for it in items]
+    texts = [
+        proc.apply_chat_template(
+            build_messages(it.demos, it.query, answer=it.target), tokenize=False
+        )
+        for it in items
+    ]
     images = E.ImageCache()
-    ref = proc(text=texts, images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
-               padding=True, return_tensors="pt")
-    ref_pos, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], image_grid_thw=ref["image_grid_thw"],
-                                            attention_mask=ref["attention_mask"])
+    ref = proc(
+        text=texts,
+        images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
+        padding=True,
+        return_tensors="pt",
+    )
+    ref_pos, _ = model.model.get_rope_index(
+        ref["input_ids"],
+        ref["mm_token_type_ids"],
+        image_grid_thw=ref["image_grid_thw"],
+        attention_mask=ref["attention_mask"],
+    )
     assert not bool(ref["attention_mask"].all()), "the batch should hold padding"
     b = E.encode_items(proc, items, images)
     assert set(b.inputs) == set(ref) | {"position_ids"}
@@ -224,17 +283,22 @@ def test_prompt_renderer_fills_the_templates_skeleton_or_falls_back(easy, built)
     for seed, n in enumerate([0, 2, 2, 4, 0, 1]):
         for it in _sampled_items(easy, 3, seed=seed, n_demos=n):
             for answer in (None, it.target):
-                want = proc.apply_chat_template(build_messages(it.demos, it.query, answer=answer), tokenize=False)
+                want = proc.apply_chat_template(
+                    build_messages(it.demos, it.query, answer=answer), tokenize=False
+                )
                 assert render(it.demos, it.query, answer) == want
     assert all(v is not None for v in render._pieces.values()) and len(render._pieces) == 8
     # a template that alters the texts cannot be filled in: every prompt is rendered the slow way
     altering = copy.copy(proc)
-    altering.chat_template = proc.chat_template.replace("{{ content['text'] }}", "{{ content['text'] | upper }}")
+    altering.chat_template = proc.chat_template.replace(
+        "{{ content['text'] }}", "{{ content['text'] | upper }}"
+    )
     slow = PromptRenderer(altering)
     it = _sampled_items(easy, 1, seed=0, n_demos=2)[0]
     for _ in range(2):
         assert slow(it.demos, it.query, it.target) == altering.apply_chat_template(
-            build_messages(it.demos, it.query, answer=it.target), tokenize=False)
+            build_messages(it.demos, it.query, answer=it.target), tokenize=False
+        )
     assert slow._pieces == {(2, True): None}
 
 
@@ -244,18 +308,31 @@ def test_token_types_and_positions_match_the_processor_and_model_with_left_paddi
 
     _, model, proc = built
     items = _sampled_items(easy, 5, seed=7, n_demos=None)
-    texts = [proc.apply_chat_template(build_messages(it.demos, it.query, answer=it.target), tokenize=False) for it in items]
+    texts = [
+        proc.apply_chat_template(
+            build_messages(it.demos, it.query, answer=it.target), tokenize=False
+        )
+        for it in items
+    ]
     images = E.ImageCache()
     left = copy.copy(proc.tokenizer)
     left.padding_side = "left"
     lproc = copy.copy(proc)
     lproc.tokenizer = left
-    ref = lproc(text=texts, images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
-                padding=True, return_tensors="pt")
+    ref = lproc(
+        text=texts,
+        images=[[images(ex.image) for ex in (*it.demos, it.query)] for it in items],
+        padding=True,
+        return_tensors="pt",
+    )
     assert not bool(ref["attention_mask"][:, 0].all()), "left padding expected"
     assert torch.equal(mm_token_types(proc, ref["input_ids"]), ref["mm_token_type_ids"])
-    want, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], image_grid_thw=ref["image_grid_thw"],
-                                         attention_mask=ref["attention_mask"])
+    want, _ = model.model.get_rope_index(
+        ref["input_ids"],
+        ref["mm_token_type_ids"],
+        image_grid_thw=ref["image_grid_thw"],
+        attention_mask=ref["attention_mask"],
+    )
     got = rope_positions(ref["mm_token_type_ids"], ref["attention_mask"], ref["image_grid_thw"], 2)
     assert torch.equal(got, want)
 
@@ -282,7 +359,11 @@ def test_tokenize_prompts_rejects_a_grid_count_that_does_not_match(built):
 
     _, _, proc = built
     with pytest.raises(ValueError, match="2 image grids for 1 image placeholders"):
-        tokenize_prompts(proc, ["<|vision_start|><|image_pad|><|vision_end|> Question: x"], torch.tensor([[1, 8, 8]] * 2))
+        tokenize_prompts(
+            proc,
+            ["<|vision_start|><|image_pad|><|vision_end|> Question: x"],
+            torch.tensor([[1, 8, 8]] * 2),
+        )
 
 
 @pytest.mark.parametrize("grids", [[[1, 8, 8]] * 6, [[1, 8, 8], [1, 4, 16], [1, 8, 8], [1, 16, 4]]])
@@ -298,7 +379,7 @@ def test_batched_vision_segments_give_the_loops_numbers_and_gradients(grids, mon
     model = E.build_model(c, proc.tokenizer)
     vis = model.model.visual
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * c.patch_size ** 2)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * c.patch_size**2)
     sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
 
     def counting(*a, **k):
@@ -323,7 +404,9 @@ def test_batched_vision_segments_give_the_loops_numbers_and_gradients(grids, mon
     assert vis.config._attn_implementation == "sdpa"  # restored
     assert torch.equal(got, ref)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
-    assert len(got_calls) < len(ref_calls) and sum(got_calls) == len(ref_calls)  # same segments, fewer calls
+    assert len(got_calls) < len(ref_calls) and sum(got_calls) == len(
+        ref_calls
+    )  # same segments, fewer calls
 
 
 # ------------------------------------------------------------------------------ training and check (slow)
@@ -339,9 +422,19 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_training_writes_a_checkpoint_and_the_loss_falls(trained):
     files = {p.name for p in trained.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja",
-            "train_metrics.csv", "train_summary.json", "embedded_config.json"} <= files
-    assert not [p for p in trained.parent.iterdir() if p.name.startswith(".model.tmp-")], "temp folder left behind"
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "train_metrics.csv",
+        "train_summary.json",
+        "embedded_config.json",
+    } <= files
+    assert not [p for p in trained.parent.iterdir() if p.name.startswith(".model.tmp-")], (
+        "temp folder left behind"
+    )
     rows = list(csv.DictReader(open(trained / "train_metrics.csv")))
     summary = json.loads((trained / "train_summary.json").read_text())
     assert len(rows) == summary["steps_done"] == E.TEST_PRESET["steps"] == summary["steps"]
@@ -369,8 +462,12 @@ def test_icl_check_on_the_test_preset(trained, tmp_path, capsys):
     res = json.loads(out.read_text())
     for key in (*E.SETTINGS, "infoscore_spread_share"):
         assert 0.0 <= res[key] <= 1.0, key
-    assert set(res["targets"]) == {"similar_4", "similar_4_minus_zero_shot", "similar_1_minus_random_1",
-                                   "infoscore_spread_share"}
+    assert set(res["targets"]) == {
+        "similar_4",
+        "similar_4_minus_zero_shot",
+        "similar_1_minus_random_1",
+        "infoscore_spread_share",
+    }
     assert res["settings"]["check"]["n_test"] == E.TEST_PRESET["check"]["n_test"]
     printed = capsys.readouterr().out
     assert "similar_4" in printed and "infoscore_spread_share" in printed
@@ -386,7 +483,9 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_max_minutes_is_refused_saying_it_was_removed():
-    with pytest.raises(ValueError, match=r"^config key embedded_lvlm.max_minutes: removed: .*always trains"):
+    with pytest.raises(
+        ValueError, match=r"^config key embedded_lvlm.max_minutes: removed: .*always trains"
+    ):
         E.EmbeddedConfig.from_dict({"max_minutes": 14})
 
 
@@ -401,7 +500,9 @@ def test_checkpoint_does_not_depend_on_how_fast_the_machine_is(tmp_path, monkeyp
 
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "test.yaml").read_text())["embedded_lvlm"]
+    cfg = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "config" / "test.yaml").read_text()
+    )["embedded_lvlm"]
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     E.train_embedded(cfg, str(fast))
 
@@ -415,10 +516,16 @@ def test_checkpoint_does_not_depend_on_how_fast_the_machine_is(tmp_path, monkeyp
         time_mod.sleep(0.05)
 
     monkeypatch.setattr(E.time, "time", slow_clock)
-    E.train_embedded({**cfg, "log_every": 1}, str(slow), callback=slow_step)  # the callback runs every step
+    E.train_embedded(
+        {**cfg, "log_every": 1}, str(slow), callback=slow_step
+    )  # the callback runs every step
     monkeypatch.undo()
     assert (fast / "model.safetensors").read_bytes() == (slow / "model.safetensors").read_bytes()
     for d in (fast, slow):
         summary = json.loads((d / "train_summary.json").read_text())
-        assert summary["steps_done"] == cfg["steps"] == len(list(csv.DictReader(open(d / "train_metrics.csv"))))
+        assert (
+            summary["steps_done"]
+            == cfg["steps"]
+            == len(list(csv.DictReader(open(d / "train_metrics.csv"))))
+        )
     assert json.loads((slow / "train_summary.json").read_text())["wall_s"] > 3600 * cfg["steps"]

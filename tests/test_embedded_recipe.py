@@ -12,7 +12,14 @@ from icdrl.lvlm import embedded_recipe as R
 
 
 def ex(i, q, a, image=None):
-    return Example(id=i, image=image or f"img{i}.png", question=q, answers=(a,), answer=a, image_id=str(image or i))
+    return Example(
+        id=i,
+        image=image or f"img{i}.png",
+        question=q,
+        answers=(a,),
+        answer=a,
+        image_id=str(image or i),
+    )
 
 
 def test_template_masks_colour_and_shape_words():
@@ -68,8 +75,13 @@ def _toy_train():
 
 
 def _sample(rng, index, **kw):
-    args = dict(kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5}, max_demos=4, similar_share=0.5,
-                cue_exact=0.8, cue_kind=0.2)
+    args = dict(
+        kind_weights={"colour": 1.0, "shape": 1.0, "yesno": 1.5},
+        max_demos=4,
+        similar_share=0.5,
+        cue_exact=0.8,
+        cue_kind=0.2,
+    )
     args.update(kw)
     return R.sample_item(rng, index, **args)
 
@@ -80,7 +92,9 @@ def test_sample_item_invariants():
     for _ in range(400):
         it = _sample(rng, index)
         assert 0 <= len(it.demos) <= 4
-        assert all(d.image != it.query.image for d in it.demos), "a demonstration shows the query's image"
+        assert all(d.image != it.query.image for d in it.demos), (
+            "a demonstration shows the query's image"
+        )
         assert it.p_short == pytest.approx(R.short_form_prob(it.demos, it.query, 0.8, 0.2))
         assert it.target == (it.query.answer if it.short else f"the answer is {it.query.answer}")
         if not it.demos:
@@ -99,7 +113,9 @@ def test_warmup_items_are_zero_shot_and_never_negated():
 
 def test_negation_detection():
     assert R.is_negated("is there not a red shape?") and R.is_negated("is no circle present?")
-    assert not R.is_negated("is there a red shape?") and not R.is_negated("is a notable shape here?")
+    assert not R.is_negated("is there a red shape?") and not R.is_negated(
+        "is a notable shape here?"
+    )
 
 
 def test_yesno_queries_and_same_template_demos_are_balanced():
@@ -126,7 +142,13 @@ def test_unbalanced_sampling_keeps_the_prior():
     rng = random.Random(3)
     c = Counter()
     for _ in range(2000):
-        it = _sample(rng, index, kind_weights={"yesno": 1.0}, balance_yesno=False, balance_yesno_queries=False)
+        it = _sample(
+            rng,
+            index,
+            kind_weights={"yesno": 1.0},
+            balance_yesno=False,
+            balance_yesno_queries=False,
+        )
         if R.question_template(it.query.question) == "is there a <C> shape?":
             c[it.query.answer] += 1
     assert c["no"] / sum(c.values()) > 0.6
@@ -138,8 +160,15 @@ def test_query_prior_kept_while_same_template_demos_stay_balanced():
     rng = random.Random(4)
     q_answers, demo_answers = Counter(), Counter()
     for _ in range(3000):
-        it = _sample(rng, index, kind_weights={"yesno": 1.0}, similar_share=1.0, n_demos=2,
-                     balance_yesno=True, balance_yesno_queries=False)
+        it = _sample(
+            rng,
+            index,
+            kind_weights={"yesno": 1.0},
+            similar_share=1.0,
+            n_demos=2,
+            balance_yesno=True,
+            balance_yesno_queries=False,
+        )
         if R.question_template(it.query.question) == "is there a <C> shape?":
             q_answers[it.query.answer] += 1
             for d in it.demos:
@@ -167,8 +196,12 @@ def test_similar_mode_gives_template_matches_and_random_mode_rarely():
 
 def test_sampling_is_deterministic_given_the_seed():
     index = R.RecipeIndex(_toy_train())
-    a = [_sample(random.Random(7), index) for _ in range(1)] + [_sample(r, index) for r in [random.Random(9)] for _ in range(20)]
-    b = [_sample(random.Random(7), index) for _ in range(1)] + [_sample(r, index) for r in [random.Random(9)] for _ in range(20)]
+    a = [_sample(random.Random(7), index) for _ in range(1)] + [
+        _sample(r, index) for r in [random.Random(9)] for _ in range(20)
+    ]
+    b = [_sample(random.Random(7), index) for _ in range(1)] + [
+        _sample(r, index) for r in [random.Random(9)] for _ in range(20)
+    ]
     assert a == b
 
 

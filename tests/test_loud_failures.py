@@ -28,15 +28,32 @@ def _write_files(tmp_path, syn):
     """Scored and rewards files holding the synthetic groups."""
     recs = []
     for g in syn.groups:
-        recs.append({
-            "anchor_id": g.query_id, "pool": list(g.pool), "zero_shot_logprob": -1.0, "zero_shot_prob": 0.3,
-            "candidates": [{"source": src, "icd_ids": [g.pool[p] for p in s], "icd_pos": list(s),
-                            "info_score": info, "step_gains": [info / len(s)] * len(s),
-                            "prediction_raw": "a", "prediction": "a", "vqa_correct": int(h),
-                            "vqa_acc_score": float(h)}
-                           for s, src, info, h in zip(g.seqs, g.sources, g.info, g.hard)]})
+        recs.append(
+            {
+                "anchor_id": g.query_id,
+                "pool": list(g.pool),
+                "zero_shot_logprob": -1.0,
+                "zero_shot_prob": 0.3,
+                "candidates": [
+                    {
+                        "source": src,
+                        "icd_ids": [g.pool[p] for p in s],
+                        "icd_pos": list(s),
+                        "info_score": info,
+                        "step_gains": [info / len(s)] * len(s),
+                        "prediction_raw": "a",
+                        "prediction": "a",
+                        "vqa_correct": int(h),
+                        "vqa_acc_score": float(h),
+                    }
+                    for s, src, info, h in zip(g.seqs, g.sources, g.info, g.hard)
+                ],
+            }
+        )
     write_jsonl(tmp_path / "scored.jsonl", "icdrl.scored", recs)
-    R.write_rewards(tmp_path / "scored.jsonl", "hard_plus_soft", out_path=tmp_path / "rewards.jsonl")
+    R.write_rewards(
+        tmp_path / "scored.jsonl", "hard_plus_soft", out_path=tmp_path / "rewards.jsonl"
+    )
     return recs
 
 
@@ -64,13 +81,17 @@ def test_loaders_skip_and_count_empty_groups_and_refuse_all_empty(tmp_path, capl
     write_jsonl(tmp_path / "s0.jsonl", "icdrl.scored", recs)
     write_jsonl(tmp_path / "r0.jsonl", "icdrl.rewards", rews)
     # train_v3 with every group empty: refused before training, naming the file
-    with pytest.raises(ValueError, match=r"s0.jsonl: no anchor has a candidate sequence \(3 empty groups\)"):
+    with pytest.raises(
+        ValueError, match=r"s0.jsonl: no anchor has a candidate sequence \(3 empty groups\)"
+    ):
         G.load_groups(tmp_path / "s0.jsonl", tmp_path / "r0.jsonl")
     with pytest.raises(ValueError, match=r"s0.jsonl: no anchor has a candidate sequence"):
         G.load_candidate_groups(tmp_path / "s0.jsonl")
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="no training groups"):
-        T.train_v3(PointerSelector(8, hidden_size=16), [], syn.table, T.V3Config(**SMALL_V3), True, 0)
+        T.train_v3(
+            PointerSelector(8, hidden_size=16), [], syn.table, T.V3Config(**SMALL_V3), True, 0
+        )
     with pytest.raises(ValueError, match="no groups to pack"):
         G.pack_groups([], syn.table)
 

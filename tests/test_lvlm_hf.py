@@ -29,8 +29,14 @@ TOL = 1e-4
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
-    spec = [("red", (64, 64)), ("blue", (64, 64)), ("green", (32, 128)), ("teal", (64, 64)),
-            ("gray", (96, 48)), ("yellow", (64, 64))]
+    spec = [
+        ("red", (64, 64)),
+        ("blue", (64, 64)),
+        ("green", (32, 128)),
+        ("teal", (64, 64)),
+        ("gray", (96, 48)),
+        ("yellow", (64, 64)),
+    ]
     paths = []
     for i, (colour, size) in enumerate(spec):
         p = d / f"{i}.png"
@@ -41,9 +47,14 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ex(images):
-    qa = [("what color is the shape?", "red"), ("what shape is present?", "circle"),
-          ("is there a green shape?", "yes"), ("what color is the triangle?", "teal"),
-          ("how many dogs are there?", "2"), ("what is the dog near?", "fire hydrant")]
+    qa = [
+        ("what color is the shape?", "red"),
+        ("what shape is present?", "circle"),
+        ("is there a green shape?", "yes"),
+        ("what color is the triangle?", "teal"),
+        ("how many dogs are there?", "2"),
+        ("what is the dog near?", "fire hydrant"),
+    ]
     return [Example(i, images[i], q, (a,), a, image_id=str(i)) for i, (q, a) in enumerate(qa)]
 
 
@@ -69,7 +80,9 @@ _BACKENDS: dict = {}
 def backend(family: str, **cfg) -> HFBackend:
     key = (family, tuple(sorted(cfg.items())))
     if key not in _BACKENDS:
-        _BACKENDS[key] = load_backend({"kind": "hf", "batch_size": 4, **cfg}, str(cached_checkpoint(family)))
+        _BACKENDS[key] = load_backend(
+            {"kind": "hf", "batch_size": 4, **cfg}, str(cached_checkpoint(family))
+        )
     return _BACKENDS[key]
 
 
@@ -101,7 +114,9 @@ def test_span_is_the_prefix_full_diff_of_chat_token_ids(family, prompts):
         full = b.encode(pr, ans)
         assert full.input_ids[: len(gen.input_ids)] == gen.input_ids
         assert full.answer_start == len(gen.input_ids)
-        assert full.answer_end - full.answer_start == len(b.tokenizer(ans, add_special_tokens=False)["input_ids"])
+        assert full.answer_end - full.answer_start == len(
+            b.tokenizer(ans, add_special_tokens=False)["input_ids"]
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -113,7 +128,9 @@ def test_cached_ids_equal_processor_ids(family, prompts, ex):
     for pr, ans in zip(prompts, ANSWERS):
         demos, query = pr
         text = b.render(pr, ans)
-        out = b.processor(text=[text], images=[load_image(e.image) for e in (*demos, query)], return_tensors="pt")
+        out = b.processor(
+            text=[text], images=[load_image(e.image) for e in (*demos, query)], return_tensors="pt"
+        )
         assert tuple(out["input_ids"][0].tolist()) == b.encode(pr, ans).input_ids
 
 
@@ -202,7 +219,9 @@ def test_images_preprocessed_once_per_backend(prompts):
 
 def test_small_lru_cache_gives_the_same_numbers(prompts):
     big = backend("qwen")
-    small = load_backend({"kind": "hf", "batch_size": 2, "image_cache_size": 1}, str(cached_checkpoint("qwen")))
+    small = load_backend(
+        {"kind": "hf", "batch_size": 2, "image_cache_size": 1}, str(cached_checkpoint("qwen"))
+    )
     assert sums(small.answer_logprobs(prompts, ANSWERS)) == pytest.approx(
         sums(big.answer_logprobs(prompts, ANSWERS)), abs=TOL
     )
@@ -221,7 +240,9 @@ def test_generate_equals_plain_transformers_greedy(family, prompts):
     for pr, g in zip(prompts, gens):
         demos, query = pr
         inputs = b.processor(
-            text=[b.render(pr)], images=[load_image(e.image) for e in (*demos, query)], return_tensors="pt"
+            text=[b.render(pr)],
+            images=[load_image(e.image) for e in (*demos, query)],
+            return_tensors="pt",
         )
         with torch.no_grad():
             out = b.model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -235,8 +256,12 @@ def test_generate_batch_equals_single_and_modes_agree(family, prompts):
     b = backend(family)
     batched = [g.raw for g in b.generate(prompts, max_new_tokens=3)]
     assert batched == [b.generate([p], max_new_tokens=3)[0].raw for p in prompts]
-    assert batched == [g.raw for g in backend(family, image_cache="none").generate(prompts, max_new_tokens=3)]
-    assert batched == [g.raw for g in backend(family, image_cache="pixels").generate(prompts, max_new_tokens=3)]
+    assert batched == [
+        g.raw for g in backend(family, image_cache="none").generate(prompts, max_new_tokens=3)
+    ]
+    assert batched == [
+        g.raw for g in backend(family, image_cache="pixels").generate(prompts, max_new_tokens=3)
+    ]
 
 
 def test_generate_respects_max_new_tokens(prompts):
@@ -261,14 +286,20 @@ def test_system_prompt_goes_into_the_chat_text(prompts):
     )
 
 
-@pytest.mark.parametrize("bad", ["Here are four examples.", "Use the 4 examples above", "a 3-shot task"])
+@pytest.mark.parametrize(
+    "bad", ["Here are four examples.", "Use the 4 examples above", "a 3-shot task"]
+)
 def test_system_prompt_with_fixed_count_rejected(bad):
-    with pytest.raises(ModelConfigError, match=r"^model\.system_prompt: must not state a fixed number"):
+    with pytest.raises(
+        ModelConfigError, match=r"^model\.system_prompt: must not state a fixed number"
+    ):
         check_model_cfg({"system_prompt": bad})
 
 
 def test_model_config_errors(tmp_path):
-    with pytest.raises(ModelConfigError, match=rf"^model\.path: model folder not found: {tmp_path / 'nope'}$"):
+    with pytest.raises(
+        ModelConfigError, match=rf"^model\.path: model folder not found: {tmp_path / 'nope'}$"
+    ):
         load_backend({"kind": "hf"}, str(tmp_path / "nope"))
     with pytest.raises(ModelConfigError, match=r"^model\.path: not set"):
         load_backend({"kind": "hf"})
@@ -289,7 +320,9 @@ def test_model_config_errors(tmp_path):
     auto = load_backend({"kind": "embedded", "device": "auto"}, str(cached_checkpoint("qwen")))
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = check_model_cfg({"kind": "hf", "path": "/x"})
-    assert cfg["max_new_tokens"] == 10 and cfg["system_prompt"] is None and cfg["dtype"] == "float32"
+    assert (
+        cfg["max_new_tokens"] == 10 and cfg["system_prompt"] is None and cfg["dtype"] == "float32"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
@@ -313,13 +346,19 @@ def test_bad_calls(prompts):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_bf16_matches_cpu_float32(family, prompts):
-    gpu = load_backend({"kind": "hf", "device": "cuda", "dtype": "bfloat16", "batch_size": 4},
-                       str(cached_checkpoint(family)))
+    gpu = load_backend(
+        {"kind": "hf", "device": "cuda", "dtype": "bfloat16", "batch_size": 4},
+        str(cached_checkpoint(family)),
+    )
     assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
     got = sums(gpu.answer_logprobs(prompts, ANSWERS))
     single = [gpu.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)]
-    right = sums(load_backend({"kind": "hf", "device": "cuda", "dtype": "bfloat16", "padding_side": "right"},
-                              str(cached_checkpoint(family))).answer_logprobs(prompts, ANSWERS))
+    right = sums(
+        load_backend(
+            {"kind": "hf", "device": "cuda", "dtype": "bfloat16", "padding_side": "right"},
+            str(cached_checkpoint(family)),
+        ).answer_logprobs(prompts, ANSWERS)
+    )
     want = sums(backend(family).answer_logprobs(prompts, ANSWERS))
     assert got == pytest.approx(want, abs=0.1)  # bf16 rounding
     assert got == pytest.approx(single, abs=0.05)
@@ -338,7 +377,9 @@ def test_full_logits_fallback_gives_the_same_numbers(prompts):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, prompts, ex, monkeypatch):
+def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(
+    family, prompts, ex, monkeypatch
+):
     """The last layer's attention queries, o_proj and MLP cover one column per scored answer
     token; the scores equal those of the unchanged forward."""
     from transformers.modeling_utils import AttentionInterface
@@ -351,7 +392,10 @@ def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, pr
     last = fast._last_layer_parts()
     assert len(last.rowwise) == 2 and last.attn is not None
     seen, queries, no_mask = [], [], []
-    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(a[0].shape[:2]))) for m in last.rowwise]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out: seen.append(tuple(a[0].shape[:2])))
+        for m in last.rowwise
+    ]
 
     def counted(module, query, *args, **kwargs):
         out = hf._scored_columns_attention(module, query, *args, **kwargs)
@@ -361,8 +405,12 @@ def test_last_layer_runs_only_at_scored_columns_with_the_same_numbers(family, pr
 
     monkeypatch.setitem(AttentionInterface._global_mapping, hf._SCORED_COLUMNS, counted)
     # first one row, no padding, nothing cached yet: transformers passes no mask (causal)
-    calls = [[([ex[4]], ex[3])], prompts, [([ex[1]], ex[0]), ([ex[2]], ex[0])],
-             [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])]]
+    calls = [
+        [([ex[4]], ex[3])],
+        prompts,
+        [([ex[1]], ex[0]), ([ex[2]], ex[0])],
+        [([ex[2], ex[1]], ex[0]), ([ex[3], ex[1]], ex[0])],
+    ]
     answers = [[ex[3].answer], ANSWERS, [ex[0].answer] * 2, [ex[0].answer] * 2]
     try:
         for pr, ans in zip(calls, answers):  # later calls run on cached prefixes (qwen)
@@ -408,11 +456,15 @@ def test_hub_layout_qwen_folder_loads_without_torchvision(hub_qwen, prompts):
         auto_ok = False
     b = load_backend({"kind": "hf", "batch_size": 4}, hub_qwen)
     assert isinstance(b.processor, Qwen2_5_VLImageProcessor) or auto_ok
-    assert b.render(prompts[0]).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert b.render(prompts[0]).startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    )
     ref = load_backend({"kind": "hf", "batch_size": 4, "image_cache": "none"}, hub_qwen)
     got = sums(b.answer_logprobs(prompts, ANSWERS))
     assert got == pytest.approx(sums(ref.answer_logprobs(prompts, ANSWERS)), abs=TOL)
-    assert got == pytest.approx([b.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)], abs=TOL)
+    assert got == pytest.approx(
+        [b.answer_logprobs([p], [a])[0].sum_logprob for p, a in zip(prompts, ANSWERS)], abs=TOL
+    )
     for pr, ans in zip(prompts, ANSWERS):
         e = b.encode(pr, ans)
         assert b.tokenizer.decode(list(e.input_ids[e.answer_start : e.answer_end])).strip() == ans
@@ -432,8 +484,11 @@ def test_generate_is_pure_greedy_despite_checkpoint_penalties(prompts):
     from icdrl.data import load_image
 
     demos, query = prompts[2]
-    inputs = b.processor(text=[b.render(prompts[2])], images=[load_image(e.image) for e in (*demos, query)],
-                         return_tensors="pt")
+    inputs = b.processor(
+        text=[b.render(prompts[2])],
+        images=[load_image(e.image) for e in (*demos, query)],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = b.model.generate(**inputs, max_new_tokens=4, do_sample=False)
     penalised = b.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -451,14 +506,18 @@ def test_skeleton_rendering_equals_the_chat_template(family, system_prompt, prom
     for _ in range(2):
         for pr, ans in zip(prompts, ANSWERS):
             for a in (ans, None):
-                want = b.processor.apply_chat_template(b.messages(pr, a), tokenize=False, add_generation_prompt=a is None)
+                want = b.processor.apply_chat_template(
+                    b.messages(pr, a), tokenize=False, add_generation_prompt=a is None
+                )
                 assert b.render(pr, a) == want
     assert b._use_skeletons and b._skeletons
 
 
 def test_template_that_alters_text_items_falls_back_to_full_rendering(prompts):
     b = load_backend({"kind": "hf"}, str(cached_checkpoint("qwen")))
-    b.processor.chat_template = b.processor.chat_template.replace("content['text']", "content['text'] | upper")
+    b.processor.chat_template = b.processor.chat_template.replace(
+        "content['text']", "content['text'] | upper"
+    )
     pr = prompts[2]
     assert "QUESTION" in b.render(pr, "x")  # the template really changed
     want = b.processor.apply_chat_template(b.messages(pr, "x"), tokenize=False)
@@ -475,8 +534,12 @@ def test_composed_rope_positions_equal_the_models(prompts):
         assert b._mrope and "position_ids" in inputs
         types = torch.tensor(b.processor.create_mm_token_type_ids(inputs["input_ids"]))
         assert torch.equal(types, inputs["mm_token_type_ids"])
-        ref, _ = b.model.model.get_rope_index(inputs["input_ids"], types, image_grid_thw=inputs["image_grid_thw"],
-                                              attention_mask=inputs["attention_mask"])
+        ref, _ = b.model.model.get_rope_index(
+            inputs["input_ids"],
+            types,
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
         real = inputs["attention_mask"].bool()
         assert torch.equal(ref[:, real], inputs["position_ids"][:, real])
 
@@ -499,17 +562,30 @@ def _steps(ex, insert):
     q = ex[5]
     pool = ex[:5]
     step1 = [([c], q) for c in pool]
-    step2 = [([c, b] if insert == "first" else [b, c], q) for b in pool[:2] for c in pool if c is not b]
-    step3 = [([c, *d], q) if insert == "first" else ([*d, c], q) for d, _ in step2[:3] for c in pool if c not in d]
+    step2 = [
+        ([c, b] if insert == "first" else [b, c], q) for b in pool[:2] for c in pool if c is not b
+    ]
+    step3 = [
+        ([c, *d], q) if insert == "first" else ([*d, c], q)
+        for d, _ in step2[:3]
+        for c in pool
+        if c not in d
+    ]
     return [step1, step2, step3]
 
 
 @pytest.mark.parametrize("insert", ["first", "last"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_prefix_cache_gives_the_numbers_of_full_forwards(ex, insert, side):
-    cached = load_backend({"kind": "hf", "batch_size": 4, "padding_side": side}, str(cached_checkpoint("qwen")))
-    plain = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen")))
-    ref = load_backend({"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint("qwen")))
+    cached = load_backend(
+        {"kind": "hf", "batch_size": 4, "padding_side": side}, str(cached_checkpoint("qwen"))
+    )
+    plain = load_backend(
+        {"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen"))
+    )
+    ref = load_backend(
+        {"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint("qwen"))
+    )
     hits = 0
     for step in _steps(ex, insert):
         answers = ["fire hydrant"] * len(step)  # two answer tokens
@@ -524,14 +600,20 @@ def test_prefix_cache_gives_the_numbers_of_full_forwards(ex, insert, side):
 def test_prefix_max_demos_keeps_only_the_prefixes_a_deeper_prompt_can_read(ex):
     """Depth 2: the step-2 prompts' 2-demonstration prefixes are not stored; the step-1 ones
     stay (a small cache would otherwise lose them to the step-2 ones) and serve later calls."""
-    b = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 5}, str(cached_checkpoint("qwen")))
-    plain = load_backend({"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen")))
+    b = load_backend(
+        {"kind": "hf", "batch_size": 4, "prefix_cache_size": 5}, str(cached_checkpoint("qwen"))
+    )
+    plain = load_backend(
+        {"kind": "hf", "batch_size": 4, "prefix_cache_size": 0}, str(cached_checkpoint("qwen"))
+    )
     b.prefix_max_demos = 1
     step1, step2, _ = _steps(ex, "first")
     extra = [([c, d], ex[5]) for c, d in ((ex[3], ex[4]), (ex[4], ex[2]))]  # 2-demonstration extras
     for call in (step1, step2, extra):
         answers = ["fire hydrant"] * len(call)
-        assert sums(b.answer_logprobs(call, answers)) == pytest.approx(sums(plain.answer_logprobs(call, answers)), abs=1e-5)
+        assert sums(b.answer_logprobs(call, answers)) == pytest.approx(
+            sums(plain.answer_logprobs(call, answers)), abs=1e-5
+        )
         # five 1-demonstration prefixes (the size) and, not counted in it, the chat header
         assert sorted(pk.n_images for pk in b._prefix_kv.values()) == [0, 1, 1, 1, 1, 1]
     assert b.stats["prefix_hits"] == len(step2) + len(extra)
@@ -539,12 +621,21 @@ def test_prefix_max_demos_keeps_only_the_prefixes_a_deeper_prompt_can_read(ex):
 
 def test_prefix_cache_mixed_batches_and_eviction(ex, prompts):
     """Rows with and without a cached prefix in one call; a cache of 2 entries stays bounded."""
-    b = load_backend({"kind": "hf", "batch_size": 3, "prefix_cache_size": 2}, str(cached_checkpoint("qwen")))
+    b = load_backend(
+        {"kind": "hf", "batch_size": 3, "prefix_cache_size": 2}, str(cached_checkpoint("qwen"))
+    )
     plain = backend("qwen", prefix_cache_size=0)
     b.answer_logprobs([([ex[1]], ex[0]), ([ex[3]], ex[0])], ["red", "red"])
-    mixed = [([ex[1], ex[2]], ex[0]), ([ex[4], ex[2]], ex[0]), ([ex[3], ex[5], ex[2]], ex[0]), *prompts]
+    mixed = [
+        ([ex[1], ex[2]], ex[0]),
+        ([ex[4], ex[2]], ex[0]),
+        ([ex[3], ex[5], ex[2]], ex[0]),
+        *prompts,
+    ]
     answers = ["red", "red", "red", *ANSWERS]
-    assert sums(b.answer_logprobs(mixed, answers)) == pytest.approx(sums(plain.answer_logprobs(mixed, answers)), abs=1e-5)
+    assert sums(b.answer_logprobs(mixed, answers)) == pytest.approx(
+        sums(plain.answer_logprobs(mixed, answers)), abs=1e-5
+    )
     assert b.stats["prefix_hits"] >= 2
     assert len([pk for pk in b._prefix_kv.values() if pk.n_images]) <= 2  # (and the chat header)
     b.clear_cache()
@@ -560,8 +651,12 @@ def test_prefix_cache_is_keyed_by_image_not_only_tokens(ex, images):
     step = [([ex[1], ex[2]], ex[0]), ([twin, ex[2]], ex[0])]
     assert [b._lookup_prefix(it).n_images for it in b._items(step, ["red", "red"])] == [1, 0]
     b.stats["prefix_hits"] = 0
-    assert sums(b.answer_logprobs(step, ["red", "red"])) == pytest.approx(sums(plain.answer_logprobs(step, ["red", "red"])), abs=1e-5)
-    assert b.stats["prefix_hits"] == 2  # ex[1]'s row on its 1-demonstration prefix, the twin's on the chat header
+    assert sums(b.answer_logprobs(step, ["red", "red"])) == pytest.approx(
+        sums(plain.answer_logprobs(step, ["red", "red"])), abs=1e-5
+    )
+    assert (
+        b.stats["prefix_hits"] == 2
+    )  # ex[1]'s row on its 1-demonstration prefix, the twin's on the chat header
 
 
 def test_chat_header_prefix_serves_every_later_prompt(ex, prompts):
@@ -572,7 +667,9 @@ def test_chat_header_prefix_serves_every_later_prompt(ex, prompts):
     b.answer_logprobs([([ex[1]], ex[0])], ["red"])
     fresh = [([], ex[2]), ([ex[3]], ex[4]), ([ex[5], ex[0]], ex[1])]
     answers = ["yes", "2", "circle"]
-    assert sums(b.answer_logprobs(fresh, answers)) == pytest.approx(sums(plain.answer_logprobs(fresh, answers)), abs=1e-5)
+    assert sums(b.answer_logprobs(fresh, answers)) == pytest.approx(
+        sums(plain.answer_logprobs(fresh, answers)), abs=1e-5
+    )
     assert b.stats["prefix_hits"] == len(fresh)
     header = [pk for pk in b._prefix_kv.values() if pk.n_images == 0]
     assert len(header) == 1 and 0 < header[0].length < len(b._items(fresh[:1], answers[:1])[0].ids)
@@ -615,11 +712,27 @@ def test_segment_attention_equals_one_call_per_segment():
     module = torch.nn.Module()  # no GQA; non-causal as the vision tower's attention
     hf._segments.inner = "sdpa"
     got, _ = hf._segments_attention(
-        module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=16, max_length_k=16,
-        scaling=0.3, dropout=0.0, is_causal=False,
+        module,
+        q,
+        k,
+        v,
+        None,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=16,
+        max_length_k=16,
+        scaling=0.3,
+        dropout=0.0,
+        is_causal=False,
     )
     parts = zip(*(t.split(lengths, dim=2) for t in (q, k, v)))
-    want = torch.cat([sdpa_attention_forward(module, a, b, c, None, scaling=0.3, is_causal=False)[0] for a, b, c in parts], dim=1)
+    want = torch.cat(
+        [
+            sdpa_attention_forward(module, a, b, c, None, scaling=0.3, is_causal=False)[0]
+            for a, b, c in parts
+        ],
+        dim=1,
+    )
     assert got.shape == want.shape == (1, int(cu[-1]), 2, 8)
     assert torch.allclose(got, want, atol=1e-6)
 
@@ -638,7 +751,9 @@ def test_vision_encoder_runs_segments_batched_with_the_same_features(images, mon
 
     def counted(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
         calls.append(len(set(torch.diff(cu_seq_lens_q).tolist())))
-        return hf._segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+        return hf._segments_attention(
+            module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs
+        )
 
     monkeypatch.setitem(AttentionInterface._global_mapping, hf._SEGMENTS, counted)
     entries = b._preprocess_many(images)
@@ -654,10 +769,14 @@ def test_vision_encoder_runs_segments_batched_with_the_same_features(images, mon
     assert len(calls) == 2 * depth and max(calls) > 1  # one call per layer; several segment lengths
     assert all(m.config._attn_implementation == "sdpa" for m in modules)  # restored
     for e, a, p in zip(entries, again, plain):
-        assert e.features.shape == p.features.shape and torch.allclose(e.features, p.features, atol=1e-6)
+        assert e.features.shape == p.features.shape and torch.allclose(
+            e.features, p.features, atol=1e-6
+        )
         assert torch.equal(a.features, e.features)
     assert not load_backend({"kind": "hf"}, str(cached_checkpoint("llava")))._vision
-    assert not load_backend({"kind": "hf", "image_cache": "none"}, str(cached_checkpoint("qwen")))._vision
+    assert not load_backend(
+        {"kind": "hf", "image_cache": "none"}, str(cached_checkpoint("qwen"))
+    )._vision
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -667,7 +786,9 @@ def test_image_processor_alone_once_the_layout_is_known(family, images, monkeypa
     b = load_backend({"kind": "hf"}, str(cached_checkpoint(family)))
     whole = []
     many = b._preprocess_many
-    monkeypatch.setattr(b, "_preprocess_many", lambda paths: whole.append(list(paths)) or many(paths))
+    monkeypatch.setattr(
+        b, "_preprocess_many", lambda paths: whole.append(list(paths)) or many(paths)
+    )
     first = b._preprocess_images(images[:2])  # two 64x64 images: one layout, both new
     got = b._preprocess_images(images)  # 32x128 and 96x48 bring new layouts
     assert b._image_only and whole[0] == images[:2]
@@ -739,8 +860,13 @@ def test_compare_greedy_tells_near_ties_from_mismatches():
     # stopped a step early, at a near-tie; row 4 ran past the reference's end (no tie data there)
     assert compare_greedy(fast, ref, tied) == ([2, 4], [1, 3])
     assert compare_greedy(fast, fast, tied) == ([], [])
-    assert near_tie_tolerance(torch.float32, 3.0) == 1e-5 and near_tie_tolerance(torch.float32, -40.0) == pytest.approx(4e-5)
-    assert near_tie_tolerance(torch.bfloat16, 2.0) == 0.0625 and near_tie_tolerance(torch.bfloat16, 24.0) == 24 / 128
+    assert near_tie_tolerance(torch.float32, 3.0) == 1e-5 and near_tie_tolerance(
+        torch.float32, -40.0
+    ) == pytest.approx(4e-5)
+    assert (
+        near_tie_tolerance(torch.bfloat16, 2.0) == 0.0625
+        and near_tie_tolerance(torch.bfloat16, 24.0) == 24 / 128
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -756,7 +882,10 @@ def test_cached_decoding_equals_reference_without_and_with_cached_prefixes(famil
     _same_ids(fast, ref, longer, 5)  # each extends a prompt of the first call by one demonstration
     if family == "qwen":
         assert fast.stats["prefix_hits"] - hits == len(longer)
-        assert all(fast._lookup_prefix(it).n_images >= len(d) for it, (d, _) in zip(fast._items(longer, [None] * 5), longer))
+        assert all(
+            fast._lookup_prefix(it).n_images >= len(d)
+            for it, (d, _) in zip(fast._items(longer, [None] * 5), longer)
+        )
     else:
         assert fast.stats["prefix_hits"] == 0 and not fast._prefix_kv
     assert fast.fast_paths()["cached_greedy_decoding"] and fast.stats["generate_near_ties"] == 0
@@ -790,7 +919,11 @@ def test_mixed_batches_rows_with_and_without_cached_prefixes(ex, prompts, monkey
     monkeypatch.setattr(fast, "_lookup_prefix", every_third_none)
     seen = []
     stack = fast._stack_prefixes
-    monkeypatch.setattr(fast, "_stack_prefixes", lambda pks, room=None: seen.append([pk and pk.n_images for pk in pks]) or stack(pks, room))
+    monkeypatch.setattr(
+        fast,
+        "_stack_prefixes",
+        lambda pks, room=None: seen.append([pk and pk.n_images for pk in pks]) or stack(pks, room),
+    )
     mixed = [([ex[1], ex[4]], ex[0]), ([ex[3], ex[5]], ex[2]), *prompts]
     _same_ids(fast, ref, mixed, 4)
     rows = [r for batch in seen for r in batch]
@@ -853,7 +986,9 @@ def test_cached_decoding_on_beam_search_like_steps(ex, insert):
     read = []  # per step, the demonstrations in each row's cached prefix
     for step in (step2, step3):
         items = fast._items(step, [None] * len(step))
-        read.append([fast.prefixes.lookup(it.ids, it.images, fast._boundaries(it)).n_images for it in items])
+        read.append(
+            [fast.prefixes.lookup(it.ids, it.images, fast._boundaries(it)).n_images for it in items]
+        )
         _same_ids(fast, ref, step, 4)
     if insert == "last":  # (b, c) reads (b), ((b, c), d) reads (b, c)
         assert read == [[1] * len(step2), [2] * len(step3)]
@@ -948,21 +1083,29 @@ def test_demonstrations_without_images_equal_the_reference_path(family, ex):
     fewer, and every fast path (skeletons, image cache, prefix cache) gives the numbers and answers of
     the reference path (image_cache: none), also right after the same prompts with images."""
     plain, bare = _no_image_prompts(ex)
-    ref = load_backend({"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint(family)))
+    ref = load_backend(
+        {"kind": "hf", "batch_size": 1, "image_cache": "none"}, str(cached_checkpoint(family))
+    )
     answers = ["red", "fire hydrant", "teal", "red", "fire hydrant"]
     for pr in bare:
         n_img = sum(1 for d in pr[0] if d.image) + 1
         text = ref.render(pr)
         assert text.count(ref.image_token) == n_img
-        assert text == ref.processor.apply_chat_template(ref.messages(pr), tokenize=False, add_generation_prompt=True)
+        assert text == ref.processor.apply_chat_template(
+            ref.messages(pr), tokenize=False, add_generation_prompt=True
+        )
         assert all(d.question in text for d in pr[0])
     want = sums(ref.answer_logprobs(bare, answers))
     want_gen = [g.raw for g in ref.generate(bare, max_new_tokens=4)]
     # a no-image prompt is not its image version: the ablation changes what the model sees
     assert want[:3] != pytest.approx(sums(ref.answer_logprobs(plain, answers[:3])), abs=TOL)
     for mode in ("features", "pixels"):
-        b = load_backend({"kind": "hf", "batch_size": 3, "image_cache": mode}, str(cached_checkpoint(family)))
-        for _ in range(3):  # warm every cache with the image versions first, past the skeleton checks
+        b = load_backend(
+            {"kind": "hf", "batch_size": 3, "image_cache": mode}, str(cached_checkpoint(family))
+        )
+        for _ in range(
+            3
+        ):  # warm every cache with the image versions first, past the skeleton checks
             b.answer_logprobs(plain, answers[:3])
             b.generate(plain, max_new_tokens=4)
         for _ in range(2):  # past the skeleton checks; the second round runs on cached prefixes

@@ -182,7 +182,9 @@ def _loo_reference(pred: str, answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-_words = st.sampled_from(["yes", "no", "2", "two", "a dog", "dog", "red", "Red.", "dont", "don't", "1.5"])
+_words = st.sampled_from(
+    ["yes", "no", "2", "two", "a dog", "dog", "red", "Red.", "dont", "don't", "1.5"]
+)
 
 
 @given(pred=_words, answers=st.lists(_words, min_size=2, max_size=12))

@@ -28,8 +28,16 @@ def _dups(ex, train):
 def test_pools_never_hold_query_or_duplicate(sampler, role):
     queries = TRAIN[:12] + TRAIN[50:53] if role == "anchors" else EVAL
     qt = TRAIN_T if role == "anchors" else EVAL_T
-    recs = build_pools(queries, TRAIN, sampler=sampler, size=16, seed=3, role=role, query_table=qt,
-                       train_table=TRAIN_T)
+    recs = build_pools(
+        queries,
+        TRAIN,
+        sampler=sampler,
+        size=16,
+        seed=3,
+        role=role,
+        query_table=qt,
+        train_table=TRAIN_T,
+    )
     assert [r.query_id for r in recs] == [q.id for q in queries]
     for q, r in zip(queries, recs):
         assert len(r.pool) == 16 == len(set(r.pool))
@@ -43,12 +51,28 @@ def test_pools_never_hold_query_or_duplicate(sampler, role):
 def test_similarity_samplers_take_the_nearest():
     q = EVAL[10]
     for sampler, kind in (("image_sim", "img"), ("text_sim", "txt")):
-        (rec,) = build_pools([q], TRAIN, sampler=sampler, size=5, seed=0, role="test", query_table=EVAL_T,
-                             train_table=TRAIN_T)
+        (rec,) = build_pools(
+            [q],
+            TRAIN,
+            sampler=sampler,
+            size=5,
+            seed=0,
+            role="test",
+            query_table=EVAL_T,
+            train_table=TRAIN_T,
+        )
         sims = TRAIN_T.vectors([t.id for t in TRAIN], kind) @ EVAL_T.vector(q.id, kind)
         assert list(rec.pool) == [TRAIN[i].id for i in np.argsort(-sims)[:5]]
-    (mix,) = build_pools([q], TRAIN, sampler="mix", size=6, seed=0, role="test", query_table=EVAL_T,
-                         train_table=TRAIN_T)
+    (mix,) = build_pools(
+        [q],
+        TRAIN,
+        sampler="mix",
+        size=6,
+        seed=0,
+        role="test",
+        query_table=EVAL_T,
+        train_table=TRAIN_T,
+    )
     sims = TRAIN_T.emb @ EVAL_T.vector(q.id)
     assert list(mix.pool[:3]) == [TRAIN[i].id for i in np.argsort(-sims)[:3]]
 
@@ -101,12 +125,16 @@ def test_write_pools_both_roles(tmp_path, monkeypatch):
     test = read_records(tmp_path / "test.jsonl", PoolRecord)
     assert len(anchors) == 7 and len(test) == 6
     # nested in n: fewer anchors are a subset of more
-    write_pools({}, "anchors", {**cfg, "n_anchors": 3}, str(tr), str(tr), str(tmp_path / "a3.jsonl"))
+    write_pools(
+        {}, "anchors", {**cfg, "n_anchors": 3}, str(tr), str(tr), str(tmp_path / "a3.jsonl")
+    )
     a3 = read_records(tmp_path / "a3.jsonl", PoolRecord)
     assert {r.query_id for r in a3} <= {r.query_id for r in anchors}
     assert all(r in anchors for r in a3)  # and a query's pool does not depend on the others
     train_ids = {ex.id for ex in TRAIN}
-    assert {r.query_id for r in anchors} <= train_ids and {r.query_id for r in test} <= {ex.id for ex in EVAL}
+    assert {r.query_id for r in anchors} <= train_ids and {r.query_id for r in test} <= {
+        ex.id for ex in EVAL
+    }
     for r in anchors + test:
         assert set(r.pool) <= train_ids and r.query_id not in r.pool
     assert set(read_jsonl(tmp_path / "test.jsonl", "icdrl.pools")[0]) == {"query_id", "pool"}
@@ -120,7 +148,14 @@ def test_validation_queries_are_disjoint_from_test_queries(tmp_path, monkeypatch
     save_table(TRAIN_T, tr)
     save_table(EVAL_T, ev)
     n = len(EVAL)
-    cfg = {"sampler": "text_sim", "size": 10, "n_anchors": 7, "n_test": n // 2, "n_val": n - n // 2, "seed": 0}
+    cfg = {
+        "sampler": "text_sim",
+        "size": 10,
+        "n_anchors": 7,
+        "n_test": n // 2,
+        "n_val": n - n // 2,
+        "seed": 0,
+    }
     write_pools({}, "test", cfg, str(ev), str(tr), str(tmp_path / "test.jsonl"))
     write_pools({}, "val", cfg, str(ev), str(tr), str(tmp_path / "val.jsonl"))
     test = read_records(tmp_path / "test.jsonl", PoolRecord)
@@ -129,10 +164,14 @@ def test_validation_queries_are_disjoint_from_test_queries(tmp_path, monkeypatch
     assert len(val) == n - n // 2 and not {r.query_id for r in val} & {r.query_id for r in test}
     assert {r.query_id for r in val} | {r.query_id for r in test} == {ex.id for ex in EVAL}
     # nested in n_val, independent of n_test, and pools built as for the test queries
-    write_pools({}, "val", {**cfg, "n_val": 2, "n_test": 1}, str(ev), str(tr), str(tmp_path / "v2.jsonl"))
+    write_pools(
+        {}, "val", {**cfg, "n_val": 2, "n_test": 1}, str(ev), str(tr), str(tmp_path / "v2.jsonl")
+    )
     v2 = read_records(tmp_path / "v2.jsonl", PoolRecord)
     assert {r.query_id for r in v2} <= {r.query_id for r in val}
     for r in val:
         assert len(r.pool) == 10 and r.query_id not in r.pool
     with pytest.raises(ValueError, match="pools.n_val: .* must be disjoint"):
-        write_pools({}, "val", {**cfg, "n_val": n - n // 2 + 1}, str(ev), str(tr), str(tmp_path / "x.jsonl"))
+        write_pools(
+            {}, "val", {**cfg, "n_val": n - n // 2 + 1}, str(ev), str(tr), str(tmp_path / "x.jsonl")
+        )

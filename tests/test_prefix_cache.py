@@ -13,8 +13,13 @@ HEADS, DIM, LAYERS = 2, 3, 2
 def forward_cache(rows: int, width: int, seed: int = 0) -> list:
     """A forward's keys and values per layer, [rows, heads, width, dim], every entry distinct."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(rows, HEADS, width, DIM, generator=g), torch.randn(rows, HEADS, width, DIM, generator=g))
-            for _ in range(LAYERS)]
+    return [
+        (
+            torch.randn(rows, HEADS, width, DIM, generator=g),
+            torch.randn(rows, HEADS, width, DIM, generator=g),
+        )
+        for _ in range(LAYERS)
+    ]
 
 
 # a prompt: ids, images and boundaries (where the chat header / the first j demonstrations end)
@@ -36,12 +41,20 @@ def test_store_then_lookup_and_stack_give_the_forward_columns():
     pk_ab = cache.lookup(*AB)
     pk_a = cache.lookup(A[0], A[1], A[2])
     pk_c = cache.lookup(*C)
-    assert (pk_ab.length, pk_ab.n_images, pk_a.length, pk_a.n_images, pk_c.length) == (7, 2, 5, 1, 4)
+    assert (pk_ab.length, pk_ab.n_images, pk_a.length, pk_a.n_images, pk_c.length) == (
+        7,
+        2,
+        5,
+        1,
+        4,
+    )
     data, mask = cache.stack([pk_a, None, pk_ab, pk_c])
     assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [0] * 7, [1] * 7, [0, 0, 0, 1, 1, 1, 1]]
     for (k, v), (fk, fv) in zip(data, kv):
         assert k.shape == (4, HEADS, 7, DIM)
-        assert torch.equal(k[0, :, 2:], fk[0, :, col[0] : col[0] + 5]) and torch.equal(v[0, :, 2:], fv[0, :, col[0] : col[0] + 5])
+        assert torch.equal(k[0, :, 2:], fk[0, :, col[0] : col[0] + 5]) and torch.equal(
+            v[0, :, 2:], fv[0, :, col[0] : col[0] + 5]
+        )
         assert torch.equal(k[2], fk[0, :, col[0] : col[0] + 7])
         assert torch.equal(v[3, :, 3:], fv[1, :, col[1] : col[1] + 4])
         assert not k[1].any()  # the row without a prefix: zeros, masked out
@@ -55,7 +68,11 @@ def test_one_row_per_prompt_and_the_header_apart():
     cache.store([(*AB, 0, 0)], kv)
     header = cache.entries[prefix_key(AB[0], AB[1], 2, 0)]
     a, ab = cache.entries[prefix_key(*AB[:2], 5, 1)], cache.entries[prefix_key(*AB[:2], 7, 2)]
-    assert a.layers is ab.layers and a.row == ab.row == 0 and a.layers[0][0].shape == (1, HEADS, 7, DIM)
+    assert (
+        a.layers is ab.layers
+        and a.row == ab.row == 0
+        and a.layers[0][0].shape == (1, HEADS, 7, DIM)
+    )
     assert header.layers is not a.layers and header.layers[0][0].shape == (1, HEADS, 2, DIM)
     # the usual stacking (one copy, every row ending in its last column) and the general one agree
     fast, _ = cache.stack([ab, ab])
@@ -76,7 +93,9 @@ def test_max_demos_and_size_zero():
     cache = PrefixCache(16, max_demos=1)
     cache.store([(*AB, 0, 0)], kv)
     assert sorted(pk.n_images for pk in cache.values()) == [0, 1]
-    assert cache.shareable(*AB) == [prefix_key(*AB[:2], 5, 1)]  # no header, nothing beyond max_demos
+    assert cache.shareable(*AB) == [
+        prefix_key(*AB[:2], 5, 1)
+    ]  # no header, nothing beyond max_demos
     off = PrefixCache(0)
     assert off.store([(*AB, 0, 0)], kv) == 0 and not off and off.shareable(*AB) == []
     with pytest.raises(ValueError, match="prefix cache size must be >= 0"):
@@ -90,9 +109,13 @@ def test_eviction_is_lru_but_keeps_headers_and_protected_keys():
     assert [pk.n_images for pk in cache.values()] == [0, 1]
     cache.store([(*C, 0, 0)], kv)  # c: a is the oldest non-header
     assert [pk.n_images for pk in cache.values()] == [0, 1] and cache.lookup(*C).length == 4
-    key_a, key_ab, key_c = (prefix_key(*p[:2], n, j) for p, n, j in ((A, 5, 1), (AB, 7, 2), (C, 4, 1)))
+    key_a, key_ab, key_c = (
+        prefix_key(*p[:2], n, j) for p, n, j in ((A, 5, 1), (AB, 7, 2), (C, 4, 1))
+    )
     cache.protected = frozenset({key_a, key_c})
-    cache.store([(*AB, 0, 0)], kv)  # a, ab new; a and c protected: only ab goes, 2 > 1 demonstration prefixes
+    cache.store(
+        [(*AB, 0, 0)], kv
+    )  # a, ab new; a and c protected: only ab goes, 2 > 1 demonstration prefixes
     assert list(cache.entries) == [prefix_key(HEADER, (), 2, 0), key_c, key_a]
     cache.protected = frozenset()
     cache.evict()

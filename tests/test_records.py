@@ -25,23 +25,49 @@ from icdrl.records import (
 
 
 def cand(source="beam", pos=(1, 0), pool=(10, 11, 12)):
-    return Candidate(source=source, icd_ids=tuple(pool[p] for p in pos), icd_pos=pos, info_score=0.25,
-                     step_gains=(0.1, 0.15))
+    return Candidate(
+        source=source,
+        icd_ids=tuple(pool[p] for p in pos),
+        icd_pos=pos,
+        info_score=0.25,
+        step_gains=(0.1, 0.15),
+    )
 
 
 def test_candidate_and_scored_round_trip(tmp_path):
-    rec = CandidateRecord(anchor_id=5, pool=(10, 11, 12), zero_shot_logprob=-0.5, zero_shot_prob=0.6,
-                          candidates=(cand(), cand("random", (2, 1))))
+    rec = CandidateRecord(
+        anchor_id=5,
+        pool=(10, 11, 12),
+        zero_shot_logprob=-0.5,
+        zero_shot_prob=0.6,
+        candidates=(cand(), cand("random", (2, 1))),
+    )
     write_records(tmp_path / "c.jsonl", [rec])
     assert read_records(tmp_path / "c.jsonl", CandidateRecord) == [rec]
-    sc = ScoredCandidate.from_candidate(rec.candidates[0], prediction_raw=" Red\n", prediction="red",
-                                        vqa_acc_score=1.0, vqa_correct=1)
-    srec = ScoredRecord(anchor_id=5, pool=rec.pool, zero_shot_logprob=-0.5, zero_shot_prob=0.6, candidates=(sc,))
+    sc = ScoredCandidate.from_candidate(
+        rec.candidates[0],
+        prediction_raw=" Red\n",
+        prediction="red",
+        vqa_acc_score=1.0,
+        vqa_correct=1,
+    )
+    srec = ScoredRecord(
+        anchor_id=5, pool=rec.pool, zero_shot_logprob=-0.5, zero_shot_prob=0.6, candidates=(sc,)
+    )
     write_records(tmp_path / "s.jsonl", [srec])
     assert read_records(tmp_path / "s.jsonl", ScoredRecord) == [srec]
     d = read_jsonl(tmp_path / "s.jsonl", "icdrl.scored")[0]["candidates"][0]
-    assert set(d) == {"source", "icd_ids", "icd_pos", "info_score", "step_gains", "prediction_raw", "prediction",
-                      "vqa_acc_score", "vqa_correct"}
+    assert set(d) == {
+        "source",
+        "icd_ids",
+        "icd_pos",
+        "info_score",
+        "step_gains",
+        "prediction_raw",
+        "prediction",
+        "vqa_acc_score",
+        "vqa_correct",
+    }
     # a candidates file is not a scored file
     with pytest.raises(SchemaError, match="expected 'icdrl.scored'"):
         read_records(tmp_path / "c.jsonl", ScoredRecord)
@@ -49,12 +75,19 @@ def test_candidate_and_scored_round_trip(tmp_path):
 
 def test_validation_names_file_and_field(tmp_path):
     p = tmp_path / "bad.jsonl"
-    good = CandidateRecord(anchor_id=1, pool=(10, 11, 12), zero_shot_logprob=-1.0, zero_shot_prob=0.37,
-                           candidates=(cand(),)).to_dict()
+    good = CandidateRecord(
+        anchor_id=1,
+        pool=(10, 11, 12),
+        zero_shot_logprob=-1.0,
+        zero_shot_prob=0.37,
+        candidates=(cand(),),
+    ).to_dict()
     bad = json.loads(json.dumps(good))
     bad["candidates"][0]["icd_pos"] = [2, 0]  # positions no longer match the ids
     write_jsonl(p, "icdrl.candidates", [bad])
-    with pytest.raises(SchemaError, match=r"bad.jsonl:2 \(anchor 1\).*icd_pos 2 does not hold icd_id 11"):
+    with pytest.raises(
+        SchemaError, match=r"bad.jsonl:2 \(anchor 1\).*icd_pos 2 does not hold icd_id 11"
+    ):
         read_records(p, CandidateRecord)
     del good["zero_shot_prob"]
     write_jsonl(p, "icdrl.candidates", [good])
@@ -75,8 +108,19 @@ def test_eval_record_fields(tmp_path):
     from icdrl.grid import Cell, reward_spec
 
     cell = Cell(reward_spec("hard_plus_soft", hard_weight=2.0), True, (("kl_beta", 0),))
-    r = EvalRecord(method="v3", cell=cell.slug, seed=0, k=2, query_id=9, icd_ids=(4, 7), icd_pos=(1, 0),
-                   prediction_raw="Blue", prediction="blue", acc=1.0, spec=cell.as_dict())
+    r = EvalRecord(
+        method="v3",
+        cell=cell.slug,
+        seed=0,
+        k=2,
+        query_id=9,
+        icd_ids=(4, 7),
+        icd_pos=(1, 0),
+        prediction_raw="Blue",
+        prediction="blue",
+        acc=1.0,
+        spec=cell.as_dict(),
+    )
     write_records(tmp_path / "e.jsonl", [r])
     back = read_records(tmp_path / "e.jsonl", EvalRecord)
     assert back == [r] and Cell.from_dict(back[0].spec) == cell
@@ -126,8 +170,15 @@ def test_nan_never_written(tmp_path):
     with pytest.raises(ValueError):
         write_jsonl(tmp_path / "n.jsonl", "icdrl.pools", [{"query_id": 1, "x": float("nan")}])
     with pytest.raises(SchemaError, match="finite"):
-        Candidate.from_dict({"source": "beam", "icd_ids": [1], "icd_pos": [0], "info_score": float("nan"),
-                             "step_gains": [0.0]})
+        Candidate.from_dict(
+            {
+                "source": "beam",
+                "icd_ids": [1],
+                "icd_pos": [0],
+                "info_score": float("nan"),
+                "step_gains": [0.0],
+            }
+        )
 
 
 # ---------------------------------------------------------------------------- completeness
@@ -154,7 +205,10 @@ def test_a_file_cut_at_a_line_boundary_is_refused(tmp_path, keep):
     p = tmp_path / "cut.jsonl"
     lines = _pools_file(p, 4)
     p.write_text("\n".join(lines[:keep]) + "\n")
-    with pytest.raises(SchemaError, match=r"cut.jsonl: incomplete: no end line .*; remake it: snakemake --force .*cut.jsonl"):
+    with pytest.raises(
+        SchemaError,
+        match=r"cut.jsonl: incomplete: no end line .*; remake it: snakemake --force .*cut.jsonl",
+    ):
         read_jsonl(p, "icdrl.pools")
 
 
@@ -214,12 +268,21 @@ def test_partial_file_finish_writes_the_end_line(tmp_path):
 def test_nan_or_infinity_in_a_file_names_the_file_the_record_and_the_field(tmp_path):
     # issue 15: a NaN reward loaded as 0.0 with no warning
     p = tmp_path / "rewards.jsonl"
-    write_jsonl(p, "icdrl.rewards", [{"anchor_id": 3, "rewards": [1.0, 2.0], "hard": [0, 1]},
-                                     {"anchor_id": 7, "rewards": [0.5, 1.5], "hard": [0, 1]}])
+    write_jsonl(
+        p,
+        "icdrl.rewards",
+        [
+            {"anchor_id": 3, "rewards": [1.0, 2.0], "hard": [0, 1]},
+            {"anchor_id": 7, "rewards": [0.5, 1.5], "hard": [0, 1]},
+        ],
+    )
     text = p.read_text()
     for const in ("NaN", "Infinity", "-Infinity"):
         p.write_text(text.replace("1.5", const))
-        with pytest.raises(SchemaError, match=rf"rewards.jsonl:3: anchor 7: field rewards\[1\] is {const}, not a finite"):
+        with pytest.raises(
+            SchemaError,
+            match=rf"rewards.jsonl:3: anchor 7: field rewards\[1\] is {const}, not a finite",
+        ):
             read_jsonl(p, "icdrl.rewards")
 
 
@@ -228,10 +291,35 @@ def test_read_table_keeps_integer_ids_and_has_no_schema_or_end_row(tmp_path):
 
     from icdrl.records import read_table
 
-    recs = [EvalRecord(method="zero_shot", cell=None, seed=None, k=0, query_id=q, icd_ids=(), icd_pos=(),
-                       prediction_raw="Blue", prediction="blue", acc=1.0) for q in (3, 5)]
-    recs.append(EvalRecord(method="random", cell=None, seed=0, k=1, query_id=9, icd_ids=(4,), icd_pos=(0,),
-                           prediction_raw="red", prediction="red", acc=0.0))
+    recs = [
+        EvalRecord(
+            method="zero_shot",
+            cell=None,
+            seed=None,
+            k=0,
+            query_id=q,
+            icd_ids=(),
+            icd_pos=(),
+            prediction_raw="Blue",
+            prediction="blue",
+            acc=1.0,
+        )
+        for q in (3, 5)
+    ]
+    recs.append(
+        EvalRecord(
+            method="random",
+            cell=None,
+            seed=0,
+            k=1,
+            query_id=9,
+            icd_ids=(4,),
+            icd_pos=(0,),
+            prediction_raw="red",
+            prediction="red",
+            acc=0.0,
+        )
+    )
     write_records(tmp_path / "e.jsonl", recs)
     df = read_table(tmp_path / "e.jsonl")
     assert len(df) == 3 and "schema" not in df.columns and "end" not in df.columns
@@ -247,7 +335,11 @@ def test_read_table_keeps_integer_ids_and_has_no_schema_or_end_row(tmp_path):
 def test_read_table_refuses_a_cut_file_and_reads_checked_csv(tmp_path):
     from icdrl.records import csv_end_line, read_table
 
-    write_jsonl(tmp_path / "p.jsonl", "icdrl.pools", [{"query_id": 1, "pool": [2, 3]}, {"query_id": 4, "pool": [5]}])
+    write_jsonl(
+        tmp_path / "p.jsonl",
+        "icdrl.pools",
+        [{"query_id": 1, "pool": [2, 3]}, {"query_id": 4, "pool": [5]}],
+    )
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     (tmp_path / "cut.jsonl").write_text("\n".join(lines[:2]) + "\n")
     with pytest.raises(SchemaError, match="cut.jsonl: incomplete"):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from icdrl.grid import Cell, reward_spec
 from icdrl.report.bootstrap import (
     Interval,
     bootstrap_mean,
@@ -14,7 +15,6 @@ from icdrl.report.bootstrap import (
     trend,
 )
 from icdrl.report.compare import compare, method_accuracy
-from icdrl.grid import Cell, reward_spec
 from icdrl.report.inputs import EvalData, MethodInfo
 
 
@@ -107,7 +107,11 @@ def _data(runs: dict) -> EvalData:
     methods = {}
     acc = {}
     for (key, k, seed), qa in runs.items():
-        cell = Cell(reward_spec("hard_plus_soft", hard_weight=len(key)), True) if key.startswith("v3") else None
+        cell = (
+            Cell(reward_spec("hard_plus_soft", hard_weight=len(key)), True)
+            if key.startswith("v3")
+            else None
+        )
         methods[key] = MethodInfo(key=key, method="v3" if key.startswith("v3") else key, cell=cell)
         acc.setdefault((key, k), {})[seed] = pd.Series(qa, dtype=float)
     return EvalData(methods=methods, acc=acc, shots=sorted({k for _, k in acc}))
@@ -143,7 +147,9 @@ def test_compare_seeded_vs_unseeded_and_missing():
     assert c.per_seed[0][1] == pytest.approx(75.0) and c.per_seed[1][1] == pytest.approx(25.0)
     assert c.seeds_agree is True
     miss = compare(d, "v3:a", "random", 3)
-    assert not miss.available and miss.reason.startswith("no results for v3") and "k=3" in miss.reason
+    assert (
+        not miss.available and miss.reason.startswith("no results for v3") and "k=3" in miss.reason
+    )
 
 
 def test_compare_uses_queries_common_to_all_runs():

@@ -17,10 +17,22 @@ from icdrl.retrieval import RICES_METHODS, copy_answer, plan_rices, rices_rows
 # train 0..79; 70..74 duplicate the image and question of eval 500..504; 75..79 show the image of
 # eval 505..509 with another question; train 10..19 share images in pairs
 TRAIN = make_examples(80)
-TRAIN = [dataclasses.replace(ex, image_id=f"img{500 + ex.id - 70}", question=f"question number {500 + ex.id - 70} ?")
-         if 70 <= ex.id < 75 else ex for ex in TRAIN]
-TRAIN = [dataclasses.replace(ex, image_id=f"img{505 + ex.id - 75}") if 75 <= ex.id < 80 else ex for ex in TRAIN]
-TRAIN = [dataclasses.replace(ex, image_id=f"img{ex.id - ex.id % 2}") if 10 <= ex.id < 20 else ex for ex in TRAIN]
+TRAIN = [
+    dataclasses.replace(
+        ex, image_id=f"img{500 + ex.id - 70}", question=f"question number {500 + ex.id - 70} ?"
+    )
+    if 70 <= ex.id < 75
+    else ex
+    for ex in TRAIN
+]
+TRAIN = [
+    dataclasses.replace(ex, image_id=f"img{505 + ex.id - 75}") if 75 <= ex.id < 80 else ex
+    for ex in TRAIN
+]
+TRAIN = [
+    dataclasses.replace(ex, image_id=f"img{ex.id - ex.id % 2}") if 10 <= ex.id < 20 else ex
+    for ex in TRAIN
+]
 EVAL = make_examples(12, start=500)
 SHOTS = [1, 2, 3, 4]
 
@@ -53,8 +65,15 @@ def test_rices_is_the_top_k_of_a_brute_force_scan(method, exclude_same_image):
     tt, et = _tables()
     kind = RICES_METHODS[method]
     ids = [ex.id for ex in TRAIN]
-    plan = plan_rices(method, EVAL, TRAIN, et.vectors([q.id for q in EVAL], kind), tt.vectors(ids, kind), SHOTS,
-                      exclude_same_image=exclude_same_image)
+    plan = plan_rices(
+        method,
+        EVAL,
+        TRAIN,
+        et.vectors([q.id for q in EVAL], kind),
+        tt.vectors(ids, kind),
+        SHOTS,
+        exclude_same_image=exclude_same_image,
+    )
     assert [(q, k) for q, k, _ in plan] == [(q.id, k) for k in SHOTS for q in EVAL]
     got = {(q, k): ids_ for q, k, ids_ in plan}
     for q in EVAL:
@@ -64,7 +83,9 @@ def test_rices_is_the_top_k_of_a_brute_force_scan(method, exclude_same_image):
         for k in SHOTS:
             want = brute_force(et.vector(q.id, kind), tt.vectors(ids, kind), ids, banned, k)
             assert list(got[(q.id, k)]) == want
-            assert got[(q.id, k)][1:] == got[(q.id, k - 1)] if k > 1 else True  # nested: k extends k-1
+            assert (
+                got[(q.id, k)][1:] == got[(q.id, k - 1)] if k > 1 else True
+            )  # nested: k extends k-1
     # the planted items are what the exclusions remove: duplicates always, same-image ones on request
     firsts = {q: ids_[-1] for (q, k), ids_ in got.items() if k == 1}
     assert not any(firsts[500 + i] == 70 + i for i in range(5))
@@ -74,7 +95,11 @@ def test_rices_is_the_top_k_of_a_brute_force_scan(method, exclude_same_image):
 
 def test_rices_rows_orders_ties_and_refuses_large_k():
     vecs = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
-    assert rices_rows(np.array([1.0, 0.0]), vecs, np.array([], dtype=np.int64), 3) == [3, 2, 0]  # tie 0/2: row 0 nearest
+    assert rices_rows(np.array([1.0, 0.0]), vecs, np.array([], dtype=np.int64), 3) == [
+        3,
+        2,
+        0,
+    ]  # tie 0/2: row 0 nearest
     assert rices_rows(np.array([1.0, 0.0]), vecs, np.array([0]), 2) == [3, 2]
     with pytest.raises(ValueError, match="k=4 exceeds the 3 eligible"):
         rices_rows(np.array([1.0, 0.0]), vecs, np.array([1]), 4)
@@ -94,7 +119,9 @@ def test_copy_answer_most_frequent_then_nearest():
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    train = [dataclasses.replace(ex, answers=(f"a{ex.id % 3}",), answer=f"a{ex.id % 3}") for ex in TRAIN]
+    train = [
+        dataclasses.replace(ex, answers=(f"a{ex.id % 3}",), answer=f"a{ex.id % 3}") for ex in TRAIN
+    ]
     patch_dataset(monkeypatch, {"train": train, "eval": EVAL})
     tt, et = _tables()
     save_table(tt, tmp_path / "train.npz")
@@ -108,11 +135,24 @@ def test_copy_baseline_records_are_scored_like_the_lvlm_methods(files):
     tmp, train = files
     by_id = {ex.id: ex for ex in train}
     q_by_id = {ex.id: ex for ex in EVAL}
-    summary = write_copy_baseline({}, str(tmp / "pools.jsonl"), str(tmp / "eval.npz"), str(tmp / "train.npz"),
-                                  {"shots": SHOTS}, str(tmp / "copy.jsonl"))
+    summary = write_copy_baseline(
+        {},
+        str(tmp / "pools.jsonl"),
+        str(tmp / "eval.npz"),
+        str(tmp / "train.npz"),
+        {"shots": SHOTS},
+        str(tmp / "copy.jsonl"),
+    )
     recs = read_records(tmp / "copy.jsonl", EvalRecord)
     tt, et = _tables()
-    plan = plan_rices("rices", EVAL, train, et.vectors([q.id for q in EVAL]), tt.vectors([e.id for e in train]), SHOTS)
+    plan = plan_rices(
+        "rices",
+        EVAL,
+        train,
+        et.vectors([q.id for q in EVAL]),
+        tt.vectors([e.id for e in train]),
+        SHOTS,
+    )
     assert [(r.query_id, r.k, r.icd_ids) for r in recs] == plan
     for r in recs:
         assert r.method == "copy" and r.icd_pos == () and r.seed is None
@@ -127,16 +167,35 @@ def test_copy_baseline_records_are_scored_like_the_lvlm_methods(files):
 def test_rices_evaluation_records(files, method):
     tmp, train = files
     fb = FakeBackend()
-    evaluate_method({}, {"batch_size": 4}, None, str(tmp / "pools.jsonl"), str(tmp / "eval.npz"), str(tmp / "train.npz"),
-                    method, {"shots": SHOTS, "chunk_prompts": 7}, str(tmp / f"{method}.jsonl"), backend=fb,
-                    exclude_same_image=True)
+    evaluate_method(
+        {},
+        {"batch_size": 4},
+        None,
+        str(tmp / "pools.jsonl"),
+        str(tmp / "eval.npz"),
+        str(tmp / "train.npz"),
+        method,
+        {"shots": SHOTS, "chunk_prompts": 7},
+        str(tmp / f"{method}.jsonl"),
+        backend=fb,
+        exclude_same_image=True,
+    )
     recs = read_records(tmp / f"{method}.jsonl", EvalRecord)
     tt, et = _tables()
     kind = RICES_METHODS[method]
-    plan = plan_rices(method, EVAL, train, et.vectors([q.id for q in EVAL], kind), tt.vectors([e.id for e in train], kind),
-                      SHOTS, exclude_same_image=True)
+    plan = plan_rices(
+        method,
+        EVAL,
+        train,
+        et.vectors([q.id for q in EVAL], kind),
+        tt.vectors([e.id for e in train], kind),
+        SHOTS,
+        exclude_same_image=True,
+    )
     assert [(r.query_id, r.k, r.icd_ids) for r in recs] == plan
-    assert all(r.method == method and r.icd_pos == () and r.cell is None and r.seed is None for r in recs)
+    assert all(
+        r.method == method and r.icd_pos == () and r.cell is None and r.seed is None for r in recs
+    )
     # ICDs come from the whole training split, not only from the pools
     pool_ids = {i for r in read_records(tmp / "pools.jsonl", PoolRecord) for i in r.pool}
     assert any(i not in pool_ids for r in recs for i in r.icd_ids)

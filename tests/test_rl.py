@@ -26,9 +26,21 @@ def seed_rank_advantage(r: torch.Tensor) -> torch.Tensor:
 
 
 def test_rank_advantages_of_five_distinct_rewards():
-    assert rl.advantages(T([3.0, 2.0, 1.0, 0.0, -1.0]), use_rank=True).tolist() == [1, 0.5, 0, -0.5, -1]
+    assert rl.advantages(T([3.0, 2.0, 1.0, 0.0, -1.0]), use_rank=True).tolist() == [
+        1,
+        0.5,
+        0,
+        -0.5,
+        -1,
+    ]
     # order follows the rewards, not the positions
-    assert rl.advantages(T([0.1, 0.9, 0.5, 0.3, 0.7]), use_rank=True).tolist() == [-1, 1, 0, -0.5, 0.5]
+    assert rl.advantages(T([0.1, 0.9, 0.5, 0.3, 0.7]), use_rank=True).tolist() == [
+        -1,
+        1,
+        0,
+        -0.5,
+        0.5,
+    ]
 
 
 def test_rank_advantages_reproduce_seed_ordinal_ranks_with_stable_ties():
@@ -49,7 +61,9 @@ def test_zscore_of_seed_example():
     mean, std = statistics.mean(r), statistics.stdev(r)  # unbiased
     assert std == pytest.approx(0.937017, abs=1e-6)
     np.testing.assert_allclose(a.numpy(), [(x - mean) / std for x in r], rtol=1e-12)
-    np.testing.assert_allclose(a.numpy(), [1.430070, 0.683019, -0.704363, -0.704363, -0.704363], atol=1e-6)
+    np.testing.assert_allclose(
+        a.numpy(), [1.430070, 0.683019, -0.704363, -0.704363, -0.704363], atol=1e-6
+    )
 
 
 def test_min_std_acts_on_raw_rewards():
@@ -60,7 +74,9 @@ def test_min_std_acts_on_raw_rewards():
     assert torch.allclose(a, (r - r.mean()) / 0.1)
     assert a.abs().max() < 0.07
     twice = rl.advantages((r - r.mean()) / r.std(), use_rank=False, min_std=0.1)
-    assert twice.abs().max() > 1.1  # what the reference implementation's double normalisation produced
+    assert (
+        twice.abs().max() > 1.1
+    )  # what the reference implementation's double normalisation produced
 
 
 def test_single_candidate_and_flat_groups_give_zero():
@@ -89,17 +105,17 @@ def test_ragged_groups_match_unpadded():
     m = torch.zeros(len(groups), n, dtype=torch.bool)
     for i, g in enumerate(groups):
         r[i, : len(g)] = T(g)
-        r[i, len(g):] = 99.0  # padding values must not matter
+        r[i, len(g) :] = 99.0  # padding values must not matter
         m[i, : len(g)] = True
     for use_rank in (True, False):
         batched = rl.advantages(r, use_rank=use_rank, mask=m)
         for i, g in enumerate(groups):
             assert torch.allclose(batched[i, : len(g)], rl.advantages(T(g), use_rank=use_rank))
-            assert (batched[i, len(g):] == 0).all()
+            assert (batched[i, len(g) :] == 0).all()
         w = rl.rce_weights(r, tau=0.7, use_rank=use_rank, mask=m)
         for i, g in enumerate(groups):
             assert torch.allclose(w[i, : len(g)], rl.rce_weights(T(g), tau=0.7, use_rank=use_rank))
-            assert (w[i, len(g):] == 0).all()
+            assert (w[i, len(g) :] == 0).all()
 
 
 # ---------------------------------------------------------------------------- RCE
@@ -182,7 +198,12 @@ def test_clip_frac_counts_only_binding_clips():
 def test_grpo_identical_policies_ratio_exactly_one():
     lp = torch.randn(3, 6).clamp(max=-0.1)
     _, d = rl.grpo_loss(lp, lp.clone(), lp.clone(), torch.randn(3, 6), use_rank=False)
-    assert d["ratio_mean"] == 1.0 and d["ratio_max"] == 1.0 and d["kl"] == 0.0 and d["clip_frac"] == 0.0
+    assert (
+        d["ratio_mean"] == 1.0
+        and d["ratio_max"] == 1.0
+        and d["kl"] == 0.0
+        and d["clip_frac"] == 0.0
+    )
 
 
 @pytest.mark.parametrize("use_rank", [True, False])
@@ -192,12 +213,18 @@ def test_flat_and_low_positive_groups_get_exactly_zero_gradient(use_rank):
     lp = (torch.randn(4, 5, generator=g) - 3).requires_grad_(True)
     old = lp.detach() + 0.1 * torch.randn(4, 5, generator=g)
     ref = lp.detach() - 0.2
-    rewards = T([[1.0, 0.0, 2.0, 0.5, 0.0],     # trained
-                 [0.0, 0.0, 0.0, 0.0, 0.0],     # all-zero (flat)
-                 [0.3, 0.3, 0.3, 0.3, 0.3],     # flat
-                 [0.2, 0.1, 0.4, 0.0, 0.3]])    # no positive: gated at 0.2
+    rewards = T(
+        [
+            [1.0, 0.0, 2.0, 0.5, 0.0],  # trained
+            [0.0, 0.0, 0.0, 0.0, 0.0],  # all-zero (flat)
+            [0.3, 0.3, 0.3, 0.3, 0.3],  # flat
+            [0.2, 0.1, 0.4, 0.0, 0.3],
+        ]
+    )  # no positive: gated at 0.2
     hard = T([[1, 0, 1, 0, 0], [0] * 5, [1] * 5, [0] * 5], dtype=torch.float32)
-    loss, d = rl.grpo_loss(lp, old, ref, rewards, use_rank=use_rank, hard=hard, min_positive_ratio=0.2)
+    loss, d = rl.grpo_loss(
+        lp, old, ref, rewards, use_rank=use_rank, hard=hard, min_positive_ratio=0.2
+    )
     loss.backward()
     assert d["groups_kept"] == 1 and d["groups_skipped"] == 3
     assert d["groups_flat"] == 2 and d["groups_low_positive"] == 2
@@ -215,9 +242,13 @@ def test_flat_and_low_positive_groups_get_exactly_zero_gradient(use_rank):
 def test_positive_ratio_threshold_is_inclusive():
     hard = T([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
     assert torch.allclose(rl.positive_ratio(hard), T([0.2, 0.4], dtype=torch.float64))
-    keep, _, low = rl.keep_groups(T([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]]), hard=hard, min_positive_ratio=0.2)
+    keep, _, low = rl.keep_groups(
+        T([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]]), hard=hard, min_positive_ratio=0.2
+    )
     assert keep.tolist() == [True, True] and low.tolist() == [False, False]
-    keep, _, _ = rl.keep_groups(T([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]]), hard=hard, min_positive_ratio=0.3)
+    keep, _, _ = rl.keep_groups(
+        T([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]]), hard=hard, min_positive_ratio=0.3
+    )
     assert keep.tolist() == [False, True]
 
 
@@ -234,7 +265,9 @@ def test_single_candidate_groups_and_empty_batches_are_finite():
     loss.backward()
     assert loss.item() == 0.0 and d["groups_kept"] == 0
     masked = T([[-1.0, -2.0]], requires_grad=True)
-    loss, d = rl.rce_loss(masked, T([[1.0, 2.0]]), tau=1.0, use_rank=False, mask=T([[False, False]]))
+    loss, d = rl.rce_loss(
+        masked, T([[1.0, 2.0]]), tau=1.0, use_rank=False, mask=T([[False, False]])
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(masked.grad).all()
 
@@ -251,8 +284,10 @@ def test_batched_loss_is_mean_of_group_losses():
         m[i, :n] = True
     for use_rank in (True, False):
         loss, _ = rl.grpo_loss(lp, old, ref, r, use_rank=use_rank, mask=m)
-        each = [rl.grpo_loss(lp[i, :n], old[i, :n], ref[i, :n], r[i, :n], use_rank=use_rank)[0].item()
-                for i, n in enumerate(sizes)]
+        each = [
+            rl.grpo_loss(lp[i, :n], old[i, :n], ref[i, :n], r[i, :n], use_rank=use_rank)[0].item()
+            for i, n in enumerate(sizes)
+        ]
         assert loss.item() == pytest.approx(sum(each) / len(each), rel=1e-6)
 
 
@@ -260,7 +295,13 @@ def test_non_finite_inputs_are_rejected():
     with pytest.raises(ValueError, match="NaN"):
         rl.advantages(T([1.0, float("nan")]), use_rank=False)
     with pytest.raises(ValueError, match="logp"):
-        rl.grpo_loss(T([float("-inf"), -1.0]), T([-1.0, -1.0]), T([-1.0, -1.0]), T([1.0, 0.0]), use_rank=False)
+        rl.grpo_loss(
+            T([float("-inf"), -1.0]),
+            T([-1.0, -1.0]),
+            T([-1.0, -1.0]),
+            T([1.0, 0.0]),
+            use_rank=False,
+        )
 
 
 # ---------------------------------------------------------------------------- property test
@@ -273,7 +314,13 @@ _reward = st.one_of(st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False
 def _groups(draw):
     g = draw(st.integers(1, 4))
     n = draw(st.integers(1, 20))
-    kinds = draw(st.lists(st.sampled_from(["random", "ties", "equal", "zero", "huge", "tiny"]), min_size=g, max_size=g))
+    kinds = draw(
+        st.lists(
+            st.sampled_from(["random", "ties", "equal", "zero", "huge", "tiny"]),
+            min_size=g,
+            max_size=g,
+        )
+    )
     rows, masks, hards = [], [], []
     for kind in kinds:
         size = draw(st.integers(1, n))
@@ -287,7 +334,13 @@ def _groups(draw):
         elif kind == "zero":
             vals = [0.0] * size
         elif kind == "huge":
-            vals = draw(st.lists(st.floats(-1e30, 1e30).filter(lambda x: abs(x) > 1e20), min_size=size, max_size=size))
+            vals = draw(
+                st.lists(
+                    st.floats(-1e30, 1e30).filter(lambda x: abs(x) > 1e20),
+                    min_size=size,
+                    max_size=size,
+                )
+            )
         else:
             vals = draw(st.lists(st.floats(-1e-30, 1e-30), min_size=size, max_size=size))
         rows.append(vals + [draw(_reward)] * (n - size))  # junk padding
@@ -306,14 +359,26 @@ def test_property_no_nan_or_inf(data, use_rank, mpr):
     assert torch.isfinite(a).all() and (a.abs() <= 5.0).all() and (a[~m] == 0).all()
     w = rl.rce_weights(r, tau=0.5, use_rank=use_rank, mask=m)
     assert torch.isfinite(w).all()
-    assert torch.allclose(w.sum(-1).double(), torch.ones(r.shape[0], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        w.sum(-1).double(), torch.ones(r.shape[0], dtype=torch.float64), atol=1e-5
+    )
     lp = lp0.clone().requires_grad_(True)
-    loss, _ = rl.rce_loss(lp, r, tau=2.0, use_rank=use_rank, mask=m, hard=hard, min_positive_ratio=mpr)
+    loss, _ = rl.rce_loss(
+        lp, r, tau=2.0, use_rank=use_rank, mask=m, hard=hard, min_positive_ratio=mpr
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     lp = lp0.clone().requires_grad_(True)
-    loss, d = rl.grpo_loss(lp, lp0 + shift, lp0 - shift, r, use_rank=use_rank, mask=m, hard=hard,
-                           min_positive_ratio=mpr)
+    loss, d = rl.grpo_loss(
+        lp,
+        lp0 + shift,
+        lp0 - shift,
+        r,
+        use_rank=use_rank,
+        mask=m,
+        hard=hard,
+        min_positive_ratio=mpr,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert all(math.isfinite(v) for v in d.values())
@@ -336,8 +401,15 @@ def test_empty_groups_are_skipped_and_counted(shape, use_rank):
     loss.backward()
     assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
     lp = torch.zeros(shape, requires_grad=True)
-    loss, d = rl.grpo_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), use_rank=use_rank,
-                           hard=torch.zeros(shape), min_positive_ratio=0.2)
+    loss, d = rl.grpo_loss(
+        lp,
+        torch.zeros(shape),
+        torch.zeros(shape),
+        torch.zeros(shape),
+        use_rank=use_rank,
+        hard=torch.zeros(shape),
+        min_positive_ratio=0.2,
+    )
     loss.backward()
     assert loss.item() == 0.0 and d["groups_kept"] == 0 and d["groups_skipped"] == n_groups
     assert torch.isfinite(lp.grad).all() if lp.grad is not None else True

@@ -52,8 +52,14 @@ NOT_KEYS: dict[str, dict[str, str]] = {
     },
     "report": {
         # the columns of the report's delta tables (CSV), not config keys
-        "p": "CSV column", "p_holm": "CSV column", "significant_holm": "CSV column", "family_size": "CSV column",
-        "mde": "CSV column", "status": "CSV column", "n_clusters": "CSV column", "resampled": "CSV column",
+        "p": "CSV column",
+        "p_holm": "CSV column",
+        "significant_holm": "CSV column",
+        "family_size": "CSV column",
+        "mde": "CSV column",
+        "status": "CSV column",
+        "n_clusters": "CSV column",
+        "resampled": "CSV column",
     },
 }
 
@@ -63,8 +69,14 @@ PROSE_DEFAULTS: dict[tuple[str, str], str] = {
     ("dataset", "label"): "`name`",  # null: results/<dataset.name>
     ("dataset", "root"): "package data",  # null: the easy-vqa package's folder
     ("embeddings", "name"): "`clip-<folder name>`",  # null: derived from clip_path
-    ("grid", "reward_modes"): "all five",  # the schema lists the five modes (test_config checks them)
-    ("grid", "alpha_beta"): "[[rewards.alpha, rewards.beta]]",  # absent: legacy reads rewards.alpha/beta
+    (
+        "grid",
+        "reward_modes",
+    ): "all five",  # the schema lists the five modes (test_config checks them)
+    (
+        "grid",
+        "alpha_beta",
+    ): "[[rewards.alpha, rewards.beta]]",  # absent: legacy reads rewards.alpha/beta
 }
 NO_DEFAULT = "—"  # a key-table default cell meaning "the schema has no default"
 
@@ -127,7 +139,9 @@ def section_keys(schema: dict[str, Any], section: str) -> dict[str, list[dict[st
             parent_default = sub.get("default") if isinstance(sub.get("default"), dict) else {}
             for k, v in (sub.get("properties") or {}).items():
                 node = _resolve(v, schema) | {k2: v[k2] for k2 in v if k2 != "$ref"}
-                if "default" not in node and k in parent_default:  # kind_weights: {colour: 1.0, ...}
+                if (
+                    "default" not in node and k in parent_default
+                ):  # kind_weights: {colour: 1.0, ...}
                     node["default"] = parent_default[k]
                 keys.setdefault(k, []).append(node)
                 walk(v)
@@ -189,7 +203,7 @@ def readme_sections(text: str) -> dict[str, str]:
     out = {}
     for i, m in enumerate(heads):
         end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        body = text[m.end():end]
+        body = text[m.end() : end]
         out[m.group(1)] = body.split("\n## ")[0]  # a following level-2 heading ends it too
     return out
 
@@ -232,7 +246,11 @@ def table_defaults(body: str) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     in_table = False
     for line in body.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        cells = (
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("|")
+            else None
+        )
         if cells is None:
             in_table = False
             continue
@@ -245,14 +263,18 @@ def table_defaults(body: str) -> list[tuple[str, str]]:
         defaults = [d.strip() for d in cells[1].split(",")] if len(keys) > 1 else [cells[1]]
         if len(keys) > 1 and len(defaults) == 1:
             defaults = defaults * len(keys)
-        assert len(defaults) == len(keys), f"config/README.md: table row {line!r}: {len(keys)} keys, {len(defaults)} defaults"
+        assert len(defaults) == len(keys), (
+            f"config/README.md: table row {line!r}: {len(keys)} keys, {len(defaults)} defaults"
+        )
         rows += list(zip(keys, defaults))
     return rows
 
 
 #: "`key` value" / "`key` (value)": a number, true, false or null, or a word (an enum value, e.g.
 #: "`label_order` prompt"); "`chunk_prompts` (4 × ...)", "80%" or "last|best" are not defaults.
-_PROSE_DEFAULT = re.compile(r"`([a-z_][a-z0-9_]*)`\s+\(?(-?\d[\d.e+-]*|true|false|null|[a-z]\w*)(?![\w.%|])(?!\s*×)")
+_PROSE_DEFAULT = re.compile(
+    r"`([a-z_][a-z0-9_]*)`\s+\(?(-?\d[\d.e+-]*|true|false|null|[a-z]\w*)(?![\w.%|])(?!\s*×)"
+)
 
 
 def prose_defaults(body: str) -> list[tuple[str, str]]:
@@ -276,14 +298,18 @@ def sections() -> dict[str, str]:
 def test_every_schema_property_has_a_description(schema):
     props = all_properties(schema)
     assert len(props) > 150  # the walker reaches nested keys and $defs, not only the sections
-    missing = [p for p, node in props if not (isinstance(node, dict) and str(node.get("description", "")).strip())]
+    missing = [
+        p
+        for p, node in props
+        if not (isinstance(node, dict) and str(node.get("description", "")).strip())
+    ]
     assert not missing, f"{SCHEMA_NAME}: properties without a description: {', '.join(missing)}"
-
 
 
 def test_readme_has_a_section_per_schema_section(schema, sections):
     assert set(sections) == set(schema["properties"]), (
-        f"config/README.md '### `name`' sections {sorted(sections)} != schema sections {sorted(schema['properties'])}")
+        f"config/README.md '### `name`' sections {sorted(sections)} != schema sections {sorted(schema['properties'])}"
+    )
 
 
 def test_every_schema_key_is_named_in_its_readme_section(schema, sections):
@@ -294,7 +320,9 @@ def test_every_schema_key_is_named_in_its_readme_section(schema, sections):
             words.add(t)
             words.add(t.rsplit(".", 1)[-1])  # `model.batch_size` names batch_size
         missing += [f"{sec}: {k}" for k in section_keys(schema, sec) if k not in words]
-    assert not missing, f"schema keys the config/README.md section does not name in backticks: {'; '.join(missing)}"
+    assert not missing, (
+        f"schema keys the config/README.md section does not name in backticks: {'; '.join(missing)}"
+    )
 
 
 def test_every_name_in_a_readme_section_is_a_schema_key(schema, sections):
@@ -304,9 +332,13 @@ def test_every_name_in_a_readme_section_is_a_schema_key(schema, sections):
         if sec not in top:
             continue
         allowed = set(section_keys(schema, sec)) | values | top | set(NOT_KEYS.get(sec, {}))
-        unknown += [f"{sec}: `{t}`" for t in ticked(body) if _NAME.fullmatch(t) and t not in allowed]
-    assert not unknown, ("config/README.md names what is not a key of its section (add it to the schema, fix the "
-                         f"README, or list it in NOT_KEYS with the reason): {'; '.join(unknown)}")
+        unknown += [
+            f"{sec}: `{t}`" for t in ticked(body) if _NAME.fullmatch(t) and t not in allowed
+        ]
+    assert not unknown, (
+        "config/README.md names what is not a key of its section (add it to the schema, fix the "
+        f"README, or list it in NOT_KEYS with the reason): {'; '.join(unknown)}"
+    )
 
 
 def test_dotted_key_names_in_the_readme_exist(schema):
@@ -320,7 +352,12 @@ def test_dotted_key_names_in_the_readme_exist(schema):
 
 def test_not_keys_are_still_used(sections):
     """An entry of NOT_KEYS the README no longer uses is stale: remove it."""
-    stale = [f"{sec}: {w}" for sec, words in NOT_KEYS.items() for w in words if w not in ticked(sections.get(sec, ""))]
+    stale = [
+        f"{sec}: {w}"
+        for sec, words in NOT_KEYS.items()
+        for w in words
+        if w not in ticked(sections.get(sec, ""))
+    ]
     assert not stale, f"NOT_KEYS entries config/README.md no longer uses: {', '.join(stale)}"
 
 
@@ -329,23 +366,29 @@ def test_readme_table_defaults_match_the_schema(schema, sections):
     for sec, body in sections.items():
         direct = schema["properties"][sec].get("properties", {})
         for key, cell in table_defaults(body):
-            assert key in direct, f"config/README.md section {sec}: table key {key} is not a key of {sec}"
+            assert key in direct, (
+                f"config/README.md section {sec}: table key {key} is not a key of {sec}"
+            )
             node = _resolve(direct[key], schema) | direct[key]
             if (sec, key) in PROSE_DEFAULTS:
-                assert cell == PROSE_DEFAULTS[sec, key], f"config/README.md {sec}.{key}: default cell {cell!r} changed"
+                assert cell == PROSE_DEFAULTS[sec, key], (
+                    f"config/README.md {sec}.{key}: default cell {cell!r} changed"
+                )
                 continue
             checked += 1
             if cell == NO_DEFAULT:
                 if "default" in node:
                     bad.append(f"{sec}.{key}: README says no default, schema {node['default']!r}")
             elif "default" not in node or not _same(_cell_value(cell), node["default"]):
-                bad.append(f"{sec}.{key}: README {cell!r}, schema {node.get('default', '(none)')!r}")
+                bad.append(
+                    f"{sec}.{key}: README {cell!r}, schema {node.get('default', '(none)')!r}"
+                )
     assert checked >= 30  # the tables were found and parsed
     assert not bad, f"config/README.md table defaults that differ from the schema: {'; '.join(bad)}"
 
 
 def test_readme_prose_defaults_match_the_schema(schema, sections):
-    """"`lr` 0.001" or "`alpha` (1.0)" in a section: some key of that name there has that default.
+    """ "`lr` 0.001" or "`alpha` (1.0)" in a section: some key of that name there has that default.
 
     A name that occurs at two depths (``seed`` of embedded_lvlm and of its check, v2's and v3's
     ``batch_queries``) passes if either default matches."""
@@ -353,7 +396,9 @@ def test_readme_prose_defaults_match_the_schema(schema, sections):
     for sec, body in sections.items():
         keys = section_keys(schema, sec)
         for key, raw in prose_defaults(body):
-            if not _is_literal(raw):  # a word: a default only where it is a value of that key's enum
+            if not _is_literal(
+                raw
+            ):  # a word: a default only where it is a value of that key's enum
                 if not any(raw in (n.get("enum") or ()) for n in keys.get(key, [])):
                     continue
                 value = raw

@@ -25,8 +25,15 @@ SMALL_V3 = dict(rce_epochs=1, grpo_epochs=2, batch_queries=8, val_fraction=0.25)
 
 
 def _syn(n_groups=24, n_cands=6, pool_size=10, depth=2, dim=8, seed=0, mode="hard_plus_soft_v2"):
-    return synthetic_groups(n_groups=n_groups, n_cands=n_cands, pool_size=pool_size, depth=depth,
-                              dim=dim, seed=seed, mode=mode)
+    return synthetic_groups(
+        n_groups=n_groups,
+        n_cands=n_cands,
+        pool_size=pool_size,
+        depth=depth,
+        dim=dim,
+        seed=seed,
+        mode=mode,
+    )
 
 
 def _model(dim=8, hidden=16, dropout=0.1, seed=0):
@@ -38,16 +45,33 @@ def _write_files(tmp_path, syn, mode="hard_plus_soft_v2"):
     """Candidates, scored, rewards and embeddings files holding the synthetic groups."""
     recs = []
     for g in syn.groups:
-        recs.append({
-            "anchor_id": g.query_id, "pool": list(g.pool), "zero_shot_logprob": -1.0, "zero_shot_prob": 0.3,
-            "candidates": [{"source": src, "icd_ids": [g.pool[p] for p in s], "icd_pos": list(s),
-                            "info_score": info, "step_gains": [info / len(s)] * len(s)}
-                           for s, src, info in zip(g.seqs, g.sources, g.info)]})
+        recs.append(
+            {
+                "anchor_id": g.query_id,
+                "pool": list(g.pool),
+                "zero_shot_logprob": -1.0,
+                "zero_shot_prob": 0.3,
+                "candidates": [
+                    {
+                        "source": src,
+                        "icd_ids": [g.pool[p] for p in s],
+                        "icd_pos": list(s),
+                        "info_score": info,
+                        "step_gains": [info / len(s)] * len(s),
+                    }
+                    for s, src, info in zip(g.seqs, g.sources, g.info)
+                ],
+            }
+        )
     write_jsonl(tmp_path / "cands.jsonl", "icdrl.candidates", recs)
     for rec, g in zip(recs, syn.groups):
         for c, h in zip(rec["candidates"], g.hard):
-            c.update(prediction_raw="a", prediction="a", vqa_correct=int(h),
-                     vqa_acc_score=float(np.clip(0.5 + 2 * c["info_score"], 0, 1)))
+            c.update(
+                prediction_raw="a",
+                prediction="a",
+                vqa_correct=int(h),
+                vqa_acc_score=float(np.clip(0.5 + 2 * c["info_score"], 0, 1)),
+            )
     write_jsonl(tmp_path / "scored.jsonl", "icdrl.scored", recs)
     R.write_rewards(tmp_path / "scored.jsonl", mode, out_path=tmp_path / "rewards.jsonl")
     np.savez(tmp_path / "emb.npz", ids=syn.table.ids, emb=syn.table.emb)
@@ -91,8 +115,10 @@ def test_config_defaults_and_every_knob_documented():
     for cls in (T.V2Config, T.V3Config):
         src = inspect.getsource(cls)
         for f in cls.__dataclass_fields__:
-            line = next(l for l in src.splitlines() if l.strip().startswith(f"{f}:"))
-            assert "#" in line and len(line.split("#", 1)[1].strip()) > 10, f"{cls.__name__}.{f} undocumented"
+            line = next(ln for ln in src.splitlines() if ln.strip().startswith(f"{f}:"))
+            assert "#" in line and len(line.split("#", 1)[1].strip()) > 10, (
+                f"{cls.__name__}.{f} undocumented"
+            )
 
 
 # ============================================================================ loaders
@@ -119,7 +145,9 @@ def test_loaders_reject_inconsistent_files(tmp_path):
 
     lines = (tmp_path / "scored.jsonl").read_text().splitlines()
     rec = json.loads(lines[1])
-    rec["candidates"][0]["icd_pos"] = [(p + 1) % len(rec["pool"]) for p in rec["candidates"][0]["icd_pos"]]
+    rec["candidates"][0]["icd_pos"] = [
+        (p + 1) % len(rec["pool"]) for p in rec["candidates"][0]["icd_pos"]
+    ]
     (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], json.dumps(rec)] + lines[2:]) + "\n")
     # defect 8: labels are pool positions; a position that does not point at the candidate's id is an error
     with pytest.raises(ValueError, match="do not point at icd_ids"):
@@ -141,8 +169,15 @@ def test_sft_uses_whole_pool_and_pool_positions():
     # defect 8: the supervised stage used a 2-item pool and labels "global id mod 2"
     syn = _syn(n_groups=4, n_cands=6, pool_size=10)
     g = syn.groups[0]
-    g = G.Group(g.query_id, g.pool, g.seqs, g.rewards, g.hard, g.info,
-                ("beam", "beam", "random", "beam", "similar", "random"))
+    g = G.Group(
+        g.query_id,
+        g.pool,
+        g.seqs,
+        g.rewards,
+        g.hard,
+        g.info,
+        ("beam", "beam", "random", "beam", "similar", "random"),
+    )
     t = G.sft_group(g, top_beams=2)
     beams = sorted([0, 1, 3], key=lambda i: -g.info[i])[:2]
     assert t.seqs == tuple(g.seqs[i] for i in beams) and t.pool == g.pool
@@ -199,11 +234,26 @@ def test_v2_then_v3_files_end_to_end_and_deterministic(tmp_path):
     syn = _syn()
     d = _write_files(tmp_path, syn)
     for run in ("a", "b"):
-        T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 3, str(d / f"v2{run}.pt"),
-                         str(d / f"v2{run}.csv"))
-        T.train_v3_files(str(d / f"v2{run}.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"),
-                         str(d / "emb.npz"), v3_cfg=SMALL_V3, use_rank=True, seed=3, out_ckpt=str(d / f"v3{run}.pt"),
-                         out_metrics=str(d / f"v3{run}.csv"), cell={"slug": "x"})
+        T.train_v2_files(
+            str(d / "cands.jsonl"),
+            str(d / "emb.npz"),
+            SMALL_V2,
+            3,
+            str(d / f"v2{run}.pt"),
+            str(d / f"v2{run}.csv"),
+        )
+        T.train_v3_files(
+            str(d / f"v2{run}.pt"),
+            str(d / "scored.jsonl"),
+            str(d / "rewards.jsonl"),
+            str(d / "emb.npz"),
+            v3_cfg=SMALL_V3,
+            use_rank=True,
+            seed=3,
+            out_ckpt=str(d / f"v3{run}.pt"),
+            out_metrics=str(d / f"v3{run}.csv"),
+            cell={"slug": "x"},
+        )
     for stage in ("v2", "v3"):
         assert (d / f"{stage}a.csv").read_bytes() == (d / f"{stage}b.csv").read_bytes()
         assert (d / f"{stage}a.pt").read_bytes() == (d / f"{stage}b.pt").read_bytes()
@@ -218,18 +268,38 @@ def test_v2_then_v3_files_end_to_end_and_deterministic(tmp_path):
     assert [r["phase"] for r in _read_csv(d / "v2a.csv")] == ["v2", "v2"]
     m = PointerSelector.load(d / "v3a.pt")
     assert m.checkpoint_config["use_rank"] is True and m.checkpoint_config["phase"] == "v3"
-    assert m.checkpoint_config["cell"] == {"slug": "x"} and m.checkpoint_config["label_order"] == "prompt"
-    assert m.checkpoint_config["selected_phase"] == "grpo" and m.checkpoint_config["selected_epoch"] == 2
+    assert (
+        m.checkpoint_config["cell"] == {"slug": "x"}
+        and m.checkpoint_config["label_order"] == "prompt"
+    )
+    assert (
+        m.checkpoint_config["selected_phase"] == "grpo"
+        and m.checkpoint_config["selected_epoch"] == 2
+    )
     # a different seed gives a different model
-    T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 4, str(d / "v2c.pt"), str(d / "v2c.csv"))
+    T.train_v2_files(
+        str(d / "cands.jsonl"),
+        str(d / "emb.npz"),
+        SMALL_V2,
+        4,
+        str(d / "v2c.pt"),
+        str(d / "v2c.csv"),
+    )
     sa, sc = torch.load(d / "v2a.pt")["state_dict"], torch.load(d / "v2c.pt")["state_dict"]
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 def test_v2_learns_the_beams():
     syn = _syn(n_groups=48, n_cands=4, pool_size=12, dim=16)
-    cfg = T.V2Config(hidden_size=32, epochs=15, batch_queries=8, lr=3e-3, val_fraction=0.0, top_beams=1,
-                     label_smoothing=0.0)
+    cfg = T.V2Config(
+        hidden_size=32,
+        epochs=15,
+        batch_queries=8,
+        lr=3e-3,
+        val_fraction=0.0,
+        top_beams=1,
+        label_smoothing=0.0,
+    )
     model, rows, meta = T.train_v2(syn.groups, syn.table, cfg, seed=0)
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
     # greedy now reproduces most training anchors' top beam (the planted best sequence)
@@ -248,10 +318,19 @@ def test_grpo_ratio_exactly_one_at_identical_weights_with_dropout():
     model = _model(dropout=0.5)
     seen = []
     cfg = T.V3Config(rce_epochs=0, grpo_epochs=3, grpo_lr=0.0, batch_queries=8, val_fraction=0.0)
-    _, rows, _ = T.train_v3(model, syn.groups, syn.table, cfg, use_rank=False, seed=0,
-                            on_step=lambda ph, ep, st, d: seen.append(d))
+    _, rows, _ = T.train_v3(
+        model,
+        syn.groups,
+        syn.table,
+        cfg,
+        use_rank=False,
+        seed=0,
+        on_step=lambda ph, ep, st, d: seen.append(d),
+    )
     assert len(seen) == 9
-    assert all(d["ratio_mean"] == 1.0 and d["ratio_max"] == 1.0 and d["clip_frac"] == 0.0 for d in seen)
+    assert all(
+        d["ratio_mean"] == 1.0 and d["ratio_max"] == 1.0 and d["clip_frac"] == 0.0 for d in seen
+    )
     assert all(r["ratio_mean"] == 1.0 and r["ratio_max"] == 1.0 and r["kl"] == 0.0 for r in rows)
 
 
@@ -260,15 +339,19 @@ def test_pi_old_refreshed_each_epoch_and_pi_ref_is_grpo_start():
     syn = _syn()
     model = _model(dropout=0.3)
     first = {}
-    cfg = T.V3Config(rce_epochs=2, rce_lr=1e-2, grpo_epochs=3, grpo_lr=1e-2, batch_queries=8, val_fraction=0.0)
+    cfg = T.V3Config(
+        rce_epochs=2, rce_lr=1e-2, grpo_epochs=3, grpo_lr=1e-2, batch_queries=8, val_fraction=0.0
+    )
 
     def hook(phase, epoch, step, d):
         if phase == "grpo" and step == 0:
             first[epoch] = d
 
     T.train_v3(model, syn.groups, syn.table, cfg, use_rank=False, seed=0, on_step=hook)
-    for epoch, d in first.items():
-        assert d["ratio_mean"] == 1.0 and d["ratio_max"] == 1.0  # π_old = current policy at epoch start
+    for d in first.values():
+        assert (
+            d["ratio_mean"] == 1.0 and d["ratio_max"] == 1.0
+        )  # π_old = current policy at epoch start
     assert first[1]["kl"] == 0.0  # π_ref = policy after RCE (RCE did move it: lr 1e-2)
     assert first[2]["kl"] > 0 and first[3]["kl"] > 0  # π_ref is not refreshed
 
@@ -279,8 +362,15 @@ def test_rce_moves_weights_and_tau_schedule():
     syn = _syn()
     taus = []
     cfg = T.V3Config(rce_epochs=2, grpo_epochs=0, batch_queries=8, val_fraction=0.0)
-    T.train_v3(_model(), syn.groups, syn.table, cfg, use_rank=True, seed=0,
-               on_step=lambda ph, ep, st, d: taus.append(d["tau"]))
+    T.train_v3(
+        _model(),
+        syn.groups,
+        syn.table,
+        cfg,
+        use_rank=True,
+        seed=0,
+        on_step=lambda ph, ep, st, d: taus.append(d["tau"]),
+    )
     assert taus[0] == 2.0 and taus[-1] == 0.5 and all(a > b for a, b in zip(taus, taus[1:]))
 
 
@@ -297,16 +387,30 @@ def test_conditional_training_and_flat_groups_are_counted(tmp_path):
     n_skip = sum(p < 0.2 or f for p, f in zip(pos, flat))
     assert 0 < n_low < len(groups)
     base = dict(rce_epochs=1, grpo_epochs=1, batch_queries=8, val_fraction=0.0)
-    _, rows, _ = T.train_v3(_model(), groups, syn.table, T.V3Config(**base, min_positive_ratio=0.2),
-                            use_rank=True, seed=0)
+    _, rows, _ = T.train_v3(
+        _model(),
+        groups,
+        syn.table,
+        T.V3Config(**base, min_positive_ratio=0.2),
+        use_rank=True,
+        seed=0,
+    )
     rce, grpo = rows
     assert rce["groups_skipped"] == 0 and rce["groups_kept"] == 24
     assert grpo["groups_skipped"] == n_skip and grpo["groups_kept"] == 24 - n_skip
-    _, rows, _ = T.train_v3(_model(), groups, syn.table,
-                            T.V3Config(**base, min_positive_ratio=0.2, gate_rce=True), use_rank=True, seed=0)
+    _, rows, _ = T.train_v3(
+        _model(),
+        groups,
+        syn.table,
+        T.V3Config(**base, min_positive_ratio=0.2, gate_rce=True),
+        use_rank=True,
+        seed=0,
+    )
     assert rows[0]["groups_skipped"] == n_low
     _, rows, _ = T.train_v3(_model(), groups, syn.table, T.V3Config(**base), use_rank=True, seed=0)
-    assert rows[1]["groups_skipped"] == sum(flat)  # flat groups never train GRPO, even with rank advantages
+    assert rows[1]["groups_skipped"] == sum(
+        flat
+    )  # flat groups never train GRPO, even with rank advantages
 
 
 def test_val_proxy_scores_the_greedy_sequence():
@@ -318,20 +422,39 @@ def test_val_proxy_scores_the_greedy_sequence():
         pool = syn.table.tensor[syn.table.rows(g.pool, "pool")]
         greedy = tuple(model.select(q, pool, 2).tolist())
         others = [s for s in g.seqs if s != greedy][:2]
-        seqs = (others[0], greedy, others[1]) if i < 3 else (others[0], others[1], tuple(reversed(greedy)))
-        groups.append(G.Group(g.query_id, g.pool, seqs, (1.0, 7.0 + i, 2.0), g.hard[:3], g.info[:3], g.sources[:3]))
+        seqs = (
+            (others[0], greedy, others[1])
+            if i < 3
+            else (others[0], others[1], tuple(reversed(greedy)))
+        )
+        groups.append(
+            G.Group(
+                g.query_id, g.pool, seqs, (1.0, 7.0 + i, 2.0), g.hard[:3], g.info[:3], g.sources[:3]
+            )
+        )
     packed = G.pack_groups(groups, syn.table)
     val, cov = T.val_proxy(model, packed, syn.table, torch.device("cpu"))
-    assert val == pytest.approx((7 + 8 + 9) / 3) and cov == 0.75  # the reversed sequence does not match
+    assert (
+        val == pytest.approx((7 + 8 + 9) / 3) and cov == 0.75
+    )  # the reversed sequence does not match
     assert T.val_proxy(model, None, syn.table, torch.device("cpu")) == (None, 0.0)
 
 
 def test_selection_best_keeps_the_best_validation_epoch(tmp_path):
     syn = _syn(n_groups=40, n_cands=6, pool_size=8)
-    cfg = T.V3Config(rce_epochs=1, grpo_epochs=4, batch_queries=4, grpo_lr=3e-3, val_fraction=0.5,
-                     selection="best", save_epochs=True)
+    cfg = T.V3Config(
+        rce_epochs=1,
+        grpo_epochs=4,
+        batch_queries=4,
+        grpo_lr=3e-3,
+        val_fraction=0.5,
+        selection="best",
+        save_epochs=True,
+    )
     out = tmp_path / "v3.pt"
-    model, rows, meta = T.train_v3(_model(), syn.groups, syn.table, cfg, use_rank=False, seed=0, out_ckpt=str(out))
+    model, rows, meta = T.train_v3(
+        _model(), syn.groups, syn.table, cfg, use_rank=False, seed=0, out_ckpt=str(out)
+    )
     grpo = [r for r in rows if r["phase"] == "grpo"]
     vals = [(r["val_reward"], -r["epoch"]) for r in grpo if r["val_reward"] is not None]
     want = -max(vals)[1] if vals else grpo[-1]["epoch"]
@@ -358,8 +481,14 @@ def test_planted_preference_raises_greedy_reward():
     for use_rank, rce_epochs in ((False, 2), (True, 0)):
         model = _model(dim=16, hidden=32)
         before = greedy_reward(model)
-        cfg = T.V3Config(rce_epochs=rce_epochs, grpo_epochs=6, batch_queries=8, rce_lr=1e-3, grpo_lr=1e-3,
-                         val_fraction=0.0)
+        cfg = T.V3Config(
+            rce_epochs=rce_epochs,
+            grpo_epochs=6,
+            batch_queries=8,
+            rce_lr=1e-3,
+            grpo_lr=1e-3,
+            val_fraction=0.0,
+        )
         trained, _, _ = T.train_v3(model, syn.groups, syn.table, cfg, use_rank=use_rank, seed=0)
         after = greedy_reward(trained)
         best = float(np.mean([g.info[0] for g in syn.groups]))  # the planted optimum
@@ -371,7 +500,9 @@ def test_cuda_request_without_cuda_fails_clearly():
         pytest.skip("CUDA present")
     syn = _syn(n_groups=4)
     with pytest.raises(ValueError, match="CUDA is not available"):
-        T.train_v3(_model(), syn.groups, syn.table, T.V3Config(device="cuda"), use_rank=False, seed=0)
+        T.train_v3(
+            _model(), syn.groups, syn.table, T.V3Config(device="cuda"), use_rank=False, seed=0
+        )
 
 
 # ============================================================================ property: training stays finite
@@ -399,17 +530,39 @@ def _adversarial_groups(draw):
         else:
             r = rng.randn(n) * 1e-30
         hard = tuple(float(x) for x in rng.randint(0, 2, size=n))
-        groups.append(G.Group(g.query_id, g.pool, seqs, tuple(float(x) for x in r), hard, (0.0,) * n, ("random",) * n))
+        groups.append(
+            G.Group(
+                g.query_id,
+                g.pool,
+                seqs,
+                tuple(float(x) for x in r),
+                hard,
+                (0.0,) * n,
+                ("random",) * n,
+            )
+        )
     return syn.table, groups
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(_adversarial_groups(), st.booleans(), st.sampled_from([0.0, 0.2]))
 def test_property_training_keeps_parameters_finite(data, use_rank, mpr):
     table, groups = data
     model = _model(dim=8, hidden=16, dropout=0.2)
-    cfg = T.V3Config(rce_epochs=1, grpo_epochs=2, batch_queries=4, rce_lr=1e-2, grpo_lr=1e-2, val_fraction=0.2,
-                     min_positive_ratio=mpr, gate_rce=True)
+    cfg = T.V3Config(
+        rce_epochs=1,
+        grpo_epochs=2,
+        batch_queries=4,
+        rce_lr=1e-2,
+        grpo_lr=1e-2,
+        val_fraction=0.2,
+        min_positive_ratio=mpr,
+        gate_rce=True,
+    )
     trained, rows, _ = T.train_v3(model, groups, table, cfg, use_rank=use_rank, seed=0)
     assert len(rows) == 3
     for p in trained.parameters():
@@ -452,16 +605,37 @@ def test_label_order_selection_teaches_the_beam_order_and_needs_a_matching_v2(tm
     assert G.in_label_order(syn.groups, "prompt", "first") == list(syn.groups)
     d = _write_files(tmp_path, syn)
     sel_v2 = {**SMALL_V2, "label_order": "selection"}
-    T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), sel_v2, 3, str(d / "v2s.pt"), str(d / "v2s.csv"))
-    T.train_v2_files(str(d / "cands.jsonl"), str(d / "emb.npz"), SMALL_V2, 3, str(d / "v2p.pt"), str(d / "v2p.csv"))
+    T.train_v2_files(
+        str(d / "cands.jsonl"), str(d / "emb.npz"), sel_v2, 3, str(d / "v2s.pt"), str(d / "v2s.csv")
+    )
+    T.train_v2_files(
+        str(d / "cands.jsonl"),
+        str(d / "emb.npz"),
+        SMALL_V2,
+        3,
+        str(d / "v2p.pt"),
+        str(d / "v2p.csv"),
+    )
     assert PointerSelector.load(d / "v2s.pt").checkpoint_config["label_order"] == "selection"
     # the two orders teach different targets, so the selectors differ
     sa, sb = torch.load(d / "v2s.pt")["state_dict"], torch.load(d / "v2p.pt")["state_dict"]
     assert not all(torch.equal(sa[k], sb[k]) for k in sa)
     kw = dict(use_rank=False, seed=3, out_ckpt=str(d / "v3.pt"), out_metrics=str(d / "v3.csv"))
     with pytest.raises(ValueError, match="label_order=prompt.*needs label_order=selection"):
-        T.train_v3_files(str(d / "v2p.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"), str(d / "emb.npz"),
-                         v3_cfg={**SMALL_V3, "label_order": "selection"}, **kw)
-    T.train_v3_files(str(d / "v2s.pt"), str(d / "scored.jsonl"), str(d / "rewards.jsonl"), str(d / "emb.npz"),
-                     v3_cfg={**SMALL_V3, "label_order": "selection"}, **kw)
+        T.train_v3_files(
+            str(d / "v2p.pt"),
+            str(d / "scored.jsonl"),
+            str(d / "rewards.jsonl"),
+            str(d / "emb.npz"),
+            v3_cfg={**SMALL_V3, "label_order": "selection"},
+            **kw,
+        )
+    T.train_v3_files(
+        str(d / "v2s.pt"),
+        str(d / "scored.jsonl"),
+        str(d / "rewards.jsonl"),
+        str(d / "emb.npz"),
+        v3_cfg={**SMALL_V3, "label_order": "selection"},
+        **kw,
+    )
     assert PointerSelector.load(d / "v3.pt").checkpoint_config["label_order"] == "selection"

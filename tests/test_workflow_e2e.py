@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_util import CONFIG, FAKE_SLURM, ROOT, SNAKEFILE, dry_run, job_counts, snakemake
 
 from icdrl.config import load_config
 from icdrl.layout import Layout
-from workflow_util import CONFIG, FAKE_SLURM, ROOT, SNAKEFILE, dry_run, job_counts, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,9 @@ def _wait_for(pred, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     t0 = time.time()
     while not pred():
         if proc.poll() is not None:
-            raise AssertionError(f"snakemake ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"snakemake ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
+            )
         if time.time() - t0 > timeout:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"timed out waiting:\n{log.read_text()[-3000:]}")
@@ -63,12 +65,29 @@ def run(tmp_path_factory) -> Run:
     log = d / "killed.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(d), "--cores", "1",
-             "--configfile", str(cfg_path)],
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(SNAKEFILE),
+                "-d",
+                str(d),
+                "--cores",
+                "1",
+                "--configfile",
+                str(cfg_path),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    _wait_for(lambda: re.search(r"Finished jobid: \d+ \(Rule: candidates_shard\)", log.read_text()), proc,
-              timeout=900, log=log)
+    _wait_for(
+        lambda: re.search(r"Finished jobid: \d+ \(Rule: candidates_shard\)", log.read_text()),
+        proc,
+        timeout=900,
+        log=log,
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {str(p): p.stat().st_mtime for p in shards if p.exists()}
@@ -80,16 +99,28 @@ def run(tmp_path_factory) -> Run:
 
     # 3) resume to the end
     t0 = time.perf_counter()
-    done = snakemake("--cores", "2", "--configfile", str(cfg_path), workdir=d, check=True, timeout=1200)
-    return Run(d, cfg_path, layout, finished, embeddings_done, plan, time.perf_counter() - t0,
-               done.stdout + done.stderr)
+    done = snakemake(
+        "--cores", "2", "--configfile", str(cfg_path), workdir=d, check=True, timeout=1200
+    )
+    return Run(
+        d,
+        cfg_path,
+        layout,
+        finished,
+        embeddings_done,
+        plan,
+        time.perf_counter() - t0,
+        done.stdout + done.stderr,
+    )
 
 
 def test_interrupted_run_resumes_without_redoing_finished_shards(run):
     assert run.killed_shards, "no shard had finished before the kill"
     assert run.plan_after_kill.get("candidates_shard", 0) == 2 - len(run.killed_shards)
     assert "train_lvlm" not in run.plan_after_kill
-    assert run.plan_after_kill.get("embed", 0) == 2 - run.embeddings_done  # a finished split is not redone
+    assert (
+        run.plan_after_kill.get("embed", 0) == 2 - run.embeddings_done
+    )  # a finished split is not redone
     for path, mtime in run.killed_shards.items():
         assert Path(path).stat().st_mtime == mtime  # not rewritten by the resumed run
 
@@ -102,7 +133,10 @@ def test_complete_run_leaves_nothing_to_do(run):
 
 
 def test_a_finished_run_says_where_its_report_is(run):
-    assert f"icdrl: the report is in {run.layout.report_dir}/ (start with summary.md)" in run.resume_output
+    assert (
+        f"icdrl: the report is in {run.layout.report_dir}/ (start with summary.md)"
+        in run.resume_output
+    )
     assert (run.dir / run.layout.report_dir / "summary.md").is_file()
 
 
@@ -119,8 +153,15 @@ def test_changing_one_weight_reruns_only_the_affected_cells(run):
     path = _variant(run, "weight.yaml", lambda c: c["grid"].__setitem__("weights", [[1, 0.5]]))
     counts = dry_run("--configfile", path, workdir=run.dir)
     # (per_shot chooses among other cells now: its ablations rerun too)
-    assert counts == {"rewards": 1, "train_v3": 2, "evaluate_v3": 2, "select_per_shot": 1, "evaluate_ablation": 1,
-                      "report": 1, "all": 1}
+    assert counts == {
+        "rewards": 1,
+        "train_v3": 2,
+        "evaluate_v3": 2,
+        "select_per_shot": 1,
+        "evaluate_ablation": 1,
+        "report": 1,
+        "all": 1,
+    }
 
 
 def test_adding_a_seed_schedules_only_that_seed(run):
@@ -128,21 +169,39 @@ def test_adding_a_seed_schedules_only_that_seed(run):
     counts = dry_run("--configfile", path, workdir=run.dir)
     # v2 and the 4 v3 cells for seed 1, their evaluations, per_shot of seed 1, and the report
     # (the ablations run at the first seed only)
-    assert counts == {"train_v2": 1, "evaluate_v2": 1, "train_v3": 4, "evaluate_v3": 4, "select_per_shot": 1,
-                      "report": 1, "all": 1}
+    assert counts == {
+        "train_v2": 1,
+        "evaluate_v2": 1,
+        "train_v3": 4,
+        "evaluate_v3": 4,
+        "select_per_shot": 1,
+        "report": 1,
+        "all": 1,
+    }
 
 
 def test_an_experiment_over_a_training_knob_reruns_only_training_evaluation_and_report(run):
     from icdrl.report import report_files
 
     def add(c):
-        c["grid"]["experiments"]["kl"] = {"title": "KL weight 0.1 vs 0", "reward_modes": ["hard_plus_soft"],
-                                          "use_rank": [False], "train": {"kl_beta": [0.1, 0]}}
+        c["grid"]["experiments"]["kl"] = {
+            "title": "KL weight 0.1 vs 0",
+            "reward_modes": ["hard_plus_soft"],
+            "use_rank": [False],
+            "train": {"kl_beta": [0.1, 0]},
+        }
+
     path = _variant(run, "kl.yaml", add)
     # kl_beta 0.1 is the default: that level is the existing hard_plus_soft z-score cell
     counts = dry_run("--configfile", path, workdir=run.dir)
-    assert counts == {"train_v3": 1, "evaluate_v3": 1, "select_per_shot": 1, "evaluate_ablation": 1, "report": 1,
-                      "all": 1}
+    assert counts == {
+        "train_v3": 1,
+        "evaluate_v3": 1,
+        "select_per_shot": 1,
+        "evaluate_ablation": 1,
+        "report": 1,
+        "all": 1,
+    }
     snakemake("--cores", "2", "--configfile", path, workdir=run.dir, check=True, timeout=900)
     layout = Layout(load_config(path))
     assert layout.report_dir != run.layout.report_dir  # the first report is kept as it was
@@ -155,31 +214,54 @@ def test_an_experiment_over_a_training_knob_reruns_only_training_evaluation_and_
     assert set(t["level"].astype(str)) == {"0"} and set(t["reference"].astype(str)) == {"0.1"}
     assert t["delta"].notna().all() and sorted(t["k"]) == [1, 2, 3, 4]
     assert (run.dir / layout.report_dir / "exp-kl-delta.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Experiment kl: KL weight 0.1 vs 0" in (run.dir / layout.report_dir / "summary.md").read_text()
+    assert (
+        "Experiment kl: KL weight 0.1 vs 0"
+        in (run.dir / layout.report_dir / "summary.md").read_text()
+    )
 
 
 def test_report_outputs_and_html_report(run):
     from icdrl.report import report_files
 
-    for f in report_files(run.dir / run.layout.report_dir, [e.name for e in run.layout.experiments()]):
+    for f in report_files(
+        run.dir / run.layout.report_dir, [e.name for e in run.layout.experiments()]
+    ):
         assert Path(f).is_file() and Path(f).stat().st_size > 0, f
     html = run.dir / "report.html"
     snakemake("--report", str(html), "--configfile", str(run.config), workdir=run.dir, check=True)
     assert html.stat().st_size > 10_000
     text = html.read_text(errors="replace")
     # entries are labelled by what they show; the config and the LVLM's check are in it too
-    for shown in ("config.yaml", "icl_check.json", "exp-modes.html", "embedded LVLM in-context check"):
+    for shown in (
+        "config.yaml",
+        "icl_check.json",
+        "exp-modes.html",
+        "embedded LVLM in-context check",
+    ):
         assert shown in text, shown
 
 
 def test_every_job_logged_beside_its_output(run):
     L = run.layout
     # one log per job: the RICES job's beside its copy file, an ablation job's beside the ablated file
-    ablations = {o: f"{b[: -len('.jsonl')]}.ablations" for b in L.ablation_bases() for o in L.ablation_outputs(b).values()}
+    ablations = {
+        o: f"{b[: -len('.jsonl')]}.ablations"
+        for b in L.ablation_bases()
+        for o in L.ablation_outputs(b).values()
+    }
     rices = {o: L.eval_rices["copy"] for o in L.eval_rices.values()}
     assert ablations and len(rices) == 4
-    for out in [L.lvlm_model, L.icl_check, L.candidates, L.scored, L.answers, *L.all_rewards(), *L.all_eval(),
-                *L.all_v3(L.v3_ckpt), *L.all_v2(L.v2_ckpt)]:
+    for out in [
+        L.lvlm_model,
+        L.icl_check,
+        L.candidates,
+        L.scored,
+        L.answers,
+        *L.all_rewards(),
+        *L.all_eval(),
+        *L.all_v3(L.v3_ckpt),
+        *L.all_v2(L.v2_ckpt),
+    ]:
         log = run.dir / f"{ablations.get(out, rices.get(out, out))}.log"
         assert log.is_file(), log
         assert "done in" in log.read_text()
@@ -200,16 +282,33 @@ def test_slurm_profile_submits_gpu_cpu_and_local_jobs(run, tmp_path):
     report_before = (run.dir / L.report_dir / "accuracy.csv").stat().st_mtime
     state = tmp_path / "slurm"
     env = {"PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
-    proc = snakemake("--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(run.config),
-                     "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-                     zero_shot, "all", workdir=run.dir, env=env, timeout=900)
+    proc = snakemake(
+        "--profile",
+        str(ROOT / "profiles" / "slurm"),
+        "--configfile",
+        str(run.config),
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--slurm-keep-successful-logs",
+        zero_shot,
+        "all",
+        workdir=run.dir,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
     sbatch = {c["comment"].split("_wildcards")[0]: c for c in calls if c["tool"] == "sbatch"}
     assert set(sbatch) == {"rule_icl_check", "rule_evaluate_baseline"}
     gpu, cpu = sbatch["rule_evaluate_baseline"], sbatch["rule_icl_check"]
     assert (gpu["partition"], gpu["gpus"], gpu["time"], gpu["mem"]) == ("gpu", "1", "240", "32000")
-    assert (cpu["partition"], cpu["gpus"], cpu["gres"], cpu["time"], cpu["mem"]) == ("cpu", None, None, "60", "8000")
+    assert (cpu["partition"], cpu["gpus"], cpu["gres"], cpu["time"], cpu["mem"]) == (
+        "cpu",
+        None,
+        None,
+        "60",
+        "8000",
+    )
     sruns = [c for c in calls if c["tool"] == "srun"]
     assert any("--gpus=1" in c["options"] for c in sruns if c["jobid"] == str(gpu["jobid"]))
     assert not any("--gpus=1" in c["options"] for c in sruns if c["jobid"] == str(cpu["jobid"]))
@@ -238,18 +337,32 @@ def test_report_shows_rices_copy_diagnostics_and_ablations(run):
         recs = read_records(run.dir / path, EvalRecord)
         assert {r.method for r in recs} == {m} and all(len(set(r.icd_ids)) == r.k for r in recs)
     abl = pd.read_csv(out / "ablations.csv")
-    assert set(abl["method_key"]) == {"v2", "per_shot"} and set(abl["ablation"]) == {"shuffled", "no_images"}
+    assert set(abl["method_key"]) == {"v2", "per_shot"} and set(abl["ablation"]) == {
+        "shuffled",
+        "no_images",
+    }
     got = abl[abl["delta"].notna()]
-    assert len(got) == 2 * (3 + 4)  # shuffled at k = 2..4, no_images at k = 1..4, for v2 and per_shot
+    assert len(got) == 2 * (
+        3 + 4
+    )  # shuffled at k = 2..4, no_images at k = 1..4, for v2 and per_shot
     diag = pd.read_csv(out / "diagnostics.csv")
     assert diag[diag["method_kind"] == "v2"]["copies_any"].notna().all()
-    assert diag[diag["method_kind"] == "copy"]["copies_any"].eq(100).all()  # copy copies by construction
+    assert (
+        diag[diag["method_kind"] == "copy"]["copies_any"].eq(100).all()
+    )  # copy copies by construction
     ran = diag[diag["n_queries"] > 0]
     assert len(diag) - len(ran) == 2  # the shuffled ablations of v2 and per_shot have no k=1
     assert ran["wrong_form"].notna().all()  # easy-VQA's closed vocabulary
-    again = diagnostics_table(load_eval([str(run.dir / p) for p in L.all_eval()]), load_answers(run.dir / L.answers),
-                              200, 0).data
+    again = diagnostics_table(
+        load_eval([str(run.dir / p) for p in L.all_eval()]),
+        load_answers(run.dir / L.answers),
+        200,
+        0,
+    ).data
     cols = ["copies_any", "copies_last", "wrong_form", "acc_copy", "acc_no_copy"]
-    assert again[cols].round(4).fillna(-1).to_numpy().tolist() == diag[cols].round(4).fillna(-1).to_numpy().tolist()
+    assert (
+        again[cols].round(4).fillna(-1).to_numpy().tolist()
+        == diag[cols].round(4).fillna(-1).to_numpy().tolist()
+    )
     summary = (out / "summary.md").read_text()
     assert "Trained selectors vs RICES and the copy baseline" in summary and "Ablations:" in summary

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
+import tomllib
 import yaml
-
 from workflow_util import ROOT
 
 ENV_FILES = sorted((ROOT / "workflow" / "envs").glob("*.yaml")) + [ROOT / "environment.yml"]
@@ -68,7 +67,9 @@ def test_environment_yml_covers_pyproject_and_installs_the_package():
     env = _packages(raw)
     missing = _pyproject_deps() - env
     assert not missing, f"environment.yml lacks {sorted(missing)}"
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     # the test extra includes the workflow extra (icdrl[workflow]); environment.yml holds both
     assert "icdrl[workflow]" in extras["test"]
     assert {_name(d) for d in extras["test"] + extras["workflow"] if _name(d) != "icdrl"} <= env
@@ -81,7 +82,9 @@ def test_every_script_rule_names_the_env():
         text = smk.read_text()
         for rule in re.split(r"\n\s*rule ", text)[1:]:
             if "script:" in rule:
-                assert 'conda:\n' in rule and '"../envs/icdrl.yaml"' in rule, f"{smk.name}: {rule.splitlines()[0]}"
+                assert "conda:\n" in rule and '"../envs/icdrl.yaml"' in rule, (
+                    f"{smk.name}: {rule.splitlines()[0]}"
+                )
     assert (ROOT / "workflow" / "envs" / "icdrl.yaml").is_file()
 
 
@@ -112,8 +115,12 @@ def test_ci_exit_status(tmp_path, pytest_status, ci_status):
     import subprocess
 
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\nif [ "$2" = "pytest" ]; then exit {pytest_status}; fi\nexit 0\n')
+    fake.write_text(
+        f'#!/usr/bin/env bash\nif [ "$2" = "pytest" ]; then exit {pytest_status}; fi\nexit 0\n'
+    )
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == ci_status, proc.stderr

@@ -49,8 +49,15 @@ def test_output_goes_to_the_log(tmp_path):
     proc, log = _run(tmp_path, fail=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""  # nothing on the console
-    for text in ("rule demo {'shard': '0'}: start", "INFO icdrl.demo: library log line", "plain print",
-                 "progress", "raw fd write", "model /models/x", "rule demo: done in"):
+    for text in (
+        "rule demo {'shard': '0'}: start",
+        "INFO icdrl.demo: library log line",
+        "plain print",
+        "progress",
+        "raw fd write",
+        "model /models/x",
+        "rule demo: done in",
+    ):
         assert text in log, text
 
 

@@ -15,25 +15,50 @@ FAKE_SLURM = ROOT / "tests" / "fake_slurm"
 
 #: every rule of the workflow (the embedded default schedules all of them)
 ALL_RULES = {
-    "train_lvlm", "icl_check", "embed", "pools", "candidates_shard", "concat_candidates",
-    "score_shard", "concat_scored", "rewards", "train_v2", "train_v3", "evaluate_baseline",
-    "evaluate_v2", "evaluate_v3", "select_per_shot", "report", "all",
-    "evaluate_rices", "evaluate_ablation", "answers",
+    "train_lvlm",
+    "icl_check",
+    "embed",
+    "pools",
+    "candidates_shard",
+    "concat_candidates",
+    "score_shard",
+    "concat_scored",
+    "rewards",
+    "train_v2",
+    "train_v3",
+    "evaluate_baseline",
+    "evaluate_v2",
+    "evaluate_v3",
+    "select_per_shot",
+    "report",
+    "all",
+    "evaluate_rices",
+    "evaluate_ablation",
+    "answers",
 }
 
 
-def snakemake(*args: str, workdir: Path, env: dict | None = None, timeout: float = 600,
-              check: bool = False) -> subprocess.CompletedProcess:
+def snakemake(
+    *args: str, workdir: Path, env: dict | None = None, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
     """``python -m snakemake -s <repo>/Snakefile -d <workdir> <args>``; output captured as text."""
     full_env = dict(os.environ)
-    for var in ("REWARD_MODE", "HARD_WEIGHT", "SOFT_WEIGHT", "REWARD_ALPHA", "REWARD_BETA",
-                "USE_RANK_ADVANTAGE"):
+    for var in (
+        "REWARD_MODE",
+        "HARD_WEIGHT",
+        "SOFT_WEIGHT",
+        "REWARD_ALPHA",
+        "REWARD_BETA",
+        "USE_RANK_ADVANTAGE",
+    ):
         full_env.pop(var, None)
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -43,7 +68,7 @@ def job_counts(output: str) -> dict[str, int]:
     lines = output.splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^job\s+count\s*$", line.strip()):
-            for row in lines[i + 2:]:
+            for row in lines[i + 2 :]:
                 m = re.match(r"^(\w+)\s+(\d+)\s*$", row.strip())
                 if not m or m.group(1) == "total":
                     break

@@ -27,7 +27,14 @@ from icdrl.records import EvalRecord, read_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ABLATIONS", "ABLATABLE", "shuffled_order", "strip_image", "plan_ablation", "evaluate_ablation"]
+__all__ = [
+    "ABLATIONS",
+    "ABLATABLE",
+    "shuffled_order",
+    "strip_image",
+    "plan_ablation",
+    "evaluate_ablation",
+]
 
 ABLATIONS = ("shuffled", "no_images")
 #: methods whose records can be ablated (they show ICDs chosen by the LVLM-evaluated method)
@@ -64,18 +71,27 @@ def plan_ablation(ablation: str, base: Sequence[EvalRecord], shuffle_seed: int):
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     methods = {r.method for r in base}
     if len(methods) != 1 or not methods <= set(ABLATABLE):
-        raise ValueError(f"an ablation needs the records of one of {ABLATABLE}, got {sorted(methods)}")
+        raise ValueError(
+            f"an ablation needs the records of one of {ABLATABLE}, got {sorted(methods)}"
+        )
     jobs = []
     for r in base:
         if ablation == "shuffled" and len(r.icd_ids) < 2:
             continue
-        ids = shuffled_order(r.icd_ids, shuffle_seed, r.query_id) if ablation == "shuffled" else r.icd_ids
+        ids = (
+            shuffled_order(r.icd_ids, shuffle_seed, r.query_id)
+            if ablation == "shuffled"
+            else r.icd_ids
+        )
         pos = r.icd_pos
         if ablation == "shuffled" and pos:
             at = {i: p for i, p in zip(r.icd_ids, r.icd_pos)}
             pos = tuple(at[i] for i in ids)
-        spec = {"ablation": ablation, "of": {"method": r.method, "cell": r.cell, "spec": r.spec},
-                "shuffle_seed": int(shuffle_seed) if ablation == "shuffled" else None}
+        spec = {
+            "ablation": ablation,
+            "of": {"method": r.method, "cell": r.cell, "spec": r.spec},
+            "shuffle_seed": int(shuffle_seed) if ablation == "shuffled" else None,
+        }
         jobs.append(Job(r.query_id, r.k, tuple(pos), tuple(ids), r.cell, r.seed, spec))
     return jobs
 
@@ -110,11 +126,22 @@ def evaluate_ablation(
     label = f"{ablation} of {base[0].method}"
     check_jobs(label, jobs, queries, train, str(base_path), exclude_same_image=exclude_same_image)
     summary = answer_jobs(
-        ablation, jobs, queries=queries, train=train, model_cfg=model_cfg, model_path=model_path, eval_cfg=eval_cfg,
-        out_path=out_path, where=str(base_path), backend=backend,
+        ablation,
+        jobs,
+        queries=queries,
+        train=train,
+        model_cfg=model_cfg,
+        model_path=model_path,
+        eval_cfg=eval_cfg,
+        out_path=out_path,
+        where=str(base_path),
+        backend=backend,
         demo_view=strip_image if ablation == "no_images" else None,
         fp_inputs={"base": [r.to_dict() for r in base], "shuffle_seed": seed},
     )
-    log.info("%s accuracy by k: %s", method_label(label, None),
-             ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
+    log.info(
+        "%s accuracy by k: %s",
+        method_label(label, None),
+        ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()),
+    )
     return summary

@@ -42,7 +42,9 @@ class AnswersTable:
         try:
             return self.answers[train_id]
         except KeyError:
-            raise KeyError(f"{where or self.path}: ICD {train_id} is not in the answers table {self.path}") from None
+            raise KeyError(
+                f"{where or self.path}: ICD {train_id} is not in the answers table {self.path}"
+            ) from None
 
     def wrong_form(self, prediction: str) -> bool | None:
         """True when the prediction is not a word of the closed vocabulary; None without one."""
@@ -68,9 +70,14 @@ def write_answers(dataset_cfg: dict, out_path: str | os.PathLike) -> AnswersTabl
 
     name = dataset_cfg.get("name", "")
     table = answers_table(load_dataset(dataset_cfg, "train"), name)
-    doc = {"schema": SCHEMA, "version": VERSION, "split": "train", "dataset": dataset_cfg.get("label") or name,
-           "vocabulary": sorted(table.vocabulary) if table.vocabulary is not None else None,
-           "answers": [[i, a] for i, a in table.answers.items()]}
+    doc = {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "split": "train",
+        "dataset": dataset_cfg.get("label") or name,
+        "vocabulary": sorted(table.vocabulary) if table.vocabulary is not None else None,
+        "answers": [[i, a] for i, a in table.answers.items()],
+    }
     atomic_write_text(out_path, json.dumps(doc, separators=(",", ":")) + "\n")
     return table
 
@@ -87,10 +94,14 @@ def load_answers(path: str | os.PathLike) -> AnswersTable:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("version") != VERSION:
         raise ValueError(f"{path}: not an {SCHEMA} v{VERSION} file")
     rows, vocab = doc.get("answers"), doc.get("vocabulary")
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
-                                             and isinstance(r[1], str) for r in rows):
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], str)
+        for r in rows
+    ):
         raise ValueError(f"{path}: field 'answers' must be a list of [id, answer] pairs")
-    if vocab is not None and not (isinstance(vocab, list) and all(isinstance(v, str) for v in vocab)):
+    if vocab is not None and not (
+        isinstance(vocab, list) and all(isinstance(v, str) for v in vocab)
+    ):
         raise ValueError(f"{path}: field 'vocabulary' must be a list of strings or null")
     answers = dict((int(i), a) for i, a in rows)
     if len(answers) != len(rows):

@@ -69,7 +69,9 @@ class BeamConfig:
         if self.depth < 1:
             raise ValueError(f"candidates.depth must be >= 1, got {self.depth}")
         if self.insert not in INSERT_SIDES:
-            raise ValueError(f"candidates.insert must be one of {INSERT_SIDES}, got {self.insert!r}")
+            raise ValueError(
+                f"candidates.insert must be one of {INSERT_SIDES}, got {self.insert!r}"
+            )
         if self.n_random < 0 or self.n_similar < 0:
             raise ValueError("candidates.n_random and candidates.n_similar must be >= 0")
 
@@ -97,7 +99,7 @@ def build_steps(seq: Seq, insert: str) -> list[Seq]:
     """The partial sequences of lengths 1..len(seq) that build ``seq`` with this insert side."""
     n = len(seq)
     if insert == "first":
-        return [seq[n - t:] for t in range(1, n + 1)]
+        return [seq[n - t :] for t in range(1, n + 1)]
     return [seq[:t] for t in range(1, n + 1)]
 
 
@@ -150,7 +152,9 @@ def _rank_key(b: Beam) -> tuple:
     return (-b.info_score, b.pos)
 
 
-def beam_search(scorer: AnchorScorer, *, beam_width: int, depth: int, insert: str = "first") -> list[Beam]:
+def beam_search(
+    scorer: AnchorScorer, *, beam_width: int, depth: int, insert: str = "first"
+) -> list[Beam]:
     """Top ``beam_width`` sequences of ``depth`` pool items by cumulative InfoScore, best first.
 
     Each step expands every beam by every unused position and scores all expansions in one
@@ -176,7 +180,8 @@ def beam_search(scorer: AnchorScorer, *, beam_width: int, depth: int, insert: st
         seqs = list(children)
         probs = scorer.probs(seqs)
         expanded = [
-            Beam(s, p, p - p0, children[s].step_gains + (p - children[s].prob,)) for s, p in zip(seqs, probs)
+            Beam(s, p, p - p0, children[s].step_gains + (p - children[s].prob,))
+            for s, p in zip(seqs, probs)
         ]
         expanded.sort(key=_rank_key)
         beams = expanded[:beam_width]
@@ -194,7 +199,9 @@ def score_sequence(scorer: AnchorScorer, seq: Seq, insert: str) -> Beam:
     return Beam(seq, prev, prev - p0, tuple(gains))
 
 
-def random_sequences(pool_size: int, depth: int, n: int, rng: np.random.Generator, exclude: set[Seq]) -> list[Seq]:
+def random_sequences(
+    pool_size: int, depth: int, n: int, rng: np.random.Generator, exclude: set[Seq]
+) -> list[Seq]:
     """``n`` distinct sequences of ``depth`` distinct positions, none in ``exclude``.
 
     Small spaces (at most 20,000 ordered sequences) are enumerated and sampled without
@@ -268,8 +275,12 @@ def anchor_candidates(
     taken |= {s for _, s in extra}
     if cfg.n_similar:
         if sim_order is None:
-            raise ValueError(f"anchor {anchor.id}: n_similar > 0 needs a similarity order of the pool")
-        extra += [("similar", s) for s in similar_sequences(sim_order, cfg.depth, cfg.n_similar, taken)]
+            raise ValueError(
+                f"anchor {anchor.id}: n_similar > 0 needs a similarity order of the pool"
+            )
+        extra += [
+            ("similar", s) for s in similar_sequences(sim_order, cfg.depth, cfg.n_similar, taken)
+        ]
     # score every prefix of every extra sequence in one call, then read them back memoised
     scorer.scores([p for _, s in extra for p in build_steps(s, cfg.insert)])
     cands += [(src, score_sequence(scorer, s, cfg.insert)) for src, s in extra]
@@ -326,8 +337,10 @@ RESULT_NEUTRAL_MODEL_KEYS = ("batch_size", "device", "image_cache_size", "prefix
 
 def model_fingerprint(model_cfg: dict, model_path) -> dict:
     """What of the model identity decides scores (batch size and device do not)."""
-    return {"path": str(model_path) if model_path else None,
-            "cfg": {k: v for k, v in (model_cfg or {}).items() if k not in RESULT_NEUTRAL_MODEL_KEYS}}
+    return {
+        "path": str(model_path) if model_path else None,
+        "cfg": {k: v for k, v in (model_cfg or {}).items() if k not in RESULT_NEUTRAL_MODEL_KEYS},
+    }
 
 
 def generate_shard(
@@ -356,13 +369,24 @@ def generate_shard(
     train = examples_by_id(load_dataset(dataset_cfg, "train"), "train split")
     table = EmbeddingTable.load(train_emb_path) if cfg.n_similar else None
 
-    fp = fingerprint({"cfg": cfg.__dict__, "model": model_fingerprint(model_cfg, model_path),
-                      "pools": [(r.query_id, r.pool) for r in mine]})
+    fp = fingerprint(
+        {
+            "cfg": cfg.__dict__,
+            "model": model_fingerprint(model_cfg, model_path),
+            "pools": [(r.query_id, r.pool) for r in mine],
+        }
+    )
     partial = PartialJsonl(out_path, CandidateRecord.SCHEMA, fp)
     done = partial.load()
     todo = [r for r in mine if r.query_id not in done]
-    log.info("shard %d/%d: %d anchors, %d finished earlier, %d to do", shard, n_shards, len(mine),
-             len(mine) - len(todo), len(todo))
+    log.info(
+        "shard %d/%d: %d anchors, %d finished earlier, %d to do",
+        shard,
+        n_shards,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+    )
     if todo and backend is None:
         from icdrl.lvlm import load_backend
 
@@ -382,8 +406,15 @@ def generate_shard(
             d = rec.to_dict()
             partial.append([d])
             done[r.query_id] = d
-            log.info("anchor %d (%d/%d): %d candidates, %d prompts, %.2f s", r.query_id, i + 1, len(todo),
-                     len(rec.candidates), n, time.perf_counter() - t0)
+            log.info(
+                "anchor %d (%d/%d): %d candidates, %d prompts, %.2f s",
+                r.query_id,
+                i + 1,
+                len(todo),
+                len(rec.candidates),
+                n,
+                time.perf_counter() - t0,
+            )
     finally:
         partial.close()
     partial.finish([done[r.query_id] for r in mine])

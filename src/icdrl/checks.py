@@ -71,7 +71,7 @@ def decode_problem(path: str | Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+    except Exception as e:
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None
 
@@ -96,18 +96,26 @@ def check_images(examples: Sequence[Example], key: str) -> ImageReport:
         try:
             ok = quick_image_check(path)
         except OSError as e:
-            raise DatasetError(f"{key}: image {path} (question id {_ids(qids)}): cannot be read ({e.strerror})") from None
+            raise DatasetError(
+                f"{key}: image {path} (question id {_ids(qids)}): cannot be read ({e.strerror})"
+            ) from None
         if ok:
             continue
         decoded += 1
         problem = decode_problem(path)
         if problem is not None:
-            raise DatasetError(f"{key}: image {path} (question id {_ids(qids)}): cannot be decoded ({problem})")
+            raise DatasetError(
+                f"{key}: image {path} (question id {_ids(qids)}): cannot be decoded ({problem})"
+            )
     return ImageReport(len(users), decoded)
 
 
 def _ids(qids: list[int]) -> str:
-    return str(qids[0]) if len(qids) == 1 else f"{qids[0]}, and {len(qids) - 1} more questions on this image"
+    return (
+        str(qids[0])
+        if len(qids) == 1
+        else f"{qids[0]}, and {len(qids) - 1} more questions on this image"
+    )
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -122,7 +130,9 @@ def check_subset(dataset_cfg: Mapping[str, Any], split: str, n_split: int) -> No
     """``dataset.<split>.subset`` must not exceed the split (its path would claim more examples)."""
     n = (dataset_cfg.get(split) or {}).get("subset")
     if n is not None and n > n_split:
-        raise SizeError(f"config key dataset.{split}.subset: {n} exceeds the {n_split} examples of the {split} split")
+        raise SizeError(
+            f"config key dataset.{split}.subset: {n} exceeds the {n_split} examples of the {split} split"
+        )
 
 
 def check_count(key: str, n: int, available: int, what: str) -> None:
@@ -130,8 +140,14 @@ def check_count(key: str, n: int, available: int, what: str) -> None:
         raise SizeError(f"config key {key}: {n} exceeds the {available} {what}")
 
 
-def check_pool_size(key: str, size: int, queries: Sequence[Example], train: Sequence[Example],
-                    role: str, what: str = "train examples") -> None:
+def check_pool_size(
+    key: str,
+    size: int,
+    queries: Sequence[Example],
+    train: Sequence[Example],
+    role: str,
+    what: str = "train examples",
+) -> None:
     """Every query must have ``size`` eligible train examples once it and its exact duplicates
     (same image and question, :func:`icdrl.pools.duplicate_key`) are excluded."""
     from icdrl.pools import duplicate_key
@@ -141,56 +157,104 @@ def check_pool_size(key: str, size: int, queries: Sequence[Example], train: Sequ
     worst: tuple[int, Example | None, int] = (len(train) + 1, None, 0)
     for q in queries:
         n_dup = dups.get(duplicate_key(q), 0)
-        itself = role == "anchors" and q.id in train_ids and n_dup == 0  # (a duplicate of itself otherwise)
+        itself = (
+            role == "anchors" and q.id in train_ids and n_dup == 0
+        )  # (a duplicate of itself otherwise)
         eligible = len(train) - n_dup - int(itself)
         if eligible < worst[0]:
             worst = (eligible, q, n_dup)
     eligible, q, n_dup = worst
     if q is not None and size > eligible:
-        excl = "the query itself and its exact duplicates" if role == "anchors" else "its exact duplicates"
-        raise SizeError(f"config key {key}: {size} exceeds the {eligible} eligible {what} of {role} query "
-                        f"{q.id} ({len(train)} minus {excl}, {len(train) - eligible})")
+        excl = (
+            "the query itself and its exact duplicates"
+            if role == "anchors"
+            else "its exact duplicates"
+        )
+        raise SizeError(
+            f"config key {key}: {size} exceeds the {eligible} eligible {what} of {role} query "
+            f"{q.id} ({len(train)} minus {excl}, {len(train) - eligible})"
+        )
 
 
-def check_sizes(config: Mapping[str, Any], train: Sequence[Example], evals: Sequence[Example]) -> None:
+def check_sizes(
+    config: Mapping[str, Any], train: Sequence[Example], evals: Sequence[Example]
+) -> None:
     """Every configured size against the data (module docstring); one line naming the key."""
     pools = config["pools"]
     seed = int(pools.get("seed", 0))
-    check_count("pools.n_anchors", int(pools["n_anchors"]), len(train),
-                f"examples of the train split{_subset_note(config['dataset'], 'train')}")
-    check_count("pools.n_test", int(pools["n_test"]), len(evals),
-                f"examples of the eval split{_subset_note(config['dataset'], 'eval')}")
+    check_count(
+        "pools.n_anchors",
+        int(pools["n_anchors"]),
+        len(train),
+        f"examples of the train split{_subset_note(config['dataset'], 'train')}",
+    )
+    check_count(
+        "pools.n_test",
+        int(pools["n_test"]),
+        len(evals),
+        f"examples of the eval split{_subset_note(config['dataset'], 'eval')}",
+    )
     n_val = int(pools.get("n_val", 0) or 0)
     if n_val:
         n_test = int(pools["n_test"])
         if n_test + n_val > len(evals):
-            raise SizeError(f"config key pools.n_val: {n_val} validation queries and pools.n_test: {n_test} test "
-                            f"queries (disjoint) exceed the {len(evals)} examples of the eval split"
-                            f"{_subset_note(config['dataset'], 'eval')}")
-    from icdrl.pools import role_queries  # noqa: PLC0415 (the queries each role's pools are built for)
+            raise SizeError(
+                f"config key pools.n_val: {n_val} validation queries and pools.n_test: {n_test} test "
+                f"queries (disjoint) exceed the {len(evals)} examples of the eval split"
+                f"{_subset_note(config['dataset'], 'eval')}"
+            )
+    from icdrl.pools import role_queries
 
     size = int(pools["size"])
     n_test = int(pools["n_test"])
-    check_pool_size("pools.size", size, role_queries(train, "anchors", int(pools["n_anchors"]), seed), train, "anchors")
+    check_pool_size(
+        "pools.size",
+        size,
+        role_queries(train, "anchors", int(pools["n_anchors"]), seed),
+        train,
+        "anchors",
+    )
     check_pool_size("pools.size", size, role_queries(evals, "test", n_test, seed), train, "test")
     if n_val:
-        check_pool_size("pools.size", size, role_queries(evals, "val", n_val, seed, n_test), train, "validation")
+        check_pool_size(
+            "pools.size", size, role_queries(evals, "val", n_val, seed, n_test), train, "validation"
+        )
 
 
-def check_embedded_sizes(lvlm_cfg: Mapping[str, Any], train: Sequence[Example], test: Sequence[Example]) -> None:
+def check_embedded_sizes(
+    lvlm_cfg: Mapping[str, Any], train: Sequence[Example], test: Sequence[Example]
+) -> None:
     """``embedded_lvlm.check`` (the in-context check) against easy-VQA, as
     :func:`icdrl.lvlm.embedded.icl_check` draws from it."""
     ck = dict(lvlm_cfg.get("check") or {})
     seed = int(ck.get("seed", 0))
     sub = ck.get("train_subset")
     if sub is not None:
-        check_count("embedded_lvlm.check.train_subset", int(sub), len(train), "easy-VQA train questions")
+        check_count(
+            "embedded_lvlm.check.train_subset", int(sub), len(train), "easy-VQA train questions"
+        )
         train = seeded_subset(train, int(sub), seed)
-    check_count("embedded_lvlm.check.n_test", int(ck.get("n_test", 500)), len(test), "easy-VQA test questions")
+    check_count(
+        "embedded_lvlm.check.n_test",
+        int(ck.get("n_test", 500)),
+        len(test),
+        "easy-VQA test questions",
+    )
     n_anchors = int(ck.get("n_anchors", 100))
-    check_count("embedded_lvlm.check.n_anchors", n_anchors, len(train), "easy-VQA train questions it draws from")
-    check_pool_size("embedded_lvlm.check.pool_size", int(ck.get("pool_size", 64)),
-                    seeded_subset(train, n_anchors, seed + 1), train, "anchors", "easy-VQA train questions")
+    check_count(
+        "embedded_lvlm.check.n_anchors",
+        n_anchors,
+        len(train),
+        "easy-VQA train questions it draws from",
+    )
+    check_pool_size(
+        "embedded_lvlm.check.pool_size",
+        int(ck.get("pool_size", 64)),
+        seeded_subset(train, n_anchors, seed + 1),
+        train,
+        "anchors",
+        "easy-VQA train questions",
+    )
     limit = lvlm_cfg.get("train_limit")
     if limit is not None:
         check_count("embedded_lvlm.train_limit", int(limit), len(train), "easy-VQA train questions")
@@ -234,7 +298,9 @@ def check_data(config: Mapping[str, Any]) -> dict[str, ImageReport]:
         check_embedded_sizes(config.get("embedded_lvlm") or {}, e_train, e_test)
         seen = {ex.image for examples in used.values() for ex in examples}
         rest = [ex for ex in list(e_train) + list(e_test) if ex.image not in seen]
-        reports["embedded_lvlm"] = check_images(rest, "embedded_lvlm (easy-VQA, the embedded LVLM's data)")
+        reports["embedded_lvlm"] = check_images(
+            rest, "embedded_lvlm (easy-VQA, the embedded LVLM's data)"
+        )
     for key, r in reports.items():
         log.info("%s: %d image files checked (%d fully decoded)", key, r.n_images, r.n_decoded)
     return reports

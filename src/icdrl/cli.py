@@ -83,7 +83,10 @@ def _power(args: argparse.Namespace) -> int:
         print(f"icdrl: {e}", file=sys.stderr)
         return 1
     if not groups:
-        print(f"icdrl: {args.results_dir}: no evaluation records (icdrl.eval files) found", file=sys.stderr)
+        print(
+            f"icdrl: {args.results_dir}: no evaluation records (icdrl.eval files) found",
+            file=sys.stderr,
+        )
         return 1
     experiments = []
     if args.config:
@@ -96,8 +99,16 @@ def _power(args: argparse.Namespace) -> int:
     for key, paths in groups.items():
         rewards = find_rewards(paths, args.results_dir)
         try:
-            plan = power_from_files(paths, rewards, experiments=experiments, delta=args.delta, n_boot=args.n_boot,
-                                    seed=args.seed, alpha=args.alpha, power=args.power)
+            plan = power_from_files(
+                paths,
+                rewards,
+                experiments=experiments,
+                delta=args.delta,
+                n_boot=args.n_boot,
+                seed=args.seed,
+                alpha=args.alpha,
+                power=args.power,
+            )
         except ValueError as e:
             print(f"icdrl: {key}: {e}", file=sys.stderr)
             return 1
@@ -115,19 +126,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_icl_check(argv[1:])
     parser = argparse.ArgumentParser(prog="icdrl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("validate", "check a workflow config"),
-                           ("grid", "print the grid cells and result folders of a config")):
+    for name, helptext in (
+        ("validate", "check a workflow config"),
+        ("grid", "print the grid cells and result folders of a config"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", help="a workflow config YAML, e.g. config/config.yaml")
-    sub.add_parser("icl-check", help="the embedded LVLM's in-context check (icdrl icl-check --help)")
-    p = sub.add_parser("power", help="test queries and seeds that would resolve DELTA points, from a finished run")
-    p.add_argument("results_dir", help="a results folder (e.g. results/) holding evaluation records")
-    p.add_argument("--delta", type=float, default=1.0, help="effect to resolve, in accuracy points (default 1)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per comparison (default 2000)")
+    sub.add_parser(
+        "icl-check", help="the embedded LVLM's in-context check (icdrl icl-check --help)"
+    )
+    p = sub.add_parser(
+        "power", help="test queries and seeds that would resolve DELTA points, from a finished run"
+    )
+    p.add_argument(
+        "results_dir", help="a results folder (e.g. results/) holding evaluation records"
+    )
+    p.add_argument(
+        "--delta", type=float, default=1.0, help="effect to resolve, in accuracy points (default 1)"
+    )
+    p.add_argument(
+        "--n-boot", type=int, default=2000, help="bootstrap resamples per comparison (default 2000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--alpha", type=float, default=0.05, help="two-sided test level (default 0.05)")
     p.add_argument("--power", type=float, default=0.8, help="power (default 0.8)")
-    p.add_argument("--config", help="the run's config: adds its experiments' comparisons to the plan")
+    p.add_argument(
+        "--config", help="the run's config: adds its experiments' comparisons to the plan"
+    )
     args = parser.parse_args(argv)
     return {"validate": _validate, "grid": _grid, "power": _power}[args.command](args)
 

@@ -116,7 +116,7 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) ->
     schema = load_schema() if schema is None else schema
     lvlm = config.get("embedded_lvlm")
     if isinstance(lvlm, Mapping):
-        from icdrl.lvlm.embedded import REMOVED_KEYS  # noqa: PLC0415 (light: no torch at import)
+        from icdrl.lvlm.embedded import REMOVED_KEYS
 
         for k in sorted(set(lvlm) & set(REMOVED_KEYS)):
             raise ConfigError(f"config key embedded_lvlm.{k}: {REMOVED_KEYS[k]}")
@@ -127,7 +127,7 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | None = None) ->
     errors = list(validator.iter_errors(config))
     if errors:
         raise ConfigError(_message(_deepest(errors)))
-    from icdrl.grid import canonical_shots  # noqa: PLC0415 (light; avoids an import cycle at module load)
+    from icdrl.grid import canonical_shots
 
     # one spelling of a list that enters result paths: [2, 1, 1] is [1, 2]
     config["evaluation"]["shots"] = canonical_shots(config["evaluation"]["shots"])
@@ -175,8 +175,9 @@ def _sets(doc: Any, parts: Sequence[str | int]) -> bool:
     return True
 
 
-def name_sources(message: str, files: Sequence[str | os.PathLike],
-                 cli: Mapping[str, Any] | None = None) -> str:
+def name_sources(
+    message: str, files: Sequence[str | os.PathLike], cli: Mapping[str, Any] | None = None
+) -> str:
     """``message`` (a one-line config error) with the config file(s) it is about appended:
     ``(set in b.yaml)`` where one or more of ``files`` (or ``--config``, ``cli``) sets the key the
     message names, else ``(config file(s): a.yaml, b.yaml)``. Errors about the reference implementation's
@@ -208,36 +209,54 @@ def name_sources(message: str, files: Sequence[str | os.PathLike],
 def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> None:
     """Checks JSON schema cannot express compactly."""
     model, emb = config["model"], config["embeddings"]
-    from icdrl.lvlm import check_model_cfg  # noqa: PLC0415 (light: no torch)
+    from icdrl.lvlm import check_model_cfg
 
     try:
         check_model_cfg(model)
     except ValueError as e:
         raise ConfigError(f"config key {e}") from None
     if model["kind"] == "hf" and not model.get("path"):
-        raise ConfigError("config key model.path: required when model.kind is hf (a local model folder)")
+        raise ConfigError(
+            "config key model.path: required when model.kind is hf (a local model folder)"
+        )
     if model["kind"] == "embedded" and model.get("path"):
-        raise ConfigError("config key model.path: must be null when model.kind is embedded (the workflow trains it)")
+        raise ConfigError(
+            "config key model.path: must be null when model.kind is embedded (the workflow trains it)"
+        )
     if emb["encoder"] == "clip" and not emb.get("clip_path"):
-        raise ConfigError("config key embeddings.clip_path: required when embeddings.encoder is clip")
+        raise ConfigError(
+            "config key embeddings.clip_path: required when embeddings.encoder is clip"
+        )
     if config["dataset"]["name"] == "vqa":
         for split in ("train", "eval"):
             for k in ("questions", "annotations", "images"):
                 if not config["dataset"].get(split, {}).get(k):
-                    raise ConfigError(f"config key dataset.{split}.{k}: required when dataset.name is vqa")
+                    raise ConfigError(
+                        f"config key dataset.{split}.{k}: required when dataset.name is vqa"
+                    )
     cand, pools = config["candidates"], config["pools"]
     if cand["depth"] > pools["size"]:
-        raise ConfigError(f"config key candidates.depth: {cand['depth']} exceeds the pool size pools.size={pools['size']}")
+        raise ConfigError(
+            f"config key candidates.depth: {cand['depth']} exceeds the pool size pools.size={pools['size']}"
+        )
     if max(config["evaluation"]["shots"]) > pools["size"]:
-        raise ConfigError(f"config key evaluation.shots: {max(config['evaluation']['shots'])} exceeds pools.size={pools['size']}")
+        raise ConfigError(
+            f"config key evaluation.shots: {max(config['evaluation']['shots'])} exceeds pools.size={pools['size']}"
+        )
     if cand["shards"] > pools["n_anchors"]:
-        raise ConfigError(f"config key candidates.shards: {cand['shards']} shards for only {pools['n_anchors']} anchors")
+        raise ConfigError(
+            f"config key candidates.shards: {cand['shards']} shards for only {pools['n_anchors']} anchors"
+        )
     for m in config["evaluation"].get("ablate") or ():
         if m == "per_shot" and not pools.get("n_val"):
-            raise ConfigError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+            raise ConfigError(
+                "config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)"
+            )
         if m.startswith("rices") and m not in config["evaluation"].get("rices", ()):
-            raise ConfigError(f"config key evaluation.ablate: {m} is not evaluated (add it to evaluation.rices)")
-    from icdrl.grid import cells  # noqa: PLC0415 (light; avoids an import cycle at module load)
+            raise ConfigError(
+                f"config key evaluation.ablate: {m} is not evaluated (add it to evaluation.rices)"
+            )
+    from icdrl.grid import cells
 
     try:
         cells(config)
@@ -246,7 +265,9 @@ def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None
     _check_experiment_train_levels(config, schema)
 
 
-def _check_experiment_train_levels(config: Mapping[str, Any], schema: Mapping[str, Any] | None) -> None:
+def _check_experiment_train_levels(
+    config: Mapping[str, Any], schema: Mapping[str, Any] | None
+) -> None:
     """Every level of an experiment's ``train:`` axis is a valid ``train.v3`` value of that knob."""
     schema = load_schema() if schema is None else schema
     v3_props = schema["properties"]["train"]["properties"]["v3"]["properties"]
@@ -256,11 +277,16 @@ def _check_experiment_train_levels(config: Mapping[str, Any], schema: Mapping[st
             for i, v in enumerate(levels):
                 errors = list(sub.iter_errors(v))
                 if errors:
-                    raise ConfigError(f"config key grid.experiments.{name}.train.{knob}[{i}]: {errors[0].message}")
+                    raise ConfigError(
+                        f"config key grid.experiments.{name}.train.{knob}[{i}]: {errors[0].message}"
+                    )
 
 
-def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None,
-                environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | os.PathLike,
+    schema: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Read a YAML config, apply env-var overrides (``environ``, default none) and validate."""
     path = Path(path)
     if not path.is_file():
@@ -269,7 +295,9 @@ def load_config(path: str | os.PathLike, schema: Mapping[str, Any] | None = None
         try:
             config = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(
+                f"config file {path}: not valid YAML ({str(e).splitlines()[0]})"
+            ) from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     try:
@@ -326,8 +354,9 @@ def _replace_pairs(pairs: list, index: int, value: float) -> list:
     return out
 
 
-def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
-                        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def apply_env_overrides(
+    config: dict[str, Any], environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """A copy of ``config`` with the reference implementation's env vars applied to the grid.
 
     ``overrides`` (default: :func:`env_overrides` of ``environ``) maps ``reward_mode``,
@@ -348,17 +377,23 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
         rewards["beta"] = float(ov["beta"])
     for i, block in enumerate(blocks):
         top = i == 0
-        if "reward_mode" in ov and (block.get("reward_modes") or (top and not grid.get("experiments"))):
+        if "reward_mode" in ov and (
+            block.get("reward_modes") or (top and not grid.get("experiments"))
+        ):
             block["reward_modes"] = [ov["reward_mode"]]
         if "use_rank" in ov and ("use_rank" in block or top):
             block["use_rank"] = [bool(ov["use_rank"])]
         for knob, idx in (("hard_weight", 0), ("soft_weight", 1)):
             if knob in ov and ("weights" in block or top):
-                block["weights"] = _replace_pairs(block.get("weights") or [[1.0, 1.0]], idx, float(ov[knob]))
+                block["weights"] = _replace_pairs(
+                    block.get("weights") or [[1.0, 1.0]], idx, float(ov[knob])
+                )
         for knob, idx in (("alpha", 0), ("beta", 1)):
             if knob in ov and ("alpha_beta" in block or top):
                 default = [[rewards.get("alpha", 1.0), rewards.get("beta", 0.0)]]
-                block["alpha_beta"] = _replace_pairs(block.get("alpha_beta") or default, idx, float(ov[knob]))
+                block["alpha_beta"] = _replace_pairs(
+                    block.get("alpha_beta") or default, idx, float(ov[knob])
+                )
         for knob in ("hard_weight", "soft_weight", "alpha", "beta"):
             if knob in ov and knob in block:  # an experiment's own list of that knob
                 block[knob] = [float(ov[knob])]
@@ -369,7 +404,7 @@ def apply_env_overrides(config: dict[str, Any], environ: Mapping[str, str],
 def _pin_contrasts(config: dict[str, Any]) -> dict[str, Any]:
     """Write every experiment's contrast and reference into its block (as the unrestricted grid
     resolves them), so that restricting an axis cannot change what an experiment compares."""
-    from icdrl.grid import experiments  # noqa: PLC0415
+    from icdrl.grid import experiments
 
     pinned = {}
     try:
@@ -387,7 +422,7 @@ def _pin_contrasts(config: dict[str, Any]) -> dict[str, Any]:
 def _unpin_lost_references(config: dict[str, Any], pinned: Mapping[str, Any]) -> None:
     """A restricted experiment whose reference level was removed compares its remaining levels
     with the first of them (the report says which)."""
-    from icdrl.grid import experiment  # noqa: PLC0415
+    from icdrl.grid import experiment
 
     for name in pinned:
         block = config["grid"]["experiments"][name]
@@ -398,8 +433,9 @@ def _unpin_lost_references(config: dict[str, Any], pinned: Mapping[str, Any]) ->
                 block.pop("reference")
 
 
-def prepare(config: dict[str, Any], environ: Mapping[str, str],
-            schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prepare(
+    config: dict[str, Any], environ: Mapping[str, str], schema: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Validate ``config`` and apply the env overrides, *in place* (the Snakefile's global
     ``config`` stays the same object); return the overrides applied (empty if none)."""
     validate(config, schema)
@@ -413,7 +449,9 @@ def prepare(config: dict[str, Any], environ: Mapping[str, str],
 
 def describe_overrides(overrides: Mapping[str, Any]) -> str:
     """One line saying which env vars changed the grid (printed by the Snakefile)."""
-    return "icdrl: env overrides applied to the grid: " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    return "icdrl: env overrides applied to the grid: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(overrides.items())
+    )
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -424,7 +462,9 @@ def _check_model_folder(key: str, path: str | None) -> None:
     if p is None or not p.is_dir():
         raise ConfigError(f"config key {key}: model folder {path} not found")
     if not (p / "config.json").is_file():
-        raise ConfigError(f"config key {key}: {path} holds no config.json (not a Hugging Face model folder)")
+        raise ConfigError(
+            f"config key {key}: {path} holds no config.json (not a Hugging Face model folder)"
+        )
 
 
 def check_inputs(config: Mapping[str, Any]) -> None:
@@ -433,7 +473,7 @@ def check_inputs(config: Mapping[str, Any]) -> None:
 
     Run before the first job (the Snakefile's ``onstart``), never in a dry run.
     """
-    from icdrl.checks import check_data  # noqa: PLC0415
+    from icdrl.checks import check_data
 
     check_data(config)  # both splits load; sizes fit the data; images are whole (icdrl.checks)
     if config["model"]["kind"] == "hf":

@@ -93,7 +93,7 @@ def load_image(path: str):
     try:
         with Image.open(p) as im:
             return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DatasetError(f"image {p}: cannot be decoded ({first})") from None
 
@@ -145,7 +145,9 @@ def easyvqa_root() -> Path:
     try:
         import easy_vqa
     except ImportError as e:  # pragma: no cover - declared dependency
-        raise DatasetError("dataset.name: easyvqa needs the easy-vqa package (pip install easy-vqa)") from e
+        raise DatasetError(
+            "dataset.name: easyvqa needs the easy-vqa package (pip install easy-vqa)"
+        ) from e
     return Path(easy_vqa.__file__).parent / "data"
 
 
@@ -159,7 +161,9 @@ def _read_json(path: Path, key: str):
         raise DatasetError(f"{key}: {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def load_easyvqa(split: str, root: str | Path | None = None, *, key: str = "dataset") -> list[Example]:
+def load_easyvqa(
+    split: str, root: str | Path | None = None, *, key: str = "dataset"
+) -> list[Example]:
     """easy-VQA questions of ``split`` (``train`` or ``test``); ids are indices in the split.
 
     ``Example.image_id`` is ``"<split>/<image number>"`` (train and test images are different
@@ -182,10 +186,14 @@ def load_easyvqa(split: str, root: str | Path | None = None, *, key: str = "data
     out: list[Example] = []
     for i, row in enumerate(rows):
         if not (isinstance(row, list) and len(row) == 3):
-            raise DatasetError(f"{key}.root: {qpath}: entry {i} is not [question, answer, image_id]")
+            raise DatasetError(
+                f"{key}.root: {qpath}: entry {i} is not [question, answer, image_id]"
+            )
         q, a, img = row
         if not isinstance(q, str) or not q.strip():
-            raise DatasetError(f"{key}.root: {qpath}: entry {i} (question id {i}) has no question text")
+            raise DatasetError(
+                f"{key}.root: {qpath}: entry {i} (question id {i}) has no question text"
+            )
         if not isinstance(a, str) or not a.strip():
             raise DatasetError(f"{key}.root: {qpath}: entry {i} (question id {i}) has no answer")
         if not isinstance(img, int):
@@ -243,7 +251,9 @@ def load_vqa(
     """
     key = key or f"dataset.{split_name}"
     if empty_answers not in EMPTY_ANSWERS:
-        raise DatasetError(f"{key}.empty_answers: must be one of {', '.join(EMPTY_ANSWERS)}, got {empty_answers!r}")
+        raise DatasetError(
+            f"{key}.empty_answers: must be one of {', '.join(EMPTY_ANSWERS)}, got {empty_answers!r}"
+        )
     qpath, apath, ipath = Path(questions), Path(annotations), Path(images)
     qdoc = _read_json(qpath, f"{key}.questions")
     adoc = _read_json(apath, f"{key}.annotations")
@@ -269,7 +279,9 @@ def load_vqa(
     out: list[Example] = []
     seen: set[int] = set()
     present: dict[str, set[str]] = {}
-    partly_empty: list[tuple[int, int]] = []  # (question_id, empty answers) of questions with some empty
+    partly_empty: list[
+        tuple[int, int]
+    ] = []  # (question_id, empty answers) of questions with some empty
     for i, q in enumerate(qs):
         where = f"{key}.questions: {qpath}: question {i}"
         qid = _field(q, "question_id", int, where)
@@ -278,7 +290,9 @@ def load_vqa(
         if qid in seen:
             raise DatasetError(f"{where}: duplicate question_id {qid}")
         if not text.strip():
-            raise DatasetError(f"{key}.questions: {qpath}: question_id {qid}: the question text is empty")
+            raise DatasetError(
+                f"{key}.questions: {qpath}: question_id {qid}: the question text is empty"
+            )
         seen.add(qid)
         if qid not in by_qid:
             raise DatasetError(f"{key}.annotations: {apath}: no annotation for question_id {qid}")
@@ -286,9 +300,13 @@ def load_vqa(
         awhere = f"{key}.annotations: {apath}: question_id {qid}"
         a_img = _field(ann, "image_id", int, awhere)
         if a_img != img:
-            raise DatasetError(f"{awhere}: image_id {a_img} differs from the questions file's {img}")
+            raise DatasetError(
+                f"{awhere}: image_id {a_img} differs from the questions file's {img}"
+            )
         raw = _field(ann, "answers", list, awhere)
-        answers = tuple(_field(a, "answer", str, f"{awhere}: answer {k}") for k, a in enumerate(raw))
+        answers = tuple(
+            _field(a, "answer", str, f"{awhere}: answer {k}") for k, a in enumerate(raw)
+        )
         if not answers:
             raise DatasetError(f"{awhere}: field 'answers' is empty")
         n_empty = sum(1 for a in answers if not a.strip())
@@ -296,7 +314,9 @@ def load_vqa(
             raise DatasetError(f"{awhere}: every annotator answer is empty ({n_empty})")
         if n_empty:
             partly_empty.append((qid, n_empty))
-            answers = tuple(a for a in answers if a.strip())  # kept only where empty_answers is drop
+            answers = tuple(
+                a for a in answers if a.strip()
+            )  # kept only where empty_answers is drop
         name = f"{image_prefix}{img:012d}.jpg"
         folder = str(ipath)
         if folder not in present:
@@ -322,9 +342,18 @@ def load_vqa(
                 f"({_n(len(partly_empty), 'question')} of this file {'has' if len(partly_empty) == 1 else 'have'} "
                 f"{_n(n_ans, 'empty answer')}; the official evaluator "
                 f"would let an answer that normalises to nothing match them: set {key}.empty_answers: drop to "
-                f"drop them)")
-        log.warning("%s.annotations: %s: dropped %d empty annotator answers of %d questions (e.g. question_id %d; "
-                    "%s.empty_answers: drop)", key, apath, n_ans, len(partly_empty), partly_empty[0][0], key)
+                f"drop them)"
+            )
+        log.warning(
+            "%s.annotations: %s: dropped %d empty annotator answers of %d questions (e.g. question_id %d; "
+            "%s.empty_answers: drop)",
+            key,
+            apath,
+            n_ans,
+            len(partly_empty),
+            partly_empty[0][0],
+            key,
+        )
     return out
 
 
@@ -336,23 +365,37 @@ def _n(n: int, noun: str) -> str:
 # config entry points
 # --------------------------------------------------------------------------------------------
 
-_VQA_SPLIT_KEYS = {"questions", "annotations", "images", "image_prefix", "subset", "subset_seed", "empty_answers"}
+_VQA_SPLIT_KEYS = {
+    "questions",
+    "annotations",
+    "images",
+    "image_prefix",
+    "subset",
+    "subset_seed",
+    "empty_answers",
+}
 _EASY_SPLIT_KEYS = {"subset", "subset_seed"}
 
 
-def _split_section(dataset_cfg: dict, split: str, allowed: set[str], required: tuple[str, ...]) -> dict:
+def _split_section(
+    dataset_cfg: dict, split: str, allowed: set[str], required: tuple[str, ...]
+) -> dict:
     sec = dataset_cfg.get(split) or {}
     if not isinstance(sec, dict):
         raise DatasetError(f"dataset.{split}: must be a mapping, got {type(sec).__name__}")
     unknown = sorted(set(sec) - allowed)
     if unknown:
-        raise DatasetError(f"dataset.{split}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+        raise DatasetError(
+            f"dataset.{split}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})"
+        )
     for k in required:
         if sec.get(k) in (None, ""):
             raise DatasetError(f"dataset.{split}.{k}: missing (path required)")
     n = sec.get("subset")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-        raise DatasetError(f"dataset.{split}.subset: must be a non-negative integer or null, got {n!r}")
+        raise DatasetError(
+            f"dataset.{split}.subset: must be a non-negative integer or null, got {n!r}"
+        )
     s = sec.get("subset_seed", 0)
     if not isinstance(s, int) or isinstance(s, bool):
         raise DatasetError(f"dataset.{split}.subset_seed: must be an integer, got {s!r}")
@@ -371,12 +414,16 @@ def load_dataset(dataset_cfg: dict, split: str) -> list[Example]:
         if unknown:
             raise DatasetError(f"dataset.{unknown[0]}: unknown key for easyvqa")
         sec = _split_section(dataset_cfg, split, _EASY_SPLIT_KEYS, ())
-        examples = load_easyvqa("train" if split == "train" else "test", dataset_cfg.get("root"), key="dataset")
+        examples = load_easyvqa(
+            "train" if split == "train" else "test", dataset_cfg.get("root"), key="dataset"
+        )
     elif name == "vqa":
         unknown = sorted(set(dataset_cfg) - {"name", "label", "train", "eval"})
         if unknown:
             raise DatasetError(f"dataset.{unknown[0]}: unknown key for vqa")
-        sec = _split_section(dataset_cfg, split, _VQA_SPLIT_KEYS, ("questions", "annotations", "images"))
+        sec = _split_section(
+            dataset_cfg, split, _VQA_SPLIT_KEYS, ("questions", "annotations", "images")
+        )
         examples = load_vqa(
             sec["questions"],
             sec["annotations"],

@@ -75,7 +75,9 @@ class EmbeddingTable:
             if a is None:
                 continue
             if a.ndim != 2 or a.shape[0] != len(self.ids):
-                raise ValueError(f"{self.path}: {name} has shape {a.shape}, expected [{len(self.ids)}, d]")
+                raise ValueError(
+                    f"{self.path}: {name} has shape {a.shape}, expected [{len(self.ids)}, d]"
+                )
             if not np.isfinite(a).all():
                 raise ValueError(f"{self.path}: {name} holds non-finite values")
 
@@ -114,7 +116,9 @@ class EmbeddingTable:
         try:
             return self._rows[int(ex_id)]
         except KeyError:
-            raise KeyError(f"{self.path}: {what + ' ' if what else ''}id {ex_id} has no embedding") from None
+            raise KeyError(
+                f"{self.path}: {what + ' ' if what else ''}id {ex_id} has no embedding"
+            ) from None
 
     def rows(self, ids: Sequence[int], what: str = "") -> np.ndarray:
         return np.array([self.row(i, what) for i in ids], dtype=np.int64)
@@ -152,10 +156,14 @@ class EmbeddingTable:
         return self._array(kind)[self.row(ex_id)]
 
 
-def save_embeddings(path: str | os.PathLike, ids: Sequence[int], img: np.ndarray, txt: np.ndarray) -> EmbeddingTable:
+def save_embeddings(
+    path: str | os.PathLike, ids: Sequence[int], img: np.ndarray, txt: np.ndarray
+) -> EmbeddingTable:
     """Write ``ids, img, txt, emb`` atomically (rows normalised here); returns the table."""
     img, txt = l2_normalize(img), l2_normalize(txt)
-    table = EmbeddingTable(ids=np.asarray(ids, dtype=np.int64), emb=combine(img, txt), img=img, txt=txt, path=str(path))
+    table = EmbeddingTable(
+        ids=np.asarray(ids, dtype=np.int64), emb=combine(img, txt), img=img, txt=txt, path=str(path)
+    )
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, ids=table.ids, emb=table.emb, img=table.img, txt=table.txt)
@@ -183,10 +191,17 @@ def _batches(n: int, size: int):
 def _torch_dtype(name: str | None):
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: torch.float32}[name]
+    return {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        None: torch.float32,
+    }[name]
 
 
-def encode_clip(examples: Sequence[Example], clip_path: str, *, batch_size: int = 64, device: str = "cpu"):
+def encode_clip(
+    examples: Sequence[Example], clip_path: str, *, batch_size: int = 64, device: str = "cpu"
+):
     """(img, txt) CLIP features of every example's image and question, float32 [N, d] each."""
     import torch
     from transformers import AutoTokenizer, CLIPModel
@@ -202,20 +217,36 @@ def encode_clip(examples: Sequence[Example], clip_path: str, *, batch_size: int 
     img_feats, txt_feats = [], []
     with torch.inference_mode():
         for sl in _batches(len(paths), batch_size):
-            px = image_proc(images=[load_image(p) for p in paths[sl]], return_tensors="pt")["pixel_values"]
+            px = image_proc(images=[load_image(p) for p in paths[sl]], return_tensors="pt")[
+                "pixel_values"
+            ]
             out = model.get_image_features(pixel_values=px.to(device))
             img_feats.append(out.pooler_output.float().cpu().numpy())
         questions = [ex.question for ex in examples]
         for sl in _batches(len(questions), batch_size):
-            enc = tok(questions[sl], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            out = model.get_text_features(input_ids=enc["input_ids"].to(device),
-                                          attention_mask=enc["attention_mask"].to(device))
+            enc = tok(
+                questions[sl],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
+            out = model.get_text_features(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+            )
             txt_feats.append(out.pooler_output.float().cpu().numpy())
     return np.concatenate(img_feats)[which], np.concatenate(txt_feats)
 
 
-def encode_lvlm(examples: Sequence[Example], model_path: str, *, batch_size: int = 64, device: str = "cpu",
-                dtype: str | None = "float32"):
+def encode_lvlm(
+    examples: Sequence[Example],
+    model_path: str,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: str | None = "float32",
+):
     """(img, txt) from a Qwen2.5-VL checkpoint: mean merged vision tokens, mean question-token embeddings."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -226,26 +257,43 @@ def encode_lvlm(examples: Sequence[Example], model_path: str, *, batch_size: int
     if not model_path or not Path(model_path).is_dir():
         raise FileNotFoundError(f"model path {model_path!r} is not a checkpoint folder")
     proc = load_processor(model_path)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(dtype)).to(device).eval()
+    model = (
+        AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(dtype))
+        .to(device)
+        .eval()
+    )
     paths, which = _unique_images(examples)
     img_feats, txt_feats = [], []
     embed = model.get_input_embeddings()
     with torch.inference_mode(), batched_segments(model):
         for sl in _batches(len(paths), batch_size):
-            enc = proc.image_processor(images=[load_image(p) for p in paths[sl]], return_tensors="pt")
-            out = model.get_image_features(enc["pixel_values"].to(device), enc["image_grid_thw"].to(device))
+            enc = proc.image_processor(
+                images=[load_image(p) for p in paths[sl]], return_tensors="pt"
+            )
+            out = model.get_image_features(
+                enc["pixel_values"].to(device), enc["image_grid_thw"].to(device)
+            )
             img_feats += [t.float().mean(0).cpu().numpy() for t in out.pooler_output]
         questions = [ex.question for ex in examples]
         for sl in _batches(len(questions), batch_size):
-            enc = proc.tokenizer(questions[sl], padding=True, add_special_tokens=False, return_tensors="pt")
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device).unsqueeze(-1).float()
+            enc = proc.tokenizer(
+                questions[sl], padding=True, add_special_tokens=False, return_tensors="pt"
+            )
+            ids, mask = (
+                enc["input_ids"].to(device),
+                enc["attention_mask"].to(device).unsqueeze(-1).float(),
+            )
             e = embed(ids).float()
             txt_feats.append(((e * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu().numpy())
     return np.stack(img_feats)[which], np.concatenate(txt_feats)
 
 
-def compute_embeddings(examples: Sequence[Example], emb_cfg: dict, model_cfg: dict | None = None,
-                       model_path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def compute_embeddings(
+    examples: Sequence[Example],
+    emb_cfg: dict,
+    model_cfg: dict | None = None,
+    model_path: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(img, txt) raw features of ``examples`` with the encoder named in ``emb_cfg``."""
     encoder = emb_cfg.get("encoder", "lvlm")
     batch_size = int(emb_cfg.get("batch_size", 64))
@@ -254,18 +302,30 @@ def compute_embeddings(examples: Sequence[Example], emb_cfg: dict, model_cfg: di
     if encoder == "clip":
         return encode_clip(examples, emb_cfg.get("clip_path"), batch_size=batch_size, device=device)
     if encoder == "lvlm":
-        return encode_lvlm(examples, model_path or model_cfg.get("path"), batch_size=batch_size, device=device,
-                           dtype=model_cfg.get("dtype", "float32"))
+        return encode_lvlm(
+            examples,
+            model_path or model_cfg.get("path"),
+            batch_size=batch_size,
+            device=device,
+            dtype=model_cfg.get("dtype", "float32"),
+        )
     raise ValueError(f"embeddings.encoder must be one of {ENCODERS}, got {encoder!r}")
 
 
-def embed_split(dataset_cfg: dict, split: str, emb_cfg: dict, model_cfg: dict, model_path, out_path) -> None:
+def embed_split(
+    dataset_cfg: dict, split: str, emb_cfg: dict, model_cfg: dict, model_path, out_path
+) -> None:
     """Embed every example of ``split`` and write the ``.npz`` (``ids, img, txt, emb``)."""
     from icdrl.data import load_dataset
 
     examples = load_dataset(dataset_cfg, split)
     if not examples:
         raise ValueError(f"dataset split {split!r} is empty")
-    log.info("embedding %d %s examples with encoder %s", len(examples), split, emb_cfg.get("encoder", "lvlm"))
+    log.info(
+        "embedding %d %s examples with encoder %s",
+        len(examples),
+        split,
+        emb_cfg.get("encoder", "lvlm"),
+    )
     img, txt = compute_embeddings(examples, emb_cfg, model_cfg, model_path)
     save_embeddings(out_path, [ex.id for ex in examples], img, txt)

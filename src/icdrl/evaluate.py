@@ -135,7 +135,9 @@ def plan_method(
             elif method == "similarity":
                 pos = similarity_positions(query_vecs[i], pool_vecs[i], k)
             else:
-                pos = prompt_sequence(select_for_query(selector, query_vecs[i], pool_vecs[i], k), order, insert)
+                pos = prompt_sequence(
+                    select_for_query(selector, query_vecs[i], pool_vecs[i], k), order, insert
+                )
             jobs.append((r.query_id, k, pos))
     return jobs
 
@@ -154,7 +156,9 @@ class Job:
 
     query_id: int
     k: int
-    icd_pos: tuple[int, ...]  # positions in the query's pool (empty where not chosen from a pool: RICES)
+    icd_pos: tuple[
+        int, ...
+    ]  # positions in the query's pool (empty where not chosen from a pool: RICES)
     icd_ids: tuple[int, ...]
     cell: str | None = None
     seed: int | None = None
@@ -189,13 +193,25 @@ def method_label(method: str, cell: str | None) -> str:
     return method if not cell else f"{method} {cell}"
 
 
-def check_jobs(method: str, jobs: Sequence[Job], queries: dict[int, Example], train: dict[int, Example],
-               where: str, *, exclude_same_image: bool = False) -> None:
+def check_jobs(
+    method: str,
+    jobs: Sequence[Job],
+    queries: dict[int, Example],
+    train: dict[int, Example],
+    where: str,
+    *,
+    exclude_same_image: bool = False,
+) -> None:
     """:func:`icdrl.integrity.check_icds` on every job before the LVLM answers any (docs/science.md §8)."""
     for j in jobs:
         w = f"{where} (query {j.query_id})"
-        check_icds(method_label(method, j.cell), lookup(queries, [j.query_id], w)[0], j.k,
-                   lookup(train, j.icd_ids, w), exclude_same_image=exclude_same_image)
+        check_icds(
+            method_label(method, j.cell),
+            lookup(queries, [j.query_id], w)[0],
+            j.k,
+            lookup(train, j.icd_ids, w),
+            exclude_same_image=exclude_same_image,
+        )
 
 
 def eval_metric(eval_cfg: dict) -> str:
@@ -205,7 +221,9 @@ def eval_metric(eval_cfg: dict) -> str:
 
     metric = eval_cfg.get("metric", "official")
     if metric not in METRICS:
-        raise ValueError(f"evaluation metric (scoring.metric) must be one of {METRICS}, got {metric!r}")
+        raise ValueError(
+            f"evaluation metric (scoring.metric) must be one of {METRICS}, got {metric!r}"
+        )
     return metric
 
 
@@ -233,8 +251,15 @@ def answer_jobs(
     from icdrl.metrics import vqa_accuracy
 
     metric = eval_metric(eval_cfg)
-    fp = fingerprint({**fp_inputs, "method": method, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
-                      "jobs": [dataclasses.astuple(j) for j in jobs]})
+    fp = fingerprint(
+        {
+            **fp_inputs,
+            "method": method,
+            "metric": metric,
+            "model": model_fingerprint(model_cfg, model_path),
+            "jobs": [dataclasses.astuple(j) for j in jobs],
+        }
+    )
     partial = PartialJsonl(out_path, EvalRecord.SCHEMA, fp)
     done = partial.load()
 
@@ -242,7 +267,13 @@ def answer_jobs(
         return (method, j.cell, j.seed, j.k, j.query_id)
 
     todo = [j for j in jobs if key(j) not in done]
-    log.info("%s: %d answers, %d finished earlier, %d to do", out_path, len(jobs), len(jobs) - len(todo), len(todo))
+    log.info(
+        "%s: %d answers, %d finished earlier, %d to do",
+        out_path,
+        len(jobs),
+        len(jobs) - len(todo),
+        len(todo),
+    )
     if todo and backend is None:
         from icdrl.lvlm import load_backend
 
@@ -250,36 +281,62 @@ def answer_jobs(
     chunk = int(eval_cfg.get("chunk_prompts", 4 * int(model_cfg.get("batch_size", 32))))
     # identical prompts (zero-shot at every k) are answered once, also across a resume
     answered: dict[tuple[int, tuple[int, ...]], Generation] = {
-        (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"]) for d in done.values()
+        (d["query_id"], tuple(d["icd_ids"])): Generation(d["prediction_raw"], d["prediction"])
+        for d in done.values()
     }
     try:
         for part in chunks_by_query(todo, chunk):
             t0 = time.perf_counter()
-            need = list(dict.fromkeys((j.query_id, j.icd_ids) for j in part if (j.query_id, j.icd_ids) not in answered))
+            need = list(
+                dict.fromkeys(
+                    (j.query_id, j.icd_ids) for j in part if (j.query_id, j.icd_ids) not in answered
+                )
+            )
             prompts = []
             for q, ids in need:
                 w = f"{where} (query {q})"
                 demos = lookup(train, ids, w)
-                prompts.append(([demo_view(d) for d in demos] if demo_view else demos, lookup(queries, [q], w)[0]))
+                prompts.append(
+                    (
+                        [demo_view(d) for d in demos] if demo_view else demos,
+                        lookup(queries, [q], w)[0],
+                    )
+                )
             gens = backend.generate(prompts) if prompts else []
             if len(gens) != len(prompts):
-                raise RuntimeError(f"backend returned {len(gens)} generations for {len(prompts)} prompts")
+                raise RuntimeError(
+                    f"backend returned {len(gens)} generations for {len(prompts)} prompts"
+                )
             answered.update(zip(need, gens))
             recs = []
             for j in part:
                 g = answered[(j.query_id, j.icd_ids)]
                 rec = EvalRecord(
-                    method=method, cell=j.cell, seed=j.seed, k=j.k, query_id=j.query_id, icd_ids=j.icd_ids,
-                    icd_pos=j.icd_pos, prediction_raw=g.raw, prediction=g.answer,
-                    acc=float(vqa_accuracy(g.answer, queries[j.query_id].answers, metric)), spec=j.spec,
+                    method=method,
+                    cell=j.cell,
+                    seed=j.seed,
+                    k=j.k,
+                    query_id=j.query_id,
+                    icd_ids=j.icd_ids,
+                    icd_pos=j.icd_pos,
+                    prediction_raw=g.raw,
+                    prediction=g.answer,
+                    acc=float(vqa_accuracy(g.answer, queries[j.query_id].answers, metric)),
+                    spec=j.spec,
                     image_id=queries[j.query_id].image_id or None,
                 )
                 d = rec.to_dict()
                 done[key(j)] = d
                 recs.append(d)
             partial.append(recs)
-            log.info("%d answers (%d generated) in %.2f s (%d/%d)", len(part), len(prompts),
-                     time.perf_counter() - t0, len(done), len(jobs))
+            log.info(
+                "%d answers (%d generated) in %.2f s (%d/%d)",
+                len(part),
+                len(prompts),
+                time.perf_counter() - t0,
+                len(done),
+                len(jobs),
+            )
     finally:
         partial.close()
     final = [done[key(j)] for j in jobs]
@@ -316,7 +373,9 @@ def evaluate_method(
     from icdrl.embeddings import EmbeddingTable
 
     if method not in LVLM_METHODS:
-        raise ValueError(f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}")
+        raise ValueError(
+            f"method must be one of {LVLM_METHODS} (per_shot: select_per_shot), got {method!r}"
+        )
     if method == "v3" and cell is None:
         raise ValueError("method 'v3' needs its grid cell (slug and knobs)")
     eval_metric(eval_cfg)
@@ -338,9 +397,15 @@ def evaluate_method(
         qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
         where = f"{test_pools_path} (RICES)"
         qs = lookup(queries, [r.query_id for r in pools], where)
-        plan = plan_rices(method, qs, train_list, qt.vectors([q.id for q in qs], kind),
-                          tt.vectors([ex.id for ex in train_list], kind), shots,
-                          exclude_same_image=exclude_same_image)
+        plan = plan_rices(
+            method,
+            qs,
+            train_list,
+            qt.vectors([q.id for q in qs], kind),
+            tt.vectors([ex.id for ex in train_list], kind),
+            shots,
+            exclude_same_image=exclude_same_image,
+        )
         jobs = [Job(q, k, (), ids, slug, seed, spec) for q, k, ids in plan]
     else:
         selector = None
@@ -356,22 +421,57 @@ def evaluate_method(
 
             selector = PointerSelector.load(selector_ckpt)
             ckpt_digest = _file_digest(selector_ckpt)
-        plan = plan_method(method, pools, shots, seed=seed, query_vecs=query_vecs, pool_vecs=pool_vecs,
-                           selector=selector)
-        jobs = [Job(q, k, tuple(pos), tuple(int(pool_of[q][p]) for p in pos), slug, seed, spec) for q, k, pos in plan]
-    check_jobs(method, jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image)
-    summary = answer_jobs(
-        method, jobs, queries=queries, train=train, model_cfg=model_cfg, model_path=model_path, eval_cfg=eval_cfg,
-        out_path=out_path, where=str(test_pools_path), backend=backend,
-        fp_inputs={"base": {"method": method, "seed": seed, "cell": slug, "spec": spec},
-                   "pools": [(r.query_id, r.pool) for r in pools], "ckpt": ckpt_digest},
+        plan = plan_method(
+            method,
+            pools,
+            shots,
+            seed=seed,
+            query_vecs=query_vecs,
+            pool_vecs=pool_vecs,
+            selector=selector,
+        )
+        jobs = [
+            Job(q, k, tuple(pos), tuple(int(pool_of[q][p]) for p in pos), slug, seed, spec)
+            for q, k, pos in plan
+        ]
+    check_jobs(
+        method, jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image
     )
-    log.info("%s accuracy by k: %s", method_label(method, slug), ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
+    summary = answer_jobs(
+        method,
+        jobs,
+        queries=queries,
+        train=train,
+        model_cfg=model_cfg,
+        model_path=model_path,
+        eval_cfg=eval_cfg,
+        out_path=out_path,
+        where=str(test_pools_path),
+        backend=backend,
+        fp_inputs={
+            "base": {"method": method, "seed": seed, "cell": slug, "spec": spec},
+            "pools": [(r.query_id, r.pool) for r in pools],
+            "ckpt": ckpt_digest,
+        },
+    )
+    log.info(
+        "%s accuracy by k: %s",
+        method_label(method, slug),
+        ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()),
+    )
     return summary
 
 
-def write_copy_baseline(dataset_cfg: dict, test_pools_path, eval_emb_path, train_emb_path, eval_cfg: dict, out_path,
-                        *, exclude_same_image: bool = False) -> dict[int, float]:
+def write_copy_baseline(
+    dataset_cfg: dict,
+    test_pools_path,
+    eval_emb_path,
+    train_emb_path,
+    eval_cfg: dict,
+    out_path,
+    *,
+    exclude_same_image: bool = False,
+) -> dict[int, float]:
     """Write the copy baseline's ``icdrl.eval`` records (no LVLM, :func:`icdrl.retrieval.copy_answer`):
     at each k, the most frequent answer among the k ``rices`` demonstrations, scored like every
     method (``icdrl.metrics.vqa_accuracy`` under :func:`eval_metric`). Returns the mean accuracy per k."""
@@ -391,20 +491,42 @@ def write_copy_baseline(dataset_cfg: dict, test_pools_path, eval_emb_path, train
     qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
     where = f"{test_pools_path} (copy)"
     qs = lookup(queries, [r.query_id for r in pools], where)
-    plan = plan_rices(COPY_SOURCE, qs, train_list, qt.vectors([q.id for q in qs], kind),
-                      tt.vectors([ex.id for ex in train_list], kind), shots, exclude_same_image=exclude_same_image)
+    plan = plan_rices(
+        COPY_SOURCE,
+        qs,
+        train_list,
+        qt.vectors([q.id for q in qs], kind),
+        tt.vectors([ex.id for ex in train_list], kind),
+        shots,
+        exclude_same_image=exclude_same_image,
+    )
     jobs = [Job(q, k, (), ids) for q, k, ids in plan]
-    check_jobs("copy", jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image)
+    check_jobs(
+        "copy", jobs, queries, train, str(test_pools_path), exclude_same_image=exclude_same_image
+    )
     recs = []
     for j in jobs:
         ans = copy_answer([train[i].answer for i in j.icd_ids])
-        recs.append(EvalRecord(method="copy", cell=None, seed=None, k=j.k, query_id=j.query_id, icd_ids=j.icd_ids,
-                               icd_pos=(), prediction_raw=ans, prediction=ans,
-                               acc=float(vqa_accuracy(ans, queries[j.query_id].answers, metric)),
-                               image_id=queries[j.query_id].image_id or None))
+        recs.append(
+            EvalRecord(
+                method="copy",
+                cell=None,
+                seed=None,
+                k=j.k,
+                query_id=j.query_id,
+                icd_ids=j.icd_ids,
+                icd_pos=(),
+                prediction_raw=ans,
+                prediction=ans,
+                acc=float(vqa_accuracy(ans, queries[j.query_id].answers, metric)),
+                image_id=queries[j.query_id].image_id or None,
+            )
+        )
     write_records(out_path, recs)
     summary = summarize([r.to_dict() for r in recs])
-    log.info("copy accuracy by k: %s", ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items()))
+    log.info(
+        "copy accuracy by k: %s", ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in summary.items())
+    )
     return summary
 
 
@@ -418,7 +540,9 @@ def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, d
     for path in paths:
         for r in read_records(path, EvalRecord):
             if r.method != "v3":
-                raise ValueError(f"{path}: per_shot chooses among v3 cells; found a {r.method} record")
+                raise ValueError(
+                    f"{path}: per_shot chooses among v3 cells; found a {r.method} record"
+                )
             seeds.add(r.seed)
             acc.setdefault(r.cell, {}).setdefault(r.k, {})[r.query_id] = r.acc
     if len(seeds) > 1:
@@ -426,7 +550,9 @@ def _accuracy_by_cell_and_k(paths: Sequence, what: str) -> dict[str, dict[int, d
     return acc
 
 
-def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int, tuple[str, float]]:
+def choose_per_shot(
+    val_acc: dict[str, dict[int, dict[int, float]]],
+) -> dict[int, tuple[str, float]]:
     """At each k, the cell with the highest mean validation accuracy: ``{k: (cell, val_acc)}``.
 
     Ties go to the first cell in sorted slug order, so the choice does not depend on file order.
@@ -437,7 +563,9 @@ def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int
     for k in shots:
         queries = {c: frozenset(per_k.get(k, {})) for c, per_k in val_acc.items()}
         if len(set(queries.values())) != 1 or not next(iter(queries.values())):
-            raise ValueError(f"per_shot: the v3 cells were not all evaluated on the same validation queries at k={k}")
+            raise ValueError(
+                f"per_shot: the v3 cells were not all evaluated on the same validation queries at k={k}"
+            )
         means = {c: float(np.mean(list(val_acc[c][k].values()))) for c in sorted(val_acc)}
         best = max(means.values())
         cell = next(c for c in sorted(means) if means[c] == best)
@@ -445,7 +573,9 @@ def choose_per_shot(val_acc: dict[str, dict[int, dict[int, float]]]) -> dict[int
     return out
 
 
-def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict[int, tuple[str, float]]:
+def select_per_shot(
+    val_paths: Sequence, test_paths: Sequence, out_path
+) -> dict[int, tuple[str, float]]:
     """Write the ``per_shot`` method's test records (docs/science.md §8): at each k, the test records of the
     v3 cell best on the validation queries (:func:`choose_per_shot`); returns the choice.
 
@@ -469,5 +599,11 @@ def select_per_shot(val_paths: Sequence, test_paths: Sequence, out_path) -> dict
     out.sort(key=lambda r: (r.k, r.query_id))
     write_records(out_path, out)
     for k, (c, a) in choice.items():
-        log.info("per_shot k=%d: %s (validation accuracy %.2f%% over %d queries)", k, c, 100 * a, n_val[k])
+        log.info(
+            "per_shot k=%d: %s (validation accuracy %.2f%% over %d queries)",
+            k,
+            c,
+            100 * a,
+            n_val[k],
+        )
     return choice

@@ -104,8 +104,14 @@ _NUM = r"-?[0-9]+(?:\.[0-9]+)?"
 _KEY_INV = {k.key: name for name, k in KNOBS.items()}
 #: regex of a reward slug (a Snakemake wildcard constraint)
 REWARD_SLUG_RE = (
-    "(?:" + "|".join(sorted(MODES, key=len, reverse=True)) + ")"
-    + "(?:-(?:" + "|".join(sorted(_KEY_INV, key=len, reverse=True)) + ")" + _NUM + ")*"
+    "(?:"
+    + "|".join(sorted(MODES, key=len, reverse=True))
+    + ")"
+    + "(?:-(?:"
+    + "|".join(sorted(_KEY_INV, key=len, reverse=True))
+    + ")"
+    + _NUM
+    + ")*"
 )
 
 
@@ -141,10 +147,12 @@ def parse_reward_slug(slug: str) -> RewardSpec:
     """Inverse of :attr:`RewardSpec.slug`; raises ``ValueError`` naming the slug if malformed."""
     if not re.fullmatch(REWARD_SLUG_RE, slug):
         raise ValueError(f"not a reward slug: {slug!r} (expected e.g. 'hard_plus_soft-hw1-sw1')")
-    mode = next(m for m in sorted(MODES, key=len, reverse=True) if slug == m or slug.startswith(m + "-"))
+    mode = next(
+        m for m in sorted(MODES, key=len, reverse=True) if slug == m or slug.startswith(m + "-")
+    )
     knobs: dict[str, float] = {}
     keys = "|".join(sorted(_KEY_INV, key=len, reverse=True))
-    for key, num in re.findall(r"-(" + keys + r")(" + _NUM + ")", slug[len(mode):]):
+    for key, num in re.findall(r"-(" + keys + r")(" + _NUM + ")", slug[len(mode) :]):
         name = _KEY_INV[key]
         if name in knobs:
             raise ValueError(f"reward slug {slug!r} names {key} twice")
@@ -152,7 +160,9 @@ def parse_reward_slug(slug: str) -> RewardSpec:
     missing = knobs_used(mode) - set(knobs)
     extra = set(knobs) - knobs_used(mode)
     if extra or missing:
-        raise ValueError(f"reward slug {slug!r}: mode {mode} reads exactly {sorted(knobs_used(mode))}")
+        raise ValueError(
+            f"reward slug {slug!r}: mode {mode} reads exactly {sorted(knobs_used(mode))}"
+        )
     try:
         spec = reward_spec(mode, **knobs)
     except ValueError as e:
@@ -179,7 +189,9 @@ def effective_v3(base: Mapping[str, Any], overrides: Mapping[str, Any] = ()) -> 
     return eff
 
 
-def train_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+def train_overrides(
+    base: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[tuple[str, Any], ...]:
     """The overrides that differ from ``base`` once normalised (:func:`effective_v3`), sorted by key."""
     eff, ref = effective_v3(base, overrides), effective_v3(base)
     return tuple((k, eff[k]) for k in sorted(eff) if eff[k] != ref.get(k))
@@ -240,8 +252,13 @@ class Cell:
 
     def as_dict(self) -> dict[str, Any]:
         """Canonical plain dict (what checkpoints and evaluation records carry)."""
-        return {"slug": self.slug, "mode": self.mode, "knobs": self.reward.as_dict(),
-                "use_rank": self.use_rank, "train": dict(self.train)}
+        return {
+            "slug": self.slug,
+            "mode": self.mode,
+            "knobs": self.reward.as_dict(),
+            "use_rank": self.use_rank,
+            "train": dict(self.train),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "cell") -> Cell:
@@ -249,15 +266,21 @@ class Cell:
         try:
             mode, knobs, use_rank = d["mode"], dict(d.get("knobs") or {}), d["use_rank"]
         except (KeyError, TypeError):
-            raise ValueError(f"{where}: a cell needs 'mode', 'knobs' and 'use_rank', got {d!r}") from None
+            raise ValueError(
+                f"{where}: a cell needs 'mode', 'knobs' and 'use_rank', got {d!r}"
+            ) from None
         if not isinstance(use_rank, bool):
             raise ValueError(f"{where}: 'use_rank' must be true or false, got {use_rank!r}")
         train = d.get("train") or {}
         if not isinstance(train, Mapping):
             raise ValueError(f"{where}: 'train' must be a mapping, got {train!r}")
-        cell = cls(reward_spec(mode, **knobs), use_rank, tuple(sorted(canonical(dict(train)).items())))
+        cell = cls(
+            reward_spec(mode, **knobs), use_rank, tuple(sorted(canonical(dict(train)).items()))
+        )
         if "slug" in d and d["slug"] != cell.slug:
-            raise ValueError(f"{where}: slug {d['slug']!r} does not match its knobs (expected {cell.slug!r})")
+            raise ValueError(
+                f"{where}: slug {d['slug']!r} does not match its knobs (expected {cell.slug!r})"
+            )
         return cell
 
 
@@ -306,11 +329,17 @@ class Experiment:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (what the report rule receives)."""
-        return {"name": self.name, "title": self.title, "contrast": self.contrast,
-                "reference": _json_level(self.reference),
-                "axes": [[a, [_json_level(v) for v in lv]] for a, lv in self.axes],
-                "members": [{"levels": {a: _json_level(v) for a, v in m.levels}, "cell": m.cell.as_dict()}
-                            for m in self.members]}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "contrast": self.contrast,
+            "reference": _json_level(self.reference),
+            "axes": [[a, [_json_level(v) for v in lv]] for a, lv in self.axes],
+            "members": [
+                {"levels": {a: _json_level(v) for a, v in m.levels}, "cell": m.cell.as_dict()}
+                for m in self.members
+            ],
+        }
 
 
 def _json_level(v: Any) -> Any:
@@ -325,7 +354,9 @@ def _level(axis: str, v: Any, where: str) -> Any:
         return (float(v[0]), float(v[1]))
     if axis == "use_rank":
         if not isinstance(v, bool):
-            raise ValueError(f"config key {where}: use_rank levels must be true or false, got {v!r}")
+            raise ValueError(
+                f"config key {where}: use_rank levels must be true or false, got {v!r}"
+            )
         return v
     if axis == "reward_modes":
         if v not in MODES:
@@ -344,17 +375,27 @@ def _axes(block: Mapping[str, Any], grid: Mapping[str, Any], where: str) -> list
     names = [k for k in block if k not in EXPERIMENT_META and k != "train"]
     for k in GRID_AXES:
         # a pair the block sets a knob of (e.g. hard_weight) is not inherited: it would overwrite it
-        if k not in names and grid.get(k) and not any(knob in block for knob in PAIR_AXES.get(k, ())):
+        if (
+            k not in names
+            and grid.get(k)
+            and not any(knob in block for knob in PAIR_AXES.get(k, ()))
+        ):
             names.append(k)
     for k in names:
         if k not in GRID_AXES and k not in KNOBS:
-            raise ValueError(f"config key {where}.{k}: not an axis (axes: {', '.join(GRID_AXES + tuple(KNOBS))},"
-                             " or a train.v3 knob under train:)")
+            raise ValueError(
+                f"config key {where}.{k}: not an axis (axes: {', '.join(GRID_AXES + tuple(KNOBS))},"
+                " or a train.v3 knob under train:)"
+            )
         vals = block[k] if k in block else grid[k]
-        axes.append((k, tuple(dict.fromkeys(_level(k, v, f"{where}.{k}[{i}]") for i, v in enumerate(vals)))))
+        axes.append(
+            (k, tuple(dict.fromkeys(_level(k, v, f"{where}.{k}[{i}]") for i, v in enumerate(vals))))
+        )
     for k, vals in (block.get("train") or {}).items():
         if k in TRAIN_RUNTIME:
-            raise ValueError(f"config key {where}.train.{k}: a runtime setting, not an experiment axis")
+            raise ValueError(
+                f"config key {where}.train.{k}: a runtime setting, not an experiment axis"
+            )
         axes.append((k, tuple(dict.fromkeys(_level(k, v, f"{where}.train.{k}") for v in vals))))
     for pair, knobs in PAIR_AXES.items():
         both = [k for k in knobs if any(a == k for a, _ in axes)]
@@ -366,8 +407,12 @@ def _axes(block: Mapping[str, Any], grid: Mapping[str, Any], where: str) -> list
     return axes
 
 
-def _member(levels: Mapping[str, Any], train_axes: set[str], rewards_cfg: Mapping[str, Any],
-            v3_base: Mapping[str, Any]) -> Member:
+def _member(
+    levels: Mapping[str, Any],
+    train_axes: set[str],
+    rewards_cfg: Mapping[str, Any],
+    v3_base: Mapping[str, Any],
+) -> Member:
     knobs: dict[str, Any] = {k: rewards_cfg.get(k) for k in KNOBS if rewards_cfg.get(k) is not None}
     for axis, value in levels.items():
         if axis in PAIR_AXES:
@@ -375,22 +420,30 @@ def _member(levels: Mapping[str, Any], train_axes: set[str], rewards_cfg: Mappin
         elif axis in KNOBS:
             knobs[axis] = value
     overrides = {a: v for a, v in levels.items() if a in train_axes}
-    cell = Cell(reward_spec(levels["reward_modes"], **knobs), bool(levels.get("use_rank", False)),
-                train_overrides(v3_base, overrides))
+    cell = Cell(
+        reward_spec(levels["reward_modes"], **knobs),
+        bool(levels.get("use_rank", False)),
+        train_overrides(v3_base, overrides),
+    )
     return Member(tuple(levels.items()), cell)
 
 
-def _members(block: Mapping[str, Any], config: Mapping[str, Any], where: str
-             ) -> tuple[list[tuple[str, tuple]], tuple[Member, ...]]:
+def _members(
+    block: Mapping[str, Any], config: Mapping[str, Any], where: str
+) -> tuple[list[tuple[str, tuple]], tuple[Member, ...]]:
     """The axes of one grid block and its cross product, one :class:`Member` per combination."""
     axes = _axes(block, config.get("grid", {}), where)
     axis_names = [a for a, _ in axes]
     if "reward_modes" not in axis_names or not dict(axes)["reward_modes"]:
-        raise ValueError(f"config key {where}.reward_modes: no reward mode (here or at the top level of grid)")
+        raise ValueError(
+            f"config key {where}.reward_modes: no reward mode (here or at the top level of grid)"
+        )
     train_axes = set(block.get("train") or {})
     v3_base = config.get("train", {}).get("v3", {})
-    members = tuple(_member(dict(zip(axis_names, combo)), train_axes, config.get("rewards", {}), v3_base)
-                    for combo in itertools.product(*(lv for _, lv in axes)))
+    members = tuple(
+        _member(dict(zip(axis_names, combo)), train_axes, config.get("rewards", {}), v3_base)
+        for combo in itertools.product(*(lv for _, lv in axes))
+    )
     return axes, members
 
 
@@ -403,24 +456,39 @@ def experiment(name: str, block: Mapping[str, Any], config: Mapping[str, Any]) -
     contrast = block.get("contrast")
     if contrast is None:
         if len(varied) != 1:
-            raise ValueError(f"config key {where}.contrast: required when {len(varied)} axes vary "
-                             f"({', '.join(varied) or 'none'})")
+            raise ValueError(
+                f"config key {where}.contrast: required when {len(varied)} axes vary "
+                f"({', '.join(varied) or 'none'})"
+            )
         contrast = varied[0]
     if contrast not in axis_names:
-        raise ValueError(f"config key {where}.contrast: {contrast!r} is not one of its axes ({', '.join(axis_names)})")
+        raise ValueError(
+            f"config key {where}.contrast: {contrast!r} is not one of its axes ({', '.join(axis_names)})"
+        )
     levels = dict(axes)[contrast]
-    reference = levels[0] if block.get("reference") is None else _level(contrast, block["reference"],
-                                                                        f"{where}.reference")
+    reference = (
+        levels[0]
+        if block.get("reference") is None
+        else _level(contrast, block["reference"], f"{where}.reference")
+    )
     if reference not in levels:
-        raise ValueError(f"config key {where}.reference: {block.get('reference')!r} is not a level of "
-                         f"{contrast} ({', '.join(map(str, levels))})")
-    title = block.get("title") or f"{contrast} levels vs {_spell(list(reference) if isinstance(reference, tuple) else reference)}"
+        raise ValueError(
+            f"config key {where}.reference: {block.get('reference')!r} is not a level of "
+            f"{contrast} ({', '.join(map(str, levels))})"
+        )
+    title = (
+        block.get("title")
+        or f"{contrast} levels vs {_spell(list(reference) if isinstance(reference, tuple) else reference)}"
+    )
     return Experiment(name, title, tuple(axes), contrast, reference, members)
 
 
 def experiments(config: Mapping[str, Any]) -> list[Experiment]:
     """The configured experiments, in config order."""
-    return [experiment(name, block, config) for name, block in (config.get("grid", {}).get("experiments") or {}).items()]
+    return [
+        experiment(name, block, config)
+        for name, block in (config.get("grid", {}).get("experiments") or {}).items()
+    ]
 
 
 def experiment_cells(config: Mapping[str, Any]) -> dict[str, list[Cell]]:
@@ -440,7 +508,9 @@ def cells(config: Mapping[str, Any]) -> list[Cell]:
     """The merged, deduplicated grid cells of a (validated) config, in first-seen order."""
     merged = list(dict.fromkeys(c for block in experiment_cells(config).values() for c in block))
     if not merged:
-        raise ValueError("config key grid: the grid is empty (no reward_modes at top level or in any experiment)")
+        raise ValueError(
+            "config key grid: the grid is empty (no reward_modes at top level or in any experiment)"
+        )
     return merged
 
 

@@ -56,7 +56,9 @@ class Group:
             raise ValueError(f"{where}: a group needs at least one candidate sequence, got none")
         for name in ("rewards", "info", "sources") + (("hard",) if self.hard is not None else ()):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences")
+                raise ValueError(
+                    f"{where}: {len(getattr(self, name))} {name} for {n} candidate sequences"
+                )
         for name in ("rewards", "info") + (("hard",) if self.hard is not None else ()):
             if not all(math.isfinite(x) for x in getattr(self, name)):
                 raise ValueError(f"{where}: non-finite value in {name}")
@@ -65,7 +67,9 @@ class Group:
             if not s:
                 raise ValueError(f"{where}: empty candidate sequence")
             if any(not 0 <= p < k for p in s):
-                raise ValueError(f"{where}: sequence {list(s)} has a position outside the pool of {k}")
+                raise ValueError(
+                    f"{where}: sequence {list(s)} has a position outside the pool of {k}"
+                )
             if len(set(s)) != len(s):
                 raise ValueError(f"{where}: sequence {list(s)} repeats a pool position")
 
@@ -79,13 +83,21 @@ def _num(path: Any, aid: Any, name: str, v: Any) -> float:
     return float(v)
 
 
-def _group(path: Any, rec: CandidateRecord, rewards: tuple[float, ...], hard: tuple[float, ...] | None) -> Group:
+def _group(
+    path: Any, rec: CandidateRecord, rewards: tuple[float, ...], hard: tuple[float, ...] | None
+) -> Group:
     """The group of a validated record (positions already checked against its pool and ids)."""
     cands = rec.candidates
     try:
-        return Group(query_id=rec.anchor_id, pool=rec.pool, seqs=tuple(c.icd_pos for c in cands),
-                     rewards=rewards, hard=hard, info=tuple(c.info_score for c in cands),
-                     sources=tuple(c.source for c in cands))
+        return Group(
+            query_id=rec.anchor_id,
+            pool=rec.pool,
+            seqs=tuple(c.icd_pos for c in cands),
+            rewards=rewards,
+            hard=hard,
+            info=tuple(c.info_score for c in cands),
+            sources=tuple(c.source for c in cands),
+        )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -137,15 +149,22 @@ def load_groups(scored_path: str | os.PathLike, rewards_path: str | os.PathLike)
         groups.append(_group(scored_path, rec, r, h))
     extra = set(rewards) - {rec.anchor_id for rec in scored}
     if extra:
-        raise ValueError(f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})")
+        raise ValueError(
+            f"{rewards_path}: {len(extra)} anchors not in {scored_path} (e.g. {sorted(extra)[0]})"
+        )
     return _non_empty(groups, empty, scored_path)
 
 
 def _non_empty(groups: list[Group], empty: list, path: Any) -> list[Group]:
     """``groups``, after logging how many anchors had no candidate (skipped); none left is an error."""
     if empty:
-        log.warning("%s: %d of %d anchors have no candidate sequence and are skipped (e.g. anchor %s)",
-                    path, len(empty), len(empty) + len(groups), empty[0])
+        log.warning(
+            "%s: %d of %d anchors have no candidate sequence and are skipped (e.g. anchor %s)",
+            path,
+            len(empty),
+            len(empty) + len(groups),
+            empty[0],
+        )
     if not groups:
         raise ValueError(f"{path}: no anchor has a candidate sequence ({len(empty)} empty groups)")
     return groups
@@ -157,30 +176,42 @@ def sft_group(g: Group, top_beams: int) -> Group | None:
     if not beams:
         return None
     beams = sorted(beams, key=lambda i: -g.info[i])[:top_beams]  # sorted() is stable
-    pick = lambda xs: tuple(xs[i] for i in beams)  # noqa: E731
-    return Group(g.query_id, g.pool, pick(g.seqs), pick(g.rewards),
-                 None if g.hard is None else pick(g.hard), pick(g.info), pick(g.sources))
+
+    def pick(xs):
+        return tuple(xs[i] for i in beams)
+
+    return Group(
+        g.query_id,
+        g.pool,
+        pick(g.seqs),
+        pick(g.rewards),
+        None if g.hard is None else pick(g.hard),
+        pick(g.info),
+        pick(g.sources),
+    )
 
 
 def in_label_order(groups: Sequence[Group], label_order: str, insert: str) -> list[Group]:
     """``groups`` with every candidate sequence in the order the selector is taught (docs/science.md §7)."""
     if label_order == "prompt":
         return list(groups)
-    return [dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))
-            for g in groups]
+    return [
+        dataclasses.replace(g, seqs=tuple(label_sequence(s, label_order, insert) for s in g.seqs))
+        for g in groups
+    ]
 
 
 @dataclass
 class Packed:
     """Groups as padded tensors (CPU); a batch gathers rows and moves them to the device."""
 
-    query_rows: Tensor   # [G] embedding rows of the anchors
-    pool_rows: Tensor    # [G, K] embedding rows of pool items (0 at padding)
-    pool_mask: Tensor    # [G, K] bool
-    seqs: Tensor         # [G, N, T] pool positions, −1 padding
-    cand_mask: Tensor    # [G, N] bool
-    rewards: Tensor      # [G, N] float32 raw rewards (0 at padding)
-    hard: Tensor         # [G, N] float32 vqa_correct (0 at padding or when unknown)
+    query_rows: Tensor  # [G] embedding rows of the anchors
+    pool_rows: Tensor  # [G, K] embedding rows of pool items (0 at padding)
+    pool_mask: Tensor  # [G, K] bool
+    seqs: Tensor  # [G, N, T] pool positions, −1 padding
+    cand_mask: Tensor  # [G, N] bool
+    rewards: Tensor  # [G, N] float32 raw rewards (0 at padding)
+    hard: Tensor  # [G, N] float32 vqa_correct (0 at padding or when unknown)
 
     def __len__(self) -> int:
         return int(self.query_rows.shape[0])
@@ -202,7 +233,9 @@ def pack_groups(groups: Sequence[Group], table: EmbeddingTable) -> Packed:
     rewards = torch.zeros((g, n), dtype=torch.float32)
     hard = torch.zeros((g, n), dtype=torch.float32)
     for i, x in enumerate(groups):
-        pool_rows[i, : len(x.pool)] = torch.tensor(table.rows(x.pool, f"pool item of anchor {x.query_id}"))
+        pool_rows[i, : len(x.pool)] = torch.tensor(
+            table.rows(x.pool, f"pool item of anchor {x.query_id}")
+        )
         pool_mask[i, : len(x.pool)] = True
         for j, s in enumerate(x.seqs):
             seqs[i, j, : len(s)] = torch.tensor(s)
@@ -246,7 +279,9 @@ def make_batch(p: Packed, idx: Tensor, table: EmbeddingTable, device: torch.devi
     )
 
 
-def split_val(groups: Sequence[Group], val_fraction: float, val_seed: int) -> tuple[list[Group], list[Group]]:
+def split_val(
+    groups: Sequence[Group], val_fraction: float, val_seed: int
+) -> tuple[list[Group], list[Group]]:
     """Deterministic train/val split of anchors (by a seeded permutation of the sorted anchor ids)."""
     ids = sorted({g.query_id for g in groups})
     n_val = int(round(val_fraction * len(ids)))
@@ -256,4 +291,6 @@ def split_val(groups: Sequence[Group], val_fraction: float, val_seed: int) -> tu
         n_val = 0
     perm = np.random.RandomState(val_seed).permutation(len(ids))
     val_ids = {ids[i] for i in perm[:n_val]}
-    return [g for g in groups if g.query_id not in val_ids], [g for g in groups if g.query_id in val_ids]
+    return [g for g in groups if g.query_id not in val_ids], [
+        g for g in groups if g.query_id in val_ids
+    ]

@@ -21,8 +21,14 @@ class IntegrityError(ValueError):
     """An evaluation prompt breaks an integrity rule; the message names method, query and k."""
 
 
-def check_icds(method: str, query: Example, k: int, icds: Sequence[Example], *,
-               exclude_same_image: bool = False) -> None:
+def check_icds(
+    method: str,
+    query: Example,
+    k: int,
+    icds: Sequence[Example],
+    *,
+    exclude_same_image: bool = False,
+) -> None:
     """Raise :class:`IntegrityError` if the ICDs of ``method``'s ``k``-shot prompt for ``query``
     break a rule (module docstring). ``method`` is the reader's name (e.g. ``v3 <cell slug>``)."""
     where = f"integrity: method {method}, query {query.id}, k={k}"
@@ -33,11 +39,17 @@ def check_icds(method: str, query: Example, k: int, icds: Sequence[Example], *,
     seen: set[int] = set()
     for i in ids:
         if i in seen:
-            raise IntegrityError(f"{where}: ICD {i} appears more than once ({len(set(ids))} distinct of {len(ids)})")
+            raise IntegrityError(
+                f"{where}: ICD {i} appears more than once ({len(set(ids))} distinct of {len(ids)})"
+            )
         seen.add(i)
     dup, img = duplicate_key(query), image_key(query)
     for d in icds:
         if duplicate_key(d) == dup:
-            raise IntegrityError(f"{where}: ICD {d.id} has the query's image and question (image {img!r})")
+            raise IntegrityError(
+                f"{where}: ICD {d.id} has the query's image and question (image {img!r})"
+            )
         if exclude_same_image and image_key(d) == img:
-            raise IntegrityError(f"{where}: ICD {d.id} shows the query's image {img!r} (pools.exclude_same_image is true)")
+            raise IntegrityError(
+                f"{where}: ICD {d.id} shows the query's image {img!r} (pools.exclude_same_image is true)"
+            )

@@ -54,7 +54,7 @@ def parse_baseline(segment: str) -> tuple[str, int | None]:
     if not re.fullmatch(BASELINE_RE, segment):
         raise ValueError(f"not a baseline method segment: {segment!r} (expected {BASELINE_RE})")
     if segment.startswith("random-r"):
-        return "random", int(segment[len("random-r"):])
+        return "random", int(segment[len("random-r") :])
     return segment, None
 
 
@@ -96,7 +96,9 @@ class Layout:
 
     def __init__(self, config: Mapping[str, Any], results: str = "results"):
         ds, model, emb, pools = (config[k] for k in ("dataset", "model", "embeddings", "pools"))
-        cand, scoring, train, ev = (config[k] for k in ("candidates", "scoring", "train", "evaluation"))
+        cand, scoring, train, ev = (
+            config[k] for k in ("candidates", "scoring", "train", "evaluation")
+        )
         self.config = config
         self.n_shards = int(cand["shards"])
         self.embedded = model["kind"] == "embedded"
@@ -104,7 +106,11 @@ class Layout:
         self.root = root
 
         # the LVLM: the embedded model depends on its training knobs only
-        self.lvlm_tag = f"{model['name']}-{short_hash(content(config['embedded_lvlm'], 'embedded_lvlm'))}" if self.embedded else None
+        self.lvlm_tag = (
+            f"{model['name']}-{short_hash(content(config['embedded_lvlm'], 'embedded_lvlm'))}"
+            if self.embedded
+            else None
+        )
         # (it is trained on easy-VQA whatever the dataset section says: not under the dataset)
         lvlm_dir = _join(results, "lvlm", self.lvlm_tag) if self.embedded else None
         self.lvlm_model = _join(lvlm_dir, "model") if self.embedded else None
@@ -128,9 +134,14 @@ class Layout:
 
         # pools: sampler, K, pool seed (+ no ICD of the query's image at all: -xi) (+ n per role)
         self.exclude_same_image = bool(pools.get("exclude_same_image", False))
-        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}" + ("-xi" if self.exclude_same_image else "")
-        self.n_queries = {"anchors": int(pools["n_anchors"]), "test": int(pools["n_test"]),
-                          "val": int(pools.get("n_val", 0))}
+        self.pool_tag = f"{pools['sampler']}-K{pools['size']}-s{pools['seed']}" + (
+            "-xi" if self.exclude_same_image else ""
+        )
+        self.n_queries = {
+            "anchors": int(pools["n_anchors"]),
+            "test": int(pools["n_test"]),
+            "val": int(pools.get("n_val", 0)),
+        }
         self.n_anchors, self.n_test, self.n_val = (self.n_queries[r] for r in ROLES)
         self.pools = _join(root, "pools", self.enc_tag, self.pool_tag, "{role}-n{n}.jsonl")
         self.pools_anchors, self.pools_test, self.pools_val = (self.pools_of(r) for r in ROLES)
@@ -145,20 +156,28 @@ class Layout:
         )
         cand_dir = _join(run, f"anchors-n{self.n_anchors}", self.cand_tag)
         self.cand_dir = cand_dir
-        self.candidates_shard = _join(cand_dir, "shards", f"candidates-{{shard}}-of-{self.n_shards}.jsonl")
+        self.candidates_shard = _join(
+            cand_dir, "shards", f"candidates-{{shard}}-of-{self.n_shards}.jsonl"
+        )
         self.candidates = _join(cand_dir, "candidates.jsonl")
-        self.scored_tag = (f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
-                           f"-{scoring['metric']}")
+        self.scored_tag = (
+            f"scored-t{fmt_float(scoring['correct_threshold'])}-mnt{model['max_new_tokens']}"
+            f"-{scoring['metric']}"
+        )
         scored_dir = _join(cand_dir, self.scored_tag)
         self.scored_dir = scored_dir
-        self.scored_shard = _join(scored_dir, "shards", f"scored-{{shard}}-of-{self.n_shards}.jsonl")
+        self.scored_shard = _join(
+            scored_dir, "shards", f"scored-{{shard}}-of-{self.n_shards}.jsonl"
+        )
         self.scored = _join(scored_dir, "scored.jsonl")
         self.rewards = _join(scored_dir, "rewards", "{reward}.jsonl")
 
         # evaluation file names: query role and count, shots, generation length, VQA metric
         shots = ".".join(str(k) for k in canonical_shots(ev["shots"]))
-        self.eval_name = {r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}-{scoring['metric']}.jsonl"
-                          for r in EVAL_ROLES}
+        self.eval_name = {
+            r: f"{r}-n{self.n_queries[r]}-k{shots}-mnt{model['max_new_tokens']}-{scoring['metric']}.jsonl"
+            for r in EVAL_ROLES
+        }
         self.eval_baseline = _join(run, self.eval_name["test"][: -len(".jsonl")], "{method}.jsonl")
         self.baselines = ["zero_shot", f"random-r{ev['random_seed']}", "similarity"]
         # RICES over the whole training split and the copy baseline: one job, beside the baselines
@@ -179,7 +198,9 @@ class Layout:
             v2 = {**v2_base, "label_order": label_order(v2_base, v3)}
             v2_tag = self._add_v2(v2)
             v3_tag = f"v3-{short_hash({'v2': canonical(v2), 'v3': effective_v3(v3)})}"
-            self._cells[(v3_tag, c.reward.slug, c.adv)] = TrainedCell(c, v3_tag, v2_tag, canonical(v3))
+            self._cells[(v3_tag, c.reward.slug, c.adv)] = TrainedCell(
+                c, v3_tag, v2_tag, canonical(v3)
+            )
         v2_dir = _join(cand_dir, "{v2}", "seed{seed}")
         self.v2_ckpt = _join(v2_dir, "selector.pt")
         self.v2_metrics = _join(v2_dir, "metrics.csv")
@@ -195,7 +216,9 @@ class Layout:
         self.per_shot = None
         if self.n_val:
             among = short_hash(sorted(self._cells))
-            self.per_shot = _join(scored_dir, f"per_shot-{among}", "seed{seed}", self.eval_name["test"])
+            self.per_shot = _join(
+                scored_dir, f"per_shot-{among}", "seed{seed}", self.eval_name["test"]
+            )
 
         # ablations (evaluation.ablate): beside each ablated method's eval file
         self.ablate = self._ablated_methods(ev.get("ablate"))
@@ -209,11 +232,17 @@ class Layout:
             return ["v2"] + (["per_shot"] if self.per_shot else [])
         for m in ablate:
             if m not in ABLATABLE:
-                raise ValueError(f"config key evaluation.ablate: {m!r} is not one of {', '.join(ABLATABLE)}")
+                raise ValueError(
+                    f"config key evaluation.ablate: {m!r} is not one of {', '.join(ABLATABLE)}"
+                )
             if m == "per_shot" and not self.per_shot:
-                raise ValueError("config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)")
+                raise ValueError(
+                    "config key evaluation.ablate: per_shot needs validation queries (pools.n_val > 0)"
+                )
             if m in RICES and m not in self.rices:
-                raise ValueError(f"config key evaluation.ablate: {m} is not evaluated (evaluation.rices)")
+                raise ValueError(
+                    f"config key evaluation.ablate: {m} is not evaluated (evaluation.rices)"
+                )
         return list(dict.fromkeys(ablate))
 
     def ablation_bases(self) -> list[str]:
@@ -238,7 +267,10 @@ class Layout:
     def ablation_outputs(self, base: str) -> dict[str, str]:
         """``{ablation: eval file}`` of one ablated eval file: beside it, ``<name>.<ablation tag>.jsonl``."""
         stem = base[: -len(".jsonl")]
-        return {"shuffled": f"{stem}.{self.shuffle_tag}.jsonl", "no_images": f"{stem}.no_images.jsonl"}
+        return {
+            "shuffled": f"{stem}.{self.shuffle_tag}.jsonl",
+            "no_images": f"{stem}.no_images.jsonl",
+        }
 
     def _add_v2(self, v2: Mapping[str, Any]) -> str:
         tag = f"v2-{short_hash(canonical(dict(v2)))}"
@@ -268,7 +300,9 @@ class Layout:
         return canonical({**self.config["train"]["v2"], **self._v2[v2]})
 
     def v3_path(self, pattern: str, tc: TrainedCell, seed: int, **extra: Any) -> str:
-        return pattern.format(v3=tc.v3_tag, reward=tc.cell.reward.slug, adv=tc.cell.adv, seed=seed, **extra)
+        return pattern.format(
+            v3=tc.v3_tag, reward=tc.cell.reward.slug, adv=tc.cell.adv, seed=seed, **extra
+        )
 
     # -------------------------------------------------------------- expansions for targets
 
@@ -291,7 +325,11 @@ class Layout:
         return [pattern.format(v2=v2 or self.v2_tag, seed=s) for s in self.seeds()]
 
     def all_v3(self, pattern: str, **extra: Any) -> list[str]:
-        return [self.v3_path(pattern, tc, s, **extra) for tc in self._cells.values() for s in self.seeds()]
+        return [
+            self.v3_path(pattern, tc, s, **extra)
+            for tc in self._cells.values()
+            for s in self.seeds()
+        ]
 
     def v3_evals(self, role: str, seed: int | None = None) -> list[str]:
         """Evaluation files of every v3 cell on the ``role`` (test, val) queries (one seed, or all)."""
@@ -303,8 +341,12 @@ class Layout:
 
     def all_eval(self) -> list[str]:
         """Every evaluation file on the test queries the report reads (ablations included)."""
-        out = ([self.eval_baseline.format(method=m) for m in self.baselines] + list(self.eval_rices.values())
-               + self.all_v2(self.eval_v2) + self.v3_evals("test"))
+        out = (
+            [self.eval_baseline.format(method=m) for m in self.baselines]
+            + list(self.eval_rices.values())
+            + self.all_v2(self.eval_v2)
+            + self.v3_evals("test")
+        )
         if self.per_shot:
             out += [self.per_shot.format(seed=s) for s in self.seeds()]
         return out + [p for b in self.ablation_bases() for p in self.ablation_outputs(b).values()]

@@ -31,7 +31,29 @@ import math
 import re
 from collections.abc import Sequence
 
-_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PUNCT = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")
 #: A period not followed by a digit. (The official pattern starts with a malformed look-behind,
 #: ``(?!<=\d)``, that never excludes anything, so a period after a digit is removed too: "5." -> "5".)

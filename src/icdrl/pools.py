@@ -37,7 +37,11 @@ from icdrl.records import PoolRecord, write_jsonl
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "image_sim", "text_sim", "mix")
-ROLES = {"anchors": ("train", 0), "test": ("eval", 1), "val": ("eval", 2)}  # role -> (split, rng salt)
+ROLES = {
+    "anchors": ("train", 0),
+    "test": ("eval", 1),
+    "val": ("eval", 2),
+}  # role -> (split, rng salt)
 N_KEY = {"anchors": "n_anchors", "test": "n_test", "val": "n_val"}  # role -> its pools config key
 
 
@@ -106,14 +110,21 @@ def sample_pool(
         raise ValueError(f"pool size {k} exceeds the {n_eligible} eligible train examples")
 
     def most_similar(kind: str, n: int) -> np.ndarray:
-        if query_vecs is None or train_vecs is None or kind not in query_vecs or kind not in train_vecs:
+        if (
+            query_vecs is None
+            or train_vecs is None
+            or kind not in query_vecs
+            or kind not in train_vecs
+        ):
             raise ValueError(f"sampler {sampler!r} needs {kind!r} embeddings")
         sims = (train_vecs[kind] @ query_vecs[kind]).astype(np.float64)
         sims[banned] = -np.inf
         return top_k(sims, n)
 
     def random_rows(n: int, also_banned: np.ndarray) -> np.ndarray:
-        eligible = np.setdiff1d(np.arange(n_train, dtype=np.int64), np.concatenate([banned, also_banned]))
+        eligible = np.setdiff1d(
+            np.arange(n_train, dtype=np.int64), np.concatenate([banned, also_banned])
+        )
         return rng.choice(eligible, size=n, replace=False)
 
     if sampler == "random":
@@ -129,7 +140,11 @@ def sample_pool(
 
 
 def _vecs(table: EmbeddingTable, rows: np.ndarray | int) -> dict[str, np.ndarray]:
-    return {kind: getattr(table, kind)[rows] for kind in ("emb", "img", "txt") if getattr(table, kind) is not None}
+    return {
+        kind: getattr(table, kind)[rows]
+        for kind in ("emb", "img", "txt")
+        if getattr(table, kind) is not None
+    }
 
 
 def build_pools(
@@ -167,7 +182,9 @@ def build_pools(
         banned = excl.rows(q, is_train=split == "train")
         n_eligible = len(train) - len(banned)
         if size > n_eligible:
-            raise ValueError(f"query {q.id}: pool size {size} exceeds the {n_eligible} eligible train examples")
+            raise ValueError(
+                f"query {q.id}: pool size {size} exceeds the {n_eligible} eligible train examples"
+            )
         rng = np.random.default_rng([seed, salt, q.id])
         qv = _vecs(query_table, query_table.row(q.id)) if train_vecs is not None else None
         rows = sample_pool(sampler, size, banned, len(train), rng, qv, train_vecs)
@@ -175,7 +192,9 @@ def build_pools(
     return out
 
 
-def role_queries(examples: Sequence[Example], role: str, n: int, seed: int, n_test: int = 0) -> list[Example]:
+def role_queries(
+    examples: Sequence[Example], role: str, n: int, seed: int, n_test: int = 0
+) -> list[Example]:
     """The ``n`` queries of ``role`` (see the module docstring); ``n_test`` is only checked for
     ``val`` (test and validation queries must fit the split together)."""
     if role not in ROLES:
@@ -183,14 +202,18 @@ def role_queries(examples: Sequence[Example], role: str, n: int, seed: int, n_te
     if role != "val":
         return seeded_subset(examples, n, seed)
     if n_test + n > len(examples):
-        raise ValueError(f"pools.n_val: {n} validation and {n_test} test queries exceed the {len(examples)} "
-                         "examples of the eval split (they must be disjoint)")
+        raise ValueError(
+            f"pools.n_val: {n} validation and {n_test} test queries exceed the {len(examples)} "
+            "examples of the eval split (they must be disjoint)"
+        )
     perm = np.random.default_rng(seed).permutation(len(examples))
-    keep = np.sort(perm[len(examples) - n:]) if n else np.zeros(0, dtype=np.int64)
+    keep = np.sort(perm[len(examples) - n :]) if n else np.zeros(0, dtype=np.int64)
     return [examples[i] for i in keep]
 
 
-def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, train_emb_path, out_path) -> None:
+def write_pools(
+    dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, train_emb_path, out_path
+) -> None:
     """Write ``icdrl.pools`` for role ``anchors`` (n_anchors train queries), ``test`` (n_test eval
     queries) or ``val`` (n_val eval queries, disjoint from the test queries)."""
     from icdrl.data import load_dataset
@@ -203,8 +226,12 @@ def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, t
     seed = int(pools_cfg.get("seed", 0))
     train = load_dataset(dataset_cfg, "train")
     candidates = train if split == "train" else load_dataset(dataset_cfg, split)
-    if n > len(candidates):  # the path says n: never write fewer (icdrl.checks refuses it up front too)
-        raise ValueError(f"config key pools.{n_key}: {n} exceeds the {len(candidates)} examples of the {split} split")
+    if n > len(
+        candidates
+    ):  # the path says n: never write fewer (icdrl.checks refuses it up front too)
+        raise ValueError(
+            f"config key pools.{n_key}: {n} exceeds the {len(candidates)} examples of the {split} split"
+        )
     queries = role_queries(candidates, role, n, seed, int(pools_cfg.get("n_test", 0)))
     sampler = pools_cfg.get("sampler", "random")
     need_emb = sampler != "random"
@@ -220,5 +247,11 @@ def write_pools(dataset_cfg: dict, role: str, pools_cfg: dict, query_emb_path, t
         exclude_same_image=bool(pools_cfg.get("exclude_same_image", False)),
     )
     write_jsonl(out_path, PoolRecord.SCHEMA, [r.to_dict() for r in recs])
-    log.info("%s: %d %s queries, pools of %d (%s)", out_path, len(recs), role, int(pools_cfg.get("size", 64)),
-             sampler)
+    log.info(
+        "%s: %d %s queries, pools of %d (%s)",
+        out_path,
+        len(recs),
+        role,
+        int(pools_cfg.get("size", 64)),
+        sampler,
+    )

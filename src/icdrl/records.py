@@ -124,9 +124,16 @@ def _expected_count(path: Path, schema: str) -> int:
         d = json.loads(line) if line is not None else None
     except json.JSONDecodeError:
         d = None
-    if not is_end_line(d) or d["end"] != schema or isinstance(d["records"], bool) or not isinstance(d["records"], int):
-        raise SchemaError(f"{path}: incomplete: no end line {{\"end\": \"{schema}\", \"records\": N}} "
-                          f"(cut short, or written by an older icdrl); {remake(path)}")
+    if (
+        not is_end_line(d)
+        or d["end"] != schema
+        or isinstance(d["records"], bool)
+        or not isinstance(d["records"], int)
+    ):
+        raise SchemaError(
+            f'{path}: incomplete: no end line {{"end": "{schema}", "records": N}} '
+            f"(cut short, or written by an older icdrl); {remake(path)}"
+        )
     return d["records"]
 
 
@@ -142,9 +149,13 @@ def _non_finite_field(obj: Any, where: str = "") -> str:
     """The first field of a parsed record holding NaN or ±inf, e.g. ``rewards[2]``."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return where
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
     for k, v in items:
-        found = _non_finite_field(v, f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else k))
+        found = _non_finite_field(
+            v, f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else k)
+        )
         if found:
             return found
     return ""
@@ -170,8 +181,10 @@ def _parse_line(line: str, path: Path, lineno: int, schema: str) -> Any:
         return json.loads(line, parse_constant=_refuse_constant)
     except _NonFinite as e:
         d = json.loads(line)
-        raise SchemaError(f"{path}:{lineno}: {_describe(schema, d)}: field {_non_finite_field(d) or '?'} "
-                          f"is {e}, not a finite number; {remake(path)}") from None
+        raise SchemaError(
+            f"{path}:{lineno}: {_describe(schema, d)}: field {_non_finite_field(d) or '?'} "
+            f"is {e}, not a finite number; {remake(path)}"
+        ) from None
     except json.JSONDecodeError as e:
         raise SchemaError(f"{path}:{lineno}: invalid JSON ({e.msg}); {remake(path)}") from None
 
@@ -197,7 +210,9 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
     with open(path) as fh:
         header = _parse_header(fh.readline())
         if header is None or "schema" not in header:
-            raise SchemaError(f"{path}: no schema header line; expected {schema} v{SCHEMAS.get(schema)}")
+            raise SchemaError(
+                f"{path}: no schema header line; expected {schema} v{SCHEMAS.get(schema)}"
+            )
         if header["schema"] != schema:
             raise SchemaError(f"{path}: schema is {header['schema']!r}, expected {schema!r}")
         if header.get("version") != SCHEMAS[schema]:
@@ -219,7 +234,9 @@ def iter_jsonl(path: str | os.PathLike, schema: str) -> Iterator[dict]:
             n += 1
             yield d
         if n != expected:
-            raise SchemaError(f"{path}: incomplete: {n} records, its end line says {expected}; {remake(path)}")
+            raise SchemaError(
+                f"{path}: incomplete: {n} records, its end line says {expected}; {remake(path)}"
+            )
 
 
 def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
@@ -250,8 +267,10 @@ def check_csv_complete(path: str | os.PathLike) -> int:
     prefix, _, rest = last.partition(": ")
     n_text = rest[: -len(" rows")] if rest.endswith(" rows") else ""
     if prefix != "# end" or not n_text.isdigit():
-        raise SchemaError(f"{path}: incomplete: no end line '{csv_end_line(0).replace('0', 'N')}' "
-                          f"(cut short, or written by an older icdrl); {remake(path)}")
+        raise SchemaError(
+            f"{path}: incomplete: no end line '{csv_end_line(0).replace('0', 'N')}' "
+            f"(cut short, or written by an older icdrl); {remake(path)}"
+        )
     n = int(n_text)
     rows = len(lines) - 2  # header and end line
     if rows != n:
@@ -262,7 +281,9 @@ def check_csv_complete(path: str | os.PathLike) -> int:
 def corrupt_file_error(path: str | os.PathLike, e: BaseException) -> SchemaError:
     """One line for a binary output (``.npz``, ``.pt``) that cannot be read: cut short or corrupt."""
     first = (str(e).strip().splitlines() or [""])[0][:120]
-    return SchemaError(f"{path}: cannot be read, cut short or corrupt ({type(e).__name__}: {first}); {remake(path)}")
+    return SchemaError(
+        f"{path}: cannot be read, cut short or corrupt ({type(e).__name__}: {first}); {remake(path)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +296,20 @@ SOURCES: tuple[str, ...] = ("beam", "random", "similar")
 
 #: Evaluation methods (docs/science.md §8): the ablations (``shuffled``, ``no_images``) re-answer another
 #: method's ICDs, named in their ``spec`` (``icdrl.ablations``).
-METHODS: tuple[str, ...] = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy",
-                            "v2", "v3", "per_shot", "shuffled", "no_images")
+METHODS: tuple[str, ...] = (
+    "zero_shot",
+    "random",
+    "similarity",
+    "rices_image",
+    "rices_text",
+    "rices",
+    "copy",
+    "v2",
+    "v3",
+    "per_shot",
+    "shuffled",
+    "no_images",
+)
 
 
 def _field_error(where: str, name: str, msg: str) -> SchemaError:
@@ -426,11 +459,22 @@ class ScoredCandidate(Candidate):
         )
 
     @classmethod
-    def from_candidate(cls, c: Candidate, *, prediction_raw: str, prediction: str,
-                       vqa_acc_score: float, vqa_correct: int) -> ScoredCandidate:
-        return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Candidate)},
-                   prediction_raw=prediction_raw, prediction=prediction,
-                   vqa_acc_score=float(vqa_acc_score), vqa_correct=int(vqa_correct))
+    def from_candidate(
+        cls,
+        c: Candidate,
+        *,
+        prediction_raw: str,
+        prediction: str,
+        vqa_acc_score: float,
+        vqa_correct: int,
+    ) -> ScoredCandidate:
+        return cls(
+            **{f.name: getattr(c, f.name) for f in dataclasses.fields(Candidate)},
+            prediction_raw=prediction_raw,
+            prediction=prediction,
+            vqa_acc_score=float(vqa_acc_score),
+            vqa_correct=int(vqa_correct),
+        )
 
 
 def _check_positions(pool: tuple[int, ...], cands: Sequence[Candidate], where: str) -> None:
@@ -439,8 +483,10 @@ def _check_positions(pool: tuple[int, ...], cands: Sequence[Candidate], where: s
     for i, c in enumerate(cands):
         for p, g in zip(c.icd_pos, c.icd_ids):
             if not 0 <= p < len(pool) or pool[p] != g:
-                raise SchemaError(f"{where}: candidate {i}: icd_pos {p} does not hold icd_id {g} in the pool "
-                                  f"(its icd_pos {list(c.icd_pos)} do not point at icd_ids {list(c.icd_ids)})")
+                raise SchemaError(
+                    f"{where}: candidate {i}: icd_pos {p} does not hold icd_id {g} in the pool "
+                    f"(its icd_pos {list(c.icd_pos)} do not point at icd_ids {list(c.icd_ids)})"
+                )
         if len(set(c.icd_pos)) != len(c.icd_pos):
             raise SchemaError(f"{where}: candidate {i} repeats a pool position: {list(c.icd_pos)}")
 
@@ -472,7 +518,9 @@ class CandidateRecord:
             pool=_int_list(d, "pool", where),
             zero_shot_logprob=_float(d, "zero_shot_logprob", where),
             zero_shot_prob=_float(d, "zero_shot_prob", where),
-            candidates=tuple(cls._cand_type().from_dict(c, f"{where} candidate {i}") for i, c in enumerate(cands)),
+            candidates=tuple(
+                cls._cand_type().from_dict(c, f"{where} candidate {i}") for i, c in enumerate(cands)
+            ),
         )
         _check_positions(rec.pool, rec.candidates, where)
         return rec
@@ -539,7 +587,9 @@ class EvalRecord:
         if method in ("v3", "per_shot") and (spec is None or d.get("cell") is None):
             raise _field_error(where, "spec", f"and 'cell' are required for method {method}")
         if method in ("shuffled", "no_images") and not isinstance((spec or {}).get("of"), dict):
-            raise _field_error(where, "spec", f"of an ablation ({method}) must name the method it ablates ('of')")
+            raise _field_error(
+                where, "spec", f"of an ablation ({method}) must name the method it ablates ('of')"
+            )
         return cls(
             method=method,
             cell=_opt_str(d, "cell", where),
@@ -567,7 +617,9 @@ def read_records(path: str | os.PathLike, cls: type) -> list:
 def write_records(path: str | os.PathLike, records: Sequence) -> int:
     """Write record dataclasses of one type atomically under their schema."""
     if not records:
-        raise ValueError(f"{path}: write_records needs at least one record to know the schema; use write_jsonl")
+        raise ValueError(
+            f"{path}: write_records needs at least one record to know the schema; use write_jsonl"
+        )
     return write_jsonl(path, type(records[0]).SCHEMA, (r.to_dict() for r in records))
 
 
@@ -604,7 +656,9 @@ def _frame(records: list[dict]) -> Any:
         if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
             data[col] = pd.array(values, dtype="int64" if len(present) == len(values) else "Int64")
         else:
-            data[col] = pd.Series(values, dtype=object if any(isinstance(v, (list, dict)) for v in present) else None)
+            data[col] = pd.Series(
+                values, dtype=object if any(isinstance(v, (list, dict)) for v in present) else None
+            )
     return pd.DataFrame(data, index=pd.RangeIndex(len(records)))
 
 
@@ -650,7 +704,9 @@ def record_key(schema: str, d: dict) -> Hashable:
         raise SchemaError(f"{schema} record lacks key field {e}") from None
 
 
-def concat_jsonl(paths: Sequence[str | os.PathLike], schema: str, out_path: str | os.PathLike) -> int:
+def concat_jsonl(
+    paths: Sequence[str | os.PathLike], schema: str, out_path: str | os.PathLike
+) -> int:
     """Gather shard files of one schema into ``out_path`` (atomically), in the order given.
 
     Refuses a record key (e.g. anchor id) seen in two shards. Returns the record count.
@@ -698,7 +754,12 @@ class PartialJsonl:
         self._fh = None
 
     def _header(self) -> dict:
-        return {"schema": self.schema, "version": SCHEMAS[self.schema], "partial": True, "fingerprint": self.fp}
+        return {
+            "schema": self.schema,
+            "version": SCHEMAS[self.schema],
+            "partial": True,
+            "fingerprint": self.fp,
+        }
 
     def load(self) -> dict[Hashable, dict]:
         """Finished records by key; a torn last line (killed mid-write) is dropped."""
@@ -719,8 +780,13 @@ class PartialJsonl:
                 continue
             try:
                 d = json.loads(line, parse_constant=_refuse_constant)
-            except (json.JSONDecodeError, _NonFinite):  # killed mid-write, or damaged: recompute from here
-                log.warning("%s: dropping a torn (or non-finite) record line and any after it", self.path)
+            except (
+                json.JSONDecodeError,
+                _NonFinite,
+            ):  # killed mid-write, or damaged: recompute from here
+                log.warning(
+                    "%s: dropping a torn (or non-finite) record line and any after it", self.path
+                )
                 break
             done[record_key(self.schema, d)] = d
         # rewrite without a torn tail so appends start on a clean line

@@ -34,7 +34,9 @@ RICES_METHODS: dict[str, str] = {"rices_image": "img", "rices_text": "txt", "ric
 COPY_SOURCE = "rices"
 
 
-def rices_rows(query_vec: np.ndarray, train_vecs: np.ndarray, banned: np.ndarray, k: int) -> list[int]:
+def rices_rows(
+    query_vec: np.ndarray, train_vecs: np.ndarray, banned: np.ndarray, k: int
+) -> list[int]:
     """Rows of the ``k`` training vectors most cosine-similar to ``query_vec`` (rows in ``banned``
     never), least similar first: the most similar is last, nearest the query. Ties: lower row first
     among the best (so a lower row is nearer the query).
@@ -43,7 +45,9 @@ def rices_rows(query_vec: np.ndarray, train_vecs: np.ndarray, banned: np.ndarray
     product is taken in float64 so the order does not depend on the BLAS summation order.
     """
     if k > len(train_vecs) - len(np.unique(banned)):
-        raise ValueError(f"RICES: k={k} exceeds the {len(train_vecs) - len(np.unique(banned))} eligible training examples")
+        raise ValueError(
+            f"RICES: k={k} exceeds the {len(train_vecs) - len(np.unique(banned))} eligible training examples"
+        )
     sims = train_vecs.astype(np.float64) @ np.asarray(query_vec, dtype=np.float64)
     sims[np.asarray(banned, dtype=np.int64)] = -np.inf
     best_first = top_k(sims, k)
@@ -68,8 +72,10 @@ def plan_rices(
     if method not in RICES_METHODS:
         raise ValueError(f"RICES method must be one of {tuple(RICES_METHODS)}, got {method!r}")
     if len(query_vecs) != len(queries) or len(train_vecs) != len(train):
-        raise ValueError(f"{method}: {len(query_vecs)} query vectors for {len(queries)} queries, "
-                         f"{len(train_vecs)} training vectors for {len(train)} training examples")
+        raise ValueError(
+            f"{method}: {len(query_vecs)} query vectors for {len(queries)} queries, "
+            f"{len(train_vecs)} training vectors for {len(train)} training examples"
+        )
     excl = Exclusions(train, exclude_same_image)
     kmax = max(shots)
     best: dict[int, list[int]] = {}

@@ -48,14 +48,22 @@ class Knob:
 
 
 #: every reward knob, in slug order
-KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("hard_weight", "hw", 1.0, "weight w_h of correctness h"),
-    Knob("soft_weight", "sw", 1.0, "weight w_s of the soft VQA accuracy s"),
-    Knob("alpha", "a", 1.0, "legacy: weight of InfoScore I"),
-    Knob("beta", "b", 0.0, "legacy: weight of correctness h"),
-    Knob("hybrid_alpha", "ha", 0.5, "hybrid: share a of the clipped InfoScore part, in [0, 1]"),
-    Knob("info_scale", "is", 10.0, "hybrid/adaptive: I is scaled by this before clipping to [0, 1]"),
-)}
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob("hard_weight", "hw", 1.0, "weight w_h of correctness h"),
+        Knob("soft_weight", "sw", 1.0, "weight w_s of the soft VQA accuracy s"),
+        Knob("alpha", "a", 1.0, "legacy: weight of InfoScore I"),
+        Knob("beta", "b", 0.0, "legacy: weight of correctness h"),
+        Knob("hybrid_alpha", "ha", 0.5, "hybrid: share a of the clipped InfoScore part, in [0, 1]"),
+        Knob(
+            "info_scale",
+            "is",
+            10.0,
+            "hybrid/adaptive: I is scaled by this before clipping to [0, 1]",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,14 @@ class RewardMode:
 REGISTRY: dict[str, RewardMode] = {}
 
 
-def register(name: str, *, knobs: Iterable[str], inputs: Iterable[str], per_group: bool = False,
-             doc: str = "") -> Callable:
+def register(
+    name: str,
+    *,
+    knobs: Iterable[str],
+    inputs: Iterable[str],
+    per_group: bool = False,
+    doc: str = "",
+) -> Callable:
     """Declare a reward mode: decorate its formula ``f(h, s, i, **knobs) -> array``.
 
     Adding a mode is one registration here plus its name in the config schema's
@@ -89,7 +103,9 @@ def register(name: str, *, knobs: Iterable[str], inputs: Iterable[str], per_grou
     def deco(formula: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         if name in REGISTRY:
             raise ValueError(f"reward mode {name!r} is registered twice")
-        REGISTRY[name] = RewardMode(name, formula, knobs, inputs, per_group, doc or (formula.__doc__ or ""))
+        REGISTRY[name] = RewardMode(
+            name, formula, knobs, inputs, per_group, doc or (formula.__doc__ or "")
+        )
         return formula
 
     return deco
@@ -166,7 +182,11 @@ def check_knobs(mode: str, knobs: Mapping[str, Any]) -> dict[str, float]:
     for name in m.knobs:
         v = knobs.get(name)
         v = KNOBS[name].default if v is None else v
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.floating, np.integer))
+            or not math.isfinite(v)
+        ):
             raise ValueError(f"reward mode {mode}: knob {name} needs a finite number, got {v!r}")
         v = float(v)
         if name == "hybrid_alpha" and not 0.0 <= v <= 1.0:
@@ -247,8 +267,10 @@ def reward(mode: str, *, hard: Any, soft: Any, info: Any, **knobs: float) -> Any
     """
     m = check_mode(mode)
     if m.per_group:
-        raise ValueError(f"reward mode {mode!r} needs the whole group (its weight depends on the group's "
-                         "share of correct candidates): use icdrl.rewards.group_rewards")
+        raise ValueError(
+            f"reward mode {mode!r} needs the whole group (its weight depends on the group's "
+            "share of correct candidates): use icdrl.rewards.group_rewards"
+        )
     kv = check_knobs(mode, knobs)
     raw = {"hard": hard, "soft": soft, "info": info}
     kind = _kind(raw.values())
@@ -257,7 +279,10 @@ def reward(mode: str, *, hard: Any, soft: Any, info: Any, **knobs: float) -> Any
         import torch
 
         torch_ref = next(v for v in raw.values() if isinstance(v, torch.Tensor))
-        raw = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in raw.items()}
+        raw = {
+            k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+            for k, v in raw.items()
+        }
     shape = None if kind == "float" else _common_shape(raw)
     h, s, i = _inputs(raw, shape)
     out = np.asarray(m.formula(h, s, i, **kv), dtype=np.float64)
@@ -280,8 +305,13 @@ def is_missing(v: Any) -> bool:
 _FIELD = {"hard": "vqa_correct", "soft": "vqa_acc_score", "info": "info_score"}
 
 
-def write_rewards(scored_path: str | os.PathLike, mode: str, *, knobs: Mapping[str, float] | None = None,
-                  out_path: str | os.PathLike) -> None:
+def write_rewards(
+    scored_path: str | os.PathLike,
+    mode: str,
+    *,
+    knobs: Mapping[str, float] | None = None,
+    out_path: str | os.PathLike,
+) -> None:
     """Read an ``icdrl.scored`` file and write the ``icdrl.rewards`` file of one mode/knob setting.
 
     Per anchor: ``rewards`` (one per candidate, same order), ``hard``, ``soft``, ``info`` (the
@@ -311,14 +341,24 @@ def write_rewards(scored_path: str | os.PathLike, mode: str, *, knobs: Mapping[s
                         f"{scored_path}: anchor {rec['anchor_id']}: {fname}={v!r} is not a finite number"
                     )
                 vals[key].append(float(v))
-        r = group_rewards(mode, **{k: np.asarray(v, dtype=np.float64) for k, v in vals.items()}, **kv)
+        r = group_rewards(
+            mode, **{k: np.asarray(v, dtype=np.float64) for k, v in vals.items()}, **kv
+        )
         total_missing += missing
         n_cand += len(cands)
-        out.append({"anchor_id": rec["anchor_id"], "rewards": [float(x) for x in r],
-                    **vals, "missing": missing})
+        out.append(
+            {
+                "anchor_id": rec["anchor_id"],
+                "rewards": [float(x) for x in r],
+                **vals,
+                "missing": missing,
+            }
+        )
     write_jsonl(out_path, "icdrl.rewards", out)
-    msg = (f"{scored_path}: mode {mode}: {len(out)} anchors, {n_cand} candidates, "
-           f"{total_missing} missing inputs counted as 0")
+    msg = (
+        f"{scored_path}: mode {mode}: {len(out)} anchors, {n_cand} candidates, "
+        f"{total_missing} missing inputs counted as 0"
+    )
     if total_missing:
         log.warning(msg)
     else:

@@ -77,7 +77,9 @@ def descending_ranks(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     candidates rank after all real ones.
     """
     r, m, single = _as_groups(rewards, mask)
-    r64 = torch.where(m, r.to(torch.float64), torch.full_like(r, float("-inf"), dtype=torch.float64))
+    r64 = torch.where(
+        m, r.to(torch.float64), torch.full_like(r, float("-inf"), dtype=torch.float64)
+    )
     order = torch.argsort(r64, dim=-1, descending=True, stable=True)
     ranks = torch.argsort(order, dim=-1, stable=True)
     return ranks[0] if single else ranks
@@ -109,7 +111,9 @@ def keep_groups(
     flat = flat_groups(r, m)
     if min_positive_ratio > 0:
         if hard is None:
-            raise ValueError("min_positive_ratio > 0 needs the per-candidate 'hard' (vqa_correct) values")
+            raise ValueError(
+                "min_positive_ratio > 0 needs the per-candidate 'hard' (vqa_correct) values"
+            )
         h, _, _ = _as_groups(hard, m)
         if h.shape != r.shape:
             raise ValueError(f"hard shape {tuple(h.shape)} differs from rewards {tuple(r.shape)}")
@@ -215,7 +219,9 @@ def rce_loss(
     """
     lp, m, _ = _as_groups(logp, mask)
     r, _, _ = _as_groups(rewards, m)
-    keep, flat, low = keep_groups(r, m, hard=hard, min_positive_ratio=min_positive_ratio, drop_flat=False)
+    keep, flat, low = keep_groups(
+        r, m, hard=hard, min_positive_ratio=min_positive_ratio, drop_flat=False
+    )
     keep = keep.reshape(-1)
     w = rce_weights(r, tau=tau, use_rank=use_rank, mask=m).to(lp.dtype)
     nll = torch.where(m, -lp, torch.zeros_like(lp))
@@ -277,7 +283,9 @@ def grpo_loss(
     _check_finite("logp_old", old, m)
     _check_finite("logp_ref", ref, m)
     old, ref = old.detach(), ref.detach()
-    keep, flat, low = keep_groups(r, m, hard=hard, min_positive_ratio=min_positive_ratio, drop_flat=True)
+    keep, flat, low = keep_groups(
+        r, m, hard=hard, min_positive_ratio=min_positive_ratio, drop_flat=True
+    )
     keep = keep.reshape(-1)
     adv = advantages(r, use_rank=use_rank, min_std=min_std, clip=adv_clip, mask=m).to(lp.dtype)
     zero = torch.zeros_like(lp)

@@ -53,7 +53,9 @@ def score_records(
             key = (rec.anchor_id, c.icd_ids)
             if key not in keys:
                 keys[key] = len(prompts)
-                prompts.append((lookup(train_by_id, c.icd_ids, f"{where} (anchor {rec.anchor_id})"), anchor))
+                prompts.append(
+                    (lookup(train_by_id, c.icd_ids, f"{where} (anchor {rec.anchor_id})"), anchor)
+                )
     gens = backend.generate(prompts, max_new_tokens) if prompts else []
     if len(gens) != len(prompts):
         raise RuntimeError(f"backend returned {len(gens)} generations for {len(prompts)} prompts")
@@ -64,12 +66,24 @@ def score_records(
         for c in rec.candidates:
             g = gens[keys[(rec.anchor_id, c.icd_ids)]]
             acc = float(vqa_accuracy(g.answer, answers, metric))
-            scored.append(ScoredCandidate.from_candidate(
-                c, prediction_raw=g.raw, prediction=g.answer, vqa_acc_score=acc,
-                vqa_correct=int(vqa_correct(acc, correct_threshold)),
-            ))
-        out.append(ScoredRecord(anchor_id=rec.anchor_id, pool=rec.pool, zero_shot_logprob=rec.zero_shot_logprob,
-                                zero_shot_prob=rec.zero_shot_prob, candidates=tuple(scored)))
+            scored.append(
+                ScoredCandidate.from_candidate(
+                    c,
+                    prediction_raw=g.raw,
+                    prediction=g.answer,
+                    vqa_acc_score=acc,
+                    vqa_correct=int(vqa_correct(acc, correct_threshold)),
+                )
+            )
+        out.append(
+            ScoredRecord(
+                anchor_id=rec.anchor_id,
+                pool=rec.pool,
+                zero_shot_logprob=rec.zero_shot_logprob,
+                zero_shot_prob=rec.zero_shot_prob,
+                candidates=tuple(scored),
+            )
+        )
     return out
 
 
@@ -81,7 +95,9 @@ def _metric(value, key: str) -> str:
     return value
 
 
-def chunks_by_prompts(records: Sequence[CandidateRecord], min_prompts: int) -> list[list[CandidateRecord]]:
+def chunks_by_prompts(
+    records: Sequence[CandidateRecord], min_prompts: int
+) -> list[list[CandidateRecord]]:
     """Consecutive groups of records holding at least ``min_prompts`` candidates (the last may hold fewer)."""
     out, cur, n = [], [], 0
     for r in records:
@@ -118,13 +134,24 @@ def score_shard(
     chunk_prompts = int(scoring_cfg.get("chunk_prompts", 4 * int(model_cfg.get("batch_size", 32))))
     records = read_records(candidates_path, CandidateRecord)
     train = examples_by_id(load_dataset(dataset_cfg, "train"), "train split")
-    fp = fingerprint({"threshold": threshold, "metric": metric, "model": model_fingerprint(model_cfg, model_path),
-                      "cands": [(r.anchor_id, [c.icd_ids for c in r.candidates]) for r in records]})
+    fp = fingerprint(
+        {
+            "threshold": threshold,
+            "metric": metric,
+            "model": model_fingerprint(model_cfg, model_path),
+            "cands": [(r.anchor_id, [c.icd_ids for c in r.candidates]) for r in records],
+        }
+    )
     partial = PartialJsonl(out_path, ScoredRecord.SCHEMA, fp)
     done = partial.load()
     todo = [r for r in records if r.anchor_id not in done]
-    log.info("%s: %d anchors, %d finished earlier, %d to do", candidates_path, len(records),
-             len(records) - len(todo), len(todo))
+    log.info(
+        "%s: %d anchors, %d finished earlier, %d to do",
+        candidates_path,
+        len(records),
+        len(records) - len(todo),
+        len(todo),
+    )
     if todo and backend is None:
         from icdrl.lvlm import load_backend
 
@@ -132,14 +159,25 @@ def score_shard(
     try:
         for chunk in chunks_by_prompts(todo, chunk_prompts):
             t0 = time.perf_counter()
-            scored = score_records(backend, chunk, train, correct_threshold=threshold, metric=metric,
-                                   where=str(candidates_path))
+            scored = score_records(
+                backend,
+                chunk,
+                train,
+                correct_threshold=threshold,
+                metric=metric,
+                where=str(candidates_path),
+            )
             dicts = [s.to_dict() for s in scored]
             partial.append(dicts)
             for s, d in zip(scored, dicts):
                 done[s.anchor_id] = d
-            log.info("scored %d anchors in %.2f s (%d/%d done)", len(chunk), time.perf_counter() - t0,
-                     len(done), len(records))
+            log.info(
+                "scored %d anchors in %.2f s (%d/%d done)",
+                len(chunk),
+                time.perf_counter() - t0,
+                len(done),
+                len(records),
+            )
     finally:
         partial.close()
     partial.finish([done[r.anchor_id] for r in records])

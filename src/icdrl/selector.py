@@ -28,11 +28,11 @@ NEG_INF = float("-inf")
 class TeacherForcing(NamedTuple):
     """What :meth:`PointerSelector.step_log_probs` gives for sequences [B, N, T] over pools of K."""
 
-    logits: Tensor    # [B, N, T, K] pool logits, −inf at padding and at items chosen earlier
+    logits: Tensor  # [B, N, T, K] pool logits, −inf at padding and at items chosen earlier
     logp_all: Tensor  # [B, N, T, K] log-softmax of ``logits`` per step
-    avail: Tensor     # [B, N, T, K] bool, the items still available at each step
-    picked: Tensor    # [B, N, T] log-prob of each step's label (meaningless at padding steps)
-    valid: Tensor     # [B, N, T] bool, the real (non-padding) steps
+    avail: Tensor  # [B, N, T, K] bool, the items still available at each step
+    picked: Tensor  # [B, N, T] log-prob of each step's label (meaningless at padding steps)
+    valid: Tensor  # [B, N, T] bool, the real (non-padding) steps
 
     @property
     def seq_logp(self) -> Tensor:
@@ -77,7 +77,9 @@ class CrossAttention(nn.Module):
         att = self.drop(torch.softmax(att, dim=-1))  # [B, nh, K]
         ctx = (att @ pool) @ w_in.t()  # Σ_j a_j h_j per head, [B, nh, H]
         wv = self.v.weight.view(nh, dh, h)
-        out = torch.einsum("bnh,ndh->bnd", ctx, wv) + self.v.bias.view(nh, dh) * att.sum(-1, keepdim=True)
+        out = torch.einsum("bnh,ndh->bnd", ctx, wv) + self.v.bias.view(nh, dh) * att.sum(
+            -1, keepdim=True
+        )
         return self.o(out.reshape(b, h))
 
 
@@ -99,12 +101,18 @@ class PointerSelector(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.config: dict[str, Any] = {
-            "d_in": int(d_in), "hidden_size": int(hidden_size), "num_layers": int(num_layers),
-            "num_heads": int(num_heads), "dropout": float(dropout), "temperature": float(temperature),
+            "d_in": int(d_in),
+            "hidden_size": int(hidden_size),
+            "num_layers": int(num_layers),
+            "num_heads": int(num_heads),
+            "dropout": float(dropout),
+            "temperature": float(temperature),
         }
         self.temperature = float(temperature)
         self.input_proj = nn.Linear(d_in, hidden_size, bias=False)
-        self.layers = nn.ModuleList(CrossAttention(hidden_size, num_heads, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            CrossAttention(hidden_size, num_heads, dropout) for _ in range(num_layers)
+        )
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         self.query_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.cand_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -130,14 +138,18 @@ class PointerSelector(nn.Module):
     # ------------------------------------------------------------------ scoring
 
     @staticmethod
-    def _batch(query: Tensor, pool: Tensor, pool_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, bool]:
+    def _batch(
+        query: Tensor, pool: Tensor, pool_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, bool]:
         single = query.dim() == 1
         if single:
             query, pool = query.unsqueeze(0), pool.unsqueeze(0)
             pool_mask = None if pool_mask is None else pool_mask.unsqueeze(0)
         if query.dim() != 2 or pool.dim() != 3 or pool.shape[0] != query.shape[0]:
-            raise ValueError(f"expected query [B, d] and pool [B, K, d], "
-                             f"got {tuple(query.shape)} and {tuple(pool.shape)}")
+            raise ValueError(
+                f"expected query [B, d] and pool [B, K, d], "
+                f"got {tuple(query.shape)} and {tuple(pool.shape)}"
+            )
         if pool_mask is None:
             pool_mask = torch.ones(pool.shape[:2], dtype=torch.bool, device=pool.device)
         pool_mask = pool_mask.to(torch.bool)
@@ -219,8 +231,13 @@ class PointerSelector(nn.Module):
         if query.dim() == 1:
             if seqs.dim() != 2:
                 raise ValueError("unbatched sequence_logprob expects seqs [N, T]")
-            return self.sequence_logprob(query.unsqueeze(0), pool.unsqueeze(0), seqs.unsqueeze(0),
-                                         None if pool_mask is None else pool_mask.unsqueeze(0), check=check)[0]
+            return self.sequence_logprob(
+                query.unsqueeze(0),
+                pool.unsqueeze(0),
+                seqs.unsqueeze(0),
+                None if pool_mask is None else pool_mask.unsqueeze(0),
+                check=check,
+            )[0]
         query, pool, pool_mask, _ = self._batch(query, pool, pool_mask)
         squeeze = seqs.dim() == 2
         seqs = seqs.unsqueeze(1) if squeeze else seqs
@@ -250,7 +267,10 @@ class PointerSelector(nn.Module):
             if k is None:
                 raise ValueError("forward needs labels (teacher forcing) or k (greedy steps)")
             seq = self.greedy(s.detach(), k)
-            return {"logits": self.step_log_probs(s, seq.unsqueeze(1)).logits[:, 0], "predictions": seq}
+            return {
+                "logits": self.step_log_probs(s, seq.unsqueeze(1)).logits[:, 0],
+                "predictions": seq,
+            }
         labels = labels.to(device=pool.device, dtype=torch.long)
         self.check_sequences(labels.unsqueeze(1), pool_mask)
         tf = self.step_log_probs(s, labels.unsqueeze(1))
@@ -279,7 +299,9 @@ class PointerSelector(nn.Module):
         return torch.stack(out, dim=1)
 
     @torch.no_grad()
-    def select(self, query: Tensor, pool: Tensor, k: int, pool_mask: Tensor | None = None) -> Tensor:
+    def select(
+        self, query: Tensor, pool: Tensor, k: int, pool_mask: Tensor | None = None
+    ) -> Tensor:
         """Greedy selection of k pool positions, [B, k] (or [k] unbatched), in eval mode."""
         was_training = self.training
         self.eval()
@@ -309,14 +331,16 @@ class PointerSelector(nn.Module):
             tmp.write_bytes(buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PointerSelector":
+    def load(
+        cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> PointerSelector:
         """Rebuild a selector from a checkpoint written by :meth:`save` (returned in eval mode)."""
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except (RuntimeError, EOFError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            from icdrl.records import corrupt_file_error  # noqa: PLC0415
+            from icdrl.records import corrupt_file_error
 
             raise corrupt_file_error(path, e) from None
         if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
@@ -336,8 +360,10 @@ def select_for_query(model: PointerSelector, query_vec: Any, pool_vecs: Any, k: 
     q = torch.as_tensor(query_vec, dtype=p.dtype, device=p.device)
     pool = torch.as_tensor(pool_vecs, dtype=p.dtype, device=p.device)
     if q.dim() != 1 or pool.dim() != 2 or pool.shape[1] != q.shape[0]:
-        raise ValueError(f"select_for_query expects query [d] and pool [K, d], "
-                         f"got {tuple(q.shape)} and {tuple(pool.shape)}")
+        raise ValueError(
+            f"select_for_query expects query [d] and pool [K, d], "
+            f"got {tuple(q.shape)} and {tuple(pool.shape)}"
+        )
     if not 0 <= k <= pool.shape[0]:
         raise ValueError(f"cannot select k={k} items from a pool of {pool.shape[0]}")
     return [int(i) for i in model.select(q, pool, k)]

@@ -25,9 +25,16 @@ class Synthetic:
         return float((self.table.emb[rows].astype(np.float64) @ self.direction).mean())
 
 
-def synthetic_groups(n_groups: int = 64, n_cands: int = 15, pool_size: int = 64, depth: int = 2,
-                     dim: int = 32, seed: int = 0, mode: str = "hard_plus_soft_v2",
-                     n_items: int | None = None) -> Synthetic:
+def synthetic_groups(
+    n_groups: int = 64,
+    n_cands: int = 15,
+    pool_size: int = 64,
+    depth: int = 2,
+    dim: int = 32,
+    seed: int = 0,
+    mode: str = "hard_plus_soft_v2",
+    n_items: int | None = None,
+) -> Synthetic:
     """Random unit embeddings, pools drawn from them, and N random candidate sequences per anchor.
 
     A candidate's InfoScore is its planted reward (mean item quality); ``hard`` = 1 when that is
@@ -51,14 +58,23 @@ def synthetic_groups(n_groups: int = 64, n_cands: int = 15, pool_size: int = 64,
         pool_idx = rng.choice(others, size=pool_size, replace=False)
         q = quality[pool_idx]
         best = tuple(int(p) for p in np.argsort(-q, kind="stable")[:depth])
-        seqs = [best] + [tuple(int(p) for p in rng.choice(pool_size, size=depth, replace=False))
-                         for _ in range(n_cands - 1)]
+        seqs = [best] + [
+            tuple(int(p) for p in rng.choice(pool_size, size=depth, replace=False))
+            for _ in range(n_cands - 1)
+        ]
         info = np.array([q[list(s)].mean() for s in seqs])
         hard = (info > 0.1).astype(np.float64)
         soft = np.clip(0.5 + 2.0 * info, 0.0, 1.0)
         r = reward(mode, hard=hard, soft=soft, info=info)
-        groups.append(Group(query_id=int(ids[a]), pool=tuple(int(ids[i]) for i in pool_idx), seqs=tuple(seqs),
-                            rewards=tuple(float(x) for x in r), hard=tuple(float(x) for x in hard),
-                            info=tuple(float(x) for x in info),
-                            sources=("beam",) + ("random",) * (n_cands - 1)))
+        groups.append(
+            Group(
+                query_id=int(ids[a]),
+                pool=tuple(int(ids[i]) for i in pool_idx),
+                seqs=tuple(seqs),
+                rewards=tuple(float(x) for x in r),
+                hard=tuple(float(x) for x in hard),
+                info=tuple(float(x) for x in info),
+                sources=("beam",) + ("random",) * (n_cands - 1),
+            )
+        )
     return Synthetic(groups, table, direction)

@@ -63,8 +63,18 @@ from icdrl.selector import LABEL_ORDERS, PointerSelector
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS: tuple[str, ...] = (
-    "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
-    "adv_std", "groups_kept", "groups_skipped", "val_reward",
+    "phase",
+    "epoch",
+    "loss",
+    "ppo_loss",
+    "kl",
+    "ratio_mean",
+    "ratio_max",
+    "clip_frac",
+    "adv_std",
+    "groups_kept",
+    "groups_skipped",
+    "val_reward",
 )
 
 StepCallback = Callable[[str, int, int, dict], None]
@@ -88,7 +98,11 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
             raise ValueError(f"{name} must be an integer, got {value!r}")
         return value
     if t.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if t.startswith("str"):
@@ -107,7 +121,9 @@ class _Config:
         known = {f.name: f for f in fields(cls)}
         for k in d:
             if k not in known:
-                raise ValueError(f"unknown {cls.__name__} key {k!r}; known keys: {', '.join(known)}")
+                raise ValueError(
+                    f"unknown {cls.__name__} key {k!r}; known keys: {', '.join(known)}"
+                )
         return cls(**{k: _coerce(cls.__name__, known[k], v) for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +142,9 @@ class _Config:
         if self.grad_clip <= 0:
             raise ValueError(f"{n}.grad_clip must be > 0, got {self.grad_clip}")
         if self.label_order not in LABEL_ORDERS:
-            raise ValueError(f"{n}.label_order must be one of {LABEL_ORDERS}, got {self.label_order!r}")
+            raise ValueError(
+                f"{n}.label_order must be one of {LABEL_ORDERS}, got {self.label_order!r}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{n}.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
 
@@ -135,24 +153,32 @@ class _Config:
 class V2Config(_Config):
     """Supervised (v2) selector training. One line per knob; defaults in brackets."""
 
-    hidden_size: int = 256        # H, width of the selector [256]
-    num_layers: int = 1           # cross-attention layers (query attends over its pool) [1]
-    num_heads: int = 1            # attention heads per layer [1]
-    dropout: float = 0.1          # dropout on attention weights and projections (v2/RCE training only) [0.1]
-    temperature: float = 0.1      # cosine-similarity logit temperature [0.1]
-    label_smoothing: float = 0.1  # CE label smoothing over the still-available pool items (seed: 0.1) [0.1]
-    lr: float = 5e-4              # AdamW learning rate [5e-4]
-    weight_decay: float = 0.01    # AdamW weight decay [0.01]
-    epochs: int = 10              # passes over the training anchors [10]
-    batch_queries: int = 32       # anchors per optimiser step (each with its top beams) [32]
-    top_beams: int = 5            # InfoScore beams per anchor used as targets (best first) [5 = every beam]
-    grad_clip: float = 1.0        # gradient-norm clip [1.0]
-    val_fraction: float = 0.1     # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
-    val_seed: int = 0             # seed of the anchor train/val split (shared by v2 and v3) [0]
-    selection: str = "last"       # checkpoint kept: "last" epoch or "best" val_reward [last]
-    label_order: str = "prompt"   # labels in "prompt" order or beam "selection" order (docs/science.md §7) [prompt]
-    save_epochs: bool = False     # also write every epoch's checkpoint beside the output [false]
-    device: str = "cpu"           # torch device, "cpu" or "cuda[:i]" [cpu]
+    hidden_size: int = 256  # H, width of the selector [256]
+    num_layers: int = 1  # cross-attention layers (query attends over its pool) [1]
+    num_heads: int = 1  # attention heads per layer [1]
+    dropout: float = (
+        0.1  # dropout on attention weights and projections (v2/RCE training only) [0.1]
+    )
+    temperature: float = 0.1  # cosine-similarity logit temperature [0.1]
+    label_smoothing: float = (
+        0.1  # CE label smoothing over the still-available pool items (seed: 0.1) [0.1]
+    )
+    lr: float = 5e-4  # AdamW learning rate [5e-4]
+    weight_decay: float = 0.01  # AdamW weight decay [0.01]
+    epochs: int = 10  # passes over the training anchors [10]
+    batch_queries: int = 32  # anchors per optimiser step (each with its top beams) [32]
+    top_beams: int = 5  # InfoScore beams per anchor used as targets (best first) [5 = every beam]
+    grad_clip: float = 1.0  # gradient-norm clip [1.0]
+    val_fraction: float = (
+        0.1  # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
+    )
+    val_seed: int = 0  # seed of the anchor train/val split (shared by v2 and v3) [0]
+    selection: str = "last"  # checkpoint kept: "last" epoch or "best" val_reward [last]
+    label_order: str = (
+        "prompt"  # labels in "prompt" order or beam "selection" order (docs/science.md §7) [prompt]
+    )
+    save_epochs: bool = False  # also write every epoch's checkpoint beside the output [false]
+    device: str = "cpu"  # torch device, "cpu" or "cuda[:i]" [cpu]
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -164,7 +190,9 @@ class V2Config(_Config):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"V2Config.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"V2Config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(
+                f"V2Config.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
         if self.temperature <= 0 or self.lr < 0 or self.weight_decay < 0:
             raise ValueError("V2Config.temperature must be > 0 and lr, weight_decay ≥ 0")
 
@@ -173,28 +201,36 @@ class V2Config(_Config):
 class V3Config(_Config):
     """RL (v3 = v2 + RCE + GRPO) selector training. One line per knob; defaults in brackets."""
 
-    rce_epochs: int = 5               # RCE warm-up passes (seed: 5) [5]
-    grpo_epochs: int = 10             # GRPO passes; π_old re-snapshotted at each (seed: 10) [10]
-    batch_queries: int = 16           # groups (anchors) per optimiser step, padded with masks [16]
-    rce_lr: float = 1e-4              # AdamW learning rate of the RCE stage [1e-4]
-    grpo_lr: float = 1e-4             # AdamW learning rate of the GRPO stage [1e-4]
-    weight_decay: float = 0.01        # AdamW weight decay (both stages) [0.01]
-    rce_tau_start: float = 2.0        # RCE softmax temperature at the first RCE step [2.0]
-    rce_tau_end: float = 0.5          # RCE temperature at the last RCE step (linear in steps) [0.5]
-    clip_eps: float = 0.2             # PPO ratio clip ε [0.2]
-    kl_beta: float = 0.1              # weight β of the k3 KL to π_ref (policy at GRPO start) [0.1]
-    min_std: float = 0.1              # floor of the group std in z-score advantages [0.1]
-    adv_clip: float = 5.0             # advantages clipped to ±adv_clip [5.0]
-    min_positive_ratio: float = 0.0   # GRPO trains a group only if its share of h=1 is ≥ this (seed: 0.2) [0.0 = off]
-    gate_rce: bool = False            # apply min_positive_ratio to RCE as well [false]
-    dropout: float | None = None      # dropout during RCE (GRPO always runs with dropout off); null = keep v2's [null]
-    grad_clip: float = 1.0            # gradient-norm clip [1.0]
-    val_fraction: float = 0.1         # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
-    val_seed: int = 0                 # seed of the anchor train/val split (same as v2's → same split) [0]
-    selection: str = "last"           # "last" epoch, or "best" GRPO epoch by validation proxy [last]
-    label_order: str = "prompt"       # as V2Config.label_order; its v2 must have been trained with the same [prompt]
-    save_epochs: bool = False         # also write every epoch's checkpoint beside the output [false]
-    device: str = "cpu"               # torch device, "cpu" or "cuda[:i]" [cpu]
+    rce_epochs: int = 5  # RCE warm-up passes (seed: 5) [5]
+    grpo_epochs: int = 10  # GRPO passes; π_old re-snapshotted at each (seed: 10) [10]
+    batch_queries: int = 16  # groups (anchors) per optimiser step, padded with masks [16]
+    rce_lr: float = 1e-4  # AdamW learning rate of the RCE stage [1e-4]
+    grpo_lr: float = 1e-4  # AdamW learning rate of the GRPO stage [1e-4]
+    weight_decay: float = 0.01  # AdamW weight decay (both stages) [0.01]
+    rce_tau_start: float = 2.0  # RCE softmax temperature at the first RCE step [2.0]
+    rce_tau_end: float = 0.5  # RCE temperature at the last RCE step (linear in steps) [0.5]
+    clip_eps: float = 0.2  # PPO ratio clip ε [0.2]
+    kl_beta: float = 0.1  # weight β of the k3 KL to π_ref (policy at GRPO start) [0.1]
+    min_std: float = 0.1  # floor of the group std in z-score advantages [0.1]
+    adv_clip: float = 5.0  # advantages clipped to ±adv_clip [5.0]
+    min_positive_ratio: float = (
+        0.0  # GRPO trains a group only if its share of h=1 is ≥ this (seed: 0.2) [0.0 = off]
+    )
+    gate_rce: bool = False  # apply min_positive_ratio to RCE as well [false]
+    dropout: float | None = (
+        None  # dropout during RCE (GRPO always runs with dropout off); null = keep v2's [null]
+    )
+    grad_clip: float = 1.0  # gradient-norm clip [1.0]
+    val_fraction: float = (
+        0.1  # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
+    )
+    val_seed: int = 0  # seed of the anchor train/val split (same as v2's → same split) [0]
+    selection: str = "last"  # "last" epoch, or "best" GRPO epoch by validation proxy [last]
+    label_order: str = (
+        "prompt"  # as V2Config.label_order; its v2 must have been trained with the same [prompt]
+    )
+    save_epochs: bool = False  # also write every epoch's checkpoint beside the output [false]
+    device: str = "cpu"  # torch device, "cpu" or "cuda[:i]" [cpu]
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -209,7 +245,9 @@ class V3Config(_Config):
         if self.kl_beta < 0 or self.rce_lr < 0 or self.grpo_lr < 0 or self.weight_decay < 0:
             raise ValueError("V3Config.kl_beta, rce_lr, grpo_lr and weight_decay must be ≥ 0")
         if not 0.0 <= self.min_positive_ratio <= 1.0:
-            raise ValueError(f"V3Config.min_positive_ratio must be in [0, 1], got {self.min_positive_ratio}")
+            raise ValueError(
+                f"V3Config.min_positive_ratio must be in [0, 1], got {self.min_positive_ratio}"
+            )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"V3Config.dropout must be in [0, 1) or null, got {self.dropout}")
 
@@ -225,15 +263,20 @@ def _device(name: str) -> torch.device:
 
 def _batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
     perm = torch.randperm(n, generator=gen)
-    return [perm[i: i + size] for i in range(0, n, size)]
+    return [perm[i : i + size] for i in range(0, n, size)]
 
 
 # ============================================================================ validation proxy
 
 
 @torch.no_grad()
-def val_proxy(model: PointerSelector, packed: Packed | None, table: EmbeddingTable, device: torch.device,
-              batch: int = 256) -> tuple[float | None, float]:
+def val_proxy(
+    model: PointerSelector,
+    packed: Packed | None,
+    table: EmbeddingTable,
+    device: torch.device,
+    batch: int = 256,
+) -> tuple[float | None, float]:
     """Mean reward of the greedy sequence where it is one of the group's scored candidates.
 
     Greedy depth = the group's longest candidate; a candidate matches when it equals the greedy
@@ -250,13 +293,19 @@ def val_proxy(model: PointerSelector, packed: Packed | None, table: EmbeddingTab
             b = make_batch(packed, idx, table, device)
             lens = (b.seqs >= 0).sum(-1)  # [B, N]
             depth = torch.where(b.cand_mask, lens, torch.zeros_like(lens)).amax(-1)  # [B]
-            greedy = model.greedy(model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True)
+            greedy = model.greedy(
+                model.scores(b.query, b.pool, b.pool_mask), b.seqs.shape[-1], allow_short=True
+            )
             steps = torch.arange(b.seqs.shape[-1], device=device)
             # steps beyond the group's depth do not count; a match must have the group's depth
             eq = ((b.seqs == greedy[:, None, :]) | (steps >= depth[:, None, None])).all(-1)
             hit = eq & b.cand_mask & (lens == depth[:, None])
             n_hit = hit.sum(-1)
-            r = torch.where(hit, b.rewards.to(torch.float64), torch.zeros((), dtype=torch.float64, device=device))
+            r = torch.where(
+                hit,
+                b.rewards.to(torch.float64),
+                torch.zeros((), dtype=torch.float64, device=device),
+            )
             ok = n_hit > 0
             total += float((r.sum(-1)[ok] / n_hit[ok]).sum())
             matched += int(ok.sum())
@@ -284,9 +333,17 @@ def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
             w = csv.writer(fh)
             w.writerow(METRIC_COLUMNS)
             for r in rows:
-                w.writerow(["" if r.get(c) is None else (repr(float(r[c])) if isinstance(r[c], float) else r[c])
-                            for c in METRIC_COLUMNS])
-            fh.write(csv_end_line(len(rows)) + "\n")  # last: a CSV cut short is refused by its readers
+                w.writerow(
+                    [
+                        ""
+                        if r.get(c) is None
+                        else (repr(float(r[c])) if isinstance(r[c], float) else r[c])
+                        for c in METRIC_COLUMNS
+                    ]
+                )
+            fh.write(
+                csv_end_line(len(rows)) + "\n"
+            )  # last: a CSV cut short is refused by its readers
 
 
 def _epoch_path(out_ckpt: str | os.PathLike, phase: str, epoch: int) -> str:
@@ -326,7 +383,9 @@ def _check_finite_params(model: PointerSelector, where: str) -> None:
             raise FloatingPointError(f"{where}: parameter {name} became non-finite")
 
 
-def _step(model: PointerSelector, opt: torch.optim.Optimizer, loss: Tensor, grad_clip: float) -> None:
+def _step(
+    model: PointerSelector, opt: torch.optim.Optimizer, loss: Tensor, grad_clip: float
+) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -346,15 +405,23 @@ def sft_loss(model: PointerSelector, b: Batch, label_smoothing: float) -> Tensor
     ce = -tf.picked
     if label_smoothing > 0:
         avail = tf.avail
-        smooth = torch.where(avail, tf.logp_all, torch.zeros_like(tf.logp_all)).sum(-1) / avail.sum(-1).clamp_min(1)
+        smooth = torch.where(avail, tf.logp_all, torch.zeros_like(tf.logp_all)).sum(-1) / avail.sum(
+            -1
+        ).clamp_min(1)
         ce = (1.0 - label_smoothing) * ce - label_smoothing * smooth
     ce = torch.where(tf.valid, ce, torch.zeros_like(ce))
     return ce.sum() / tf.valid.sum().clamp_min(1)
 
 
-def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed: int,
-             *, on_step: StepCallback | None = None, out_ckpt: str | None = None
-             ) -> tuple[PointerSelector, list[dict], dict]:
+def train_v2(
+    groups: Sequence[Group],
+    table: EmbeddingTable,
+    cfg: V2Config,
+    seed: int,
+    *,
+    on_step: StepCallback | None = None,
+    out_ckpt: str | None = None,
+) -> tuple[PointerSelector, list[dict], dict]:
     """Supervised v2 training; returns (selected model, metric rows, checkpoint meta)."""
     device = _device(cfg.device)
     torch.manual_seed(seed)
@@ -362,15 +429,19 @@ def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed
     train_g, val_g = split_val(groups, cfg.val_fraction, cfg.val_seed)
     targets = [t for t in (sft_group(g, cfg.top_beams) for g in train_g) if t is not None]
     if len(targets) < len(train_g):
-        log.warning("v2: %d of %d training anchors have no beam candidates and are skipped",
-                    len(train_g) - len(targets), len(train_g))
+        log.warning(
+            "v2: %d of %d training anchors have no beam candidates and are skipped",
+            len(train_g) - len(targets),
+            len(train_g),
+        )
     if not targets:
         raise ValueError("v2: no training anchor has a beam candidate")
     packed = pack_groups(targets, table)
     PointerSelector.check_sequences(packed.seqs, packed.pool_mask)
     val_packed = pack_groups(val_g, table) if val_g else None
-    model = PointerSelector(table.dim, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-                            cfg.dropout, cfg.temperature).to(device)
+    model = PointerSelector(
+        table.dim, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout, cfg.temperature
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     keeper = _Keeper(cfg.selection)
     rows: list[dict] = []
@@ -386,19 +457,40 @@ def train_v2(groups: Sequence[Group], table: EmbeddingTable, cfg: V2Config, seed
                 on_step("v2", epoch, step, {"loss": losses[-1]})
         _check_finite_params(model, f"v2 epoch {epoch}")
         val, cov = val_proxy(model, val_packed, table, device)
-        rows.append(_row("v2", epoch, loss=float(np.mean(losses)), groups_kept=len(packed),
-                         groups_skipped=len(train_g) - len(packed), val_reward=val))
-        log.info("v2 epoch %d: loss %.4f, val proxy %s (coverage %.2f)", epoch, rows[-1]["loss"], val, cov)
+        rows.append(
+            _row(
+                "v2",
+                epoch,
+                loss=float(np.mean(losses)),
+                groups_kept=len(packed),
+                groups_skipped=len(train_g) - len(packed),
+                val_reward=val,
+            )
+        )
+        log.info(
+            "v2 epoch %d: loss %.4f, val proxy %s (coverage %.2f)",
+            epoch,
+            rows[-1]["loss"],
+            val,
+            cov,
+        )
         keeper.offer(model, "v2", epoch, val)
         if cfg.save_epochs and out_ckpt:
-            model.save(_epoch_path(out_ckpt, "v2", epoch), {"phase": "v2", "epoch": epoch, "seed": seed,
-                                                            "train": cfg.to_dict()})
+            model.save(
+                _epoch_path(out_ckpt, "v2", epoch),
+                {"phase": "v2", "epoch": epoch, "seed": seed, "train": cfg.to_dict()},
+            )
     if keeper.state is not None:
         if keeper.tag and cfg.selection == "best" and keeper.best is None:
             log.warning("v2: no epoch had a validation proxy; keeping the last epoch")
         model.load_state_dict(keeper.state)
-    meta = {"phase": "v2", "seed": int(seed), "train": cfg.to_dict(),
-            "selected_epoch": keeper.tag[1] if keeper.tag else 0, "selection": cfg.selection}
+    meta = {
+        "phase": "v2",
+        "seed": int(seed),
+        "train": cfg.to_dict(),
+        "selected_epoch": keeper.tag[1] if keeper.tag else 0,
+        "selection": cfg.selection,
+    }
     return model.eval(), rows, meta
 
 
@@ -418,8 +510,15 @@ class _Agg:
     def __init__(self) -> None:
         self.g = 0
         self.c = 0
-        self.sums: dict[str, float] = {"loss": 0.0, "ppo_loss": 0.0, "kl": 0.0, "ratio": 0.0,
-                                       "clip": 0.0, "a1": 0.0, "a2": 0.0}
+        self.sums: dict[str, float] = {
+            "loss": 0.0,
+            "ppo_loss": 0.0,
+            "kl": 0.0,
+            "ratio": 0.0,
+            "clip": 0.0,
+            "a1": 0.0,
+            "a2": 0.0,
+        }
         self.ratio_max: float | None = None
         self.kept = 0
         self.skipped = 0
@@ -439,22 +538,40 @@ class _Agg:
             self.sums["clip"] += d["clip_frac"] * n
             self.sums["a1"] += d["adv_mean"] * n
             self.sums["a2"] += (d["adv_std"] ** 2 + d["adv_mean"] ** 2) * n
-            self.ratio_max = d["ratio_max"] if self.ratio_max is None else max(self.ratio_max, d["ratio_max"])
+            self.ratio_max = (
+                d["ratio_max"] if self.ratio_max is None else max(self.ratio_max, d["ratio_max"])
+            )
 
     def mean(self, k: str) -> float | None:
         return self.sums[k] / self.g if self.g else None
 
     def row(self, phase: str, epoch: int, val: float | None) -> dict:
         if phase == "rce":
-            return _row(phase, epoch, loss=self.mean("loss"), groups_kept=self.kept,
-                        groups_skipped=self.skipped, val_reward=val)
+            return _row(
+                phase,
+                epoch,
+                loss=self.mean("loss"),
+                groups_kept=self.kept,
+                groups_skipped=self.skipped,
+                val_reward=val,
+            )
         c = self.c
         a1 = self.sums["a1"] / c if c else None
         adv_std = math.sqrt(max(self.sums["a2"] / c - a1 * a1, 0.0)) if c else None
-        return _row(phase, epoch, loss=self.mean("loss"), ppo_loss=self.mean("ppo_loss"), kl=self.mean("kl"),
-                    ratio_mean=self.sums["ratio"] / c if c else None, ratio_max=self.ratio_max,
-                    clip_frac=self.sums["clip"] / c if c else None, adv_std=adv_std,
-                    groups_kept=self.kept, groups_skipped=self.skipped, val_reward=val)
+        return _row(
+            phase,
+            epoch,
+            loss=self.mean("loss"),
+            ppo_loss=self.mean("ppo_loss"),
+            kl=self.mean("kl"),
+            ratio_mean=self.sums["ratio"] / c if c else None,
+            ratio_max=self.ratio_max,
+            clip_frac=self.sums["clip"] / c if c else None,
+            adv_std=adv_std,
+            groups_kept=self.kept,
+            groups_skipped=self.skipped,
+            val_reward=val,
+        )
 
 
 def _grpo_logps(model: PointerSelector, old: PointerSelector, b: Batch) -> tuple[Tensor, Tensor]:
@@ -466,16 +583,26 @@ def _grpo_logps(model: PointerSelector, old: PointerSelector, b: Batch) -> tuple
     return lp, lp_old
 
 
-def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTable, cfg: V3Config,
-             use_rank: bool, seed: int, *, on_step: StepCallback | None = None, out_ckpt: str | None = None
-             ) -> tuple[PointerSelector, list[dict], dict]:
+def train_v3(
+    model: PointerSelector,
+    groups: Sequence[Group],
+    table: EmbeddingTable,
+    cfg: V3Config,
+    use_rank: bool,
+    seed: int,
+    *,
+    on_step: StepCallback | None = None,
+    out_ckpt: str | None = None,
+) -> tuple[PointerSelector, list[dict], dict]:
     """RCE warm-up then GRPO from ``model`` (a trained v2); returns (selected model, rows, meta)."""
     device = _device(cfg.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if model.config["d_in"] != table.dim:
-        raise ValueError(f"selector expects {model.config['d_in']}-d embeddings, "
-                         f"{table.path or 'table'} has {table.dim}")
+        raise ValueError(
+            f"selector expects {model.config['d_in']}-d embeddings, "
+            f"{table.path or 'table'} has {table.dim}"
+        )
     if any(g.hard is None for g in groups) and cfg.min_positive_ratio > 0:
         raise ValueError("min_positive_ratio > 0 needs scored groups (vqa_correct)")
     model = model.to(device)
@@ -495,13 +622,26 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
         _check_finite_params(model, f"{phase} epoch {epoch}")
         val, cov = val_proxy(model, val_packed, table, device)
         rows.append(agg.row(phase, epoch, val))
-        log.info("%s epoch %d: %s (val coverage %.2f)", phase, epoch,
-                 {k: v for k, v in rows[-1].items() if v is not None}, cov)
+        log.info(
+            "%s epoch %d: %s (val coverage %.2f)",
+            phase,
+            epoch,
+            {k: v for k, v in rows[-1].items() if v is not None},
+            cov,
+        )
         if eligible:
             keeper.offer(model, phase, epoch, val)
         if cfg.save_epochs and out_ckpt:
-            model.save(_epoch_path(out_ckpt, phase, epoch), {"phase": phase, "epoch": epoch, "seed": seed,
-                                                             "use_rank": use_rank, "train": cfg.to_dict()})
+            model.save(
+                _epoch_path(out_ckpt, phase, epoch),
+                {
+                    "phase": phase,
+                    "epoch": epoch,
+                    "seed": seed,
+                    "use_rank": use_rank,
+                    "train": cfg.to_dict(),
+                },
+            )
 
     # ---- RCE warm-up (dropout on, as in supervised training)
     if cfg.rce_epochs:
@@ -516,8 +656,15 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
                 tau = _tau(gstep, n_steps, cfg.rce_tau_start, cfg.rce_tau_end)
                 gstep += 1
                 lp = model.sequence_logprob(b.query, b.pool, b.seqs, b.pool_mask, check=False)
-                loss, d = rl.rce_loss(lp, b.rewards, tau=tau, use_rank=use_rank, mask=b.cand_mask,
-                                      hard=b.hard, min_positive_ratio=mpr_rce)
+                loss, d = rl.rce_loss(
+                    lp,
+                    b.rewards,
+                    tau=tau,
+                    use_rank=use_rank,
+                    mask=b.cand_mask,
+                    hard=b.hard,
+                    min_positive_ratio=mpr_rce,
+                )
                 if d["groups_kept"]:
                     _step(model, opt, loss, cfg.grad_clip)
                 agg.add(d)
@@ -546,10 +693,20 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
                     lp_ref = lp_old
                 else:
                     lp_ref = ref_lp[idx.to(device), :n].to(lp_old.dtype)
-                loss, d = rl.grpo_loss(lp, lp_old, lp_ref, b.rewards, use_rank=use_rank, mask=b.cand_mask,
-                                       hard=b.hard, min_positive_ratio=cfg.min_positive_ratio,
-                                       clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, min_std=cfg.min_std,
-                                       adv_clip=cfg.adv_clip)
+                loss, d = rl.grpo_loss(
+                    lp,
+                    lp_old,
+                    lp_ref,
+                    b.rewards,
+                    use_rank=use_rank,
+                    mask=b.cand_mask,
+                    hard=b.hard,
+                    min_positive_ratio=cfg.min_positive_ratio,
+                    clip_eps=cfg.clip_eps,
+                    kl_beta=cfg.kl_beta,
+                    min_std=cfg.min_std,
+                    adv_clip=cfg.adv_clip,
+                )
                 if d["groups_kept"]:
                     _step(model, opt, loss, cfg.grad_clip)
                 agg.add(d)
@@ -561,17 +718,31 @@ def train_v3(model: PointerSelector, groups: Sequence[Group], table: EmbeddingTa
         if cfg.selection == "best" and keeper.best is None:
             log.warning("v3: no epoch had a validation proxy; keeping the last epoch")
         model.load_state_dict(keeper.state)
-    meta = {"phase": "v3", "seed": int(seed), "use_rank": bool(use_rank), "train": cfg.to_dict(),
-            "selected_phase": keeper.tag[0] if keeper.tag else "v2",
-            "selected_epoch": keeper.tag[1] if keeper.tag else 0, "selection": cfg.selection}
+    meta = {
+        "phase": "v3",
+        "seed": int(seed),
+        "use_rank": bool(use_rank),
+        "train": cfg.to_dict(),
+        "selected_phase": keeper.tag[0] if keeper.tag else "v2",
+        "selected_epoch": keeper.tag[1] if keeper.tag else 0,
+        "selection": cfg.selection,
+    }
     return model.eval(), rows, meta
 
 
 # ============================================================================ file entry points
 
 
-def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[str, Any] | None, seed: int,
-                   out_ckpt: str, out_metrics: str, *, insert: str = "first") -> None:
+def train_v2_files(
+    candidates_path: str,
+    train_emb_path: str,
+    v2_cfg: Mapping[str, Any] | None,
+    seed: int,
+    out_ckpt: str,
+    out_metrics: str,
+    *,
+    insert: str = "first",
+) -> None:
     """Workflow stage: v2 from an ``icdrl.candidates`` file; writes the checkpoint and metrics CSV.
 
     ``insert`` is the candidates' insertion side, which fixes the beams' selection order.
@@ -584,9 +755,20 @@ def train_v2_files(candidates_path: str, train_emb_path: str, v2_cfg: Mapping[st
     write_metrics(rows, out_metrics)
 
 
-def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_path: str, *,
-                   v3_cfg: Mapping[str, Any] | None, use_rank: bool, seed: int, out_ckpt: str,
-                   out_metrics: str, insert: str = "first", cell: Mapping[str, Any] | None = None) -> None:
+def train_v3_files(
+    v2_ckpt: str,
+    scored_path: str,
+    rewards_path: str,
+    train_emb_path: str,
+    *,
+    v3_cfg: Mapping[str, Any] | None,
+    use_rank: bool,
+    seed: int,
+    out_ckpt: str,
+    out_metrics: str,
+    insert: str = "first",
+    cell: Mapping[str, Any] | None = None,
+) -> None:
     """Workflow stage: v3 (RCE + GRPO) from a v2 checkpoint, scored candidates and one rewards file.
 
     ``cell`` (:meth:`icdrl.grid.Cell.as_dict`) is stored in the checkpoint. The v2 checkpoint
@@ -596,13 +778,25 @@ def train_v3_files(v2_ckpt: str, scored_path: str, rewards_path: str, train_emb_
     if not isinstance(use_rank, bool):
         raise ValueError(f"use_rank must be true or false, got {use_rank!r}")
     model = PointerSelector.load(v2_ckpt)
-    parent = (model.checkpoint_config.get("label_order", "prompt"), model.checkpoint_config.get("insert", insert))
+    parent = (
+        model.checkpoint_config.get("label_order", "prompt"),
+        model.checkpoint_config.get("insert", insert),
+    )
     if parent != (cfg.label_order, insert):
-        raise ValueError(f"{v2_ckpt}: trained with label_order={parent[0]}, insert={parent[1]}; this v3 cell "
-                         f"needs label_order={cfg.label_order}, insert={insert}")
+        raise ValueError(
+            f"{v2_ckpt}: trained with label_order={parent[0]}, insert={parent[1]}; this v3 cell "
+            f"needs label_order={cfg.label_order}, insert={insert}"
+        )
     groups = in_label_order(load_groups(scored_path, rewards_path), cfg.label_order, insert)
     table = EmbeddingTable.load(train_emb_path)
     model, rows, meta = train_v3(model, groups, table, cfg, use_rank, int(seed), out_ckpt=out_ckpt)
-    model.save(out_ckpt, {**meta, "label_order": cfg.label_order, "insert": insert,
-                          "cell": dict(cell) if cell is not None else None})
+    model.save(
+        out_ckpt,
+        {
+            **meta,
+            "label_order": cfg.label_order,
+            "insert": insert,
+            "cell": dict(cell) if cell is not None else None,
+        },
+    )
     write_metrics(rows, out_metrics)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +40,16 @@ def _next_id() -> int:
 
 def _opts(tokens: list[str]) -> dict[str, str]:
     """sbatch options as {name: value}; handles --name=value, --name value, -p value."""
-    short = {"-p": "partition", "-t": "time", "-A": "account", "-D": "chdir", "-C": "constraint",
-             "-o": "output", "-J": "job-name", "-n": "ntasks"}
+    short = {
+        "-p": "partition",
+        "-t": "time",
+        "-A": "account",
+        "-D": "chdir",
+        "-C": "constraint",
+        "-o": "output",
+        "-J": "job-name",
+        "-n": "ntasks",
+    }
     flags = {"--parsable", "--requeue", "--no-requeue", "--export=ALL"}
     out: dict[str, str] = {}
     i = 0
@@ -67,9 +74,19 @@ def _opts(tokens: list[str]) -> dict[str, str]:
 def sbatch(argv: list[str]) -> int:
     o = _opts(argv)
     jobid = _next_id()
-    _record("sbatch", argv, jobid=jobid, partition=o.get("partition"), time=o.get("time"),
-            mem=o.get("mem"), gpus=o.get("gpus"), gres=o.get("gres"), comment=o.get("comment"),
-            cpus=o.get("cpus-per-task"), job_name=o.get("job-name"))
+    _record(
+        "sbatch",
+        argv,
+        jobid=jobid,
+        partition=o.get("partition"),
+        time=o.get("time"),
+        mem=o.get("mem"),
+        gpus=o.get("gpus"),
+        gres=o.get("gres"),
+        comment=o.get("comment"),
+        cpus=o.get("cpus-per-task"),
+        job_name=o.get("job-name"),
+    )
     script = o.get("wrap")
     if script is None:
         script = sys.stdin.read()
@@ -79,10 +96,17 @@ def sbatch(argv: list[str]) -> int:
     out_path = (o.get("output") or f"slurm-{jobid}.out").replace("%j", str(jobid))
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as fh:
-        rc = subprocess.call(["bash", "-c", script], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                             cwd=o.get("chdir") or None)
+        rc = subprocess.call(
+            ["bash", "-c", script],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=o.get("chdir") or None,
+        )
     (STATE / "jobs").mkdir(parents=True, exist_ok=True)
-    (STATE / "jobs" / str(jobid)).write_text(f"{o.get('job-name', '')}\n{'COMPLETED' if rc == 0 else 'FAILED'}\n")
+    (STATE / "jobs" / str(jobid)).write_text(
+        f"{o.get('job-name', '')}\n{'COMPLETED' if rc == 0 else 'FAILED'}\n"
+    )
     print(jobid)
     return 0
 
@@ -143,7 +167,8 @@ def other(tool: str, argv: list[str]) -> int:
 def main() -> int:
     tool, argv = sys.argv[1], sys.argv[2:]  # the wrapper scripts pass their own name first
     return {"sbatch": sbatch, "srun": srun, "sacct": sacct, "squeue": squeue, "sinfo": sinfo}.get(
-        tool, lambda a: other(tool, a))(argv)
+        tool, lambda a: other(tool, a)
+    )(argv)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,20 @@ rule candidates_shard:
     # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/shards/candidates-{shard}-of-<shards>.jsonl
     output:
         L.candidates_shard,
+    log:
+        logfile(L.candidates_shard),
+    benchmark:
+        benchfile(L.candidates_shard)
+    conda:
+        "../envs/icdrl.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         n_shards=L.n_shards,
         dataset=section("dataset"),
         model=section("model"),
         candidates=section("candidates"),
-    log:
-        logfile(L.candidates_shard),
-    benchmark:
-        benchfile(L.candidates_shard)
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
     script:
         "../scripts/candidates_shard.py"
 
@@ -34,12 +34,12 @@ rule concat_candidates:
     # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/candidates.jsonl
     output:
         L.candidates,
-    params:
-        schema="icdrl.candidates",
     log:
         logfile(L.candidates),
     localrule: True
     conda:
         "../envs/icdrl.yaml"
+    params:
+        schema="icdrl.candidates",
     script:
         "../scripts/concat_jsonl.py"

@@ -95,7 +95,9 @@ def report_output(path):
     an experiment's files (exp-<name>, exp-<name>-delta) share one caption per kind."""
     stem, ext = Path(path).stem, Path(path).suffix
     if stem == "config":
-        return report(path, caption="../report/config.rst", category="8 Config", labels={"shows": "config"})
+        return report(
+            path, caption="../report/config.rst", category="8 Config", labels={"shows": "config"}
+        )
     if ext not in (".html", ".png"):
         return path
     if stem.startswith("exp-"):
@@ -114,4 +116,3 @@ def report_output(path):
         category=REPORT_CATEGORY.get(stem, "7 Other"),
         labels={"shows": stem.replace("_", " ")},
     )
-

@@ -7,18 +7,18 @@ rule embed:
     # results/<dataset>/emb/<encoder>/{split}.npz
     output:
         L.emb,
-    params:
-        dataset=section("dataset"),
-        embeddings=section("embeddings"),
-        model=section("model"),
     log:
         logfile(L.emb),
     benchmark:
         benchfile(L.emb)
+    conda:
+        "../envs/icdrl.yaml"
     threads: 1
     resources:
         gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
+    params:
+        dataset=section("dataset"),
+        embeddings=section("embeddings"),
+        model=section("model"),
     script:
         "../scripts/embed.py"

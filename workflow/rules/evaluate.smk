@@ -19,17 +19,17 @@ rule evaluate_baseline:
     # results/<dataset>/<model>/<encoder>/<pools>/test-n<n_test>-k<shots>-mnt<max_new_tokens>-<metric>/{method}.jsonl
     output:
         L.eval_baseline,
-    params:
-        **eval_params("baseline"),
     log:
         logfile(L.eval_baseline),
     benchmark:
         benchfile(L.eval_baseline)
+    conda:
+        "../envs/icdrl.yaml"
     threads: 1
     resources:
         gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
+    params:
+        **eval_params("baseline"),
     script:
         "../scripts/evaluate.py"
 
@@ -41,17 +41,17 @@ rule evaluate_rices:
     # results/<dataset>/<model>/<encoder>/<pools>/test-n<n_test>-k<shots>-mnt<max_new_tokens>-<metric>/{rices_image,rices_text,rices,copy}.jsonl
     output:
         list(L.eval_rices.values()),
-    params:
-        **eval_params("rices", methods=list(L.eval_rices)),
     log:
         logfile(L.eval_rices["copy"]),
     benchmark:
         benchfile(L.eval_rices["copy"])
+    conda:
+        "../envs/icdrl.yaml"
     threads: 1
     resources:
         gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
+    params:
+        **eval_params("rices", methods=list(L.eval_rices)),
     script:
         "../scripts/evaluate.py"
 
@@ -63,12 +63,12 @@ use rule evaluate_baseline as evaluate_v2 with:
     # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/{v2}/seed{seed}/test-n<n_test>-k<shots>-mnt<max_new_tokens>-<metric>.jsonl
     output:
         L.eval_v2,
-    params:
-        **eval_params("v2"),
     log:
         logfile(L.eval_v2),
     benchmark:
         benchfile(L.eval_v2)
+    params:
+        **eval_params("v2"),
 
 
 use rule evaluate_baseline as evaluate_v3 with:
@@ -81,12 +81,12 @@ use rule evaluate_baseline as evaluate_v3 with:
         # the test queries, and the validation queries in the same job (pools.n_val > 0)
         test=L.eval_v3,
         val=[L.val_v3] if L.val_v3 else [],
-    params:
-        **eval_params("v3", cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict()),
     log:
         logfile(L.eval_v3),
     benchmark:
         benchfile(L.eval_v3)
+    params:
+        **eval_params("v3", cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict()),
 
 
 if L.per_shot:
@@ -117,18 +117,18 @@ if L.ablate:
         # {ablated}.shuffled-r<random_seed>.jsonl, {ablated}.no_images.jsonl (beside the ablated eval file)
         output:
             **L.ablation_outputs("{ablated}.jsonl"),
-        params:
-            **eval_params("ablations"),
-        wildcard_constraints:
-            ablated="|".join(re.escape(b[: -len(".jsonl")]) for b in L.ablation_bases()),
         log:
             "{ablated}.ablations.log",
         benchmark:
             "{ablated}.ablations.benchmark.tsv"
+        wildcard_constraints:
+            ablated="|".join(re.escape(b[: -len(".jsonl")]) for b in L.ablation_bases()),
+        conda:
+            "../envs/icdrl.yaml"
         threads: 1
         resources:
             gpu=1,
-        conda:
-            "../envs/icdrl.yaml"
+        params:
+            **eval_params("ablations"),
         script:
             "../scripts/evaluate.py"

@@ -8,15 +8,15 @@ rule pools:
     # results/<dataset>/pools/<encoder>/<pools>/{role}-n{n}.jsonl
     output:
         L.pools,
-    params:
-        dataset=section("dataset"),
-        pools=section("pools"),
     log:
         logfile(L.pools),
     benchmark:
         benchfile(L.pools)
-    threads: 1
     conda:
         "../envs/icdrl.yaml"
+    threads: 1
+    params:
+        dataset=section("dataset"),
+        pools=section("pools"),
     script:
         "../scripts/pools.py"

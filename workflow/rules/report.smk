@@ -10,15 +10,15 @@ rule answers:
     # results/<dataset>/answers/train.json
     output:
         L.answers,
-    params:
-        dataset=section("dataset"),
     log:
         logfile(L.answers),
     benchmark:
         benchfile(L.answers)
-    threads: 1
     conda:
         "../envs/icdrl.yaml"
+    threads: 1
+    params:
+        dataset=section("dataset"),
     script:
         "../scripts/answers.py"
 
@@ -33,6 +33,13 @@ rule report:
     # results/<dataset>/<model>/report/<hash of the eval files>/summary.md, ... (REPORT_FILES)
     output:
         [report_output(p) for p in REPORT_FILES],
+    log:
+        f"{L.report_dir}.log",
+    benchmark:
+        f"{L.report_dir}.benchmark.tsv"
+    localrule: True
+    conda:
+        "../envs/icdrl.yaml"
     params:
         out_dir=lambda w, output: os.path.dirname(output[0]),
         metrics_labels=list(L.labelled_metrics()),
@@ -41,12 +48,5 @@ rule report:
         report_cfg=config["report"],
         # the whole config: the report folder keeps a copy (config.yaml)
         config=untracked(config),
-    log:
-        f"{L.report_dir}.log",
-    benchmark:
-        f"{L.report_dir}.benchmark.tsv"
-    localrule: True
-    conda:
-        "../envs/icdrl.yaml"
     script:
         "../scripts/report.py"

@@ -9,19 +9,19 @@ rule score_shard:
     # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/<scored>/shards/scored-{shard}-of-<shards>.jsonl
     output:
         L.scored_shard,
-    params:
-        dataset=section("dataset"),
-        model=section("model"),
-        scoring=section("scoring"),
     log:
         logfile(L.scored_shard),
     benchmark:
         benchfile(L.scored_shard)
+    conda:
+        "../envs/icdrl.yaml"
     threads: 1
     resources:
         gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
+    params:
+        dataset=section("dataset"),
+        model=section("model"),
+        scoring=section("scoring"),
     script:
         "../scripts/score_shard.py"
 
@@ -32,12 +32,12 @@ rule concat_scored:
     # results/<dataset>/<model>/<encoder>/<pools>/anchors-n<n_anchors>/<candidates>/<scored>/scored.jsonl
     output:
         L.scored,
-    params:
-        schema="icdrl.scored",
     log:
         logfile(L.scored),
     localrule: True
     conda:
         "../envs/icdrl.yaml"
+    params:
+        schema="icdrl.scored",
     script:
         "../scripts/concat_jsonl.py"

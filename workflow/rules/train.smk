@@ -10,19 +10,19 @@ rule train_v2:
     output:
         ckpt=L.v2_ckpt,
         metrics=L.v2_metrics,
-    params:
-        # the train.v2 settings behind {v2} (label_order may differ from train.v2's: a v3 cell's parent)
-        v2_cfg=lambda w: L.v2_config(w.v2),
-        insert_side=config["candidates"]["insert"],
     log:
         logfile(L.v2_ckpt),
     benchmark:
         benchfile(L.v2_ckpt)
+    conda:
+        "../envs/icdrl.yaml"
     threads: 1
     resources:
         gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
+    params:
+        # the train.v2 settings behind {v2} (label_order may differ from train.v2's: a v3 cell's parent)
+        v2_cfg=lambda w: L.v2_config(w.v2),
+        insert_side=config["candidates"]["insert"],
     script:
         "../scripts/train_v2.py"
 
@@ -37,19 +37,19 @@ rule train_v3:
     output:
         ckpt=L.v3_ckpt,
         metrics=L.v3_metrics,
+    log:
+        logfile(L.v3_ckpt),
+    benchmark:
+        benchfile(L.v3_ckpt)
+    conda:
+        "../envs/icdrl.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         # the cell (reward, use_rank, training overrides) and its effective train.v3 settings
         cell=lambda w: L.trained_cell(w.v3, w.reward, w.adv).cell.as_dict(),
         v3_cfg=lambda w: L.trained_cell(w.v3, w.reward, w.adv).v3_config,
         insert_side=config["candidates"]["insert"],
-    log:
-        logfile(L.v3_ckpt),
-    benchmark:
-        benchfile(L.v3_ckpt)
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../envs/icdrl.yaml"
     script:
         "../scripts/train_v3.py"

@@ -39,7 +39,9 @@ def icdrl_origin() -> Path:
 
     origin = Path(icdrl.__file__).resolve().parent
     if origin != _SRC.resolve() / "icdrl":
-        raise ImportError(f"icdrl was imported from {origin}, not from this checkout's {_SRC / 'icdrl'}")
+        raise ImportError(
+            f"icdrl was imported from {origin}, not from this checkout's {_SRC / 'icdrl'}"
+        )
     return origin
 
 
@@ -92,12 +94,14 @@ def run(snakemake: Any, main: Callable[[Any], None]) -> None:
     setup(snakemake.threads)
     log = logging.getLogger(f"icdrl.workflow.{snakemake.rule}")
     wc = dict(snakemake.wildcards.items())
-    log.info("rule %s%s: start (threads %d)", snakemake.rule, f" {wc}" if wc else "", snakemake.threads)
+    log.info(
+        "rule %s%s: start (threads %d)", snakemake.rule, f" {wc}" if wc else "", snakemake.threads
+    )
     t0 = time.perf_counter()
     try:
         log.info("icdrl from %s", icdrl_origin())
         main(snakemake)
-    except BaseException as e:  # noqa: BLE001 - report every failure, then exit non-zero
+    except BaseException as e:
         traceback.print_exc()
         sys.stderr.flush()
         first = (str(e).strip().splitlines() or [""])[0]

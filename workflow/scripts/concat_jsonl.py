@@ -6,7 +6,9 @@ from _common import run
 def main(sm):
     from icdrl.records import concat_jsonl
 
-    n = concat_jsonl(paths=[str(p) for p in sm.input], schema=sm.params.schema, out_path=str(sm.output[0]))
+    n = concat_jsonl(
+        paths=[str(p) for p in sm.input], schema=sm.params.schema, out_path=str(sm.output[0])
+    )
     print(f"concatenated {n} records from {len(sm.input)} shards into {sm.output[0]}")
 
 

@@ -20,13 +20,28 @@ def rices(sm) -> None:
     lvlm = [m for m in out if m != "copy"]
     backend = load_backend(p.model, model_path(sm)) if lvlm else None
     for m in lvlm:
-        evaluate_method(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm),
-                        test_pools_path=str(i.pools), eval_emb_path=str(i.eval_emb), train_emb_path=str(i.train_emb),
-                        method=m, eval_cfg=eval_cfg(sm), out_path=out[m], backend=backend,
-                        exclude_same_image=p.exclude_same_image)
-    write_copy_baseline(dataset_cfg=p.dataset, test_pools_path=str(i.pools), eval_emb_path=str(i.eval_emb),
-                        train_emb_path=str(i.train_emb), eval_cfg=eval_cfg(sm), out_path=out["copy"],
-                        exclude_same_image=p.exclude_same_image)
+        evaluate_method(
+            dataset_cfg=p.dataset,
+            model_cfg=p.model,
+            model_path=model_path(sm),
+            test_pools_path=str(i.pools),
+            eval_emb_path=str(i.eval_emb),
+            train_emb_path=str(i.train_emb),
+            method=m,
+            eval_cfg=eval_cfg(sm),
+            out_path=out[m],
+            backend=backend,
+            exclude_same_image=p.exclude_same_image,
+        )
+    write_copy_baseline(
+        dataset_cfg=p.dataset,
+        test_pools_path=str(i.pools),
+        eval_emb_path=str(i.eval_emb),
+        train_emb_path=str(i.train_emb),
+        eval_cfg=eval_cfg(sm),
+        out_path=out["copy"],
+        exclude_same_image=p.exclude_same_image,
+    )
 
 
 def ablations(sm) -> None:
@@ -36,9 +51,17 @@ def ablations(sm) -> None:
     p = sm.params
     backend = load_backend(p.model, model_path(sm))
     for a in ABLATIONS:
-        evaluate_ablation(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm),
-                          base_path=str(sm.input.base), ablation=a, eval_cfg=eval_cfg(sm),
-                          out_path=str(getattr(sm.output, a)), backend=backend, exclude_same_image=p.exclude_same_image)
+        evaluate_ablation(
+            dataset_cfg=p.dataset,
+            model_cfg=p.model,
+            model_path=model_path(sm),
+            base_path=str(sm.input.base),
+            ablation=a,
+            eval_cfg=eval_cfg(sm),
+            out_path=str(getattr(sm.output, a)),
+            backend=backend,
+            exclude_same_image=p.exclude_same_image,
+        )
 
 
 def selectors(sm) -> None:
@@ -55,26 +78,47 @@ def selectors(sm) -> None:
     elif p.method == "v2":
         method, kw = "v2", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed)}
     else:  # v3 (main checked params.method)
-        method, kw = "v3", {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": p.cell}
+        method, kw = (
+            "v3",
+            {"selector_ckpt": str(sm.input.selector), "seed": int(w.seed), "cell": p.cell},
+        )
     # (pools, output) per query role: the test queries, and for v3 the validation queries (one backend)
     jobs = [(str(sm.input.pools), str(sm.output[0]))]
     if method == "v3" and sm.output.val:
         jobs.append((str(sm.input.val_pools), str(sm.output.val)))
     backend = load_backend(p.model, model_path(sm)) if len(jobs) > 1 else None
     for pools, out in jobs:
-        evaluate_method(dataset_cfg=p.dataset, model_cfg=p.model, model_path=model_path(sm), test_pools_path=pools,
-                        eval_emb_path=str(sm.input.eval_emb), train_emb_path=str(sm.input.train_emb),
-                        method=method, eval_cfg=eval_cfg(sm), out_path=out, backend=backend,
-                        exclude_same_image=p.exclude_same_image, **kw)
+        evaluate_method(
+            dataset_cfg=p.dataset,
+            model_cfg=p.model,
+            model_path=model_path(sm),
+            test_pools_path=pools,
+            eval_emb_path=str(sm.input.eval_emb),
+            train_emb_path=str(sm.input.train_emb),
+            method=method,
+            eval_cfg=eval_cfg(sm),
+            out_path=out,
+            backend=backend,
+            exclude_same_image=p.exclude_same_image,
+            **kw,
+        )
 
 
 #: ``params.method`` -> what runs
-METHODS = {"baseline": selectors, "v2": selectors, "v3": selectors, "rices": rices, "ablations": ablations}
+METHODS = {
+    "baseline": selectors,
+    "v2": selectors,
+    "v3": selectors,
+    "rices": rices,
+    "ablations": ablations,
+}
 
 
 def main(sm):
     if sm.params.method not in METHODS:
-        raise ValueError(f"params.method {sm.params.method!r}: expected one of {', '.join(METHODS)}")
+        raise ValueError(
+            f"params.method {sm.params.method!r}: expected one of {', '.join(METHODS)}"
+        )
     METHODS[sm.params.method](sm)
 
 

@@ -8,7 +8,12 @@ def main(sm):
     from icdrl.rewards import write_rewards
 
     spec = parse_reward_slug(sm.wildcards.reward)
-    write_rewards(scored_path=str(sm.input.scored), mode=spec.mode, knobs=spec.as_dict(), out_path=str(sm.output[0]))
+    write_rewards(
+        scored_path=str(sm.input.scored),
+        mode=spec.mode,
+        knobs=spec.as_dict(),
+        out_path=str(sm.output[0]),
+    )
 
 
 run(snakemake, main)  # noqa: F821 - provided by Snakemake

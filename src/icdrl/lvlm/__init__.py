@@ -57,7 +57,9 @@ def check_system_prompt(system_prompt: str | None) -> None:
     if system_prompt is None:
         return
     if not isinstance(system_prompt, str):
-        raise ModelConfigError(f"model.system_prompt: must be a string or null, got {type(system_prompt).__name__}")
+        raise ModelConfigError(
+            f"model.system_prompt: must be a string or null, got {type(system_prompt).__name__}"
+        )
     m = _FIXED_COUNT.search(system_prompt)
     if m:
         raise ModelConfigError(
@@ -70,24 +72,40 @@ def check_model_cfg(model_cfg: dict) -> dict:
     """Validate the ``model`` section; return it merged over :data:`MODEL_DEFAULTS`."""
     unknown = sorted(set(model_cfg) - set(MODEL_DEFAULTS))
     if unknown:
-        raise ModelConfigError(f"model.{unknown[0]}: unknown key (known: {', '.join(MODEL_DEFAULTS)})")
+        raise ModelConfigError(
+            f"model.{unknown[0]}: unknown key (known: {', '.join(MODEL_DEFAULTS)})"
+        )
     cfg = {**MODEL_DEFAULTS, **model_cfg}
     if cfg["kind"] not in KINDS:
         raise ModelConfigError(f"model.kind: {cfg['kind']!r} is not one of {', '.join(KINDS)}")
     if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ModelConfigError(f"model.dtype: {cfg['dtype']!r} is not one of float32, bfloat16, float16")
-    if not isinstance(cfg["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?|auto", cfg["device"]):
-        raise ModelConfigError(f"model.device: {cfg['device']!r} is not one of cpu, cuda, cuda:N, auto")
-    for key, low in (("batch_size", 1), ("max_new_tokens", 1), ("image_cache_size", 0),
-                     ("prefix_cache_size", 0)):
+        raise ModelConfigError(
+            f"model.dtype: {cfg['dtype']!r} is not one of float32, bfloat16, float16"
+        )
+    if not isinstance(cfg["device"], str) or not re.fullmatch(
+        r"cpu|cuda(:\d+)?|auto", cfg["device"]
+    ):
+        raise ModelConfigError(
+            f"model.device: {cfg['device']!r} is not one of cpu, cuda, cuda:N, auto"
+        )
+    for key, low in (
+        ("batch_size", 1),
+        ("max_new_tokens", 1),
+        ("image_cache_size", 0),
+        ("prefix_cache_size", 0),
+    ):
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             kind = "a positive" if low else "a non-negative"
             raise ModelConfigError(f"model.{key}: must be {kind} integer, got {v!r}")
     if cfg["padding_side"] not in ("left", "right"):
-        raise ModelConfigError(f"model.padding_side: {cfg['padding_side']!r} is not one of left, right")
+        raise ModelConfigError(
+            f"model.padding_side: {cfg['padding_side']!r} is not one of left, right"
+        )
     if cfg["image_cache"] not in ("features", "pixels", "none"):
-        raise ModelConfigError(f"model.image_cache: {cfg['image_cache']!r} is not one of features, pixels, none")
+        raise ModelConfigError(
+            f"model.image_cache: {cfg['image_cache']!r} is not one of features, pixels, none"
+        )
     check_system_prompt(cfg["system_prompt"])
     return cfg
 
@@ -107,7 +125,9 @@ def load_backend(model_cfg: dict, model_path: str | None = None) -> LVLMBackend:
     if not p.is_dir():
         raise ModelConfigError(f"model.path: model folder not found: {p}")
     if not (p / "config.json").is_file():
-        raise ModelConfigError(f"model.path: {p} has no config.json (not a transformers checkpoint folder)")
+        raise ModelConfigError(
+            f"model.path: {p} has no config.json (not a transformers checkpoint folder)"
+        )
     from icdrl.lvlm.hf import HFBackend
 
     return HFBackend.from_pretrained(

@@ -38,11 +38,17 @@ class Generation:
 
 
 class LVLMBackend(Protocol):
-    def answer_logprobs(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[AnswerScore]: ...
+    def answer_logprobs(
+        self, prompts: Sequence[Prompt], answers: Sequence[str]
+    ) -> list[AnswerScore]: ...
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]: ...
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
+    ) -> list[Generation]: ...
 
 
-def answer_prob(backend: LVLMBackend, prompts: Sequence[Prompt], answers: Sequence[str]) -> np.ndarray:
+def answer_prob(
+    backend: LVLMBackend, prompts: Sequence[Prompt], answers: Sequence[str]
+) -> np.ndarray:
     """exp(mean answer-token log-prob) per prompt, as float64."""
     return np.array([s.prob for s in backend.answer_logprobs(prompts, answers)], dtype=np.float64)

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: keys that once existed, and why they are gone (a config still naming one is refused, saying so)
 REMOVED_KEYS: dict[str, str] = {
     "max_minutes": "removed: the embedded LVLM always trains its embedded_lvlm.steps steps (a wall-time cap "
-                   "made the model, under the same path, depend on the machine's speed); delete the key",
+    "made the model, under the same path, depend on the machine's speed); delete the key",
 }
 
 
@@ -60,7 +60,9 @@ def _from_dict(cls, d: dict | None, where: str):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"config section {where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        raise ValueError(
+            f"config section {where}: unknown key(s) {unknown}; allowed: {sorted(names)}"
+        )
     return cls(**d)
 
 
@@ -74,7 +76,7 @@ class CheckConfig:
     spread_threshold: float = 0.1  # best single-step InfoScore minus pool median
     seed: int = 0
     batch_size: int = 32
-    train_subset: int | None = None  # demonstrations, anchors and pools from a seeded subset of train (tests)
+    train_subset: int | None = None  # demonstrations, anchors, pools: a seeded train subset (tests)
 
     def __post_init__(self):
         if self.train_subset is not None and int(self.train_subset) < 1:
@@ -110,7 +112,7 @@ class EmbeddedConfig:
     lr_warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    warmup_share: float = 0.1  # first share of steps: zero-demonstration colour, shape, non-negated yes/no
+    warmup_share: float = 0.1  # first share of steps: zero-shot colour, shape, non-negated yes/no
     vision_pretrain_steps: int = 400  # stage 1: the vision tower learns colour and shape (0 = skip)
     vision_pretrain_batch: int = 64  # images per stage-1 step
     freeze_vision: bool = True  # stage 2 keeps the stage-1 vision tower (its features are cached)
@@ -119,10 +121,10 @@ class EmbeddedConfig:
     similar_share: float = 0.5
     cue_exact: float = 0.9  # short-form cue of a same-template demonstration
     cue_kind: float = 0.2  # short-form cue of a same-answer-kind demonstration
-    first_token_weight: float = 5.0  # loss weight of the query's first answer token (the form decision)
+    first_token_weight: float = 5.0  # loss weight of the query's first answer token (its form)
     balance_yesno: bool = False  # yes/no demonstrations carry yes and no equally often
-    balance_yesno_queries: bool = False  # queries keep the split's yes/no distribution (its text prior)
-    answer_match_share: float = 0.5  # same-question similar demonstrations that also share the query's answer
+    balance_yesno_queries: bool = False  # queries keep the split's yes/no distribution (text prior)
+    answer_match_share: float = 0.5  # share of same-question similar demos sharing the answer
     train_limit: int | None = None  # use only the first N training questions (tests)
     seed: int = 0
     threads: int = 2
@@ -134,8 +136,17 @@ class EmbeddedConfig:
             self.check = _from_dict(CheckConfig, self.check, "embedded_lvlm.check")
         unknown = sorted(set(self.kind_weights) - set(recipe.KINDS))
         if unknown:
-            raise ValueError(f"config key embedded_lvlm.kind_weights: unknown kind(s) {unknown}; kinds: {list(recipe.KINDS)}")
-        for name in ("cue_exact", "cue_kind", "similar_share", "warmup_share", "min_lr_share", "answer_match_share"):
+            raise ValueError(
+                f"config key embedded_lvlm.kind_weights: unknown kind(s) {unknown}; kinds: {list(recipe.KINDS)}"
+            )
+        for name in (
+            "cue_exact",
+            "cue_kind",
+            "similar_share",
+            "warmup_share",
+            "min_lr_share",
+            "answer_match_share",
+        ):
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"config key embedded_lvlm.{name}: {v} must lie in [0, 1]")
@@ -143,7 +154,15 @@ class EmbeddedConfig:
             raise ValueError("config key embedded_lvlm.first_token_weight: must be > 0")
         if int(self.vision_pretrain_steps) < 0:
             raise ValueError("config key embedded_lvlm.vision_pretrain_steps: must be >= 0")
-        for name in ("steps", "batch_size", "threads", "layers", "vision_depth", "log_every", "vision_pretrain_batch"):
+        for name in (
+            "steps",
+            "batch_size",
+            "threads",
+            "layers",
+            "vision_depth",
+            "log_every",
+            "vision_pretrain_batch",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config key embedded_lvlm.{name}: must be >= 1")
         if self.image_size % (self.patch_size * self.merge_size):
@@ -236,8 +255,13 @@ class ImageCache:
             rows = out["pixel_values"].split(grid.prod(-1).tolist())
             if not self._pixels and len(part) > 1:  # batching must not change an image's tensors
                 alone = image_processor(images=[self(part[-1])], return_tensors="pt")
-                if not (torch.equal(alone["pixel_values"], rows[-1]) and torch.equal(alone["image_grid_thw"][0], grid[-1])):
-                    raise RuntimeError("batched image preprocessing differs from one image at a time")
+                if not (
+                    torch.equal(alone["pixel_values"], rows[-1])
+                    and torch.equal(alone["image_grid_thw"][0], grid[-1])
+                ):
+                    raise RuntimeError(
+                        "batched image preprocessing differs from one image at a time"
+                    )
             self._pixels.update(zip(part, rows))
             self._grids.update(zip(part, grid))
 
@@ -246,8 +270,10 @@ class ImageCache:
         import torch
 
         self._preprocess(image_processor, paths)
-        return {"pixel_values": torch.cat([self._pixels[p] for p in paths]),
-                "image_grid_thw": torch.stack([self._grids[p] for p in paths])}
+        return {
+            "pixel_values": torch.cat([self._pixels[p] for p in paths]),
+            "image_grid_thw": torch.stack([self._grids[p] for p in paths]),
+        }
 
     def grids(self, image_processor, paths: Sequence[str]):
         """``image_grid_thw`` [len(paths), 3] of the images of ``paths``."""
@@ -267,7 +293,16 @@ def vocabulary(examples: Sequence[Example]) -> list[str]:
     """The tokenizer's words: the prompt's own words, then every question and answer word, sorted."""
     import re
 
-    prompt_words = ["Question", "Short", "answer", ":", "?", ".", ",", *recipe.VERBOSE_PREFIX.split()]
+    prompt_words = [
+        "Question",
+        "Short",
+        "answer",
+        ":",
+        "?",
+        ".",
+        ",",
+        *recipe.VERBOSE_PREFIX.split(),
+    ]
     words: set[str] = set()
     for ex in examples:
         for text in (ex.question, *ex.answers):
@@ -292,7 +327,9 @@ def build_processor(cfg: EmbeddedConfig, words: Sequence[str]):
         image_mean=[1.0, 1.0, 1.0],  # white -> 0, so the background is silent
         image_std=[0.5, 0.5, 0.5],
     )
-    return qwen.Qwen2_5_VLImageProcessor(image_processor=image_proc, tokenizer=tok, chat_template=qwen.QWEN_CHAT_TEMPLATE)
+    return qwen.Qwen2_5_VLImageProcessor(
+        image_processor=image_proc, tokenizer=tok, chat_template=qwen.QWEN_CHAT_TEMPLATE
+    )
 
 
 def build_model(cfg: EmbeddedConfig, tokenizer):
@@ -340,7 +377,9 @@ class Batch:
     is_query: object  # BoolTensor [M]: supervised token belongs to the query's answer
 
 
-def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None) -> Batch:
+def encode_items(
+    processor, items: Sequence[recipe.TrainItem], images: ImageCache, features: dict | None = None
+) -> Batch:
     """Processor inputs and supervision for training items.
 
     The images' tensors come from ``images`` (each image preprocessed once), the text from
@@ -385,7 +424,14 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
                     is_query.append(False)
                     k += 1
         # the assistant turn
-        start = max(j for j in range(2, n) if ids[j - 2] == im_start and ids[j - 1] == assistant and ids[j] == nl) + 1
+        start = (
+            max(
+                j
+                for j in range(2, n)
+                if ids[j - 2] == im_start and ids[j - 1] == assistant and ids[j] == nl
+            )
+            + 1
+        )
         soft_rows.append(len(positions))
         soft_short.append(tok(it.query.answer, add_special_tokens=False)["input_ids"][0])
         soft_p.append(it.p_short)
@@ -400,10 +446,16 @@ def encode_items(processor, items: Sequence[recipe.TrainItem], images: ImageCach
                     is_query.append(True)
                 break
         if verbose_first == soft_short[-1]:
-            raise ValueError(f"answer {it.query.answer!r} starts with the verbose prefix's first word")
+            raise ValueError(
+                f"answer {it.query.answer!r} starts with the verbose prefix's first word"
+            )
     inputs = dict(enc)
-    inputs["position_ids"] = rope_positions(enc["mm_token_type_ids"], enc["attention_mask"], enc["image_grid_thw"],
-                                            processor.image_processor.merge_size)
+    inputs["position_ids"] = rope_positions(
+        enc["mm_token_type_ids"],
+        enc["attention_mask"],
+        enc["image_grid_thw"],
+        processor.image_processor.merge_size,
+    )
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -424,7 +476,9 @@ def supervised_logprobs(model, batch: Batch):
     """Log-softmax rows [M, V] at the supervised positions (token t is predicted at t - 1)."""
     import torch
 
-    logits = model(**batch.inputs, use_cache=False).logits  # no key/value cache: one pass, same numbers
+    logits = model(
+        **batch.inputs, use_cache=False
+    ).logits  # no key/value cache: one pass, same numbers
     rows, pos = batch.positions[:, 0], batch.positions[:, 1]
     return torch.log_softmax(logits[rows, pos - 1].float(), dim=-1)
 
@@ -443,8 +497,10 @@ def batch_loss(model, batch: Batch, verbose_first: int, first_token_weight: floa
     logp = supervised_logprobs(model, batch)
     nll = -logp.gather(1, batch.targets[:, None])[:, 0]
     first = logp[batch.soft_rows]
-    soft = -(batch.soft_p * first.gather(1, batch.soft_short[:, None])[:, 0]
-             + (1.0 - batch.soft_p) * first[:, verbose_first])
+    soft = -(
+        batch.soft_p * first.gather(1, batch.soft_short[:, None])[:, 0]
+        + (1.0 - batch.soft_p) * first[:, verbose_first]
+    )
     nll = nll.clone()
     nll[batch.soft_rows] = soft
     w = torch.ones_like(nll)
@@ -452,7 +508,11 @@ def batch_loss(model, batch: Batch, verbose_first: int, first_token_weight: floa
     loss = (w * nll).sum() / w.sum()
     with torch.no_grad():
         demo = ~batch.is_query
-        demo_acc = (logp[demo].argmax(-1) == batch.targets[demo]).float().mean().item() if demo.any() else float("nan")
+        demo_acc = (
+            (logp[demo].argmax(-1) == batch.targets[demo]).float().mean().item()
+            if demo.any()
+            else float("nan")
+        )
     return loss, {"demo_acc": demo_acc, "first_loss": soft.mean().item()}
 
 
@@ -494,8 +554,14 @@ def image_labels(train: Sequence[Example]) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in labels.items() if v != [-1, -1]}
 
 
-def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfig, rng: random.Random,
-                    images: ImageCache) -> list[dict]:
+def pretrain_vision(
+    model,
+    processor,
+    train: Sequence[Example],
+    c: EmbeddedConfig,
+    rng: random.Random,
+    images: ImageCache,
+) -> list[dict]:
     """Stage 1: align the vision tower's output with the words for what the image shows.
 
     A real LVLM starts from a pretrained vision encoder whose output a projector maps into the
@@ -531,14 +597,17 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
         enc = images.pixels(processor.image_processor, batch)
         with batched_segments(model):
             pooled = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
-        pooled = torch.nn.functional.normalize(pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1)
+        pooled = torch.nn.functional.normalize(
+            pooled.view(len(batch), -1, pooled.shape[-1]).mean(1), dim=-1
+        )
         words = torch.nn.functional.normalize(embed.weight, dim=-1)
         col_logits = pooled @ words[col_ids].T / 0.1
         shp_logits = pooled @ words[shp_ids].T / 0.1
         col = torch.tensor([labels[p][0] for p in batch])
         shp = torch.tensor([labels[p][1] for p in batch])
-        loss = torch.nn.functional.cross_entropy(col_logits, col, ignore_index=-1) + \
-            torch.nn.functional.cross_entropy(shp_logits, shp, ignore_index=-1)
+        loss = torch.nn.functional.cross_entropy(
+            col_logits, col, ignore_index=-1
+        ) + torch.nn.functional.cross_entropy(shp_logits, shp, ignore_index=-1)
         for g in opt.param_groups:
             g["lr"] = c.lr * min(1.0, (step + 1) / max(c.lr_warmup_steps, 1))
         opt.zero_grad(set_to_none=True)
@@ -549,13 +618,23 @@ def pretrain_vision(model, processor, train: Sequence[Example], c: EmbeddedConfi
             with torch.no_grad():
                 ok_c = (col_logits.argmax(-1) == col)[col >= 0].float().mean().item()
                 ok_s = (shp_logits.argmax(-1) == shp)[shp >= 0].float().mean().item()
-            log.info("vision pretrain step %d/%d loss %.4f colour acc %.2f shape acc %.2f", step,
-                     c.vision_pretrain_steps, loss.item(), ok_c, ok_s)
-            rows.append({"step": step, "loss": float(loss.item()), "colour_acc": ok_c, "shape_acc": ok_s})
+            log.info(
+                "vision pretrain step %d/%d loss %.4f colour acc %.2f shape acc %.2f",
+                step,
+                c.vision_pretrain_steps,
+                loss.item(),
+                ok_c,
+                ok_s,
+            )
+            rows.append(
+                {"step": step, "loss": float(loss.item()), "colour_acc": ok_c, "shape_acc": ok_s}
+            )
     return rows
 
 
-def vision_features(model, processor, paths: Sequence[str], images: ImageCache, batch_size: int = 128) -> dict:
+def vision_features(
+    model, processor, paths: Sequence[str], images: ImageCache, batch_size: int = 128
+) -> dict:
     """Image path -> the vision tower's merged tokens [n_tokens, hidden] (no gradient)."""
     import torch
 
@@ -566,7 +645,9 @@ def vision_features(model, processor, paths: Sequence[str], images: ImageCache, 
         for i in range(0, len(paths), batch_size):
             chunk = list(paths[i : i + batch_size])
             enc = images.pixels(processor.image_processor, chunk)
-            feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+            feats = model.model.get_image_features(
+                enc["pixel_values"], enc["image_grid_thw"]
+            ).pooler_output
             out.update(zip(chunk, (f.detach() for f in feats)))
     return out
 
@@ -605,8 +686,14 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
     processor = build_processor(c, vocabulary(train))
     model = build_model(c, processor.tokenizer)
     model.train()
-    log.info("embedded LVLM: %.3f M parameters (vision %.3f M), %d training questions, %d steps x batch %d",
-             n_parameters(model) / 1e6, n_parameters(model.model.visual) / 1e6, len(train), c.steps, c.batch_size)
+    log.info(
+        "embedded LVLM: %.3f M parameters (vision %.3f M), %d training questions, %d steps x batch %d",
+        n_parameters(model) / 1e6,
+        n_parameters(model.model.visual) / 1e6,
+        len(train),
+        c.steps,
+        c.batch_size,
+    )
     rng = random.Random(c.seed)
     images = ImageCache()
     vision_rows = pretrain_vision(model, processor, train, c, rng, images)
@@ -617,7 +704,9 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         features = vision_features(model, processor, sorted({ex.image for ex in train}), images)
         images.drop_pixels()  # stage 2 reads the features
         log.info("vision tower frozen; features of %d training images cached", len(features))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay
+    )
     verbose_first = processor.tokenizer.convert_tokens_to_ids(recipe.VERBOSE_PREFIX.split()[0])
     n_warm = int(round(c.warmup_share * c.steps))
     rows = []
@@ -626,9 +715,16 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         n_demos = rng.randint(0, c.max_demos)
         items = [
             recipe.sample_item(
-                rng, index, kind_weights=c.kind_weights, max_demos=c.max_demos, similar_share=c.similar_share,
-                cue_exact=c.cue_exact, cue_kind=c.cue_kind, balance_yesno=c.balance_yesno,
-                balance_yesno_queries=c.balance_yesno_queries, answer_match_share=c.answer_match_share,
+                rng,
+                index,
+                kind_weights=c.kind_weights,
+                max_demos=c.max_demos,
+                similar_share=c.similar_share,
+                cue_exact=c.cue_exact,
+                cue_kind=c.cue_kind,
+                balance_yesno=c.balance_yesno,
+                balance_yesno_queries=c.balance_yesno_queries,
+                answer_match_share=c.answer_match_share,
                 warmup=step < n_warm,
                 n_demos=n_demos,
             )
@@ -640,18 +736,39 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
         loss, stats = batch_loss(model, batch, verbose_first, c.first_token_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], c.grad_clip
+        )
         opt.step()
         loss_v = float(loss.item())
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"embedded LVLM training: non-finite loss at step {step}")
-        elapsed = time.time() - t_start  # reported only: it decides nothing (every machine trains every step)
-        rows.append({"step": step, "loss": loss_v, "first_loss": stats["first_loss"], "demo_acc": stats["demo_acc"],
-                     "grad_norm": float(gnorm), "lr": lr_at(step, c), "elapsed_s": round(elapsed, 2)})
+        elapsed = (
+            time.time() - t_start
+        )  # reported only: it decides nothing (every machine trains every step)
+        rows.append(
+            {
+                "step": step,
+                "loss": loss_v,
+                "first_loss": stats["first_loss"],
+                "demo_acc": stats["demo_acc"],
+                "grad_norm": float(gnorm),
+                "lr": lr_at(step, c),
+                "elapsed_s": round(elapsed, 2),
+            }
+        )
         bar.set_postfix(loss=f"{loss_v:.3f}", demo_acc=f"{stats['demo_acc']:.2f}", refresh=False)
         if step % c.log_every == 0 or step == c.steps - 1:
-            log.info("step %d/%d loss %.4f first %.4f demo_acc %.3f lr %.2e %.0fs", step, c.steps, loss_v,
-                     stats["first_loss"], stats["demo_acc"], lr_at(step, c), elapsed)
+            log.info(
+                "step %d/%d loss %.4f first %.4f demo_acc %.3f lr %.2e %.0fs",
+                step,
+                c.steps,
+                loss_v,
+                stats["first_loss"],
+                stats["demo_acc"],
+                lr_at(step, c),
+                elapsed,
+            )
             if callback is not None:
                 model.eval()
                 callback(step, model, processor)
@@ -674,7 +791,9 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
             "steps_done": len(rows),
             "steps": c.steps,
             "wall_s": round(time.time() - t_start, 1),
-            "cpu_s": round(time.process_time() - cpu_start, 1),  # all threads; wall > cpu/threads = contention
+            "cpu_s": round(
+                time.process_time() - cpu_start, 1
+            ),  # all threads; wall > cpu/threads = contention
             "threads": int(c.threads),
             "vision_pretrain": vision_rows[-1] if vision_rows else None,
             "final_loss_mean_last_25": float(np.mean([r["loss"] for r in rows[-25:]])),
@@ -702,7 +821,9 @@ TARGETS = {
 }
 
 
-def embed_examples(model_dir: str, examples: Sequence[Example], *, batch_size: int = 64) -> np.ndarray:
+def embed_examples(
+    model_dir: str, examples: Sequence[Example], *, batch_size: int = 64
+) -> np.ndarray:
     """docs/science.md §2 embeddings from the LVLM itself, float32 [N, d], L2-normalised rows.
 
     The L2-normalised mean of the image embedding (mean of the vision tower's merged tokens)
@@ -734,7 +855,9 @@ def similar_demos(query_emb: np.ndarray, train_emb: np.ndarray, k: int) -> list[
 def _accuracy(preds: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
     from icdrl.metrics import vqa_accuracy
 
-    return np.array([vqa_accuracy(p, ex.answers) for p, ex in zip(preds, examples)], dtype=np.float64)
+    return np.array(
+        [vqa_accuracy(p, ex.answers) for p, ex in zip(preds, examples)], dtype=np.float64
+    )
 
 
 def _text_prior(train: Sequence[Example]) -> dict[str, str]:
@@ -748,11 +871,19 @@ def _text_prior(train: Sequence[Example]) -> dict[str, str]:
 
 
 def _model_cfg(batch_size: int) -> dict:
-    return {"name": "embedded", "kind": "embedded", "device": "cpu", "dtype": "float32",
-            "batch_size": int(batch_size), "max_new_tokens": 10}
+    return {
+        "name": "embedded",
+        "kind": "embedded",
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": int(batch_size),
+        "max_new_tokens": 10,
+    }
 
 
-def infoscore_spread(backend, anchors: Sequence[Example], pools: Sequence[Sequence[Example]]) -> dict:
+def infoscore_spread(
+    backend, anchors: Sequence[Example], pools: Sequence[Sequence[Example]]
+) -> dict:
     """Single-step InfoScore of every pool item (docs/science.md §4 with S = ∅) and its spread per anchor.
 
     ``InfoScore(c) = P(a | c, q) - P(a | q)``; spread = best item's InfoScore minus the pool's
@@ -782,8 +913,13 @@ def infoscore_spread(backend, anchors: Sequence[Example], pools: Sequence[Sequen
         spread.append(best[-1] - median[-1])
         for c, g in zip(pool, gains):
             by_level[recipe.match_level(c, a)].append(float(g))
-    return {"spread": np.array(spread), "best": np.array(best), "median": np.array(median), "p0": np.array(p0),
-            "by_level": by_level}
+    return {
+        "spread": np.array(spread),
+        "best": np.array(best),
+        "median": np.array(median),
+        "p0": np.array(p0),
+        "by_level": by_level,
+    }
 
 
 class _PhaseClock:
@@ -831,8 +967,12 @@ def icl_check(model_dir: str, cfg: dict, out_json: str, *, threads: int | None =
     if ck.train_subset is not None:
         train = seeded_subset(train, int(ck.train_subset), ck.seed)
     queries = seeded_subset(test, ck.n_test, ck.seed)
-    log.info("icl_check: embedding %d train and %d test examples (loaded in %s)", len(train), len(queries),
-             clock.lap("load"))
+    log.info(
+        "icl_check: embedding %d train and %d test examples (loaded in %s)",
+        len(train),
+        len(queries),
+        clock.lap("load"),
+    )
     train_emb = embed_examples(model_dir, train)
     query_emb = embed_examples(model_dir, queries)
     log.info("icl_check: embedded (%s)", clock.lap("embed"))
@@ -840,62 +980,121 @@ def icl_check(model_dir: str, cfg: dict, out_json: str, *, threads: int | None =
     demos: dict[str, list[tuple[Example, ...]]] = {"zero_shot": [() for _ in queries]}
     for k in (1, 4):
         rng = np.random.default_rng([ck.seed, 17, k])
-        demos[f"random_{k}"] = [tuple(train[i] for i in rng.choice(len(train), size=k, replace=False)) for _ in queries]
-        demos[f"similar_{k}"] = [tuple(train[i] for i in rows) for rows in similar_demos(query_emb, train_emb, k)]
+        demos[f"random_{k}"] = [
+            tuple(train[i] for i in rng.choice(len(train), size=k, replace=False)) for _ in queries
+        ]
+        demos[f"similar_{k}"] = [
+            tuple(train[i] for i in rows) for rows in similar_demos(query_emb, train_emb, k)
+        ]
 
     kinds = np.array([recipe.answer_kind(q.answer) for q in queries])
     prior = _text_prior(train)
-    against = np.array([recipe.answer_kind(q.answer) == "yesno" and prior.get(q.question, q.answer) != q.answer
-                        for q in queries])
+    against = np.array(
+        [
+            recipe.answer_kind(q.answer) == "yesno" and prior.get(q.question, q.answer) != q.answer
+            for q in queries
+        ]
+    )
     result: dict = {}
-    detail: dict = {"by_kind": {}, "short_form_share": {}, "yesno_against_text_prior": {},
-                    "n_by_kind": {k: int((kinds == k).sum()) for k in recipe.KINDS},
-                    "n_yesno_against_text_prior": int(against.sum()), "examples": {}}
+    detail: dict = {
+        "by_kind": {},
+        "short_form_share": {},
+        "yesno_against_text_prior": {},
+        "n_by_kind": {k: int((kinds == k).sum()) for k in recipe.KINDS},
+        "n_yesno_against_text_prior": int(against.sum()),
+        "examples": {},
+    }
     for name in SETTINGS:
         gens = backend.generate([(d, q) for d, q in zip(demos[name], queries)])
         acc = _accuracy([g.answer for g in gens], queries)
         result[name] = float(acc.mean())
-        detail["by_kind"][name] = {k: float(acc[kinds == k].mean()) if (kinds == k).any() else None for k in recipe.KINDS}
-        detail["short_form_share"][name] = float(np.mean([not g.answer.startswith(recipe.VERBOSE_PREFIX) for g in gens]))
-        detail["yesno_against_text_prior"][name] = float(acc[against].mean()) if against.any() else None
-        detail["examples"][name] = [{"question": q.question, "answer": q.answer, "prediction": g.raw}
-                                    for q, g in list(zip(queries, gens))[:5]]
-        log.info("icl_check %-10s accuracy %.3f %s (%s)", name, result[name], detail["by_kind"][name], clock.lap(name))
+        detail["by_kind"][name] = {
+            k: float(acc[kinds == k].mean()) if (kinds == k).any() else None for k in recipe.KINDS
+        }
+        detail["short_form_share"][name] = float(
+            np.mean([not g.answer.startswith(recipe.VERBOSE_PREFIX) for g in gens])
+        )
+        detail["yesno_against_text_prior"][name] = (
+            float(acc[against].mean()) if against.any() else None
+        )
+        detail["examples"][name] = [
+            {"question": q.question, "answer": q.answer, "prediction": g.raw}
+            for q, g in list(zip(queries, gens))[:5]
+        ]
+        log.info(
+            "icl_check %-10s accuracy %.3f %s (%s)",
+            name,
+            result[name],
+            detail["by_kind"][name],
+            clock.lap(name),
+        )
 
     anchors = seeded_subset(train, ck.n_anchors, ck.seed + 1)
     by_id = {ex.id: ex for ex in train}
-    pool_recs = build_pools(anchors, train, sampler="random", size=ck.pool_size, seed=ck.seed, role="anchors")
+    pool_recs = build_pools(
+        anchors, train, sampler="random", size=ck.pool_size, seed=ck.seed, role="anchors"
+    )
     pools = [[by_id[i] for i in rec.pool] for rec in pool_recs]
     spread = infoscore_spread(backend, anchors, pools)
     result["infoscore_spread_share"] = float(np.mean(spread["spread"] >= ck.spread_threshold))
-    log.info("icl_check infoscore spread share %.3f over %d anchors x %d (%s)", result["infoscore_spread_share"],
-             len(anchors), ck.pool_size, clock.lap("infoscore_spread"))
+    log.info(
+        "icl_check infoscore spread share %.3f over %d anchors x %d (%s)",
+        result["infoscore_spread_share"],
+        len(anchors),
+        ck.pool_size,
+        clock.lap("infoscore_spread"),
+    )
     detail["infoscore"] = {
         "spread_mean": float(spread["spread"].mean()),
         "spread_median": float(np.median(spread["spread"])),
         "best_gain_mean": float(spread["best"].mean()),
         "median_gain_mean": float(spread["median"].mean()),
         "zero_shot_prob_mean": float(spread["p0"].mean()),
-        "gain_mean_by_match_level": {k: (float(np.mean(v)) if v else None) for k, v in spread["by_level"].items()},
+        "gain_mean_by_match_level": {
+            k: (float(np.mean(v)) if v else None) for k, v in spread["by_level"].items()
+        },
         "n_by_match_level": {k: len(v) for k, v in spread["by_level"].items()},
-        "spread_by_anchor": [float(v) for v in spread["spread"]],  # anchor order; for intervals of the share
+        "spread_by_anchor": [
+            float(v) for v in spread["spread"]
+        ],  # anchor order; for intervals of the share
     }
     targets = {
-        "similar_4": [result["similar_4"], TARGETS["similar_4_min"], result["similar_4"] >= TARGETS["similar_4_min"]],
-        "similar_4_minus_zero_shot": [result["similar_4"] - result["zero_shot"], TARGETS["zero_shot_gap_min"],
-                                      result["similar_4"] - result["zero_shot"] >= TARGETS["zero_shot_gap_min"]],
-        "similar_1_minus_random_1": [result["similar_1"] - result["random_1"], TARGETS["random_1_gap_min"],
-                                     result["similar_1"] - result["random_1"] >= TARGETS["random_1_gap_min"]],
-        "infoscore_spread_share": [result["infoscore_spread_share"], TARGETS["infoscore_spread_share_min"],
-                                   result["infoscore_spread_share"] >= TARGETS["infoscore_spread_share_min"]],
+        "similar_4": [
+            result["similar_4"],
+            TARGETS["similar_4_min"],
+            result["similar_4"] >= TARGETS["similar_4_min"],
+        ],
+        "similar_4_minus_zero_shot": [
+            result["similar_4"] - result["zero_shot"],
+            TARGETS["zero_shot_gap_min"],
+            result["similar_4"] - result["zero_shot"] >= TARGETS["zero_shot_gap_min"],
+        ],
+        "similar_1_minus_random_1": [
+            result["similar_1"] - result["random_1"],
+            TARGETS["random_1_gap_min"],
+            result["similar_1"] - result["random_1"] >= TARGETS["random_1_gap_min"],
+        ],
+        "infoscore_spread_share": [
+            result["infoscore_spread_share"],
+            TARGETS["infoscore_spread_share_min"],
+            result["infoscore_spread_share"] >= TARGETS["infoscore_spread_share_min"],
+        ],
     }
     out = {
         **result,
-        "targets": {k: {"value": v, "target": t, "met": bool(m)} for k, (v, t, m) in targets.items()},
+        "targets": {
+            k: {"value": v, "target": t, "met": bool(m)} for k, (v, t, m) in targets.items()
+        },
         "all_targets_met": all(m for _, _, m in targets.values()),
         "detail": detail,
-        "settings": {"model_dir": str(model_dir), "check": asdict(ck), "n_train": len(train),
-                     "n_test_split": len(test), "wall_s": round(time.time() - t0, 1), "phase_s": clock.phases},
+        "settings": {
+            "model_dir": str(model_dir),
+            "check": asdict(ck),
+            "n_train": len(train),
+            "n_test_split": len(test),
+            "wall_s": round(time.time() - t0, 1),
+            "phase_s": clock.phases,
+        },
     }
     for key in (*SETTINGS, "infoscore_spread_share"):
         if not (0.0 <= out[key] <= 1.0) or not math.isfinite(out[key]):
@@ -915,7 +1114,9 @@ def format_check(res: dict) -> str:
         lines.append(f"{k:<24}{res[k]:>9.3f}")
     lines.append(f"{'infoscore_spread_share':<24}{res['infoscore_spread_share']:>9.3f}")
     for name, t in res.get("targets", {}).items():
-        lines.append(f"target {name}: {t['value']:.3f} (>= {t['target']}) {'met' if t['met'] else 'NOT met'}")
+        lines.append(
+            f"target {name}: {t['value']:.3f} (>= {t['target']}) {'met' if t['met'] else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 
@@ -927,10 +1128,18 @@ def main_icl_check(argv: Sequence[str] | None = None) -> int:
         "and the spread of InfoScore over anchors' pools; writes icl_check.json.",
     )
     parser.add_argument("model_dir", help="the trained embedded LVLM's checkpoint folder")
-    parser.add_argument("--config", help="a workflow config YAML; its embedded_lvlm section is used")
-    parser.add_argument("--preset", choices=("default", "test"), default=None,
-                        help="use a built-in embedded_lvlm preset instead of --config")
-    parser.add_argument("--out", help="output JSON (default: icl_check.json beside the model folder)")
+    parser.add_argument(
+        "--config", help="a workflow config YAML; its embedded_lvlm section is used"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("default", "test"),
+        default=None,
+        help="use a built-in embedded_lvlm preset instead of --config",
+    )
+    parser.add_argument(
+        "--out", help="output JSON (default: icl_check.json beside the model folder)"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.config and args.preset:
         parser.error("give --config or --preset, not both")
@@ -950,7 +1159,9 @@ def main_icl_check(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{model_dir}: not a checkpoint folder (no config.json)")
     out = args.out or str(model_dir.parent / "icl_check.json")
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     res = icl_check(str(model_dir), cfg, out)
     print(format_check(res))
     print(f"written: {out}")

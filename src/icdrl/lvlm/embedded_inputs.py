@@ -41,13 +41,23 @@ class PromptRenderer:
 
     @staticmethod
     def _texts(messages: list[dict]) -> list[str]:
-        return [part["text"] for m in messages for part in m["content"] if part.get("type") == "text"]
+        return [
+            part["text"] for m in messages for part in m["content"] if part.get("type") == "text"
+        ]
 
     def _skeleton(self, messages: list[dict]) -> list[str] | None:
         n = len(self._texts(messages))
         marks = iter([f"\ue000{i}\ue001" for i in range(n)])
-        sentinel = [{**m, "content": [{**part, "text": next(marks)} if part.get("type") == "text" else part
-                                      for part in m["content"]]} for m in messages]
+        sentinel = [
+            {
+                **m,
+                "content": [
+                    {**part, "text": next(marks)} if part.get("type") == "text" else part
+                    for part in m["content"]
+                ],
+            }
+            for m in messages
+        ]
         text = self._render(sentinel)
         pieces = []
         for i in range(n):
@@ -94,12 +104,14 @@ def tokenize_prompts(processor, texts: Sequence[str], image_grid_thw: torch.Tens
     / merge size squared, in order), as the processor does, then the texts are tokenised with
     the tokenizer's padding: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``.
     """
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     counts = (image_grid_thw.prod(-1) // merge).tolist()
     mark = processor.image_token
     n_marks = sum(t.count(mark) for t in texts)
     if n_marks != len(counts):
-        raise ValueError(f"tokenize_prompts: {len(counts)} image grids for {n_marks} image placeholders")
+        raise ValueError(
+            f"tokenize_prompts: {len(counts)} image grids for {n_marks} image placeholders"
+        )
     it = iter(counts)
     expanded = []
     for text in texts:
@@ -111,8 +123,12 @@ def tokenize_prompts(processor, texts: Sequence[str], image_grid_thw: torch.Tens
     return out
 
 
-def rope_positions(mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor,
-                   spatial_merge_size: int) -> torch.Tensor:
+def rope_positions(
+    mm_token_type_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    spatial_merge_size: int,
+) -> torch.Tensor:
     """Qwen2.5-VL's 3-D rope position ids [3, B, L] of image-and-text rows, as ``get_rope_index``.
 
     Text tokens count up (the same id in all three components); an image's tokens get its start
@@ -130,8 +146,12 @@ def rope_positions(mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor
     before[:, 1:] = img[:, :-1]
     first = img & ~before  # the first token of each image
     if int(first.sum()) != len(image_grid_thw):
-        raise ValueError(f"rope_positions: {int(first.sum())} images in the tokens, {len(image_grid_thw)} grids")
-    which = (torch.cumsum(first.reshape(-1).long(), 0).reshape(b, n) - 1).clamp_min(0)  # image of each token
+        raise ValueError(
+            f"rope_positions: {int(first.sum())} images in the tokens, {len(image_grid_thw)} grids"
+        )
+    which = (torch.cumsum(first.reshape(-1).long(), 0).reshape(b, n) - 1).clamp_min(
+        0
+    )  # image of each token
     col = torch.arange(n).expand(b, n)
     k = col - col[first][which]  # index within its image
     t = image_grid_thw[:, 0][which]

@@ -75,7 +75,9 @@ def match_level(demo: Example, query: Example) -> str:
     return "none"
 
 
-def short_form_prob(demos: Sequence[Example], query: Example, cue_exact: float, cue_kind: float) -> float:
+def short_form_prob(
+    demos: Sequence[Example], query: Example, cue_exact: float, cue_kind: float
+) -> float:
     """Noisy-OR of the demonstrations' cues: the probability of answering in the short form."""
     cue = {"exact": cue_exact, "kind": cue_kind, "none": 0.0}
     p_verbose = 1.0
@@ -144,8 +146,14 @@ def _pick(rng: random.Random, index: RecipeIndex, pool: Sequence[int], q: int) -
     return rest[rng.randrange(len(rest))] if rest else None
 
 
-def sample_query(rng: random.Random, index: RecipeIndex, kind_weights: Mapping[str, float], kinds: Sequence[str],
-                 balance_yesno: bool, positive_only: bool = False) -> int:
+def sample_query(
+    rng: random.Random,
+    index: RecipeIndex,
+    kind_weights: Mapping[str, float],
+    kinds: Sequence[str],
+    balance_yesno: bool,
+    positive_only: bool = False,
+) -> int:
     """A query: kind by weight, template uniform within the kind.
 
     ``balance_yesno``: yes/no answers balanced per template (else as often as the split has
@@ -185,8 +193,13 @@ def sample_random_demo(rng: random.Random, index: RecipeIndex, q: int, balance_y
     return i
 
 
-def sample_similar_demo(rng: random.Random, index: RecipeIndex, q: int, balance_yesno: bool,
-                        answer_match_share: float = 0.0) -> int:
+def sample_similar_demo(
+    rng: random.Random,
+    index: RecipeIndex,
+    q: int,
+    balance_yesno: bool,
+    answer_match_share: float = 0.0,
+) -> int:
     """A demonstration "similar" to query ``q``: same question text, same template, same kind or random.
 
     Each of the four sources has probability 1/4. With probability ``answer_match_share`` a

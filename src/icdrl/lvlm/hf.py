@@ -106,13 +106,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CACHE_MODES = ("features", "pixels", "none")
 PADDING_SIDES = ("left", "right")
 #: Processor outputs that belong to the text, not to an image.
-TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "offset_mapping"})
+TEXT_KEYS = frozenset(
+    {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "offset_mapping"}
+)
 
 # the attention implementations and their state live in icdrl.lvlm.hf_patches; these names stay
 # importable from here (tests and older callers read them)
 _SCORED_COLUMNS, _SEGMENTS = patches.SCORED_COLUMNS, patches.SEGMENTS
 _scored, _segments = patches.SCORED_STATE, patches.SEGMENT_STATE
-_scored_columns_attention, _segments_attention = patches.scored_columns_attention, patches.segments_attention
+_scored_columns_attention, _segments_attention = (
+    patches.scored_columns_attention,
+    patches.segments_attention,
+)
 
 
 class BackendError(ValueError):
@@ -142,7 +147,7 @@ class _ImageEntry:
     features: torch.Tensor | None = None  # vision encoder output (features mode)
     text: str = ""  # the placeholder's expansion as text
     rel_pos: np.ndarray | None = None  # 3-D rope positions of ``ids`` from 0 (mrope models)
-    types: np.ndarray | None = None  # the processor's mm_token_type_ids of ``ids`` (zeros if it gives none)
+    types: np.ndarray | None = None  # the processor's mm_token_type_ids of ``ids`` (zeros if none)
     advance: int = 0  # how far the text position moves past this image (mrope models)
 
 
@@ -211,7 +216,8 @@ def _layout_key(tensors: dict) -> tuple:
 def _same_tensors(a: dict, b: dict) -> bool:
     """Same keys, shapes and values (to 1e-6) in two per-image tensor dicts."""
     return a.keys() == b.keys() and all(
-        a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a
+        a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=1e-6)
+        for k in a
     )
 
 
@@ -225,7 +231,11 @@ def _is_prefix(short: Sequence[int], long: Sequence[int]) -> bool:
 #: 1e-5, or 1e-6 of the logit (about 8 float32 rounding steps); bfloat16 / float16: their own
 #: rounding step at the logit's size (2^-7 / 2^-10 of it), at least that of a logit of 8 (bf16
 #: scores of the cached paths agree with the reference within 0.06 in mean log-prob).
-NEAR_TIE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (0.0625, 2.0**-7), torch.float16: (0.0078125, 2.0**-10)}
+NEAR_TIE = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (0.0625, 2.0**-7),
+    torch.float16: (0.0078125, 2.0**-10),
+}
 
 
 def near_tie_tolerance(dtype: torch.dtype, best: float) -> float:
@@ -291,11 +301,17 @@ class HFBackend:
         if padding_side not in PADDING_SIDES:
             raise BackendError(f"model.padding_side: {padding_side!r} is not one of left, right")
         if image_cache not in CACHE_MODES:
-            raise BackendError(f"model.image_cache: {image_cache!r} is not one of {', '.join(CACHE_MODES)}")
+            raise BackendError(
+                f"model.image_cache: {image_cache!r} is not one of {', '.join(CACHE_MODES)}"
+            )
         if image_cache_size < 0:
-            raise BackendError(f"model.image_cache_size: must be >= 0 (0: unbounded), got {image_cache_size}")
+            raise BackendError(
+                f"model.image_cache_size: must be >= 0 (0: unbounded), got {image_cache_size}"
+            )
         if prefix_cache_size < 0:
-            raise BackendError(f"model.prefix_cache_size: must be >= 0 (0: off), got {prefix_cache_size}")
+            raise BackendError(
+                f"model.prefix_cache_size: must be >= 0 (0: off), got {prefix_cache_size}"
+            )
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -304,7 +320,9 @@ class HFBackend:
         self.system_prompt = system_prompt or None
         self.padding_side = padding_side
         if image_cache == "features" and not self._supports_features():
-            log.warning("%s does not accept mm_encoder_outputs; caching pixels only", type(model).__name__)
+            log.warning(
+                "%s does not accept mm_encoder_outputs; caching pixels only", type(model).__name__
+            )
             image_cache = "pixels"
         self.image_cache = image_cache
         self.image_cache_size = int(image_cache_size)
@@ -313,27 +331,39 @@ class HFBackend:
         self.prefixes = PrefixCache(self.prefix_cache_size)
         self.image_token = getattr(processor, "image_token", None)
         if not self.image_token:
-            raise BackendError(f"{type(processor).__name__} has no image placeholder token (processor.image_token)")
+            raise BackendError(
+                f"{type(processor).__name__} has no image placeholder token (processor.image_token)"
+            )
         if getattr(processor, "chat_template", None) is None:
-            raise BackendError(f"{type(processor).__name__} has no chat template (chat_template.jinja / .json)")
+            raise BackendError(
+                f"{type(processor).__name__} has no chat template (chat_template.jinja / .json)"
+            )
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            self.pad_id = (
+                self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            )
         self._lead = self._special_prefix()
         self._cache: OrderedDict[str, _ImageEntry] = OrderedDict()
         self._needs_mm_types = bool(getattr(processor, "return_mm_token_type_ids", False))
         # 3-D rope (Qwen2-VL family): positions are composed per prompt from cached per-image
         # blocks instead of the model's per-row loop; checked against the model on the first batch
         self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-        self._mrope = bool(self._needs_mm_types and self._rope_index is not None and image_cache != "none")
+        self._mrope = bool(
+            self._needs_mm_types and self._rope_index is not None and image_cache != "none"
+        )
         self._positions_checked = False
         self._batch_preprocess = True  # several new images per processor call (checked once)
         self._batch_checked = False
         #: image layout (:func:`_layout_key`) -> the placeholder's expansion (ids, text) there
         self._expansions: dict[tuple, tuple[tuple[int, ...], str]] = {}
-        self._image_only = True  # the image processor alone where the expansion is known (checked per layout)
+        self._image_only = (
+            True  # the image processor alone where the expansion is known (checked per layout)
+        )
         self._image_processor = getattr(processor, "image_processor", None)
-        self._layouts: dict[tuple, tuple] = {}  # (image ids, grid) -> (types, rel. positions, advance)
+        self._layouts: dict[
+            tuple, tuple
+        ] = {}  # (image ids, grid) -> (types, rel. positions, advance)
         import inspect
 
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -342,7 +372,9 @@ class HFBackend:
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
         self._vision = self._vision_modules() if image_cache != "none" else []
-        self._geometry: dict[tuple, dict] = {}  # patch grids of a batch -> _vision_geometry's tensors
+        self._geometry: dict[
+            tuple, dict
+        ] = {}  # patch grids of a batch -> _vision_geometry's tensors
         self._segments_checked = False
         self._use_skeletons = image_cache != "none"
         self._skeletons: dict[tuple[int, bool], list[str] | None] = {}
@@ -355,8 +387,15 @@ class HFBackend:
         #: counters: processor calls on a single image, cache hits, images through the vision
         #: encoder, forward passes over prompts, rows run on a cached prefix, decoding steps of
         #: cached greedy decoding, near-ties its checks met (not mismatches)
-        self.stats = {"image_preprocess": 0, "image_hits": 0, "vision_encoded": 0, "forward_batches": 0,
-                      "prefix_hits": 0, "decode_steps": 0, "generate_near_ties": 0}
+        self.stats = {
+            "image_preprocess": 0,
+            "image_hits": 0,
+            "vision_encoded": 0,
+            "forward_batches": 0,
+            "prefix_hits": 0,
+            "decode_steps": 0,
+            "generate_near_ties": 0,
+        }
 
     # ------------------------------------------------------------------ construction
 
@@ -369,7 +408,7 @@ class HFBackend:
         dtype: str = "float32",
         attn_implementation: str | None = None,
         **kwargs,
-    ) -> "HFBackend":
+    ) -> HFBackend:
         """Load model and processor from a local checkpoint folder (never the hub)."""
         from transformers import AutoModelForImageTextToText
 
@@ -383,7 +422,12 @@ class HFBackend:
         backend = cls(model.to(dev), processor, **kwargs)
         log.info(
             "loaded %s from %s on %s (%s), batch %d, image cache %s",
-            type(model).__name__, path, dev, dtype, backend.batch_size, backend.image_cache,
+            type(model).__name__,
+            path,
+            dev,
+            dtype,
+            backend.batch_size,
+            backend.image_cache,
         )
         return backend
 
@@ -412,6 +456,7 @@ class HFBackend:
 
     def _vision_geometry(self, grid: torch.Tensor) -> dict:
         return patches.vision_geometry(self._vision, grid, self._geometry)
+
     def _supports_features(self) -> bool:
         import inspect
 
@@ -451,8 +496,13 @@ class HFBackend:
         messages = self.messages(prompt, answer)
         if not self._use_skeletons:
             return self._render_template(messages, answer is None)
-        texts = [part["text"] for m in messages for part in m["content"] if part.get("type") == "text"]
-        key = (tuple(bool(ex.image) for ex in prompt[0]), answer is None)  # which demonstrations show an image
+        texts = [
+            part["text"] for m in messages for part in m["content"] if part.get("type") == "text"
+        ]
+        key = (
+            tuple(bool(ex.image) for ex in prompt[0]),
+            answer is None,
+        )  # which demonstrations show an image
         pieces = self._skeletons.get(key)
         if pieces is None:
             pieces = self._skeleton(messages, answer is None, len(texts))
@@ -465,14 +515,24 @@ class HFBackend:
         return self._check_skeleton(key, messages, answer is None, "".join(out))
 
     def _render_template(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
-    def _skeleton(self, messages: list[dict], generation_prompt: bool, n_texts: int) -> list[str] | None:
+    def _skeleton(
+        self, messages: list[dict], generation_prompt: bool, n_texts: int
+    ) -> list[str] | None:
         """The template rendered with sentinels for the text items, split at them (None: unusable)."""
         marks = [f"\ue000{i}\ue001" for i in range(n_texts)]
         it = iter(marks)
         sentinel = [
-            {**m, "content": [{**part, "text": next(it)} if part.get("type") == "text" else part for part in m["content"]]}
+            {
+                **m,
+                "content": [
+                    {**part, "text": next(it)} if part.get("type") == "text" else part
+                    for part in m["content"]
+                ],
+            }
             for m in messages
         ]
         text = self._render_template(sentinel, generation_prompt)
@@ -494,11 +554,15 @@ class HFBackend:
             raise BackendError("answer_logprobs: empty answer string")
         f = self.render(prompt, answer)
         if not f.startswith(p):
-            raise BackendError("chat template: the conversation with the answer does not extend the generation prompt")
+            raise BackendError(
+                "chat template: the conversation with the answer does not extend the generation prompt"
+            )
         rest = f[len(p) :]
         k = rest.find(answer)
         if k < 0 or rest[:k].strip():
-            raise BackendError(f"chat template: answer {answer!r} is not the start of the assistant turn")
+            raise BackendError(
+                f"chat template: answer {answer!r} is not the start of the assistant turn"
+            )
         return p, f[: len(p) + k + len(answer)], f
 
     def _split(self, text: str, n_images: int) -> list[str]:
@@ -525,7 +589,11 @@ class HFBackend:
             return_mm_token_type_ids=False,  # types come per image layout (_finish_entry)
         )
         self.stats["image_preprocess"] += 1
-        return self._entry(out, 0, {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)})
+        return self._entry(
+            out,
+            0,
+            {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)},
+        )
 
     def _preprocess_many(self, paths: Sequence[str]) -> list[_ImageEntry]:
         """Images through the processor in one call, split per image (else one call each).
@@ -599,7 +667,12 @@ class HFBackend:
         for k, v in out.items():
             if k in TEXT_KEYS or not isinstance(v, torch.Tensor):
                 continue
-            if sizes is not None and k != "image_grid_thw" and v.shape[0] == sum(sizes) and sum(sizes) != n:
+            if (
+                sizes is not None
+                and k != "image_grid_thw"
+                and v.shape[0] == sum(sizes)
+                and sum(sizes) != n
+            ):
                 chunks = torch.split(v, sizes)
             elif v.shape[0] == n:
                 chunks = torch.split(v, 1)
@@ -620,21 +693,32 @@ class HFBackend:
     def _entry(self, out, i: int, tensors: dict) -> _ImageEntry:
         """The cache entry of image ``i`` of a processor call on ``image_token`` texts."""
         (rep,) = out["text_replacement_offsets"][i]
-        return self._finish_entry(_ImageEntry(ids=self._row_ids(out, i), tensors=tensors, text=rep["replacement"]))
+        return self._finish_entry(
+            _ImageEntry(ids=self._row_ids(out, i), tensors=tensors, text=rep["replacement"])
+        )
 
     def _finish_entry(self, entry: _ImageEntry) -> _ImageEntry:
         """Token types and relative 3-D rope positions of an image's ids (shared by equal grids)."""
         grid = entry.tensors.get("image_grid_thw")
-        key = (entry.ids, tuple(grid.flatten().tolist()) if isinstance(grid, torch.Tensor) else None)
+        key = (
+            entry.ids,
+            tuple(grid.flatten().tolist()) if isinstance(grid, torch.Tensor) else None,
+        )
         known = self._layouts.get(key)
         if known is None:
             types = torch.zeros(len(entry.ids), dtype=torch.long)
             rel_pos, advance = None, 0
             if self._needs_mm_types:
-                types = torch.tensor(self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long)
+                types = torch.tensor(
+                    self.processor.create_mm_token_type_ids([list(entry.ids)])[0], dtype=torch.long
+                )
                 if self._mrope:
                     rel_pos, advance = self._image_positions(entry, types)
-            known = self._layouts[key] = (types.numpy(), rel_pos.numpy() if rel_pos is not None else None, advance)
+            known = self._layouts[key] = (
+                types.numpy(),
+                rel_pos.numpy() if rel_pos is not None else None,
+                advance,
+            )
         entry.types, entry.rel_pos, entry.advance = known
         return entry
 
@@ -643,7 +727,9 @@ class HFBackend:
         ids = torch.tensor([[*entry.ids, self.pad_id]], dtype=torch.long)
         text = torch.zeros(1, dtype=torch.long)
         pos, _ = self._rope_index(
-            input_ids=ids, mm_token_type_ids=torch.cat([types, text])[None], image_grid_thw=entry.tensors["image_grid_thw"]
+            input_ids=ids,
+            mm_token_type_ids=torch.cat([types, text])[None],
+            image_grid_thw=entry.tensors["image_grid_thw"],
         )
         pos = pos[:, 0]
         return pos[:, :-1].clone(), int(pos[0, -1])
@@ -689,7 +775,9 @@ class HFBackend:
             feats = fn(**kwargs, return_dict=True).pooler_output
         feats = list(feats)
         if len(feats) != len(entries):
-            raise BackendError(f"vision encoder returned {len(feats)} feature blocks for {len(entries)} images")
+            raise BackendError(
+                f"vision encoder returned {len(feats)} feature blocks for {len(entries)} images"
+            )
         for e, f in zip(entries, feats):
             e.features = f.detach()
             e.tensors = {k: v for k, v in e.tensors.items() if not k.startswith("pixel_values")}
@@ -715,7 +803,9 @@ class HFBackend:
         entries = self._entries(images)
         p, pa, f = self._texts(prompt, answer)
         p_pieces = self._split(p, len(images))
-        ids: list[int] = list(self._lead) if not p.startswith(self.tokenizer.bos_token or "\0") else []
+        ids: list[int] = (
+            list(self._lead) if not p.startswith(self.tokenizer.bos_token or "\0") else []
+        )
         segments: list = []
         head = 0
         for piece, path in zip(p_pieces[:-1], images):
@@ -731,7 +821,9 @@ class HFBackend:
         last_pa = self._tok(self._split(pa, len(images))[-1])
         last_f = self._tok(self._split(f, len(images))[-1])
         if not _is_prefix(last_p, last_pa) or not _is_prefix(last_pa, last_f):
-            raise BackendError(f"answer {answer!r}: its tokens merge with the surrounding chat tokens")
+            raise BackendError(
+                f"answer {answer!r}: its tokens merge with the surrounding chat tokens"
+            )
         start = len(ids) + len(last_p)
         end = len(ids) + len(last_pa)
         if end <= start:
@@ -752,7 +844,9 @@ class HFBackend:
             return_text_replacement_offsets=answer is not None,
         )
         ids = [int(t) for t in out["input_ids"][0]]
-        vision = [{k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}]
+        vision = [
+            {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
+        ]
         if answer is None:
             return _Item(ids, images, len(ids), len(ids), vision)
         # Every image precedes the answer, so in the expanded text (the one the offsets refer to)
@@ -785,8 +879,14 @@ class HFBackend:
 
     # ------------------------------------------------------------------ batching
 
-    def _collate(self, items: list[_Item], left: bool, positions: bool = False,
-                 prefixes: Sequence[PrefixKV | None] | None = None, room: int | None = None) -> tuple[dict, list[int]]:
+    def _collate(
+        self,
+        items: list[_Item],
+        left: bool,
+        positions: bool = False,
+        prefixes: Sequence[PrefixKV | None] | None = None,
+        room: int | None = None,
+    ) -> tuple[dict, list[int]]:
         """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
 
         ``prefixes`` (cached paths): per item a cached :class:`~icdrl.lvlm.prefix_cache.PrefixKV` of its first ids or None.
@@ -803,7 +903,9 @@ class HFBackend:
         width = max(len(it.ids) - c for it, c in zip(items, cut))
         ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)
-        composed = all(it.segments for it in items)  # cached path: each image's types and positions known
+        composed = all(
+            it.segments for it in items
+        )  # cached path: each image's types and positions known
         types = np.zeros((len(items), width), dtype=np.int64)
         pos = np.zeros((3, len(items), width), dtype=np.int64)
         offsets = []
@@ -815,12 +917,17 @@ class HFBackend:
             offsets.append(o - c)
             if composed:
                 self._layout_into(it, c, types[r, o : o + n], pos[:, r, o : o + n])
-        inputs: dict = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        inputs: dict = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+        }
         if self._needs_mm_types:
             if composed:
                 inputs["mm_token_type_ids"] = torch.from_numpy(types)
             else:
-                inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long)
+                inputs["mm_token_type_ids"] = torch.tensor(
+                    self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long
+                )
         if self.image_cache == "none":
             parts = [v for it in items for v in it.vision]
         else:
@@ -830,15 +937,21 @@ class HFBackend:
                 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
                 feats = [self._cache[p].features for p in kept]
-                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+                inputs["mm_encoder_outputs"] = {
+                    "image": BaseModelOutputWithPooling(pooler_output=feats)
+                }
         for k in parts[0] if parts else []:
             v = torch.cat([part[k] for part in parts])
             inputs[k] = v
-        if positions and self._mrope and composed:  # scoring only: generate() relies on the model's rope deltas
+        if (
+            positions and self._mrope and composed
+        ):  # scoring only: generate() relies on the model's rope deltas
             if has_prefix or self._check_positions(inputs, torch.from_numpy(pos)):
                 inputs["position_ids"] = torch.from_numpy(pos)
         if has_prefix:
-            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes, None if room is None else width + room)
+            inputs["cache"], prefix_mask = self._stack_prefixes(
+                prefixes, None if room is None else width + room
+            )
             inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
             offsets = [o + prefix_mask.shape[1] for o in offsets]
         elif room is not None:
@@ -889,7 +1002,9 @@ class HFBackend:
             "vision_features_cached": self.image_cache == "features",
             "chat_template_skeletons": cached and self._use_skeletons,
             "batched_image_preprocessing": cached and self._batch_preprocess,
-            "image_processor_alone": cached and self._image_only and self._image_processor is not None,
+            "image_processor_alone": cached
+            and self._image_only
+            and self._image_processor is not None,
             "composed_3d_positions": self._mrope,
             "prefix_cache": bool(self.prefix_cache_size and self._mrope),
             "last_layer_at_read_columns": self._last is not None and self._last.attn is not None,
@@ -897,7 +1012,9 @@ class HFBackend:
             "cached_greedy_decoding": self._fast_generate_on,
         }
 
-    def _check_skeleton(self, key: tuple[int, bool], messages: list[dict], generation_prompt: bool, text: str) -> str:
+    def _check_skeleton(
+        self, key: tuple[int, bool], messages: list[dict], generation_prompt: bool, text: str
+    ) -> str:
         """The first 3 renders of each shape: a skeleton render must equal ``apply_chat_template``'s."""
         checks = self._skeleton_checks.get(key, 0)
         if checks >= 3:
@@ -905,7 +1022,9 @@ class HFBackend:
         self._skeleton_checks[key] = checks + 1
         real = self._render_template(messages, generation_prompt)
         if real != text:
-            log.warning("chat template alters its text items; rendering every prompt with apply_chat_template")
+            log.warning(
+                "chat template alters its text items; rendering every prompt with apply_chat_template"
+            )
             self._use_skeletons = False
         return real
 
@@ -917,15 +1036,23 @@ class HFBackend:
         one = self._preprocess(path)
         self.stats["image_preprocess"] -= 1
         first = self._entry(out, 0, tensors)
-        if not (one.ids == first.ids and one.text == first.text and _same_tensors(one.tensors, first.tensors)):
-            log.warning("batched image preprocessing differs from one image at a time; preprocessing one by one")
+        if not (
+            one.ids == first.ids
+            and one.text == first.text
+            and _same_tensors(one.tensors, first.tensors)
+        ):
+            log.warning(
+                "batched image preprocessing differs from one image at a time; preprocessing one by one"
+            )
             self._batch_preprocess = False
         return self._batch_preprocess
 
     def _check_image_processor(self, entry: _ImageEntry, tensors: dict) -> bool:
         """Per image layout: the image processor alone must give the processor's tensors."""
         if not _same_tensors(entry.tensors, tensors):
-            log.warning("the image processor alone differs from the processor; preprocessing with the processor")
+            log.warning(
+                "the image processor alone differs from the processor; preprocessing with the processor"
+            )
             self._image_only = False
         return self._image_only
 
@@ -937,7 +1064,9 @@ class HFBackend:
         expanded = pieces[0]
         for piece, path in zip(pieces[1:], images):
             expanded += self._cache[path].text + piece
-        whole = self.tokenizer(expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0"))
+        whole = self.tokenizer(
+            expanded, add_special_tokens=not text.startswith(self.tokenizer.bos_token or "\0")
+        )
         if list(whole["input_ids"]) != list(ids):
             raise BackendError(
                 "tokenizer: tokenising the chat text piecewise around image placeholders differs from "
@@ -952,21 +1081,31 @@ class HFBackend:
         grid = inputs.get("image_grid_thw")
         if grid is None:
             return False
-        types = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long)
+        types = torch.tensor(
+            self.processor.create_mm_token_type_ids(inputs["input_ids"]), dtype=torch.long
+        )
         if not torch.equal(types, inputs["mm_token_type_ids"]):
-            raise BackendError("composed mm_token_type_ids differ from the processor's (please report this)")
+            raise BackendError(
+                "composed mm_token_type_ids differ from the processor's (please report this)"
+            )
         ref, _ = self._rope_index(
-            input_ids=inputs["input_ids"], mm_token_type_ids=types,
-            image_grid_thw=grid, attention_mask=inputs["attention_mask"],
+            input_ids=inputs["input_ids"],
+            mm_token_type_ids=types,
+            image_grid_thw=grid,
+            attention_mask=inputs["attention_mask"],
         )
         real = inputs["attention_mask"].bool()
         self._positions_checked = True
         if not torch.equal(ref[:, real], pos[:, real]):
-            log.warning("composed 3-D rope positions differ from the model's; letting the model compute them")
+            log.warning(
+                "composed 3-D rope positions differ from the model's; letting the model compute them"
+            )
             self._mrope = False
         return self._mrope
 
-    def _check_generation(self, batch: list[_Item], fast: list[tuple[int, ...]], n_new: int, kind: str) -> list[tuple[int, ...]]:
+    def _check_generation(
+        self, batch: list[_Item], fast: list[tuple[int, ...]], n_new: int, kind: str
+    ) -> list[tuple[int, ...]]:
         """Once per kind of batch (``"full"``; ``"prefix"``: rows on cached prefixes): the cached
         greedy decoding's answers must equal plain ``model.generate``'s on the batch's first
         ``_CHECK_ROWS`` rows (its longest: the batch is sorted), token
@@ -982,7 +1121,12 @@ class HFBackend:
             r = mismatches[0]
             log.warning(
                 "cached greedy decoding differs from model.generate (%d of %d rows checked, e.g. %s vs %s); "
-                "generating with model.generate", len(mismatches), n, list(fast[r]), list(ref[r]))
+                "generating with model.generate",
+                len(mismatches),
+                n,
+                list(fast[r]),
+                list(ref[r]),
+            )
             self._fast_generate = False
             return list(ref) + self._plain_tokens(batch[n:], n_new)[0] if n < len(batch) else ref
         return fast
@@ -1030,11 +1174,16 @@ class HFBackend:
             self.stats["prefix_hits"] += 1
         return pk
 
-    def _store_prefixes(self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]) -> None:
+    def _store_prefixes(
+        self, items: list[_Item], offsets: list[int], cache, done: Sequence[int]
+    ) -> None:
         """Keep the keys/values of each item's prefixes (chat header, demonstrations) longer than
         ``done[r]``, copied out of the forward's ``cache`` (which is not kept alive)."""
         layers = [(lay.keys, lay.values) for lay in cache.layers]
-        rows = [(it.ids, it.images, self._boundaries(it), o, d) for it, o, d in zip(items, offsets, done)]
+        rows = [
+            (it.ids, it.images, self._boundaries(it), o, d)
+            for it, o, d in zip(items, offsets, done)
+        ]
         self.prefixes.store(rows, layers)
 
     def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None], room: int | None = None):
@@ -1050,7 +1199,9 @@ class HFBackend:
     # ------------------------------------------------------------------ the two questions
 
     @torch.inference_mode()
-    def answer_logprobs(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[AnswerScore]:
+    def answer_logprobs(
+        self, prompts: Sequence[Prompt], answers: Sequence[str]
+    ) -> list[AnswerScore]:
         """Sum of the answer tokens' log-probabilities and their count, per (prompt, answer).
 
         With the prefix cache on, a prompt whose first demonstrations were scored before (in any
@@ -1058,30 +1209,54 @@ class HFBackend:
         step's prompts) runs only its remaining tokens, attending to the cached keys and values.
         """
         if len(prompts) != len(answers):
-            raise BackendError(f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers")
+            raise BackendError(
+                f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers"
+            )
         results: list[AnswerScore | None] = [None] * len(prompts)
         items = self._items(prompts, answers)
-        prefixes = [self._lookup_prefix(it) for it in items] if self._prefix_on else [None] * len(items)
+        prefixes = (
+            [self._lookup_prefix(it) for it in items] if self._prefix_on else [None] * len(items)
+        )
         # batches never mix rows with and without a cached prefix; each kind runs longest (rest) first
         full = [i for i in self._order(items) if not prefixes[i]]
-        rest = sorted((i for i in range(len(items)) if prefixes[i]), key=lambda i: -(len(items[i].ids) - prefixes[i].length))
+        rest = sorted(
+            (i for i in range(len(items)) if prefixes[i]),
+            key=lambda i: -(len(items[i].ids) - prefixes[i].length),
+        )
         left = self.padding_side == "left"
-        chunks = [rows[c : c + self.batch_size] for rows in (full, rest) for c in range(0, len(rows), self.batch_size)]
+        chunks = [
+            rows[c : c + self.batch_size]
+            for rows in (full, rest)
+            for c in range(0, len(rows), self.batch_size)
+        ]
         for idx in chunks:
             batch = [items[i] for i in idx]
             pks = [prefixes[i] for i in idx]
             if self.image_cache != "none":
                 self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
-            feed = batch if self.image_cache == "none" else [self._without_last_token(it) for it in batch]
-            inputs, offs = self._collate(feed, left, positions=True, prefixes=pks if pks[0] else None)
+            feed = (
+                batch
+                if self.image_cache == "none"
+                else [self._without_last_token(it) for it in batch]
+            )
+            inputs, offs = self._collate(
+                feed, left, positions=True, prefixes=pks if pks[0] else None
+            )
             store = self._prefix_on  # after collate: the first batch checks the composed positions
             # row r's answer tokens it.ids[start + j] are predicted at input column offs[r] + start - 1 + j
             # (minus the prefix columns); shorter answers repeat their last token, masked out by ``valid``
             n = [it.end - it.start for it in batch]
             m = max(n)
-            shift = inputs["attention_mask"].shape[1] - inputs["input_ids"].shape[1]  # prefix columns
+            shift = (
+                inputs["attention_mask"].shape[1] - inputs["input_ids"].shape[1]
+            )  # prefix columns
             steps = [[min(j, k - 1) for j in range(m)] for k in n]
-            pos = torch.tensor([[o + it.start - 1 - shift + j for j in js] for o, it, js in zip(offs, batch, steps)])
+            pos = torch.tensor(
+                [
+                    [o + it.start - 1 - shift + j for j in js]
+                    for o, it, js in zip(offs, batch, steps)
+                ]
+            )
             tgt = torch.tensor([[it.ids[it.start + j] for j in js] for it, js in zip(batch, steps)])
             valid = torch.arange(m)[None, :] < torch.tensor(n)[:, None]
             use_cache = store or "cache" in inputs
@@ -1092,7 +1267,9 @@ class HFBackend:
                     logits = out.logits
                 else:
                     out = self.model(**inputs, use_cache=use_cache)
-                    logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1]))
+                    logits = out.logits.gather(
+                        1, pos[..., None].expand(-1, -1, out.logits.shape[-1])
+                    )
             self.stats["forward_batches"] += 1
             if store:
                 self._store_prefixes(feed, offs, out.cache, [pk.length if pk else 0 for pk in pks])
@@ -1102,7 +1279,9 @@ class HFBackend:
             for r, i in enumerate(idx):
                 s = sums[r]
                 if not math.isfinite(s):
-                    raise BackendError(f"answer_logprobs: non-finite log-prob for answer {answers[i]!r}")
+                    raise BackendError(
+                        f"answer_logprobs: non-finite log-prob for answer {answers[i]!r}"
+                    )
                 results[i] = AnswerScore(sum_logprob=s, n_tokens=n[r])
         return results  # type: ignore[return-value]
 
@@ -1110,18 +1289,28 @@ class HFBackend:
     def _without_last_token(item: _Item) -> _Item:
         """``item`` without its last answer token (and anything after it): no scored position reads it."""
         cut = len(item.ids) - (item.end - 1)
-        segments = (*item.segments[:-1], item.segments[-1] - cut) if item.segments else item.segments
+        segments = (
+            (*item.segments[:-1], item.segments[-1] - cut) if item.segments else item.segments
+        )
         return replace(item, ids=item.ids[: item.end - 1], segments=segments)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
+    ) -> list[Generation]:
         """Greedy answers, decoded without special tokens, post-processed (docs/science.md §3)."""
         toks = self.generate_ids(prompts, max_new_tokens)
-        texts = self.tokenizer.batch_decode([list(t) for t in toks], skip_special_tokens=True) if toks else []
+        texts = (
+            self.tokenizer.batch_decode([list(t) for t in toks], skip_special_tokens=True)
+            if toks
+            else []
+        )
         return [Generation(raw=raw, answer=postprocess(raw)) for raw in texts]
 
     @torch.inference_mode()
-    def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
+    def generate_ids(
+        self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
+    ) -> list[tuple[int, ...]]:
         """Each prompt's greedy new token ids, up to and including its first end token, at most
         ``max_new_tokens`` (default: the backend's).
 
@@ -1142,7 +1331,11 @@ class HFBackend:
     def _fast_generate_on(self) -> bool:
         """Cached greedy decoding applies: cached paths, and positions the backend composes itself
         (3-D rope) or a model without 3-D rope (1-D positions from the attention mask)."""
-        return self.image_cache != "none" and self._fast_generate and (self._mrope or self._rope_index is None)
+        return (
+            self.image_cache != "none"
+            and self._fast_generate
+            and (self._mrope or self._rope_index is None)
+        )
 
     def _eos_ids(self, n_new: int) -> frozenset[int]:
         eos = self._generation_config(n_new).eos_token_id
@@ -1173,8 +1366,13 @@ class HFBackend:
         toks = [_until_end(row, eos) for row in new]
         if not gaps:
             return toks, None
-        top = torch.stack([lg.float() for lg in out.logits], 1).topk(2, dim=-1).values.cpu().tolist()  # [rows, steps, 2]
-        tied = [[a - b <= near_tie_tolerance(self.dtype, a) for a, b in row[: len(t)]] for row, t in zip(top, toks)]
+        top = (
+            torch.stack([lg.float() for lg in out.logits], 1).topk(2, dim=-1).values.cpu().tolist()
+        )  # [rows, steps, 2]
+        tied = [
+            [a - b <= near_tie_tolerance(self.dtype, a) for a, b in row[: len(t)]]
+            for row, t in zip(top, toks)
+        ]
         return toks, tied
 
     def _generate_cached(self, items: list[_Item], n_new: int) -> list[tuple[int, ...]]:
@@ -1188,13 +1386,20 @@ class HFBackend:
         compared with plain ``model.generate`` (:meth:`_check_generation`).
         """
         results: list[tuple[int, ...] | None] = [None] * len(items)
-        pending = sorted(range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i))
+        pending = sorted(
+            range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i)
+        )
         waves = bool(self.prefix_cache_size and self._mrope)
         budget = self.batch_size * max(len(it.ids) for it in items) if items else 0
         try:
             while pending:
                 if waves:
-                    keys = [self.prefixes.shareable(items[i].ids, items[i].images, self._boundaries(items[i])) for i in pending]
+                    keys = [
+                        self.prefixes.shareable(
+                            items[i].ids, items[i].images, self._boundaries(items[i])
+                        )
+                        for i in pending
+                    ]
                     ready, wait = next_wave(keys, self.prefixes.__contains__)
                     shared = Counter(k for ks in keys for k in ks)
                     self.prefixes.protected = frozenset(k for k, n in shared.items() if n > 1)
@@ -1207,7 +1412,9 @@ class HFBackend:
             self.prefixes.evict()
         return results  # type: ignore[return-value]
 
-    def _run_wave(self, items: list[_Item], now: list[int], n_new: int, results: list, budget: int) -> None:
+    def _run_wave(
+        self, items: list[_Item], now: list[int], n_new: int, results: list, budget: int
+    ) -> None:
         """The rows ``now`` in batches, longest remainder first; answers into ``results``.
 
         A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
@@ -1217,7 +1424,11 @@ class HFBackend:
         """
 
         def rest(i: int) -> int:
-            pk = self.prefixes.lookup(items[i].ids, items[i].images, self._boundaries(items[i])) if self._prefix_on else None
+            pk = (
+                self.prefixes.lookup(items[i].ids, items[i].images, self._boundaries(items[i]))
+                if self._prefix_on
+                else None
+            )
             return len(items[i].ids) - (pk.length if pk else 0)
 
         rests = {i: rest(i) for i in now}
@@ -1249,11 +1460,15 @@ class HFBackend:
             self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
         pks = [self._lookup_prefix(it) for it in batch] if self._prefix_on else [None] * len(batch)
         has_prefix = any(pks)
-        inputs, offs = self._collate(batch, left=True, positions=True, prefixes=pks if has_prefix else None, room=n_new)
+        inputs, offs = self._collate(
+            batch, left=True, positions=True, prefixes=pks if has_prefix else None, room=n_new
+        )
         dev = self.device
         mask = inputs["attention_mask"]
         shift = mask.shape[1] - inputs["input_ids"].shape[1]  # prefix columns
-        last = torch.tensor([[o + len(it.ids) - 1 - shift] for o, it in zip(offs, batch)], device=dev)
+        last = torch.tensor(
+            [[o + len(it.ids) - 1 - shift] for o, it in zip(offs, batch)], device=dev
+        )
         if "position_ids" in inputs:  # composed 3-D positions
             mrope = True
             nxt = inputs["position_ids"][0].gather(1, last)[:, 0] + 1
@@ -1271,7 +1486,9 @@ class HFBackend:
                 logits = out.logits[:, -1]
             else:
                 out = self.model(**inputs, use_cache=True)
-                logits = out.logits.gather(1, last[..., None].expand(-1, -1, out.logits.shape[-1]))[:, -1]
+                logits = out.logits.gather(1, last[..., None].expand(-1, -1, out.logits.shape[-1]))[
+                    :, -1
+                ]
         self.stats["forward_batches"] += 1
         cache = out.cache
         if self._prefix_on:
@@ -1295,7 +1512,10 @@ class HFBackend:
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             pos = (nxt + step)[:, None]
             out = self.model(
-                input_ids=tok[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
                 position_ids=pos[None].expand(3, -1, -1) if mrope else pos,
             )
             self.stats["decode_steps"] += 1

@@ -34,7 +34,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 #: name under which :func:`scored_columns_attention` is registered with transformers
 SCORED_COLUMNS = "icdrl_scored_columns"
-SCORED_STATE = threading.local()  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
+SCORED_STATE = (
+    threading.local()
+)  # .pos [rows, m] and .inner (the wrapped implementation) during one forward
 
 
 def scored_columns_attention(module, query, key, value, attention_mask, **kwargs):
@@ -51,10 +53,15 @@ def scored_columns_attention(module, query, key, value, attention_mask, **kwargs
     q = query.gather(2, pos[:, None, :, None].expand(b, h, m, d))
     if attention_mask is None:  # causal: column i sees key j iff j <= (cached columns) + i
         past = key.shape[2] - n
-        mask = torch.arange(key.shape[2], device=q.device)[None, None, None, :] <= (past + pos)[:, None, :, None]
+        mask = (
+            torch.arange(key.shape[2], device=q.device)[None, None, None, :]
+            <= (past + pos)[:, None, :, None]
+        )
     else:
         full_mask = attention_mask.expand(b, -1, -1, -1)
-        mask = full_mask.gather(2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3]))
+        mask = full_mask.gather(
+            2, pos[:, None, :, None].expand(b, full_mask.shape[1], m, full_mask.shape[3])
+        )
     kwargs["is_causal"] = False
     out, _ = ALL_ATTENTION_FUNCTIONS[SCORED_STATE.inner](module, q, key, value, mask, **kwargs)
     full = out.new_zeros((b, n, *out.shape[2:]))
@@ -69,7 +76,9 @@ AttentionInterface.register(SCORED_COLUMNS, scored_columns_attention)
 #: is what makes Qwen2.5-VL's vision attention take its packed-sequence branch, the one that
 #: passes the segment boundaries (``cu_seq_lens_q``) instead of looping over the segments itself.
 SEGMENTS = "icdrl_flash_segments"
-SEGMENT_STATE = threading.local()  # .inner (the wrapped implementation) while the vision encoder runs
+SEGMENT_STATE = (
+    threading.local()
+)  # .inner (the wrapped implementation) while the vision encoder runs
 
 
 def segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
@@ -95,14 +104,20 @@ def segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=
     out = query.new_empty((total, h, value.shape[-1]))
     for length, starts in groups.items():
         n, first = len(starts), starts[0]
-        if starts == list(range(first, first + n * length, length)):  # back to back: views, no copies
+        if starts == list(
+            range(first, first + n * length, length)
+        ):  # back to back: views, no copies
             span = slice(first, first + n * length)
-            q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
+            q, k, v = (
+                t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value)
+            )
         else:
             span = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(query.device)
             q, k, v = (t[0][:, span].transpose(0, 1) for t in (query, key, value))
             span = span.reshape(-1)
-        o, _ = inner(module, q, k, v, None, **kwargs)  # [n, heads, length, dim] in, [n, length, heads, dim] out
+        o, _ = inner(
+            module, q, k, v, None, **kwargs
+        )  # [n, heads, length, dim] in, [n, length, heads, dim] out
         out[span] = o.reshape(-1, *o.shape[2:])
     return out[None], None
 
@@ -154,7 +169,11 @@ def last_layer_parts(model) -> LastLayer | None:
         return None
     attn = layer.self_attn
     cfg = getattr(attn, "config", None)
-    ok = cfg is not None and not getattr(cfg, "sub_configs", None) and cfg._attn_implementation in ("sdpa", "eager")
+    ok = (
+        cfg is not None
+        and not getattr(cfg, "sub_configs", None)
+        and cfg._attn_implementation in ("sdpa", "eager")
+    )
     return LastLayer(rowwise, attn if ok else None)
 
 
@@ -186,7 +205,11 @@ def last_layer_at(last: LastLayer | None, pos: torch.Tensor):
         full[rows, pos] = out
         return full
 
-    handles = [h for m in last.rowwise for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+    handles = [
+        h
+        for m in last.rowwise
+        for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))
+    ]
     try:
         with attention_as([last.attn] if last.attn is not None else [], SCORED_COLUMNS) as inner:
             SCORED_STATE.pos, SCORED_STATE.inner = pos, inner
@@ -200,7 +223,11 @@ def last_layer_at(last: LastLayer | None, pos: torch.Tensor):
 def vision_modules(model) -> list[torch.nn.Module]:
     """The Qwen2.5-VL vision tower's modules that read its config, where its attention is sdpa
     or eager (flash implementations already take the segment boundaries); else none."""
-    mods = [m for m in model.modules() if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"]
+    mods = [
+        m
+        for m in model.modules()
+        if getattr(getattr(m, "config", None), "model_type", None) == "qwen2_5_vl_vision"
+    ]
     if not mods or any(m.config._attn_implementation not in ("sdpa", "eager") for m in mods):
         return []
     return mods
@@ -243,7 +270,10 @@ def vision_geometry(modules: Sequence[torch.nn.Module], grid: torch.Tensor, memo
 
         cu, longest = get_vision_attention_seqlens(grid, tower.config)
         window_index, cu_window = get_vision_window_index(
-            grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
+            grid,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
         )
         got = {
             "image_position_ids": get_vision_position_ids(grid, tower.spatial_merge_size),
@@ -259,7 +289,9 @@ def vision_geometry(modules: Sequence[torch.nn.Module], grid: torch.Tensor, memo
     return dict(got)
 
 
-def roomy_cache(n_layers: int, room: int, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+def roomy_cache(
+    n_layers: int, room: int, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+):
     """A ``DynamicCache`` of ``n_layers`` :class:`RoomyLayer` (each with ``room`` spare columns),
     holding ``data`` (per layer ``(keys, values)``) if given."""
     from transformers import DynamicCache
@@ -287,12 +319,28 @@ class RoomyLayer(DynamicLayer):
         m = key_states.shape[-2]
         if not self.is_initialized:
             self.device = key_states.device
-            self._k = key_states.new_empty((*key_states.shape[:2], m + self.room, key_states.shape[-1]))
-            self._v = value_states.new_empty((*value_states.shape[:2], m + self.room, value_states.shape[-1]))
+            self._k = key_states.new_empty(
+                (*key_states.shape[:2], m + self.room, key_states.shape[-1])
+            )
+            self._v = value_states.new_empty(
+                (*value_states.shape[:2], m + self.room, value_states.shape[-1])
+            )
             self.is_initialized = True
         elif self.n + m > self._k.shape[-2]:  # out of room: grow (never in the backend's use)
-            self._k = torch.cat([self._k[..., : self.n, :], key_states.new_empty((*self._k.shape[:2], m + self.room, self._k.shape[-1]))], -2)
-            self._v = torch.cat([self._v[..., : self.n, :], value_states.new_empty((*self._v.shape[:2], m + self.room, self._v.shape[-1]))], -2)
+            self._k = torch.cat(
+                [
+                    self._k[..., : self.n, :],
+                    key_states.new_empty((*self._k.shape[:2], m + self.room, self._k.shape[-1])),
+                ],
+                -2,
+            )
+            self._v = torch.cat(
+                [
+                    self._v[..., : self.n, :],
+                    value_states.new_empty((*self._v.shape[:2], m + self.room, self._v.shape[-1])),
+                ],
+                -2,
+            )
         self._k[..., self.n : self.n + m, :] = key_states
         self._v[..., self.n : self.n + m, :] = value_states
         self.n += m

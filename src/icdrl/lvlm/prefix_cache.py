@@ -53,20 +53,27 @@ def prefix_key(ids: Sequence[int], images: Sequence[str], length: int, n_images:
     return (tuple(ids[:length]), tuple(images[:n_images]))
 
 
-def right_aligned(layers, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int], width: int, device) -> list:
+def right_aligned(
+    layers, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int], width: int, device
+) -> list:
     """Per layer, ``(keys, values)[rows, :, start : start + length]`` of each row, right-aligned in
     ``width`` columns: [len(rows), kv_heads, width, head_dim], one indexing per layer.
 
     A column left of a row's span repeats the span's first column (finite; always masked out).
     """
-    first = torch.tensor([s + n - width for s, n in zip(starts, lengths)])[:, None] + torch.arange(width)[None, :]
+    first = (
+        torch.tensor([s + n - width for s, n in zip(starts, lengths)])[:, None]
+        + torch.arange(width)[None, :]
+    )
     cols = torch.maximum(first, torch.tensor(list(starts))[:, None]).to(device)
     src = torch.tensor(list(rows), device=device)[:, None]
     # t[src, :, cols]: [rows, width, heads, dim] -> [rows, heads, width, dim]
     return [(k[src, :, cols].transpose(1, 2), v[src, :, cols].transpose(1, 2)) for k, v in layers]
 
 
-def next_wave(keys: Sequence[Sequence[Hashable]], cached: Callable[[Hashable], bool]) -> tuple[list[int], list[int]]:
+def next_wave(
+    keys: Sequence[Sequence[Hashable]], cached: Callable[[Hashable], bool]
+) -> tuple[list[int], list[int]]:
     """Split rows into those that run now and those that wait for a prefix a row running now stores.
 
     ``keys[i]``: row ``i``'s prefix keys that other rows may share, shortest first. A key held by
@@ -130,12 +137,16 @@ class PrefixCache:
         """Whether prefixes of ``n_images`` demonstrations are stored at all."""
         return bool(self.size) and (self.max_demos is None or n_images <= self.max_demos)
 
-    def shareable(self, ids: Sequence[int], images: Sequence[str], boundaries: Sequence[Boundary]) -> list[tuple]:
+    def shareable(
+        self, ids: Sequence[int], images: Sequence[str], boundaries: Sequence[Boundary]
+    ) -> list[tuple]:
         """Keys of the stored kinds of prefixes with at least one demonstration, shortest first
         (what :func:`next_wave` schedules on; every prompt shares the chat header)."""
         return [prefix_key(ids, images, n, j) for n, j in boundaries if j >= 1 and self.keeps(j)]
 
-    def lookup(self, ids: Sequence[int], images: Sequence[str], boundaries: Sequence[Boundary]) -> PrefixKV | None:
+    def lookup(
+        self, ids: Sequence[int], images: Sequence[str], boundaries: Sequence[Boundary]
+    ) -> PrefixKV | None:
         """The longest stored prefix among ``boundaries`` (marked recently used), or None."""
         for length, j in reversed(boundaries):
             key = prefix_key(ids, images, length, j)
@@ -169,7 +180,10 @@ class PrefixCache:
         if not new:
             return 0
         device = layers[0][0].device
-        for group in ([e for e in new if e[3] == 0], [e for e in new if e[3] > 0]):  # the chat header apart
+        for group in (
+            [e for e in new if e[3] == 0],
+            [e for e in new if e[3] > 0],
+        ):  # the chat header apart
             longest: dict[int, int] = {}
             for _, r, length, _ in group:
                 longest[r] = max(longest.get(r, 0), length)
@@ -177,7 +191,14 @@ class PrefixCache:
                 continue
             order = list(longest)
             width = max(longest.values())
-            copy = right_aligned(layers, order, [rows[r][3] for r in order], [longest[r] for r in order], width, device)
+            copy = right_aligned(
+                layers,
+                order,
+                [rows[r][3] for r in order],
+                [longest[r] for r in order],
+                width,
+                device,
+            )
             at = {r: i for i, r in enumerate(order)}
             for key, r, length, j in group:
                 self.entries[key] = PrefixKV(length, j, copy, at[r], width - longest[r])
@@ -210,15 +231,32 @@ class PrefixCache:
         if len(copies) == 1 and all(pk and pk.column + pk.length == stored for pk in prefixes):
             # the usual case: one stored copy, every row ending in its last column
             src = torch.tensor([pk.row for pk in prefixes], device=dev)
-            data = [(k.index_select(0, src)[:, :, stored - width :], v.index_select(0, src)[:, :, stored - width :])
-                    for k, v in ref]
+            data = [
+                (
+                    k.index_select(0, src)[:, :, stored - width :],
+                    v.index_select(0, src)[:, :, stored - width :],
+                )
+                for k, v in ref
+            ]
             return data, mask
-        data = [(k.new_zeros((n, k.shape[1], width, k.shape[3])), v.new_zeros((n, v.shape[1], width, v.shape[3])))
-                for k, v in ref]
+        data = [
+            (
+                k.new_zeros((n, k.shape[1], width, k.shape[3])),
+                v.new_zeros((n, v.shape[1], width, v.shape[3])),
+            )
+            for k, v in ref
+        ]
         for layers in copies.values():
             out = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
             pks = [prefixes[r] for r in out]
-            got = right_aligned(layers, [pk.row for pk in pks], [pk.column for pk in pks], [pk.length for pk in pks], width, dev)
+            got = right_aligned(
+                layers,
+                [pk.row for pk in pks],
+                [pk.column for pk in pks],
+                [pk.length for pk in pks],
+                width,
+                dev,
+            )
             at = torch.tensor(out, device=dev)
             for (k, v), (gk, gv) in zip(data, got):
                 k[at], v[at] = gk, gv

@@ -29,7 +29,15 @@ ENDOFTEXT = "<|endoftext|>"
 VIDEO_TOKEN = "<|video_pad|>"
 
 #: Special tokens a Qwen2.5-VL tokenizer must carry for the chat template and image slots.
-QWEN_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_TOKEN, VIDEO_TOKEN)
+QWEN_SPECIAL_TOKENS = (
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+)
 
 #: Qwen2-VL's chat template, reduced to what icdrl uses (text and images; no videos, no tools).
 #: Real checkpoints ship their own template, which the backend uses as is.
@@ -52,18 +60,19 @@ QWEN_CHAT_TEMPLATE = (
 class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` with images and text only (no video processor, no torchvision)."""
 
-
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         kwargs.pop("video_processor", None)
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_TOKEN
-        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.image_token
+        self.image_token_id = getattr(
+            tokenizer, "image_token_id", None
+        ) or tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = getattr(
+            tokenizer, "video_token_id", None
+        ) or tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(
+            self, image_processor, tokenizer, chat_template=chat_template, **kwargs
         )
-        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.video_token
-        )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
 def register() -> None:
@@ -113,7 +122,9 @@ def build_word_tokenizer(words, *, chat_template: str = QWEN_CHAT_TEMPLATE):
     return hf
 
 
-def build_image_processor(*, patch_size: int = 8, merge_size: int = 2, image_size: int = 64, **kwargs):
+def build_image_processor(
+    *, patch_size: int = 8, merge_size: int = 2, image_size: int = 64, **kwargs
+):
     """PIL image processor giving ``(image_size/patch_size/merge_size)**2`` tokens per square image."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -36,7 +36,9 @@ def _words(words: Iterable[str] | None) -> list[str]:
     return out
 
 
-def save_tiny_qwen(out_dir: str | Path, words: Iterable[str] | None = None, *, seed: int = 0, **config) -> Path:
+def save_tiny_qwen(
+    out_dir: str | Path, words: Iterable[str] | None = None, *, seed: int = 0, **config
+) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint folder; ``config`` goes to ``tiny_qwen_config``."""
     import torch
     from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -84,7 +86,17 @@ def build_llava_tokenizer(words: Iterable[str]):
 
     specials = ["<pad>", "<s>", "</s>", "<image>", "[UNK]"]
     vocab: dict[str, int] = {}
-    for w in [*specials, "\n", "user", "assistant", "system", "USER", "ASSISTANT", "SYSTEM", *words]:
+    for w in [
+        *specials,
+        "\n",
+        "user",
+        "assistant",
+        "system",
+        "USER",
+        "ASSISTANT",
+        "SYSTEM",
+        *words,
+    ]:
         if w and w not in vocab:
             vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

@@ -47,10 +47,12 @@ def segments_attention(module, query, key, value, attention_mask, cu_seq_lens_q=
             by_length.setdefault(b - a, []).append(a)
     total = query.shape[2]
     if len(by_length) == 1:  # the usual case: one image size, one batched call on views
-        (length, starts), = by_length.items()
+        ((length, starts),) = by_length.items()
         n = len(starts)
-        q, k, v = (t[0, :, starts[0] : starts[0] + n * length].unflatten(1, (n, length)).transpose(0, 1)
-                   for t in (query, key, value))
+        q, k, v = (
+            t[0, :, starts[0] : starts[0] + n * length].unflatten(1, (n, length)).transpose(0, 1)
+            for t in (query, key, value)
+        )
         out, _ = inner(module, q, k, v, None, **kwargs)  # [n, length, heads, dim]
         return out.reshape(1, total, *out.shape[2:]), None
     out = query.new_empty((total, query.shape[1], value.shape[-1]))

@@ -43,6 +43,8 @@ from icdrl.records import atomic_write_text
 from .bootstrap import Interval, bootstrap_mean, paired_bootstrap, trend
 from .compare import Comparison, compare, family, method_accuracy
 from .degenerate import reward_equivalence
+from .diagnostics import ablation_plot, ablations_table, diagnostics_plot, diagnostics_table
+from .experiments import ExperimentSpec, experiment_table
 from .inputs import EvalData, load_eval, load_metrics, load_rewards, load_scored
 from .plots import (
     PLOT_NAMES,
@@ -54,8 +56,6 @@ from .plots import (
     save_figure,
     training_curves_plot,
 )
-from .diagnostics import ablation_plot, ablations_table, diagnostics_plot, diagnostics_table
-from .experiments import ExperimentSpec, experiment_table
 from .summary import build_summary
 from .tables import (
     TABLE_NAMES,
@@ -106,7 +106,9 @@ REPORT_FILES: tuple[str, ...] = (
 
 def experiment_files(name: str) -> tuple[str, ...]:
     """The files of one experiment: its table and its delta plot."""
-    return (tuple(f"exp-{name}.{e}" for e in TABLE_EXTS) + tuple(f"exp-{name}-delta.{e}" for e in PLOT_EXTS))
+    return tuple(f"exp-{name}.{e}" for e in TABLE_EXTS) + tuple(
+        f"exp-{name}-delta.{e}" for e in PLOT_EXTS
+    )
 
 
 def report_files(out_dir: str | os.PathLike = "", experiments: Sequence[str] = ()) -> list[str]:
@@ -130,19 +132,36 @@ def _check_cfg(report_cfg: Mapping | None) -> dict:
     return cfg
 
 
-def comparison_tables(data: EvalData, n_boot: int, seed: int, level: float = LEVEL,
-                      experiments: Sequence[Mapping] = ()) -> dict:
+def comparison_tables(
+    data: EvalData,
+    n_boot: int,
+    seed: int,
+    level: float = LEVEL,
+    experiments: Sequence[Mapping] = (),
+) -> dict:
     """The delta tables, each one family of comparisons (``Table.comparisons``), in report order:
     every mode vs legacy, v3 vs v2, then one table per experiment (``exp-<name>``)."""
-    out = {"vs_legacy": vs_legacy_table(data, n_boot, seed, level), "vs_v2": vs_v2_table(data, n_boot, seed, level)}
+    out = {
+        "vs_legacy": vs_legacy_table(data, n_boot, seed, level),
+        "vs_v2": vs_v2_table(data, n_boot, seed, level),
+    }
     for e in experiments:
         t = experiment_table(data, ExperimentSpec.from_dict(e), n_boot, seed, level)
         out[t.name] = t
     return out
 
 
-def power_from_files(eval_paths, rewards_paths=None, *, experiments: Sequence[Mapping] = (), delta: float = 1.0,
-                     n_boot: int = 2000, seed: int = 0, alpha: float = 0.05, power: float = 0.8):
+def power_from_files(
+    eval_paths,
+    rewards_paths=None,
+    *,
+    experiments: Sequence[Mapping] = (),
+    delta: float = 1.0,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    power: float = 0.8,
+):
     """The power plan of a finished run (what the summary prints), from its evaluation records.
 
     The comparisons are those of :func:`comparison_tables` (rewards files, if given, let it
@@ -154,7 +173,9 @@ def power_from_files(eval_paths, rewards_paths=None, *, experiments: Sequence[Ma
     data = load_eval(eval_paths)
     data.reward_orders = reward_equivalence(load_rewards(rewards_paths))
     tables = comparison_tables(data, n_boot, seed, LEVEL, experiments)
-    return power_plan([c for t in tables.values() for c in t.comparisons], delta=delta, alpha=alpha, power=power)
+    return power_plan(
+        [c for t in tables.values() for c in t.comparisons], delta=delta, alpha=alpha, power=power
+    )
 
 
 def _config_text(config: Mapping | None) -> str:
@@ -164,7 +185,8 @@ def _config_text(config: Mapping | None) -> str:
     if config is None:
         return "# the report was built without a config (icdrl.report.build_report(config=None))\n"
     return "# the validated workflow config of this report (defaults filled in)\n" + yaml.safe_dump(
-        dict(config), sort_keys=True, default_flow_style=None, width=100)
+        dict(config), sort_keys=True, default_flow_style=None, width=100
+    )
 
 
 def build_report(
@@ -193,8 +215,14 @@ def build_report(
     scored = load_scored(scored_path)
     data.reward_orders = reward_equivalence(rewards)
     train_answers = load_answers(answers) if answers is not None else None
-    log.info("report: %d methods (%d ablations), shots %s, %d metrics files, %d rewards files",
-             len(data.main()), len(data.ablations()), data.shots, len(metrics), len(rewards))
+    log.info(
+        "report: %d methods (%d ablations), shots %s, %d metrics files, %d rewards files",
+        len(data.main()),
+        len(data.ablations()),
+        data.shots,
+        len(metrics),
+        len(rewards),
+    )
 
     adv = {(lab, ur): advantage_values(g, ur) for lab, g in rewards.items() for ur in (True, False)}
     tables = {

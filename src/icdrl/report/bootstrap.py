@@ -113,9 +113,15 @@ class VarianceParts:
     def at(self, n_seeds: int, n_queries: float) -> float:
         if n_seeds < 1 or n_queries <= 0:
             raise ValueError(f"need n_seeds >= 1 and n_queries > 0, got {n_seeds}, {n_queries}")
-        return self.seed_unit / n_seeds + self.query_unit / n_queries + self.noise_unit / (n_seeds * n_queries)
+        return (
+            self.seed_unit / n_seeds
+            + self.query_unit / n_queries
+            + self.noise_unit / (n_seeds * n_queries)
+        )
 
-    def queries_needed(self, delta: float, n_seeds: int, alpha: float = 0.05, power: float = 0.8) -> int | None:
+    def queries_needed(
+        self, delta: float, n_seeds: int, alpha: float = 0.05, power: float = 0.8
+    ) -> int | None:
         """Test queries for a minimum detectable effect ≤ ``delta`` at ``n_seeds`` seeds.
 
         None when the seed variance alone keeps the MDE above ``delta`` (more seeds needed).
@@ -132,8 +138,12 @@ class VarianceParts:
 
     def scaled(self, factor: float) -> VarianceParts:
         f2 = factor * factor
-        return replace(self, seed_unit=self.seed_unit * f2, query_unit=self.query_unit * f2,
-                       noise_unit=self.noise_unit * f2)
+        return replace(
+            self,
+            seed_unit=self.seed_unit * f2,
+            query_unit=self.query_unit * f2,
+            noise_unit=self.noise_unit * f2,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,12 +178,18 @@ class Interval:
 
     def scaled(self, factor: float) -> Interval:
         """The same interval in other units (e.g. ×100 for percentage points)."""
-        return replace(self, estimate=self.estimate * factor, low=self.low * factor, high=self.high * factor,
-                       se=None if self.se is None else self.se * abs(factor),
-                       parts=None if self.parts is None else self.parts.scaled(factor))
+        return replace(
+            self,
+            estimate=self.estimate * factor,
+            low=self.low * factor,
+            high=self.high * factor,
+            se=None if self.se is None else self.se * abs(factor),
+            parts=None if self.parts is None else self.parts.scaled(factor),
+        )
 
 
 # ----------------------------------------------------------------------------- draws
+
 
 def _check_sizes(n: int, n_boot: int) -> None:
     if n < 1:
@@ -208,7 +224,9 @@ def _weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     row = 0
     for idx in _draw_blocks(n, n_boot, seed):
         flat = idx + (np.arange(idx.shape[0], dtype=np.int64) * n)[:, None]
-        out[row:row + idx.shape[0]] = np.bincount(flat.ravel(), minlength=idx.size).reshape(idx.shape)
+        out[row : row + idx.shape[0]] = np.bincount(flat.ravel(), minlength=idx.size).reshape(
+            idx.shape
+        )
         row += idx.shape[0]
     out.setflags(write=False)
     return out
@@ -219,7 +237,11 @@ def _seed_weights(n_seeds: int, n_boot: int, seed: int, stream: int) -> np.ndarr
     rng = np.random.default_rng([int(seed), _SEED_STREAM, int(n_seeds), int(stream)])
     idx = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
     flat = idx + (np.arange(n_boot) * n_seeds)[:, None]
-    w = np.bincount(flat.ravel(), minlength=n_boot * n_seeds).reshape(n_boot, n_seeds).astype(np.float64)
+    w = (
+        np.bincount(flat.ravel(), minlength=n_boot * n_seeds)
+        .reshape(n_boot, n_seeds)
+        .astype(np.float64)
+    )
     w.setflags(write=False)
     return w
 
@@ -250,6 +272,7 @@ def cluster_codes(labels: Sequence | None, n: int | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the bootstrap
 
+
 def _as_rows(x, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim == 1:
@@ -266,8 +289,8 @@ def _as_rows(x, name: str) -> np.ndarray:
 @dataclass(frozen=True)
 class _SeedLevel:
     centred: np.ndarray  # [S] κ·(r_s − r̄)
-    seed_unit: float     # σ²_seed estimate (per seed)
-    noise_unit: float    # σ²_noise estimate (per seed-query cell)
+    seed_unit: float  # σ²_seed estimate (per seed)
+    noise_unit: float  # σ²_noise estimate (per seed-query cell)
 
 
 def _seed_level(x: np.ndarray, codes: np.ndarray, n_clusters: int) -> _SeedLevel | None:
@@ -280,7 +303,7 @@ def _seed_level(x: np.ndarray, codes: np.ndarray, n_clusters: int) -> _SeedLevel
     resid = x - r[:, None] - x.mean(axis=0)[None, :] + r.mean()
     flat = (codes[None, :] + n_clusters * np.arange(s)[:, None]).ravel()
     by_cluster = np.bincount(flat, weights=resid.ravel(), minlength=s * n_clusters)
-    v_int = float((by_cluster ** 2).sum()) / ((s - 1) * q * q)
+    v_int = float((by_cluster**2).sum()) / ((s - 1) * q * q)
     if n_clusters > 1:
         v_int *= n_clusters / (n_clusters - 1)
     seed_var = max(0.0, s2r - v_int)  # σ²_seed estimate
@@ -288,9 +311,17 @@ def _seed_level(x: np.ndarray, codes: np.ndarray, n_clusters: int) -> _SeedLevel
     return _SeedLevel(math.sqrt(kappa2) * (r - r.mean()), seed_var, v_int * q)
 
 
-def resample(a, b=None, *, clusters: Sequence | None = None, paired: bool = True,
-             seeded: tuple[bool, bool] = (True, True), n_boot: int = 1000, seed: int = 0,
-             level: float = 0.95) -> Interval:
+def resample(
+    a,
+    b=None,
+    *,
+    clusters: Sequence | None = None,
+    paired: bool = True,
+    seeded: tuple[bool, bool] = (True, True),
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
     """Two-level clustered percentile bootstrap of ``mean(a) − mean(b)`` (or of ``mean(a)``).
 
     ``a``, ``b``: ``[Q]`` or ``[S, Q]`` values on the same Q queries (same column order).
@@ -306,7 +337,9 @@ def resample(a, b=None, *, clusters: Sequence | None = None, paired: bool = True
     if b is not None:
         xb = _as_rows(b, "b")
         if xb.shape[1] != xa.shape[1]:
-            raise ValueError(f"paired_bootstrap: shapes differ {xa.shape} vs {xb.shape} (queries must match)")
+            raise ValueError(
+                f"paired_bootstrap: shapes differ {xa.shape} vs {xb.shape} (queries must match)"
+            )
         if paired:
             if xb.shape != xa.shape:
                 raise ValueError(f"paired_bootstrap: shapes differ {xa.shape} vs {xb.shape}")
@@ -365,12 +398,29 @@ def resample(a, b=None, *, clusters: Sequence | None = None, paired: bool = True
         se = float(t.std(ddof=1)) if n_boot > 1 else 0.0
         below, above = int((t <= 0.0).sum()), int((t >= 0.0).sum())
         p = min(1.0, 2.0 * min(below + 1, above + 1) / (n_boot + 1))
-    return Interval(est, low, high, q, level, p=p if b is not None else None, se=se, n_clusters=n_clusters,
-                    n_seeds=n_seeds, levels=LEVEL_SEEDS if n_seeds > 1 else LEVEL_QUERIES, parts=parts)
+    return Interval(
+        est,
+        low,
+        high,
+        q,
+        level,
+        p=p if b is not None else None,
+        se=se,
+        n_clusters=n_clusters,
+        n_seeds=n_seeds,
+        levels=LEVEL_SEEDS if n_seeds > 1 else LEVEL_QUERIES,
+        parts=parts,
+    )
 
 
-def bootstrap_mean(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95, *,
-                   clusters: Sequence | None = None) -> Interval:
+def bootstrap_mean(
+    values,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    clusters: Sequence | None = None,
+) -> Interval:
     """Mean of ``values`` (1-D, finite) with a ``level`` percentile bootstrap interval.
 
     The estimate is the plain sample mean; the interval is the (1±level)/2 quantiles of the
@@ -384,15 +434,31 @@ def bootstrap_mean(values, n_boot: int = 1000, seed: int = 0, level: float = 0.9
     return resample(v, clusters=clusters, n_boot=n_boot, seed=seed, level=level)
 
 
-def paired_bootstrap(acc_a, acc_b, n_boot: int = 1000, seed: int = 0, level: float = 0.95, *,
-                     clusters: Sequence | None = None, paired: bool = True,
-                     seeded: tuple[bool, bool] = (True, True)) -> Interval:
+def paired_bootstrap(
+    acc_a,
+    acc_b,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    clusters: Sequence | None = None,
+    paired: bool = True,
+    seeded: tuple[bool, bool] = (True, True),
+) -> Interval:
     """Interval and p-value for mean(acc_A − acc_B) (see :func:`resample` and the module docstring).
 
     ``acc_a``/``acc_b``: aligned ``[Q]`` (one run each) or ``[S, Q]`` (S seeds, same query order).
     """
-    return resample(acc_a, acc_b, clusters=clusters, paired=paired, seeded=seeded, n_boot=n_boot, seed=seed,
-                    level=level)
+    return resample(
+        acc_a,
+        acc_b,
+        clusters=clusters,
+        paired=paired,
+        seeded=seeded,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+    )
 
 
 def trend(iv: Interval) -> str:

@@ -21,14 +21,14 @@ import numpy as np
 import pandas as pd
 
 from .bootstrap import Interval, paired_bootstrap, resample, trend
-from .degenerate import canonical, cannot_differ
+from .degenerate import cannot_differ, canonical
 from .inputs import EvalData
 from .multiplicity import holm_flags
 
 __all__ = ["Comparison", "compare", "family", "method_accuracy", "MethodAccuracy", "ALPHA", "POWER"]
 
 ALPHA = 0.05  # two-sided level of every test (the 95% intervals)
-POWER = 0.8   # power of the minimum detectable effect
+POWER = 0.8  # power of the minimum detectable effect
 TESTED = "tested"
 CANNOT_DIFFER = "cannot differ"
 DUPLICATE = "duplicate"
@@ -50,11 +50,11 @@ class Comparison:
     per_seed: tuple = ()  # ((seed, delta_pts), ...)
     pairing: str = ""
     reason: str = ""
-    degenerate: str = ""      # why the delta is zero by construction ("" = it can differ)
-    duplicate_of: str = ""    # "a − b" of the earlier comparison between the same selectors
+    degenerate: str = ""  # why the delta is zero by construction ("" = it can differ)
+    duplicate_of: str = ""  # "a − b" of the earlier comparison between the same selectors
     p_holm: float | None = None
     significant_holm: bool | None = None
-    family_size: int = 0      # tested comparisons in the family (Holm's m)
+    family_size: int = 0  # tested comparisons in the family (Holm's m)
 
     @property
     def available(self) -> bool:
@@ -111,8 +111,9 @@ def _stack(series: list[pd.Series], q: pd.Index) -> np.ndarray:
     return np.stack([s.reindex(q).to_numpy(dtype=np.float64) for s in series])
 
 
-def compare(data: EvalData, a: str, b: str, k: int, n_boot: int = 1000, seed: int = 0,
-            level: float = 0.95) -> Comparison:
+def compare(
+    data: EvalData, a: str, b: str, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> Comparison:
     """Paired two-level bootstrap of acc(a) − acc(b) at shot k, in points (see module docstring)."""
     ra, rb = data.acc.get((a, k), {}), data.acc.get((b, k), {})
     if not ra or not rb:
@@ -126,30 +127,57 @@ def compare(data: EvalData, a: str, b: str, k: int, n_boot: int = 1000, seed: in
             return Comparison(a, b, k, reason="no test queries in common")
         A, B = _stack(sa, q), _stack(sb, q)
         seeded = common != [None]
-        iv = paired_bootstrap(A, B, n_boot=n_boot, seed=seed, level=level, clusters=data.clusters(q),
-                              paired=True, seeded=(seeded, seeded)).scaled(100.0)
+        iv = paired_bootstrap(
+            A,
+            B,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            clusters=data.clusters(q),
+            paired=True,
+            seeded=(seeded, seeded),
+        ).scaled(100.0)
         per_seed = tuple((s, float((A[i] - B[i]).mean() * 100.0)) for i, s in enumerate(common))
-        return Comparison(a, b, k, iv, tuple(common), per_seed, PAIRED,
-                          degenerate=cannot_differ(data, a, b, k))
+        return Comparison(
+            a, b, k, iv, tuple(common), per_seed, PAIRED, degenerate=cannot_differ(data, a, b, k)
+        )
     seeds_a, seeds_b = data.seeds(a, k), data.seeds(b, k)
     sa, sb = [ra[s] for s in seeds_a], [rb[s] for s in seeds_b]
     q = _common_queries(sa + sb)
     if len(q) == 0:
         return Comparison(a, b, k, reason="no test queries in common")
     A, B = _stack(sa, q), _stack(sb, q)
-    iv = paired_bootstrap(A, B, n_boot=n_boot, seed=seed, level=level, clusters=data.clusters(q), paired=False,
-                          seeded=(seeds_a != [None], seeds_b != [None])).scaled(100.0)
+    iv = paired_bootstrap(
+        A,
+        B,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+        clusters=data.clusters(q),
+        paired=False,
+        seeded=(seeds_a != [None], seeds_b != [None]),
+    ).scaled(100.0)
     per_seed: tuple = ()
     if seeds_b == [None]:
         per_seed = tuple((s, float((A[i] - B[0]).mean() * 100.0)) for i, s in enumerate(seeds_a))
     elif seeds_a == [None]:
         per_seed = tuple((s, float((A[0] - B[i]).mean() * 100.0)) for i, s in enumerate(seeds_b))
     seeds = tuple(s for s in seeds_a + seeds_b if s is not None)
-    return Comparison(a, b, k, iv, tuple(sorted(set(seeds))), per_seed, MEANS,
-                      degenerate=cannot_differ(data, a, b, k))
+    return Comparison(
+        a,
+        b,
+        k,
+        iv,
+        tuple(sorted(set(seeds))),
+        per_seed,
+        MEANS,
+        degenerate=cannot_differ(data, a, b, k),
+    )
 
 
-def family(comparisons: Sequence[Comparison], data: EvalData | None = None, alpha: float = ALPHA) -> list[Comparison]:
+def family(
+    comparisons: Sequence[Comparison], data: EvalData | None = None, alpha: float = ALPHA
+) -> list[Comparison]:
     """One experiment's comparisons as a family: repeats marked, Holm applied to the tested ones.
 
     A comparison whose two sides cannot differ (``degenerate``) is not tested. One that pairs
@@ -164,8 +192,11 @@ def family(comparisons: Sequence[Comparison], data: EvalData | None = None, alph
     for i, c in enumerate(out):
         if not c.available or c.degenerate:
             continue
-        key = ((canonical(data, c.a, c.k), canonical(data, c.b, c.k), c.k) if data is not None
-               else (c.a, c.b, c.k))
+        key = (
+            (canonical(data, c.a, c.k), canonical(data, c.b, c.k), c.k)
+            if data is not None
+            else (c.a, c.b, c.k)
+        )
         j = first.setdefault(key, i)
         if j != i:
             original[i] = j
@@ -176,7 +207,9 @@ def family(comparisons: Sequence[Comparison], data: EvalData | None = None, alph
     for i, pa, fl in zip(tested, adj, flags):
         out[i] = replace(out[i], p_holm=float(pa), significant_holm=bool(fl), family_size=m)
     for i, j in original.items():  # a repeat shows its original's adjusted values
-        out[i] = replace(out[i], p_holm=out[j].p_holm, significant_holm=out[j].significant_holm, family_size=m)
+        out[i] = replace(
+            out[i], p_holm=out[j].p_holm, significant_holm=out[j].significant_holm, family_size=m
+        )
     return out
 
 
@@ -196,8 +229,9 @@ class MethodAccuracy:
         return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
 
 
-def method_accuracy(data: EvalData, key: str, k: int, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> MethodAccuracy | None:
+def method_accuracy(
+    data: EvalData, key: str, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> MethodAccuracy | None:
     """Mean accuracy over the queries common to all seeds, with a two-level clustered interval."""
     runs = data.acc.get((key, k))
     if not runs:
@@ -208,8 +242,14 @@ def method_accuracy(data: EvalData, key: str, k: int, n_boot: int = 1000, seed: 
     if len(q) == 0:
         return None
     A = _stack(series, q)
-    iv = resample(A, clusters=data.clusters(q), seeded=(seeds != [None], False), n_boot=n_boot, seed=seed,
-                  level=level).scaled(100.0)
+    iv = resample(
+        A,
+        clusters=data.clusters(q),
+        seeded=(seeds != [None], False),
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+    ).scaled(100.0)
     per_seed = tuple((s, float(A[i].mean() * 100.0)) for i, s in enumerate(seeds))
     return MethodAccuracy(key, k, iv, tuple(seeds), per_seed)
 

@@ -58,8 +58,10 @@ class RewardEquivalence:
             return ""
         for cls in self.classes:
             if a in cls and b in cls:
-                return (f"{self.why.get(a, ORDER)}: {a} and {b} rank every RL group's candidates identically, "
-                        "so rank advantages (and rank RCE weights) are equal by construction")
+                return (
+                    f"{self.why.get(a, ORDER)}: {a} and {b} rank every RL group's candidates identically, "
+                    "so rank advantages (and rank RCE weights) are equal by construction"
+                )
         return ""
 
 
@@ -83,7 +85,8 @@ def _orders_as_soft(g: RewardGroups) -> bool:
     """Every group's rewards have the tie pattern and ranks of its soft scores."""
     return g.soft is not None and all(
         np.array_equal(np.unique(r, return_inverse=True)[1], np.unique(s, return_inverse=True)[1])
-        for r, s in zip(g.rewards, g.soft))
+        for r, s in zip(g.rewards, g.soft)
+    )
 
 
 def reward_equivalence(rewards: Mapping[str, RewardGroups]) -> RewardEquivalence:

@@ -29,9 +29,14 @@ def schema_of(path: str | os.PathLike) -> str | None:
 
 def _group_key(rel: Path) -> str:
     parts = rel.parts
-    cut = next((i for i, p in enumerate(parts) if p.startswith(("anchors-n", "test-"))), len(parts) - 1)
-    tag = rel.stem if rel.stem.startswith("test-") else (rel.parent.name if rel.parent.name.startswith("test-")
-                                                          else "test")
+    cut = next(
+        (i for i, p in enumerate(parts) if p.startswith(("anchors-n", "test-"))), len(parts) - 1
+    )
+    tag = (
+        rel.stem
+        if rel.stem.startswith("test-")
+        else (rel.parent.name if rel.parent.name.startswith("test-") else "test")
+    )
     return str(Path(*parts[:cut], tag)) if cut else tag
 
 

@@ -22,7 +22,18 @@ from icdrl.rewards import KNOBS
 
 from .compare import compare, method_accuracy
 from .inputs import EvalData
-from .tables import _COMP_COLS, ALL_SHOTS, Table, _ci, _comp_display, _frame, _na_rows, _pending, _resolve, _shot_key
+from .tables import (
+    _COMP_COLS,
+    ALL_SHOTS,
+    Table,
+    _ci,
+    _comp_display,
+    _frame,
+    _na_rows,
+    _pending,
+    _resolve,
+    _shot_key,
+)
 
 __all__ = ["ExperimentSpec", "experiment_table", "experiment_names", "fmt_level"]
 
@@ -59,12 +70,25 @@ class ExperimentSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> ExperimentSpec:
         try:
             axes = tuple((a, tuple(_canon(a, v) for v in lv)) for a, lv in d["axes"])
-            members = tuple((tuple((a, _canon(a, m["levels"][a])) for a, _ in axes),
-                             Cell.from_dict(m["cell"], f"experiment {d['name']}")) for m in d["members"])
-            return cls(str(d["name"]), str(d.get("title") or d["name"]), str(d["contrast"]),
-                       _canon(d["contrast"], d["reference"]), axes, members)
+            members = tuple(
+                (
+                    tuple((a, _canon(a, m["levels"][a])) for a, _ in axes),
+                    Cell.from_dict(m["cell"], f"experiment {d['name']}"),
+                )
+                for m in d["members"]
+            )
+            return cls(
+                str(d["name"]),
+                str(d.get("title") or d["name"]),
+                str(d["contrast"]),
+                _canon(d["contrast"], d["reference"]),
+                axes,
+                members,
+            )
         except (KeyError, TypeError) as e:
-            raise ValueError(f"report: experiment {d.get('name', '?')!r} is malformed ({e})") from None
+            raise ValueError(
+                f"report: experiment {d.get('name', '?')!r} is malformed ({e})"
+            ) from None
 
     def context_label(self, levels: Sequence[tuple[str, Any]]) -> str:
         """The point's levels on the other axes that vary: ``hard_plus_soft, z-score``."""
@@ -72,7 +96,11 @@ class ExperimentSpec:
         parts = []
         for a, v in levels:
             if a in varied:
-                parts.append(fmt_level(a, v) if a in ("reward_modes", "use_rank") else f"{a}={fmt_level(a, v)}")
+                parts.append(
+                    fmt_level(a, v)
+                    if a in ("reward_modes", "use_rank")
+                    else f"{a}={fmt_level(a, v)}"
+                )
         return ", ".join(parts)
 
 
@@ -91,11 +119,23 @@ def _same_cell_reason(spec: ExperimentSpec, cell: Cell) -> str:
     return f"same cell as the reference: {axis} has no effect in this setting"
 
 
-_COLS = ["experiment", "contrast", "context", "level", "reference", "cell", "reference_cell", "acc_level",
-         "acc_level_low", "acc_level_high"]
+_COLS = [
+    "experiment",
+    "contrast",
+    "context",
+    "level",
+    "reference",
+    "cell",
+    "reference_cell",
+    "acc_level",
+    "acc_level_low",
+    "acc_level_high",
+]
 
 
-def experiment_table(data: EvalData, spec: ExperimentSpec, n_boot: int, seed: int, level: float = 0.95) -> Table:
+def experiment_table(
+    data: EvalData, spec: ExperimentSpec, n_boot: int, seed: int, level: float = 0.95
+) -> Table:
     """Δ = accuracy(level) − accuracy(reference level) per context and shot, in points."""
     rows: list[dict] = []
     contrast, ref = spec.contrast, spec.reference
@@ -110,40 +150,72 @@ def experiment_table(data: EvalData, spec: ExperimentSpec, n_boot: int, seed: in
         for lev, cell in cells.items():
             if lev == ref:
                 continue
-            lead = {"experiment": spec.name, "contrast": contrast, "context": label,
-                    "level": fmt_level(contrast, lev), "reference": fmt_level(contrast, ref),
-                    "cell": cell.slug, "reference_cell": ref_cell.slug if ref_cell else ""}
+            lead = {
+                "experiment": spec.name,
+                "contrast": contrast,
+                "context": label,
+                "level": fmt_level(contrast, lev),
+                "reference": fmt_level(contrast, ref),
+                "cell": cell.slug,
+                "reference_cell": ref_cell.slug if ref_cell else "",
+            }
             if ref_cell is None:
-                rows += [lead | r for r in _na_rows(data.shots, "the reference level was not run here")]
+                rows += [
+                    lead | r for r in _na_rows(data.shots, "the reference level was not run here")
+                ]
                 continue
             if cell == ref_cell:
-                rows.append(lead | {"k": ALL_SHOTS, "n_queries": 0, "note": _same_cell_reason(spec, cell)})
+                rows.append(
+                    lead | {"k": ALL_SHOTS, "n_queries": 0, "note": _same_cell_reason(spec, cell)}
+                )
                 continue
             key = (cell.slug, ref_cell.slug)
             if key in compared:
-                rows.append(lead | {"k": ALL_SHOTS, "n_queries": 0,
-                                    "note": f"same comparison as under '{compared[key] or 'all'}'"})
+                rows.append(
+                    lead
+                    | {
+                        "k": ALL_SHOTS,
+                        "n_queries": 0,
+                        "note": f"same comparison as under '{compared[key] or 'all'}'",
+                    }
+                )
                 continue
             compared[key] = label
             a, b = f"v3:{cell.slug}", f"v3:{ref_cell.slug}"
             for k in data.shots:
                 acc = method_accuracy(data, a, k, n_boot, seed, level)
-                accd = ({"acc_level": acc.interval.estimate, "acc_level_low": acc.interval.low,
-                         "acc_level_high": acc.interval.high} if acc else {})
+                accd = (
+                    {
+                        "acc_level": acc.interval.estimate,
+                        "acc_level_low": acc.interval.low,
+                        "acc_level_high": acc.interval.high,
+                    }
+                    if acc
+                    else {}
+                )
                 rows.append(lead | accd | _pending(compare(data, a, b, k, n_boot, seed, level)))
     if not rows:
-        rows = [{"experiment": spec.name, "contrast": contrast} | r
-                for r in _na_rows(data.shots, f"{contrast} has a single level")]
+        rows = [
+            {"experiment": spec.name, "contrast": contrast} | r
+            for r in _na_rows(data.shots, f"{contrast} has a single level")
+        ]
     rows, fam = _resolve(rows, data)  # the experiment's comparisons are one family (Holm)
     df = _frame(rows, _COLS + _COMP_COLS)
     sections = []
     for ctx in dict.fromkeys(df["context"].fillna("")):
         sub = df[df["context"].fillna("") == ctx]
         sub = sub.iloc[sorted(range(len(sub)), key=lambda i: (_shot_key(sub["k"]).iloc[i],))]
-        disp = _comp_display(sub, {"level": contrast}, f"Δ vs {fmt_level(contrast, ref)} (pts) [95% CI]")
-        disp.insert(2, "accuracy [95% CI]", [
-            "" if pd.isna(r.acc_level) else _ci(r.acc_level, r.acc_level_low, r.acc_level_high)
-            for r in sub.itertuples()])
+        disp = _comp_display(
+            sub, {"level": contrast}, f"Δ vs {fmt_level(contrast, ref)} (pts) [95% CI]"
+        )
+        disp.insert(
+            2,
+            "accuracy [95% CI]",
+            [
+                "" if pd.isna(r.acc_level) else _ci(r.acc_level, r.acc_level_low, r.acc_level_high)
+                for r in sub.itertuples()
+            ],
+        )
         sections.append((ctx or None, disp))
     return Table(
         f"exp-{spec.name}",
@@ -152,5 +224,7 @@ def experiment_table(data: EvalData, spec: ExperimentSpec, n_boot: int, seed: in
         f"{fmt_level(contrast, ref)}), same other settings and seed, in points, paired over test queries. "
         "Levels that train the same cell as the reference are named, not tested; significance is judged "
         "after Holm's correction over the experiment's comparisons (p_holm).",
-        df, sections, fam,
+        df,
+        sections,
+        fam,
     )

@@ -34,7 +34,17 @@ __all__ = [
     "METRIC_COLUMNS",
 ]
 
-BASELINES = ("zero_shot", "random", "similarity", "rices_image", "rices_text", "rices", "copy", "v2", "per_shot")
+BASELINES = (
+    "zero_shot",
+    "random",
+    "similarity",
+    "rices_image",
+    "rices_text",
+    "rices",
+    "copy",
+    "v2",
+    "per_shot",
+)
 #: ablations of another method (``icdrl.ablations``): reported against it, not as methods of their own
 ABLATIONS = ("shuffled", "no_images")
 METHODS = BASELINES + ("v3",) + ABLATIONS
@@ -49,8 +59,18 @@ DISPLAY = {
 ABLATION_DISPLAY = {"shuffled": "shuffled order", "no_images": "no demonstration images"}
 MODE_ORDER = MODES
 METRIC_COLUMNS = (
-    "phase", "epoch", "loss", "ppo_loss", "kl", "ratio_mean", "ratio_max", "clip_frac",
-    "adv_std", "groups_kept", "groups_skipped", "val_reward",
+    "phase",
+    "epoch",
+    "loss",
+    "ppo_loss",
+    "kl",
+    "ratio_mean",
+    "ratio_max",
+    "clip_frac",
+    "adv_std",
+    "groups_kept",
+    "groups_skipped",
+    "val_reward",
 )
 
 
@@ -81,14 +101,18 @@ class MethodInfo:
         """The cell's label without its mode ('z-score hw=1 sw=1'), the method name otherwise."""
         if self.cell is None:
             return self.method
-        return self.cell.label()[len(self.cell.mode) + 1:]
+        return self.cell.label()[len(self.cell.mode) + 1 :]
 
     def long(self) -> str:
         """'v3 <cell label>' for a v3 cell, '<method> [<ablation>]' for an ablation, the method's
         display name otherwise ('similarity (within pool)', 'RICES (image)', ...)."""
         if self.ablation:
             return f"{self.of_label} [{ABLATION_DISPLAY[self.method]}]"
-        return DISPLAY.get(self.method, self.method) if self.cell is None else f"v3 {self.cell.label()}"
+        return (
+            DISPLAY.get(self.method, self.method)
+            if self.cell is None
+            else f"v3 {self.cell.label()}"
+        )
 
     def sort_key(self) -> tuple:
         if self.ablation:
@@ -96,8 +120,15 @@ class MethodInfo:
         if self.cell is None:
             return (BASELINES.index(self.method),)
         c = self.cell
-        return (len(BASELINES), MODE_ORDER.index(c.mode) if c.mode in MODE_ORDER else len(MODE_ORDER), c.mode,
-                len(c.train), 0 if c.use_rank else 1, c.reward.knobs, c.slug)
+        return (
+            len(BASELINES),
+            MODE_ORDER.index(c.mode) if c.mode in MODE_ORDER else len(MODE_ORDER),
+            c.mode,
+            len(c.train),
+            0 if c.use_rank else 1,
+            c.reward.knobs,
+            c.slug,
+        )
 
 
 @dataclass
@@ -175,7 +206,9 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
             where = f"{path}: record {i}"
             method = _require(rec, "method", where)
             if method not in METHODS:
-                raise ValueError(f"{where}: field 'method' is {method!r}, expected one of {METHODS}")
+                raise ValueError(
+                    f"{where}: field 'method' is {method!r}, expected one of {METHODS}"
+                )
             cell = rec.get("cell")
             seed = rec.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -185,7 +218,11 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                 raise ValueError(f"{where}: field 'k' must be a non-negative int, got {k!r}")
             qid = _require(rec, "query_id", where)
             acc = _require(rec, "acc", where)
-            if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not (0.0 <= acc <= 1.0):
+            if (
+                isinstance(acc, bool)
+                or not isinstance(acc, (int, float))
+                or not (0.0 <= acc <= 1.0)
+            ):
                 raise ValueError(f"{where}: field 'acc' must be a number in [0, 1], got {acc!r}")
             if method == "v3":
                 if not isinstance(cell, str) or not cell:
@@ -195,7 +232,9 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                 except ValueError as e:
                     raise ValueError(str(e)) from None
                 if c.slug != cell:
-                    raise ValueError(f"{where}: field 'cell' is {cell!r} but its spec says {c.slug!r}")
+                    raise ValueError(
+                        f"{where}: field 'cell' is {cell!r} but its spec says {c.slug!r}"
+                    )
                 info = MethodInfo(key=f"v3:{cell}", method="v3", cell=c)
             elif method in ABLATIONS:
                 info = _ablation_info(method, rec.get("spec"), where)
@@ -203,12 +242,20 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                 info = MethodInfo(key=method, method=method)
                 if method == "per_shot":
                     spec = _require(rec, "spec", where) or {}
-                    choice = (str(cell), float(spec.get("val_acc", math.nan)), int(spec.get("n_val", 0)))
+                    choice = (
+                        str(cell),
+                        float(spec.get("val_acc", math.nan)),
+                        int(spec.get("n_val", 0)),
+                    )
                     if per_shot.setdefault((seed, k), choice) != choice:
-                        raise ValueError(f"{where}: per_shot records of seed {seed} at k={k} name two cells")
+                        raise ValueError(
+                            f"{where}: per_shot records of seed {seed} at k={k} name two cells"
+                        )
             old = methods.setdefault(info.key, info)
             if old != info:
-                raise ValueError(f"{where}: cell {cell!r} has spec {info} but earlier records say {old}")
+                raise ValueError(
+                    f"{where}: cell {cell!r} has spec {info} but earlier records say {old}"
+                )
             bucket = rows.setdefault((info.key, k, seed), {})
             if qid in bucket:
                 raise ValueError(
@@ -216,16 +263,24 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
                 )
             bucket[qid] = float(acc)
             icd_ids = rec.get("icd_ids")
-            chosen.setdefault((info.key, k, seed), {})[qid] = tuple(icd_ids) if isinstance(icd_ids, list) else None
+            chosen.setdefault((info.key, k, seed), {})[qid] = (
+                tuple(icd_ids) if isinstance(icd_ids, list) else None
+            )
             answers.setdefault((info.key, k), {}).setdefault(seed, {})[qid] = (
-                str(rec.get("prediction", "")), tuple(rec.get("icd_ids") or ()))
+                str(rec.get("prediction", "")),
+                tuple(rec.get("icd_ids") or ()),
+            )
             img = rec.get("image_id")
             if img is not None:
                 if not isinstance(img, str):
-                    raise ValueError(f"{where}: field 'image_id' must be a string or null, got {img!r}")
+                    raise ValueError(
+                        f"{where}: field 'image_id' must be a string or null, got {img!r}"
+                    )
                 if image_of.setdefault(qid, img) != img:
-                    raise ValueError(f"{where}: query_id {qid!r} has image_id {img!r} but earlier records say "
-                                     f"{image_of[qid]!r}")
+                    raise ValueError(
+                        f"{where}: query_id {qid!r} has image_id {img!r} but earlier records say "
+                        f"{image_of[qid]!r}"
+                    )
     ordered = dict(sorted(methods.items(), key=lambda kv: kv[1].sort_key()))
     acc: dict[tuple[str, int], dict[int | None, pd.Series]] = {}
     for (key, k, seed), qa in rows.items():
@@ -236,8 +291,16 @@ def load_eval(paths: Sequence[str | os.PathLike]) -> EvalData:
     for (key, k, seed), qc in chosen.items():
         icds.setdefault((key, k), {})[seed] = qc
     shots = sorted({k for (_, k) in acc})
-    return EvalData(methods=ordered, acc=acc, shots=shots, sources=[str(p) for p in paths], per_shot=per_shot,
-                    image_of=image_of, icds=icds, answers=answers)
+    return EvalData(
+        methods=ordered,
+        acc=acc,
+        shots=shots,
+        sources=[str(p) for p in paths],
+        per_shot=per_shot,
+        image_of=image_of,
+        icds=icds,
+        answers=answers,
+    )
 
 
 def _ablation_info(method: str, spec, where: str) -> MethodInfo:
@@ -356,12 +419,18 @@ def load_rewards(paths) -> dict[str, RewardGroups]:
             missing.append(int(rec.get("missing", 0) or 0))
             anchors.append(rec.get("anchor_id"))
             sv = rec.get("soft")
-            if soft is not None and isinstance(sv, list) and len(sv) == len(r) and all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv):
+            if (
+                soft is not None
+                and isinstance(sv, list)
+                and len(sv) == len(r)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv)
+            ):
                 soft.append(np.asarray(sv, dtype=np.float64))
             else:  # a missing or null soft value: unknown for this file
                 soft = None
-        out[label] = RewardGroups(label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64), soft, anchors)
+        out[label] = RewardGroups(
+            label, str(path), rewards, hard, np.asarray(missing, dtype=np.int64), soft, anchors
+        )
     return out
 
 
@@ -384,7 +453,9 @@ def load_scored(path) -> pd.DataFrame | None:
                     "info_score": _num_or_none(c.get("info_score")),
                 }
             )
-    return pd.DataFrame(rows, columns=["anchor_id", "source", "vqa_correct", "vqa_acc_score", "info_score"])
+    return pd.DataFrame(
+        rows, columns=["anchor_id", "source", "vqa_correct", "vqa_acc_score", "info_score"]
+    )
 
 
 def _num_or_none(v):

@@ -36,8 +36,15 @@ __all__ = [
     "save_figure",
 ]
 
-PLOT_NAMES = ("accuracy_vs_shot", "delta_vs_legacy", "reward_hist", "advantage_hist", "training_curves",
-              "copy_rates", "ablation_delta")  # the last two: .diagnostics
+PLOT_NAMES = (
+    "accuracy_vs_shot",
+    "delta_vs_legacy",
+    "reward_hist",
+    "advantage_hist",
+    "training_curves",
+    "copy_rates",
+    "ablation_delta",
+)  # the last two: .diagnostics
 
 RC = {
     "font.size": 10,
@@ -67,13 +74,27 @@ BASELINE_STYLE = {
     "per_shot": {"color": "#1b9e77", "linestyle": "-", "marker": "h"},
 }
 # colours for v3 weight settings (no grey/brown/purple: those are the baselines)
-CELL_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#17becf", "#bcbd22", "#e377c2", "#393b79"]
+CELL_COLORS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#17becf",
+    "#bcbd22",
+    "#e377c2",
+    "#393b79",
+]
 PHASE_COLORS = {"v2": "#7f7f7f", "rce": "#ff7f0e", "grpo": "#1f77b4"}
 #: (column, axis label, phases drawn or None = all): RCE (and v2) loss and GRPO loss differ by
 #: orders of magnitude (≈6 vs ≈0), so each gets its own axis
-CURVE_METRICS = (("loss", "v2 / RCE loss", ("v2", "rce")), ("loss", "GRPO loss", ("grpo",)), ("kl", "KL", None),
-                 ("ratio_mean", "mean ratio", None), ("adv_std", "advantage std", None),
-                 ("groups_kept", "groups kept", None))
+CURVE_METRICS = (
+    ("loss", "v2 / RCE loss", ("v2", "rce")),
+    ("loss", "GRPO loss", ("grpo",)),
+    ("kl", "KL", None),
+    ("ratio_mean", "mean ratio", None),
+    ("adv_std", "advantage std", None),
+    ("groups_kept", "groups kept", None),
+)
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
@@ -81,8 +102,10 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     out = Path(out_dir)
     paths = []
     with mpl.rc_context(RC):
-        for ext, kw in (("png", {"dpi": PNG_DPI, "metadata": {"Software": None}}),
-                        ("svg", {"metadata": {"Date": None, "Creator": None}})):
+        for ext, kw in (
+            ("png", {"dpi": PNG_DPI, "metadata": {"Software": None}}),
+            ("svg", {"metadata": {"Date": None, "Creator": None}}),
+        ):
             p = out / f"{name}.{ext}"
             with atomic_path(p, suffix=f".{ext}") as tmp:
                 fig.savefig(tmp, format=ext, **kw)
@@ -91,7 +114,9 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
 
 
 def _wrap(s: str, width: int = 28) -> str:
-    return "\n".join(textwrap.wrap(s, width=width, break_long_words=True, break_on_hyphens=True)) or s
+    return (
+        "\n".join(textwrap.wrap(s, width=width, break_long_words=True, break_on_hyphens=True)) or s
+    )
 
 
 def _text_w(n_chars: int, fontsize: float = 9.0) -> float:
@@ -99,8 +124,20 @@ def _text_w(n_chars: int, fontsize: float = 9.0) -> float:
     return n_chars * 0.6 * fontsize / 72.0
 
 
-def _fix_layout(fig: Figure, nrows: int, ncols: int, ax_w: float, ax_h: float, *, left: float, right: float,
-                top: float, bottom: float, wspace: float, hspace: float) -> tuple[float, float]:
+def _fix_layout(
+    fig: Figure,
+    nrows: int,
+    ncols: int,
+    ax_w: float,
+    ax_h: float,
+    *,
+    left: float,
+    right: float,
+    top: float,
+    bottom: float,
+    wspace: float,
+    hspace: float,
+) -> tuple[float, float]:
     """Size the figure and place its subplot grid from margins in inches; return (W, H).
 
     A fixed layout instead of matplotlib's constrained layout: the margins are known from
@@ -109,8 +146,14 @@ def _fix_layout(fig: Figure, nrows: int, ncols: int, ax_w: float, ax_h: float, *
     W = left + ncols * ax_w + (ncols - 1) * wspace + right
     H = top + nrows * ax_h + (nrows - 1) * hspace + bottom
     fig.set_size_inches(W, H)
-    fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
-                        wspace=wspace / ax_w, hspace=hspace / ax_h)
+    fig.subplots_adjust(
+        left=left / W,
+        right=1 - right / W,
+        bottom=bottom / H,
+        top=1 - top / H,
+        wspace=wspace / ax_w,
+        hspace=hspace / ax_h,
+    )
     return W, H
 
 
@@ -135,7 +178,10 @@ def _mode_list(modes) -> list[str]:
 
 def _setting(r) -> tuple[str, str]:
     """A cell's reward knobs and training overrides (its colour key, whatever its mode and use_rank)."""
-    return (str(r.knobs) if isinstance(r.knobs, str) else "", str(r.train) if isinstance(r.train, str) else "")
+    return (
+        str(r.knobs) if isinstance(r.knobs, str) else "",
+        str(r.train) if isinstance(r.train, str) else "",
+    )
 
 
 def _setting_colors(df: pd.DataFrame) -> dict[tuple, str]:
@@ -149,6 +195,7 @@ def _is_rank(v) -> bool:
 
 
 # ----------------------------------------------------------------------------- accuracy
+
 
 def _line_with_band(ax, g: pd.DataFrame, x_off: float, label: str, style: dict, band: bool) -> None:
     g = g.sort_values("k")
@@ -186,47 +233,85 @@ def accuracy_plot(acc: pd.DataFrame) -> Figure:
             if panel == "baselines":
                 groups = list(base.groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
-                    _line_with_band(ax, g, (i - (len(groups) - 1) / 2) * 0.03, name,
-                                    BASELINE_STYLE.get(g["method_kind"].iloc[0], {"color": "0.3"}), band=True)
+                    _line_with_band(
+                        ax,
+                        g,
+                        (i - (len(groups) - 1) / 2) * 0.03,
+                        name,
+                        BASELINE_STYLE.get(g["method_kind"].iloc[0], {"color": "0.3"}),
+                        band=True,
+                    )
                 ax.set_title("Baselines")
             else:
                 if "v2" in set(base["method"]):
                     ref = base[base["method"] == "v2"]
-                    _line_with_band(ax, ref, 0.0, "v2 (reference)",
-                                    BASELINE_STYLE["v2"] | {"linewidth": 1.0, "markersize": 3}, band=False)
+                    _line_with_band(
+                        ax,
+                        ref,
+                        0.0,
+                        "v2 (reference)",
+                        BASELINE_STYLE["v2"] | {"linewidth": 1.0, "markersize": 3},
+                        band=False,
+                    )
                 groups = list(v3[v3["mode"] == panel].groupby("method", sort=False))
                 for i, (name, g) in enumerate(groups):
                     r = g.iloc[0]
-                    style = {"color": colors[_setting(r)],
-                             "linestyle": "-" if _is_rank(r.use_rank) else "--",
-                             "marker": "o" if _is_rank(r.use_rank) else "s"}
-                    label = name[len(f"v3 {panel} "):] if name.startswith(f"v3 {panel} ") else name
-                    _line_with_band(ax, g, (i - (len(groups) - 1) / 2) * 0.03, label, style, band=True)
+                    style = {
+                        "color": colors[_setting(r)],
+                        "linestyle": "-" if _is_rank(r.use_rank) else "--",
+                        "marker": "o" if _is_rank(r.use_rank) else "s",
+                    }
+                    label = name[len(f"v3 {panel} ") :] if name.startswith(f"v3 {panel} ") else name
+                    _line_with_band(
+                        ax, g, (i - (len(groups) - 1) / 2) * 0.03, label, style, band=True
+                    )
                 ax.set_title(f"v3 {panel}")
             ax.set_ylabel("VQA accuracy (%)")
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         axes[-1].set_xticks(shots)
         axes[-1].set_xlabel("shots (k)")
         longest = max(len(t) for ax in axes for t in ax.get_legend_handles_labels()[1])
-        _, H = _fix_layout(fig, len(panels), 1, 6.8, 2.3, left=0.85, right=0.9 + _text_w(longest), top=0.75,
-                           bottom=0.6, wspace=0.0, hspace=0.45)
+        _, H = _fix_layout(
+            fig,
+            len(panels),
+            1,
+            6.8,
+            2.3,
+            left=0.85,
+            right=0.9 + _text_w(longest),
+            top=0.75,
+            bottom=0.6,
+            wspace=0.0,
+            hspace=0.45,
+        )
         _suptitle(fig, "Accuracy vs shot (bands: 95% bootstrap interval over test queries)", H)
     return fig
 
 
 # ----------------------------------------------------------------------------- deltas
 
+
 def _draw_deltas(ax, g: pd.DataFrame, x_off: float, color: str, marker: str, label: str) -> None:
     """One comparison's Δ per shot with its interval; hollow markers = not distinguishable."""
     g = g.sort_values("k")
     x = g["k"].to_numpy(dtype=float) + x_off
     d = g["delta"].to_numpy(dtype=float)
-    yerr = np.vstack([d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d])
+    yerr = np.vstack(
+        [d - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - d]
+    )
     ax.errorbar(x, d, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
     dist = g["distinguishable"].astype(bool).to_numpy()
     ax.scatter(x[dist], d[dist], marker=marker, s=36, color=color, zorder=3)
-    ax.scatter(x[~dist], d[~dist], marker=marker, s=36, facecolors="white", edgecolors=color,
-               linewidths=1.4, zorder=3)
+    ax.scatter(
+        x[~dist],
+        d[~dist],
+        marker=marker,
+        s=36,
+        facecolors="white",
+        edgecolors=color,
+        linewidths=1.4,
+        zorder=3,
+    )
     ax.plot([], [], marker=marker, color=color, linestyle="none", label=label)
 
 
@@ -234,8 +319,10 @@ def _delta_legend(ax) -> None:
     ax.axhline(0.0, color="black", linewidth=0.9)
     ax.set_ylabel("Δ accuracy (points)")
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], marker="o", color="0.3", linestyle="none"),
-                Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none")]
+    handles += [
+        Line2D([], [], marker="o", color="0.3", linestyle="none"),
+        Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none"),
+    ]
     labels += ["interval excludes 0", "n.s. (contains 0)"]
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
@@ -244,9 +331,23 @@ def _finish_delta_panels(fig: Figure, axes, shots, ax_h: float, hspace: float, t
     """Shot ticks, a layout that fits the legends, and the title of a column of delta panels."""
     axes[-1].set_xticks(shots)
     axes[-1].set_xlabel("shots (k)")
-    longest = max([len("interval excludes 0")] + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]])
-    _, H = _fix_layout(fig, len(axes), 1, 6.8, ax_h, left=0.85, right=0.9 + _text_w(longest), top=0.75,
-                       bottom=0.6, wspace=0.0, hspace=hspace)
+    longest = max(
+        [len("interval excludes 0")]
+        + [len(t) for ax in axes for t in ax.get_legend_handles_labels()[1]]
+    )
+    _, H = _fix_layout(
+        fig,
+        len(axes),
+        1,
+        6.8,
+        ax_h,
+        left=0.85,
+        right=0.9 + _text_w(longest),
+        top=0.75,
+        bottom=0.6,
+        wspace=0.0,
+        hspace=hspace,
+    )
     _suptitle(fig, title, H)
 
 
@@ -264,11 +365,19 @@ def experiment_plot(df: pd.DataFrame, title: str) -> Figure:
             groups = list(df[df["context"] == ctx].groupby("level", sort=False))
             n = len(groups)
             for i, (lev, g) in enumerate(groups):
-                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), CELL_COLORS[i % len(CELL_COLORS)], "o",
-                             f"{lev} − {g['reference'].iloc[0]}")
+                _draw_deltas(
+                    ax,
+                    g,
+                    (i - (n - 1) / 2) * (0.6 / max(n, 1)),
+                    CELL_COLORS[i % len(CELL_COLORS)],
+                    "o",
+                    f"{lev} − {g['reference'].iloc[0]}",
+                )
             ax.set_title(ctx or "all")
             _delta_legend(ax)
-        _finish_delta_panels(fig, axes, shots, 2.3, 0.5, f"{title}: Δ with 95% paired bootstrap intervals")
+        _finish_delta_panels(
+            fig, axes, shots, 2.3, 0.5, f"{title}: Δ with 95% paired bootstrap intervals"
+        )
     return fig
 
 
@@ -287,20 +396,29 @@ def delta_plot(vs_legacy: pd.DataFrame) -> Figure:
             sub = df[df["mode"] == mode]
             groups = list(sub.groupby(["method", "baseline"], sort=False))
             n = len(groups)
-            for i, ((method, _), g) in enumerate(groups):
+            for i, ((_method, _), g) in enumerate(groups):
                 g = g.sort_values("k")
                 r = g.iloc[0]
                 color = colors[_setting(r)]
                 marker = "o" if _is_rank(r.use_rank) else "s"
-                _draw_deltas(ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), color, marker, r.cell_label)
+                _draw_deltas(
+                    ax, g, (i - (n - 1) / 2) * (0.6 / max(n, 1)), color, marker, r.cell_label
+                )
             ax.set_title(f"{mode} − legacy (same use_rank, paired seeds)")
             _delta_legend(ax)
-        _finish_delta_panels(fig, axes, shots, 2.5, 0.45,
-                             "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)")
+        _finish_delta_panels(
+            fig,
+            axes,
+            shots,
+            2.5,
+            0.45,
+            "Δ accuracy vs legacy with 95% paired bootstrap intervals (o = rank, □ = z-score)",
+        )
     return fig
 
 
 # ----------------------------------------------------------------------------- RL data
+
 
 def _grid(n: int, ncols: int = 3) -> tuple[int, int]:
     ncols = max(1, min(ncols, n))
@@ -323,18 +441,33 @@ def reward_hist_plot(rewards: Mapping[str, RewardGroups], stats: Mapping[str, di
             if hi - lo < 1e-12:
                 lo, hi = lo - 0.5, hi + 0.5
             bins = np.linspace(lo, hi, 31)
-            ax.hist([r[h == 0], r[h == 1]], bins=bins, stacked=True, histtype="stepfilled", color=["#d62728", "#2ca02c"],
-                    label=["incorrect (h=0)", "correct (h=1)"])
+            ax.hist(
+                [r[h == 0], r[h == 1]],
+                bins=bins,
+                stacked=True,
+                histtype="stepfilled",
+                color=["#d62728", "#2ca02c"],
+                label=["incorrect (h=0)", "correct (h=1)"],
+            )
             st = stats.get(lab, {})
-            ax.set_title(f"{_wrap(lab, 40)}\nflat {100 * st.get('share_flat', 0):.0f}% · "
-                         f"all-neg {100 * st.get('share_all_negative', 0):.0f}% · "
-                         f"all-pos {100 * st.get('share_all_positive', 0):.0f}%", fontsize=9.5)
+            ax.set_title(
+                f"{_wrap(lab, 40)}\nflat {100 * st.get('share_flat', 0):.0f}% · "
+                f"all-neg {100 * st.get('share_all_negative', 0):.0f}% · "
+                f"all-pos {100 * st.get('share_all_positive', 0):.0f}%",
+                fontsize=9.5,
+            )
             ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
             ax.set_xlabel("reward")
             ax.set_ylabel("candidates")
-        _finish_panel_grid(fig, axes, len(labels), nrows, ncols,
-                           "Candidate rewards per rewards file (stacked by vqa_correct)\nand the shares of groups "
-                           "that are flat / all-negative / all-positive")
+        _finish_panel_grid(
+            fig,
+            axes,
+            len(labels),
+            nrows,
+            ncols,
+            "Candidate rewards per rewards file (stacked by vqa_correct)\nand the shares of groups "
+            "that are flat / all-negative / all-positive",
+        )
     return fig
 
 
@@ -343,9 +476,22 @@ def _finish_panel_grid(fig: Figure, axes, n_used: int, nrows: int, ncols: int, t
     for ax in axes[n_used:]:
         ax.axis("off")
     handles, hl = axes[0].get_legend_handles_labels()
-    _, H = _fix_layout(fig, nrows, ncols, 3.6, 2.3, left=0.8, right=0.25, top=1.0, bottom=1.0,
-                       wspace=0.8, hspace=1.05)
-    fig.legend(handles, hl, loc="lower center", bbox_to_anchor=(0.5, 0.08 / H), ncols=2, frameon=False)
+    _, H = _fix_layout(
+        fig,
+        nrows,
+        ncols,
+        3.6,
+        2.3,
+        left=0.8,
+        right=0.25,
+        top=1.0,
+        bottom=1.0,
+        wspace=0.8,
+        hspace=1.05,
+    )
+    fig.legend(
+        handles, hl, loc="lower center", bbox_to_anchor=(0.5, 0.08 / H), ncols=2, frameon=False
+    )
     _suptitle(fig, title, H)
 
 
@@ -356,11 +502,16 @@ def advantage_hist_plot(adv: Mapping[tuple[str, bool], np.ndarray]) -> Figure:
     jump at 0 is the share of candidates without GRPO signal (also in each panel's title).
     """
     labels = list(dict.fromkeys(lab for lab, _ in adv))
-    labels = [lab for lab in labels if any(adv.get((lab, u), np.zeros(0)).size for u in (True, False))]
+    labels = [
+        lab for lab in labels if any(adv.get((lab, u), np.zeros(0)).size for u in (True, False))
+    ]
     if not labels:
         return _message("no rewards files given", "Advantage distributions")
     nrows, ncols = _grid(len(labels))
-    style = {True: ("rank (use_rank=true)", "#1f77b4", "-"), False: ("z-score (use_rank=false)", "#ff7f0e", "-")}
+    style = {
+        True: ("rank (use_rank=true)", "#1f77b4", "-"),
+        False: ("z-score (use_rank=false)", "#ff7f0e", "-"),
+    }
     with mpl.rc_context(RC):
         fig = Figure()
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -379,9 +530,15 @@ def advantage_hist_plot(adv: Mapping[tuple[str, bool], np.ndarray]) -> Figure:
             ax.set_xlabel("advantage")
             ax.set_ylabel("cumulative share")
             ax.set_ylim(0, 1.02)
-        _finish_panel_grid(fig, axes, len(labels), nrows, ncols,
-                           "Advantages per rewards file (empirical CDF; min_std 0.1, clip ±5)\n"
-                           "A = 0: share of candidates with no GRPO signal")
+        _finish_panel_grid(
+            fig,
+            axes,
+            len(labels),
+            nrows,
+            ncols,
+            "Advantages per rewards file (empirical CDF; min_std 0.1, clip ±5)\n"
+            "A = 0: share of candidates with no GRPO signal",
+        )
     return fig
 
 
@@ -401,8 +558,8 @@ def _split_run(label: str) -> tuple[str, str]:
     if base.startswith("v3") and base[2:3] in _SEPS:
         base = base[3:]
     for name in sorted(MODE_ORDER + ("v2",), key=len, reverse=True):
-        if base == name or (base.startswith(name) and base[len(name):len(name) + 1] in _SEPS):
-            return name, base[len(name):].strip("".join(_SEPS)) or name
+        if base == name or (base.startswith(name) and base[len(name) : len(name) + 1] in _SEPS):
+            return name, base[len(name) :].strip("".join(_SEPS)) or name
     return "other", label
 
 
@@ -446,7 +603,9 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
     groups: dict[str, list[str]] = {}
     for lab in labels:
         groups.setdefault(_run_group(lab), []).append(lab)
-    order = [g for g in ("v2",) + MODE_ORDER if g in groups] + sorted(set(groups) - set(("v2",) + MODE_ORDER))
+    order = [g for g in ("v2",) + MODE_ORDER if g in groups] + sorted(
+        set(groups) - set(("v2",) + MODE_ORDER)
+    )
     nrows, ncols = len(CURVE_METRICS), len(order)
     with mpl.rc_context(RC):
         fig = Figure()
@@ -460,8 +619,11 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
             for n_run, lab in enumerate(runs):
                 df = metrics[lab]
                 x = np.arange(len(df))
-                color = CELL_COLORS[n_run % len(CELL_COLORS)] if len(runs) <= len(CELL_COLORS) else \
-                    mpl.colormaps["viridis"](n_run / max(1, len(runs) - 1))
+                color = (
+                    CELL_COLORS[n_run % len(CELL_COLORS)]
+                    if len(runs) <= len(CELL_COLORS)
+                    else mpl.colormaps["viridis"](n_run / max(1, len(runs) - 1))
+                )
                 colors[lab] = color
                 short = _split_run(lab)[1] or lab
                 twin = twins.get(lab)
@@ -469,7 +631,7 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
                     tg, ts = _split_run(twin)
                     short = f"{short} = {ts if tg == grp else (twin if tg == 'other' else f'{tg} {ts}')} (identical)"
                 legend.append((color, short, twin is not None))
-                for i, (col, name, phases) in enumerate(CURVE_METRICS):
+                for i, (col, _name, phases) in enumerate(CURVE_METRICS):
                     ax = axes[i, j]
                     y = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
                     for phase in dict.fromkeys(df["phase"]):
@@ -479,18 +641,38 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
                         if not m.any():
                             continue
                         if twin is None:
-                            ax.plot(x[m], y[m], color=color, linestyle="-" if phase == "grpo" else "--",
-                                    linewidth=1.3)
+                            ax.plot(
+                                x[m],
+                                y[m],
+                                color=color,
+                                linestyle="-" if phase == "grpo" else "--",
+                                linewidth=1.3,
+                            )
                         else:
-                            ax.plot(x[m], y[m], color=color, linestyle="none", marker="o", markersize=3.5,
-                                    markerfacecolor="none", markeredgewidth=0.9)
+                            ax.plot(
+                                x[m],
+                                y[m],
+                                color=color,
+                                linestyle="none",
+                                marker="o",
+                                markersize=3.5,
+                                markerfacecolor="none",
+                                markeredgewidth=0.9,
+                            )
             for i, (col, name, _) in enumerate(CURVE_METRICS):
                 ax = axes[i, j]
                 ax.locator_params(nbins=4)
                 if not ax.lines:
                     ax.axis("off")  # no ticks to lay out: cheaper, and nothing to read there anyway
-                    ax.text(0.5, 0.5, f"{name}:\nnot logged", ha="center", va="center", color="0.5",
-                            transform=ax.transAxes)
+                    ax.text(
+                        0.5,
+                        0.5,
+                        f"{name}:\nnot logged",
+                        ha="center",
+                        va="center",
+                        color="0.5",
+                        transform=ax.transAxes,
+                    )
                 elif col == "ratio_mean":
                     ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
                 if i == 0:
@@ -504,14 +686,39 @@ def training_curves_plot(metrics: Mapping[str, pd.DataFrame]) -> Figure:
             if shown:  # x tick labels on the lowest panel with data (shared x hides the others)
                 axes[shown[-1], j].tick_params(labelbottom=True)
                 axes[shown[-1], j].set_xlabel("epoch (all phases)")
-            handles = [Line2D([], [], color=c, linewidth=1.6) if not tw else
-                       Line2D([], [], color=c, linestyle="none", marker="o", markerfacecolor="none")
-                       for c, _, tw in legend]
-            axes[-1, j].legend(handles, [t for _, t, _ in legend], loc="upper center",
-                               bbox_to_anchor=(0.5, -0.6 / ax_h), frameon=False, fontsize=8, ncols=1, title="run",
-                               title_fontsize=8)
-        _, H = _fix_layout(fig, nrows, ncols, 3.2, ax_h, left=0.95, right=0.25, top=0.8,
-                           bottom=0.75 + 0.17 * (most_runs + 1), wspace=0.7, hspace=0.3)
-        _suptitle(fig, "Training curves (dashed = v2/RCE, solid = GRPO; hollow markers = identical to an earlier run)",
-                  H)
+            handles = [
+                Line2D([], [], color=c, linewidth=1.6)
+                if not tw
+                else Line2D([], [], color=c, linestyle="none", marker="o", markerfacecolor="none")
+                for c, _, tw in legend
+            ]
+            axes[-1, j].legend(
+                handles,
+                [t for _, t, _ in legend],
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.6 / ax_h),
+                frameon=False,
+                fontsize=8,
+                ncols=1,
+                title="run",
+                title_fontsize=8,
+            )
+        _, H = _fix_layout(
+            fig,
+            nrows,
+            ncols,
+            3.2,
+            ax_h,
+            left=0.95,
+            right=0.25,
+            top=0.8,
+            bottom=0.75 + 0.17 * (most_runs + 1),
+            wspace=0.7,
+            hspace=0.3,
+        )
+        _suptitle(
+            fig,
+            "Training curves (dashed = v2/RCE, solid = GRPO; hollow markers = identical to an earlier run)",
+            H,
+        )
     return fig

@@ -29,7 +29,7 @@ class PlanRow:
     n_seeds: int
     median_queries: float  # inf: the seed variance alone keeps the MDE above delta
     max_queries: float
-    n_resolvable: int      # comparisons that some finite query count resolves at these seeds
+    n_resolvable: int  # comparisons that some finite query count resolves at these seeds
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class PowerPlan:
     alpha: float
     power: float
     n_comparisons: int
-    n_queries: tuple[int, ...]   # test queries of the comparisons (distinct values)
+    n_queries: tuple[int, ...]  # test queries of the comparisons (distinct values)
     n_clusters: tuple[int, ...]
     n_seeds: tuple[int, ...]
     mde_median: float | None
     mde_range: tuple[float, float] | None
-    seed_measured: bool          # False: some comparison has one seeded run per side
+    seed_measured: bool  # False: some comparison has one seeded run per side
     rows: tuple[PlanRow, ...]
-    n_no_variance: int = 0       # left out: no query (and no seed) differs, so nothing to scale
+    n_no_variance: int = 0  # left out: no query (and no seed) differs, so nothing to scale
 
 
 def _need(c, delta: float, s: int, alpha: float, power: float) -> float:
@@ -53,31 +53,53 @@ def _need(c, delta: float, s: int, alpha: float, power: float) -> float:
     return math.inf if q is None else float(q)
 
 
-def power_plan(comparisons: Sequence, delta: float = 1.0, alpha: float = 0.05, power: float = 0.8,
-               seeds: Sequence[int] | None = None) -> PowerPlan:
+def power_plan(
+    comparisons: Sequence,
+    delta: float = 1.0,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    seeds: Sequence[int] | None = None,
+) -> PowerPlan:
     """The plan over ``comparisons`` (``Comparison`` objects; untested ones are skipped)."""
     if delta <= 0:
         raise ValueError(f"delta must be > 0, got {delta}")
-    cs = [c for c in comparisons if getattr(c, "tested", c.available) and c.interval is not None
-          and c.interval.parts is not None]
+    cs = [
+        c
+        for c in comparisons
+        if getattr(c, "tested", c.available)
+        and c.interval is not None
+        and c.interval.parts is not None
+    ]
+
     def measured(c) -> float:
         return c.interval.parts.at(c.interval.parts.n_seeds, c.interval.parts.n_queries)
 
     flat = [c for c in cs if measured(c) <= 0.0]
     cs = [c for c in cs if measured(c) > 0.0]
     z = z_mde(alpha, power)
-    mdes = [z * math.sqrt(c.interval.parts.at(c.interval.parts.n_seeds, c.interval.parts.n_queries))
-            for c in cs]
+    mdes = [
+        z * math.sqrt(c.interval.parts.at(c.interval.parts.n_seeds, c.interval.parts.n_queries))
+        for c in cs
+    ]
     current = sorted({c.interval.parts.n_seeds for c in cs})
     opts = sorted(set(seeds or SEED_OPTIONS) | set(current))
     rows = []
     for s in opts:
         need = np.array([_need(c, delta, s, alpha, power) for c in cs]) if cs else np.zeros(0)
         fin = need[np.isfinite(need)]
-        rows.append(PlanRow(s, float(np.median(need)) if need.size else math.nan,
-                            float(need.max()) if need.size else math.nan, int(fin.size)))
+        rows.append(
+            PlanRow(
+                s,
+                float(np.median(need)) if need.size else math.nan,
+                float(need.max()) if need.size else math.nan,
+                int(fin.size),
+            )
+        )
     return PowerPlan(
-        delta, alpha, power, len(cs),
+        delta,
+        alpha,
+        power,
+        len(cs),
         tuple(sorted({c.interval.n for c in cs})),
         tuple(sorted({c.interval.n_clusters or c.interval.n for c in cs})),
         tuple(current),
@@ -121,13 +143,19 @@ def plan_lines(plan: PowerPlan, unit: str = "points") -> list[str]:
     for r in plan.rows:
         if not plan.seed_measured and r.n_seeds not in plan.n_seeds:
             continue  # seed variance unknown: more seeds cannot be planned
-        out.append(f"  {r.n_seeds} seed{'s' if r.n_seeds > 1 else ''}: median comparison {_count(r.median_queries)}; "
-                   f"every comparison {_count(r.max_queries)}")
+        out.append(
+            f"  {r.n_seeds} seed{'s' if r.n_seeds > 1 else ''}: median comparison {_count(r.median_queries)}; "
+            f"every comparison {_count(r.max_queries)}"
+        )
     if plan.n_no_variance:
-        out.append(f"{plan.n_no_variance} tested comparison{'s' if plan.n_no_variance > 1 else ''} where the two "
-                   "sides score the same on every query (zero observed variance) are left out of the plan.")
+        out.append(
+            f"{plan.n_no_variance} tested comparison{'s' if plan.n_no_variance > 1 else ''} where the two "
+            "sides score the same on every query (zero observed variance) are left out of the plan."
+        )
     if not plan.seed_measured:
-        out.append("One seeded run per method: the seed-to-seed variance is not measured and counted as 0, so "
-                   "these counts are lower bounds, and how more seeds would help cannot be said; a run with 2+ "
-                   "seeds measures it.")
+        out.append(
+            "One seeded run per method: the seed-to-seed variance is not measured and counted as 0, so "
+            "these counts are lower bounds, and how more seeds would help cannot be said; a run with 2+ "
+            "seeds measures it."
+        )
     return out

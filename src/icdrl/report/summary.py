@@ -84,8 +84,8 @@ class FamilyCounts:
     tested: int
     holm_up: int
     holm_down: int
-    unadjusted: int          # intervals that exclude 0, before any adjustment
-    by_chance: float         # unadjusted exclusions expected with no true difference (α·m)
+    unadjusted: int  # intervals that exclude 0, before any adjustment
+    by_chance: float  # unadjusted exclusions expected with no true difference (α·m)
     cannot_differ: int
     duplicates: int
     not_available: int
@@ -111,36 +111,50 @@ def family_counts(comparisons, alpha: float = ALPHA) -> FamilyCounts:
     )
 
 
-def _comparison_block(s: Summary, t: Table, describe, heading: str, level: float, n_boot: int) -> None:
+def _comparison_block(
+    s: Summary, t: Table, describe, heading: str, level: float, n_boot: int
+) -> None:
     df = t.data
     n_na = int(df["note"].astype(str).str.startswith(NA).sum())
     n_same = int(df["note"].astype(str).str.startswith("same ").sum())
     s.h2(heading)
     if n_same:
-        s.p(f"{n_same} {'level trains' if n_same == 1 else 'levels train'} the same cell as {'its' if n_same == 1 else 'their'} "
+        s.p(
+            f"{n_same} {'level trains' if n_same == 1 else 'levels train'} the same cell as {'its' if n_same == 1 else 'their'} "
             f"reference, or repeat a comparison listed under another setting: identical by construction, not tested "
-            f"(see {t.name}.md).")
+            f"(see {t.name}.md)."
+        )
     fc = family_counts(t.comparisons)
     if fc.tested + fc.cannot_differ + fc.duplicates == 0:
-        s.p(f"No comparison is available ({n_na} {'row says' if n_na == 1 else 'rows say'} why in {t.name}.md).")
+        s.p(
+            f"No comparison is available ({n_na} {'row says' if n_na == 1 else 'rows say'} why in {t.name}.md)."
+        )
         return
     pct = int(round(100 * level))
-    line = (f"{fc.holm} of {fc.tested} tested deltas are significant after Holm's correction over this family "
-            f"({fc.holm_up} up, {fc.holm_down} down). Unadjusted, {fc.unadjusted} of {fc.tested} {pct}% intervals "
-            f"exclude 0, where chance alone would give about {fc.by_chance:.1f}.")
+    line = (
+        f"{fc.holm} of {fc.tested} tested deltas are significant after Holm's correction over this family "
+        f"({fc.holm_up} up, {fc.holm_down} down). Unadjusted, {fc.unadjusted} of {fc.tested} {pct}% intervals "
+        f"exclude 0, where chance alone would give about {fc.by_chance:.1f}."
+    )
     if fc.cannot_differ:
-        line += (f" {fc.cannot_differ} {'comparison cannot' if fc.cannot_differ == 1 else 'comparisons cannot'} "
-                 f"differ by construction and {'is' if fc.cannot_differ == 1 else 'are'} not tested (see the notes "
-                 f"in {t.name}.md).")
+        line += (
+            f" {fc.cannot_differ} {'comparison cannot' if fc.cannot_differ == 1 else 'comparisons cannot'} "
+            f"differ by construction and {'is' if fc.cannot_differ == 1 else 'are'} not tested (see the notes "
+            f"in {t.name}.md)."
+        )
     if fc.duplicates:
-        line += (f" {fc.duplicates} {'row repeats a comparison' if fc.duplicates == 1 else 'rows repeat comparisons'} "
-                 f"between identical selectors and {'counts' if fc.duplicates == 1 else 'count'} once.")
+        line += (
+            f" {fc.duplicates} {'row repeats a comparison' if fc.duplicates == 1 else 'rows repeat comparisons'} "
+            f"between identical selectors and {'counts' if fc.duplicates == 1 else 'count'} once."
+        )
     if n_na:
         line += f" {n_na} {'comparison is' if n_na == 1 else 'comparisons are'} not available (reasons in {t.name}.md)."
     p_min = 2.0 / (n_boot + 1)
     if fc.tested and fc.tested * p_min > ALPHA:
-        line += (f" With {n_boot} resamples no p-value falls below {p_min:.4f}, too coarse for Holm over "
-                 f"{fc.tested} comparisons: raise report.n_boot.")
+        line += (
+            f" With {n_boot} resamples no p-value falls below {p_min:.4f}, too coarse for Holm over "
+            f"{fc.tested} comparisons: raise report.n_boot."
+        )
     s.p(line)
     rows = {id(c): r for c, r in zip(t.comparisons, _comparison_rows(df))}
     shown = [c for c in t.comparisons if c.tested and c.significant_holm]
@@ -151,17 +165,23 @@ def _comparison_block(s: Summary, t: Table, describe, heading: str, level: float
     items = []
     for c in sorted(shown, key=lambda c: (c.k, c.interval.estimate)):
         r = rows[id(c)]
-        agree = {"yes": "seeds agree", "no": "SEEDS DISAGREE in sign"}.get(str(r.seeds_agree), "one seed")
-        items.append(f"k={r.k} {describe(r)}: {_fmt_delta(r)} points ({r.trend}; p={c.p:.4f}, Holm "
-                     f"{c.p_holm:.4f}; {agree}; n={r.n_queries})")
+        agree = {"yes": "seeds agree", "no": "SEEDS DISAGREE in sign"}.get(
+            str(r.seeds_agree), "one seed"
+        )
+        items.append(
+            f"k={r.k} {describe(r)}: {_fmt_delta(r)} points ({r.trend}; p={c.p:.4f}, Holm "
+            f"{c.p_holm:.4f}; {agree}; n={r.n_queries})"
+        )
     if items:
         s.p(f"Deltas whose interval excludes 0 ({label}):")
     s.ul(_cap(items, "deltas"))
     tested = [rows[id(c)] for c in t.comparisons if c.tested]
     disagree = [r for r in tested if str(r.seeds_agree) == "no"]
     if disagree:
-        s.p(f"{len(disagree)} of {len(tested)} deltas change sign between seeds: training noise is "
-            "of the size of the effect there (see per_seed_delta).")
+        s.p(
+            f"{len(disagree)} of {len(tested)} deltas change sign between seeds: training noise is "
+            "of the size of the effect there (see per_seed_delta)."
+        )
 
 
 def _comparison_rows(df: pd.DataFrame) -> list:
@@ -169,8 +189,14 @@ def _comparison_rows(df: pd.DataFrame) -> list:
     return [r for r in df.itertuples() if isinstance(r.status, str) and r.status and r.k != "all"]
 
 
-def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: int, level: float,
-                  experiments: Sequence[Table] = ()) -> Summary:
+def build_summary(
+    data: EvalData,
+    tables: dict[str, Table],
+    n_boot: int,
+    seed: int,
+    level: float,
+    experiments: Sequence[Table] = (),
+) -> Summary:
     """Headline findings: best method per shot, distinguishable deltas per comparison family
     (every mode vs legacy, each configured experiment, v3 vs v2), per_shot's choices, power, RL-data shares."""
     s = Summary()
@@ -178,27 +204,35 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
     acc = tables["accuracy"].data
     good = acc[acc["acc_mean"].notna()]
     nq = sorted(set(int(n) for n in good["n_queries"])) if not good.empty else []
-    seeds_v3 = sorted({x for m in data.v3() for k in data.shots for x in data.seeds(m.key, k) if x is not None})
-    s.p(f"{len(data.main())} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
+    seeds_v3 = sorted(
+        {x for m in data.v3() for k in data.shots for x in data.seeds(m.key, k) if x is not None}
+    )
+    s.p(
+        f"{len(data.main())} methods ({len(data.v3())} v3 cells), shots {', '.join(map(str, data.shots))}; "
         f"test queries per (method, shot): {nq[0] if len(nq) == 1 else (f'{nq[0]}–{nq[-1]}' if nq else 0)}; "
-        f"v3 seeds: {', '.join(map(str, seeds_v3)) or 'none'}.")
+        f"v3 seeds: {', '.join(map(str, seeds_v3)) or 'none'}."
+    )
     families = [tables["vs_legacy"], *experiments, tables["vs_v2"]]
     comps = [c for t in families for c in t.comparisons if c.available]
     s.p(_intervals_text(comps, n_boot, seed, level))
     widths = [(c.interval.high - c.interval.low) / 2 for c in comps if c.tested]
     mdes = [c.mde for c in comps if c.tested and c.mde is not None]
     if widths:
-        s.p(f"Resolution: the median half-width of a tested delta's interval is {np.median(widths):.2f} points "
+        s.p(
+            f"Resolution: the median half-width of a tested delta's interval is {np.median(widths):.2f} points "
             f"(range {min(widths):.2f}–{max(widths):.2f}); its minimum detectable effect (80% power, two-sided "
-            f"5%) is {np.median(mdes):.2f} points. Smaller differences cannot be told apart here.")
+            f"5%) is {np.median(mdes):.2f} points. Smaller differences cannot be told apart here."
+        )
     groups = distinct_selectors(data)
     if data.v3():
         same = [g for g in groups if len(g) > 1]
         line = f"The {len(data.v3())} v3 cells are {len(groups)} distinct selectors."
         if same:
             names = "; ".join(" = ".join(data.methods[k].long() for k in g) for g in same)
-            line += (f" These choose the same demonstrations for every (query, k), or cannot differ by "
-                     f"construction, and count once in every test: {names}.")
+            line += (
+                f" These choose the same demonstrations for every (query, k), or cannot differ by "
+                f"construction, and count once in every test: {names}."
+            )
         s.p(line)
 
     s.h2("Best method per shot")
@@ -217,8 +251,10 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
             c = compare(data, key, best_key, k, n_boot, seed, level)
             if c.available and not c.distinguishable:
                 ties.append(r.method)
-        line = (f"k={k}: {best['method']} {best['acc_mean']:.2f}% [{best['ci_low']:.2f}, {best['ci_high']:.2f}]; "
-                f"{len(ties)} of {len(sub) - 1} other methods are not distinguishable from it")
+        line = (
+            f"k={k}: {best['method']} {best['acc_mean']:.2f}% [{best['ci_low']:.2f}, {best['ci_high']:.2f}]; "
+            f"{len(ties)} of {len(sub) - 1} other methods are not distinguishable from it"
+        )
         if ties:
             shown = "; ".join(ties[:6]) + (f"; … (+{len(ties) - 6})" if len(ties) > 6 else "")
             line += f" ({shown})"
@@ -228,13 +264,29 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
     def cell(r) -> str:
         return f"{r.mode} {r.cell_label}"
 
-    _comparison_block(s, tables["vs_legacy"], lambda r: f"{cell(r)} vs legacy", "Reward modes vs legacy", level,
-                      n_boot)
+    _comparison_block(
+        s,
+        tables["vs_legacy"],
+        lambda r: f"{cell(r)} vs legacy",
+        "Reward modes vs legacy",
+        level,
+        n_boot,
+    )
     for t in experiments:
-        _comparison_block(s, t, lambda r: (f"{r.context}: " if isinstance(r.context, str) and r.context else "")
-                          + f"{r.contrast} {r.level} vs {r.reference}", f"Experiment {t.name[4:]}: {t.title}",
-                          level, n_boot)
-    _comparison_block(s, tables["vs_v2"], lambda r: f"v3 {cell(r)} vs v2", "v3 cells vs v2", level, n_boot)
+        _comparison_block(
+            s,
+            t,
+            lambda r: (
+                (f"{r.context}: " if isinstance(r.context, str) and r.context else "")
+                + f"{r.contrast} {r.level} vs {r.reference}"
+            ),
+            f"Experiment {t.name[4:]}: {t.title}",
+            level,
+            n_boot,
+        )
+    _comparison_block(
+        s, tables["vs_v2"], lambda r: f"v3 {cell(r)} vs v2", "v3 cells vs v2", level, n_boot
+    )
     _per_shot_block(s, tables["per_shot"])
     _retrieval_block(s, data, n_boot, seed, level)
     _diagnostics_block(s, tables.get("diagnostics"), tables.get("ablations"), level)
@@ -258,16 +310,20 @@ def build_summary(data: EvalData, tables: dict[str, Table], n_boot: int, seed: i
     else:
         items = []
         for r in g.itertuples():
-            items.append(f"{r.label}: {int(r.n_groups)} groups, flat {100 * r.share_flat:.1f}%, "
-                         f"all-negative {100 * r.share_all_negative:.1f}%, "
-                         f"all-positive {100 * r.share_all_positive:.1f}%, "
-                         f"reward range [{r.reward_min:.3f}, {r.reward_max:.3f}]{_within_text(r)}.")
+            items.append(
+                f"{r.label}: {int(r.n_groups)} groups, flat {100 * r.share_flat:.1f}%, "
+                f"all-negative {100 * r.share_all_negative:.1f}%, "
+                f"all-positive {100 * r.share_all_positive:.1f}%, "
+                f"reward range [{r.reward_min:.3f}, {r.reward_max:.3f}]{_within_text(r)}."
+            )
         s.ul(_cap(items, "rewards files"))
         a = tables["rl_advantages"].data
         if "share_zero" in a and a["share_zero"].notna().any():
             worst = a.loc[a["share_zero"].fillna(-1).idxmax()]
-            s.p(f"Largest share of zero advantages: {worst['label']} with {worst['advantage']} advantages, "
-                f"{100 * worst['share_zero']:.1f}% of candidates carry no GRPO signal.")
+            s.p(
+                f"Largest share of zero advantages: {worst['label']} with {worst['advantage']} advantages, "
+                f"{100 * worst['share_zero']:.1f}% of candidates carry no GRPO signal."
+            )
     return s
 
 
@@ -276,8 +332,15 @@ def _per_shot_block(s: Summary, t: Table) -> None:
     if "cell" not in df or not df["cell"].map(lambda v: isinstance(v, str) and bool(v)).any():
         return
     s.h2("per_shot: the cell chosen at each shot (on validation queries)")
-    s.ul([f"k={r.k}" + (f" seed {int(r.seed)}" if pd.notna(r.seed) else "") + f": {r.method} "
-          f"(validation accuracy {r.val_acc:.2f}% over {int(r.n_val)} queries)" for r in df.itertuples()])
+    s.ul(
+        [
+            f"k={r.k}" + (f" seed {int(r.seed)}" if pd.notna(r.seed) else "") + f": {r.method} "
+            f"(validation accuracy {r.val_acc:.2f}% over {int(r.n_val)} queries)"
+            for r in df.itertuples()
+        ]
+    )
+
+
 def _within_text(r) -> str:
     """Correct vs incorrect within the mixed groups (GRPO sees only within-group differences)."""
     n = 0 if pd.isna(r.n_mixed) else int(r.n_mixed)
@@ -285,14 +348,20 @@ def _within_text(r) -> str:
         return "; no group has both correct and incorrect candidates"
     inv, tied = r.share_inverted, r.share_tied
     if inv == 0 and tied == 0:
-        return (f"; within each of the {n} mixed groups every correct candidate scores above every incorrect "
-                f"one (smallest within-group gap {r.within_gap_min:.3f})")
+        return (
+            f"; within each of the {n} mixed groups every correct candidate scores above every incorrect "
+            f"one (smallest within-group gap {r.within_gap_min:.3f})"
+        )
     parts = []
     if inv > 0:
-        parts.append(f"in {100 * inv:.1f}% an incorrect candidate outscores a correct one (by up to "
-                     f"{-r.within_gap_min:.3f})")
+        parts.append(
+            f"in {100 * inv:.1f}% an incorrect candidate outscores a correct one (by up to "
+            f"{-r.within_gap_min:.3f})"
+        )
     if tied > 0:
-        parts.append(f"in {100 * tied:.1f}% the best incorrect candidate ties the worst correct one")
+        parts.append(
+            f"in {100 * tied:.1f}% the best incorrect candidate ties the worst correct one"
+        )
     return f"; of its {n} mixed groups, " + " and ".join(parts)
 
 
@@ -301,24 +370,34 @@ def _intervals_text(comps, n_boot: int, seed: int, level: float) -> str:
     pct = int(round(level * 100))
     two = [c for c in comps if c.interval.levels == LEVEL_SEEDS]
     clustered = [c for c in comps if (c.interval.n_clusters or c.interval.n) < c.interval.n]
-    text = (f"Intervals: {pct}% percentile bootstrap ({n_boot} resamples, seed {seed}), paired: one draw of "
-            "seeds and queries for both sides of a delta; p-values from the same resamples. ")
+    text = (
+        f"Intervals: {pct}% percentile bootstrap ({n_boot} resamples, seed {seed}), paired: one draw of "
+        "seeds and queries for both sides of a delta; p-values from the same resamples. "
+    )
     if two and len(two) == len(comps):
         text += "Seeds are resampled, then test queries (training noise and test-set sampling are both covered). "
     elif two:
-        text += (f"{len(two)} of {len(comps)} deltas resample seeds, then test queries; the others have one run "
-                 "per side and resample test queries only. ")
+        text += (
+            f"{len(two)} of {len(comps)} deltas resample seeds, then test queries; the others have one run "
+            "per side and resample test queries only. "
+        )
     else:
-        text += ("One seed per method: only test queries are resampled, so the intervals cover test-set sampling, "
-                 "not training noise (a second seed would measure it). ")
+        text += (
+            "One seed per method: only test queries are resampled, so the intervals cover test-set sampling, "
+            "not training noise (a second seed would measure it). "
+        )
     if clustered:
         c = clustered[0].interval
-        text += (f"Questions about the same image are resampled together ({c.n_clusters} images for {c.n} "
-                 "queries). ")
+        text += (
+            f"Questions about the same image are resampled together ({c.n_clusters} images for {c.n} "
+            "queries). "
+        )
     else:
         text += "Each test query is its own cluster (no two share an image, or the records name no images). "
-    return text + ("'n.s.' = the interval contains 0; significance within an experiment is judged after Holm's "
-                   "step-down correction over its comparisons.")
+    return text + (
+        "'n.s.' = the interval contains 0; significance within an experiment is judged after Holm's "
+        "step-down correction over its comparisons."
+    )
 
 
 #: the trained methods compared with RICES and the copy baseline in the summary
@@ -339,9 +418,11 @@ def _retrieval_block(s: Summary, data: EvalData, n_boot: int, seed: int, level: 
             for ref in refs:
                 c = compare(data, key, ref, k, n_boot, seed, level)
                 if c.available:
-                    items.append(f"k={k} {data.methods[key].long()} − {data.methods[ref].long()}: "
-                                 f"{c.interval.estimate:+.2f} [{c.interval.low:+.2f}, {c.interval.high:+.2f}] points "
-                                 f"({c.trend})")
+                    items.append(
+                        f"k={k} {data.methods[key].long()} − {data.methods[ref].long()}: "
+                        f"{c.interval.estimate:+.2f} [{c.interval.low:+.2f}, {c.interval.high:+.2f}] points "
+                        f"({c.trend})"
+                    )
     s.ul(_cap(items, "comparisons"))
 
 
@@ -355,18 +436,32 @@ def _diagnostics_block(s: Summary, diag: Table | None, abl: Table | None, level:
     for kind in ("rices", "v2", "per_shot"):
         sub = d[(d["method_kind"] == kind) & d["copies_last"].notna()]
         if len(sub):
-            items.append(f"{sub['method'].iloc[0]} copies the last demonstration's answer in "
-                         + ", ".join(f"{r.copies_last:.1f}% (k={r.k})" for r in sub.itertuples())
-                         + " of its predictions; any demonstration's in "
-                         + ", ".join(f"{r.copies_any:.1f}%" for r in sub.itertuples()) + ".")
+            items.append(
+                f"{sub['method'].iloc[0]} copies the last demonstration's answer in "
+                + ", ".join(f"{r.copies_last:.1f}% (k={r.k})" for r in sub.itertuples())
+                + " of its predictions; any demonstration's in "
+                + ", ".join(f"{r.copies_any:.1f}%" for r in sub.itertuples())
+                + "."
+            )
     s.ul(items)
     if abl is not None and "delta" in abl.data:
         a = abl.data[abl.data["delta"].notna()]
         dist = a[a["distinguishable"].astype(bool)]
-        s.p(f"Ablations: {len(dist)} of {len(a)} deltas are distinguishable from 0 at {int(round(100 * level))}% "
-            f"(see ablations.md)." if len(a) else "No ablation comparison is available (see ablations.md).")
-        s.ul(_cap([f"k={r.k} {r.method} [{r.ablation_label}]: {_fmt_delta(r)} points ({r.trend})"
-                   for r in dist.itertuples()], "ablation deltas"))
+        s.p(
+            f"Ablations: {len(dist)} of {len(a)} deltas are distinguishable from 0 at {int(round(100 * level))}% "
+            f"(see ablations.md)."
+            if len(a)
+            else "No ablation comparison is available (see ablations.md)."
+        )
+        s.ul(
+            _cap(
+                [
+                    f"k={r.k} {r.method} [{r.ablation_label}]: {_fmt_delta(r)} points ({r.trend})"
+                    for r in dist.itertuples()
+                ],
+                "ablation deltas",
+            )
+        )
 
 
 def _key_of(data: EvalData, r) -> str:

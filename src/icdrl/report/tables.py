@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icdrl.records import atomic_write_text
-
 from icdrl.grid import reward_spec
+from icdrl.records import atomic_write_text
 
 from .compare import Comparison, compare, family, method_accuracy
 from .inputs import MODE_ORDER, EvalData, MethodInfo, RewardGroups
@@ -73,10 +72,13 @@ class Table:
     intro: str
     data: pd.DataFrame
     sections: list[tuple[str | None, pd.DataFrame]] = field(default_factory=list)
-    comparisons: list[Comparison] = field(default_factory=list)  # the family, row order (delta tables)
+    comparisons: list[Comparison] = field(
+        default_factory=list
+    )  # the family, row order (delta tables)
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def _f(x: float | None, nd: int = 2, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -107,6 +109,7 @@ def _w(w: float | None) -> str:
 
 # ----------------------------------------------------------------------------- accuracy
 
+
 def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> Table:
     """One row per method × shot: mean over seeds, per-seed spread, 95% CI over queries."""
     rows, wide = [], {}
@@ -116,7 +119,12 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
             acc = method_accuracy(data, m.key, k, n_boot, seed, level)
             row = _method_cols(m) | {"k": k}
             if acc is None:
-                row |= {"n_queries": 0, "n_seeds": 0, "seeds": "", "note": f"{NA}: not evaluated at k={k}"}
+                row |= {
+                    "n_queries": 0,
+                    "n_seeds": 0,
+                    "seeds": "",
+                    "note": f"{NA}: not evaluated at k={k}",
+                }
                 wide_row[f"k={k}"] = NA
             else:
                 vals = [v for _, v in acc.per_seed]
@@ -137,8 +145,24 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
                 wide_row[f"k={k}"] = _ci(iv.estimate, iv.low, iv.high)
             rows.append(row)
         wide[m.key] = wide_row
-    df = _frame(rows, _METHOD_COLS + ["k", "n_queries", "n_seeds", "seeds", "acc_mean", "ci_low", "ci_high",
-                                      "seed_sd", "seed_min", "seed_max", "per_seed_acc", "note"])
+    df = _frame(
+        rows,
+        _METHOD_COLS
+        + [
+            "k",
+            "n_queries",
+            "n_seeds",
+            "seeds",
+            "acc_mean",
+            "ci_low",
+            "ci_high",
+            "seed_sd",
+            "seed_min",
+            "seed_max",
+            "per_seed_acc",
+            "note",
+        ],
+    )
     long_disp = pd.DataFrame(
         {
             "method": df["method"],
@@ -146,7 +170,8 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
             "n": df["n_queries"],
             "seeds": df["seeds"],
             "accuracy [95% CI]": [
-                _ci(r.acc_mean, r.ci_low, r.ci_high) if not r.note else r.note for r in df.itertuples()
+                _ci(r.acc_mean, r.ci_low, r.ci_high) if not r.note else r.note
+                for r in df.itertuples()
             ],
             "seed sd": [_f(v) for v in df["seed_sd"]],
             "seed min–max": [
@@ -163,7 +188,10 @@ def accuracy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) 
         "together); 'seed sd' and 'seed min–max' are "
         "the spread of the per-seed accuracies (v2/v3 have seeds; other methods one run).",
         df,
-        [("Mean accuracy [95% CI] by shot", pd.DataFrame(list(wide.values()))), ("Details", long_disp)],
+        [
+            ("Mean accuracy [95% CI] by shot", pd.DataFrame(list(wide.values()))),
+            ("Details", long_disp),
+        ],
     )
 
 
@@ -201,15 +229,44 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- comparisons
 
-_COMP_COLS = ["k", "n_queries", "n_clusters", "seeds", "resampled", "delta", "ci_low", "ci_high", "trend",
-              "distinguishable", "p", "p_holm", "significant_holm", "family_size", "mde", "per_seed_delta",
-              "seeds_agree", "pairing", "status", "note"]
+_COMP_COLS = [
+    "k",
+    "n_queries",
+    "n_clusters",
+    "seeds",
+    "resampled",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "trend",
+    "distinguishable",
+    "p",
+    "p_holm",
+    "significant_holm",
+    "family_size",
+    "mde",
+    "per_seed_delta",
+    "seeds_agree",
+    "pairing",
+    "status",
+    "note",
+]
 
 
 def _comp_cols(c: Comparison) -> dict:
     if not c.available:
-        return {"k": c.k, "n_queries": 0, "seeds": "", "trend": "", "distinguishable": "",
-                "per_seed_delta": "", "seeds_agree": "", "pairing": "", "status": c.status, "note": f"{NA}: {c.reason}"}
+        return {
+            "k": c.k,
+            "n_queries": 0,
+            "seeds": "",
+            "trend": "",
+            "distinguishable": "",
+            "per_seed_delta": "",
+            "seeds_agree": "",
+            "pairing": "",
+            "status": c.status,
+            "note": f"{NA}: {c.reason}",
+        }
     iv = c.interval
     if c.degenerate:
         note = c.degenerate
@@ -218,7 +275,9 @@ def _comp_cols(c: Comparison) -> dict:
     elif not c.distinguishable:
         note = "not distinguishable (interval contains 0)"
     elif not c.significant_holm:
-        note = f"interval excludes 0, but not significant after Holm over {c.family_size} comparisons"
+        note = (
+            f"interval excludes 0, but not significant after Holm over {c.family_size} comparisons"
+        )
     else:
         note = ""
     return {
@@ -299,22 +358,39 @@ def _comp_display(df: pd.DataFrame, label_cols: dict[str, str], delta_name: str)
     for col, name in label_cols.items():
         out[name] = df[col]
     out[delta_name] = [_delta_str(r) for r in df.itertuples()]
-    status = df["status"].astype(object).where(df["status"].notna(), "") if "status" in df else pd.Series("", df.index)
-    out["trend"] = [t if st in ("tested", "duplicate") else (st if st == "cannot differ" else "")
-                    for t, st in zip(_blank(df["trend"]), status)]
-    out["p (Holm)"] = ["" if not _p(a) else f"{_p(a)} ({_p(b)})" for a, b in zip(df["p"], df["p_holm"])]
-    out["Holm 5%"] = [_yn(v) if isinstance(v, (bool, np.bool_)) else "" for v in df["significant_holm"]]
+    status = (
+        df["status"].astype(object).where(df["status"].notna(), "")
+        if "status" in df
+        else pd.Series("", df.index)
+    )
+    out["trend"] = [
+        t if st in ("tested", "duplicate") else (st if st == "cannot differ" else "")
+        for t, st in zip(_blank(df["trend"]), status)
+    ]
+    out["p (Holm)"] = [
+        "" if not _p(a) else f"{_p(a)} ({_p(b)})" for a, b in zip(df["p"], df["p_holm"])
+    ]
+    out["Holm 5%"] = [
+        _yn(v) if isinstance(v, (bool, np.bool_)) else "" for v in df["significant_holm"]
+    ]
     out["MDE"] = ["" if pd.isna(v) else _f(v, 1) for v in df["mde"]]
     out["seeds"] = _blank(df["seeds"])
     out["n"] = df["n_queries"]
     out["per-seed Δ"] = _blank(df["per_seed_delta"])
-    out["note"] = [n if isinstance(n, str) and not n.startswith((NA, "not distinguishable")) else ""
-                   for n in df["note"]]
+    out["note"] = [
+        n if isinstance(n, str) and not n.startswith((NA, "not distinguishable")) else ""
+        for n in df["note"]
+    ]
     return pd.DataFrame(out)
 
 
-def _sections_by(df: pd.DataFrame, by: str, heading: Callable[[str], str], label_cols: dict[str, str],
-                 delta_name: str) -> list[tuple[str | None, pd.DataFrame]]:
+def _sections_by(
+    df: pd.DataFrame,
+    by: str,
+    heading: Callable[[str], str],
+    label_cols: dict[str, str],
+    delta_name: str,
+) -> list[tuple[str | None, pd.DataFrame]]:
     sections = []
     for val in dict.fromkeys(df[by]):
         sub = df[df[by] == val].sort_values("k", kind="stable", key=_shot_key)
@@ -334,7 +410,11 @@ def _cell_label(m: MethodInfo) -> str:
 def _legacy_reference(data: EvalData, m: MethodInfo) -> MethodInfo | None:
     """The legacy cell ``m`` is compared with: same use_rank and training overrides, at the default
     legacy knobs (alpha 1, beta 0: InfoScore) if that cell was run, else the first such cell."""
-    same = [b for b in data.v3() if b.mode == "legacy" and b.use_rank == m.use_rank and b.cell.train == m.cell.train]
+    same = [
+        b
+        for b in data.v3()
+        if b.mode == "legacy" and b.use_rank == m.use_rank and b.cell.train == m.cell.train
+    ]
     default = reward_spec("legacy")
     return next((b for b in same if b.cell.reward == default), same[0] if same else None)
 
@@ -355,13 +435,18 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
             c = compare(data, m.key, b.key, k, n_boot, seed, level)
             rows.append(lead | {"baseline": b.long()} | _pending(c))
     if not others:
-        rows += [{"mode": "", "cell_label": "", "baseline": ""} | r
-                 for r in _na_rows(data.shots, "no v3 cell of a mode other than legacy")]
+        rows += [
+            {"mode": "", "cell_label": "", "baseline": ""} | r
+            for r in _na_rows(data.shots, "no v3 cell of a mode other than legacy")
+        ]
     rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label", "baseline"] + _COMP_COLS)
     sections = _sections_by(
-        df, "mode", lambda v: f"{v} vs legacy" if v else "vs legacy",
-        {"cell_label": "cell", "baseline": "legacy cell"}, "Δ vs legacy (pts) [95% CI]",
+        df,
+        "mode",
+        lambda v: f"{v} vs legacy" if v else "vs legacy",
+        {"cell_label": "cell", "baseline": "legacy cell"},
+        "Δ vs legacy (pts) [95% CI]",
     )
     return Table(
         "vs_legacy",
@@ -369,7 +454,9 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
         "Δ = accuracy(cell) − accuracy(legacy with the same use_rank and training settings, at α=1, β=0 "
         "where run), in points, paired over test queries and seeds. 'n.s.' = the 95% interval contains 0: "
         "not distinguishable.",
-        df, sections, fam,
+        df,
+        sections,
+        fam,
     )
 
 
@@ -388,40 +475,72 @@ def vs_v2_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95) -> 
         rows += [{"mode": ""} | r for r in _na_rows(data.shots, "no v3 results")]
     rows, fam = _resolve(rows, data)
     df = _frame(rows, _METHOD_COLS + ["cell_label"] + _COMP_COLS)
-    sections = _sections_by(df, "mode", lambda v: f"v3 {v} vs v2" if v else "v3 vs v2",
-                            {"cell_label": "cell"}, "Δ vs v2 (pts) [95% CI]")
+    sections = _sections_by(
+        df,
+        "mode",
+        lambda v: f"v3 {v} vs v2" if v else "v3 vs v2",
+        {"cell_label": "cell"},
+        "Δ vs v2 (pts) [95% CI]",
+    )
     return Table(
         "vs_v2",
         "v3 cells vs the v2 SFT selector",
         "Δ = accuracy(v3 cell) − accuracy(v2), in points, paired over test queries and seeds.",
-        df, sections, fam,
+        df,
+        sections,
+        fam,
     )
 
 
 def per_shot_table(data: EvalData) -> Table:
     """Which v3 cell ``per_shot`` uses at each shot and seed, and its validation accuracy (docs/science.md §8)."""
     rows = []
-    for (s_, k), (cell, acc, n) in sorted(data.per_shot.items(), key=lambda kv: (kv[0][1], -1 if kv[0][0] is None else kv[0][0])):
+    for (s_, k), (cell, acc, n) in sorted(
+        data.per_shot.items(), key=lambda kv: (kv[0][1], -1 if kv[0][0] is None else kv[0][0])
+    ):
         m = data.methods.get(f"v3:{cell}")
-        rows.append({"k": k, "seed": s_, "cell": cell, "method": m.long() if m else f"v3 {cell}",
-                     "val_acc": 100.0 * acc, "n_val": n, "note": ""})
+        rows.append(
+            {
+                "k": k,
+                "seed": s_,
+                "cell": cell,
+                "method": m.long() if m else f"v3 {cell}",
+                "val_acc": 100.0 * acc,
+                "n_val": n,
+                "note": "",
+            }
+        )
     if not rows:
-        rows = [{"k": ALL_SHOTS, "note": f"{NA}: no per_shot results (pools.n_val is 0, or no v3 cells)"}]
+        rows = [
+            {
+                "k": ALL_SHOTS,
+                "note": f"{NA}: no per_shot results (pools.n_val is 0, or no v3 cells)",
+            }
+        ]
     df = _frame(rows, ["k", "seed", "cell", "method", "val_acc", "n_val", "note"])
-    disp = pd.DataFrame({"shot": df["k"], "seed": _blank(df["seed"]), "chosen cell": _blank(df["method"]),
-                         "validation accuracy (%)": [_f(v) for v in df["val_acc"]], "validation queries": _blank(df["n_val"]),
-                         "note": df["note"]})
+    disp = pd.DataFrame(
+        {
+            "shot": df["k"],
+            "seed": _blank(df["seed"]),
+            "chosen cell": _blank(df["method"]),
+            "validation accuracy (%)": [_f(v) for v in df["val_acc"]],
+            "validation queries": _blank(df["n_val"]),
+            "note": df["note"],
+        }
+    )
     return Table(
         "per_shot",
         "per_shot: the v3 cell chosen at each shot on the validation queries",
         "per_shot (the seed's 'different strategies per shot') uses, at each k and seed, the v3 cell with the "
         "best accuracy on the validation queries (disjoint from the test queries; ties: first cell by slug). "
         "Nothing here is chosen on the test queries; its test accuracy is in the accuracy table.",
-        df, [(None, disp)],
+        df,
+        [(None, disp)],
     )
 
 
 # ----------------------------------------------------------------------------- RL data
+
 
 def group_stats(g: RewardGroups) -> dict:
     """Shares of flat / all-negative / all-positive groups and the reward range of one file."""
@@ -465,48 +584,97 @@ def within_group_gaps(g: RewardGroups) -> dict:
     incorrect one. ``share_inverted``: groups with gap < 0 (an incorrect candidate outscores a
     correct one); ``share_tied``: gap = 0 (|gap| ≤ 1e-12); ``within_gap_min`` / ``_median``.
     """
-    gaps = np.array([float(r[h == 1].min() - r[h == 0].max())
-                     for r, h in zip(g.rewards, g.hard) if (h == 1).any() and (h == 0).any()])
+    gaps = np.array(
+        [
+            float(r[h == 1].min() - r[h == 0].max())
+            for r, h in zip(g.rewards, g.hard)
+            if (h == 1).any() and (h == 0).any()
+        ]
+    )
     if gaps.size == 0:
-        return {"n_mixed": 0, "share_inverted": None, "share_tied": None, "within_gap_min": None,
-                "within_gap_median": None}
+        return {
+            "n_mixed": 0,
+            "share_inverted": None,
+            "share_tied": None,
+            "within_gap_min": None,
+            "within_gap_median": None,
+        }
     tied = np.abs(gaps) <= TIE_TOL
-    return {"n_mixed": int(gaps.size), "share_inverted": float(((gaps < 0) & ~tied).mean()),
-            "share_tied": float(tied.mean()), "within_gap_min": float(gaps.min()),
-            "within_gap_median": float(np.median(gaps))}
+    return {
+        "n_mixed": int(gaps.size),
+        "share_inverted": float(((gaps < 0) & ~tied).mean()),
+        "share_tied": float(tied.mean()),
+        "within_gap_min": float(gaps.min()),
+        "within_gap_median": float(np.median(gaps)),
+    }
 
 
-_GROUP_COLS = ["label", "n_groups", "mean_group_size", "share_flat", "share_all_negative", "share_all_positive",
-               "share_mixed", "share_flat_mixed", "share_pos_ratio_ge_0.2", "mean_positive_ratio", "reward_min",
-               "reward_max", "reward_mean", "reward_std", "pos_reward_min", "neg_reward_max", "n_mixed",
-               "share_inverted", "share_tied", "within_gap_min", "within_gap_median", "missing_inputs",
-               "anchors_with_missing", "note"]
+_GROUP_COLS = [
+    "label",
+    "n_groups",
+    "mean_group_size",
+    "share_flat",
+    "share_all_negative",
+    "share_all_positive",
+    "share_mixed",
+    "share_flat_mixed",
+    "share_pos_ratio_ge_0.2",
+    "mean_positive_ratio",
+    "reward_min",
+    "reward_max",
+    "reward_mean",
+    "reward_std",
+    "pos_reward_min",
+    "neg_reward_max",
+    "n_mixed",
+    "share_inverted",
+    "share_tied",
+    "within_gap_min",
+    "within_gap_median",
+    "missing_inputs",
+    "anchors_with_missing",
+    "note",
+]
 
 
 def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
     """Per rewards file: the group shares the reference implementation's diagnosis is about, and the reward range."""
-    rows = [{"label": lab} | group_stats(g) | {"note": "" if g.n_groups else "empty file"}
-            for lab, g in rewards.items()]
+    rows = [
+        {"label": lab} | group_stats(g) | {"note": "" if g.n_groups else "empty file"}
+        for lab, g in rewards.items()
+    ]
     if not rows:
         rows = [{"label": "", "note": f"{NA}: no rewards files given"}]
     df = _frame(rows, _GROUP_COLS)
-    pct = lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}%"  # noqa: E731
-    disp = pd.DataFrame({
-        "rewards": df["label"],
-        "groups": df["n_groups"],
-        "size": [_f(v, 1) for v in df["mean_group_size"]],
-        "flat": [pct(v) for v in df["share_flat"]],
-        "all-neg": [pct(v) for v in df["share_all_negative"]],
-        "all-pos": [pct(v) for v in df["share_all_positive"]],
-        "mixed": [pct(v) for v in df["share_mixed"]],
-        "pos ratio ≥ 0.2": [pct(v) for v in df["share_pos_ratio_ge_0.2"]],
-        "reward range": [f"{_f(a, 3)} … {_f(b, 3)}" for a, b in zip(df["reward_min"], df["reward_max"])],
-        "min pos / max neg": [f"{_f(a, 3)} / {_f(b, 3)}" for a, b in zip(df["pos_reward_min"], df["neg_reward_max"])],
-        "within group: inverted / tied": [f"{pct(a)} / {pct(b)}" for a, b in zip(df["share_inverted"], df["share_tied"])],
-        "min within-group gap": [_f(v, 3) for v in df["within_gap_min"]],
-        "missing": df["missing_inputs"],
-        "note": df["note"],
-    })
+
+    def pct(v):
+        return "–" if pd.isna(v) else f"{100 * v:.1f}%"
+
+    disp = pd.DataFrame(
+        {
+            "rewards": df["label"],
+            "groups": df["n_groups"],
+            "size": [_f(v, 1) for v in df["mean_group_size"]],
+            "flat": [pct(v) for v in df["share_flat"]],
+            "all-neg": [pct(v) for v in df["share_all_negative"]],
+            "all-pos": [pct(v) for v in df["share_all_positive"]],
+            "mixed": [pct(v) for v in df["share_mixed"]],
+            "pos ratio ≥ 0.2": [pct(v) for v in df["share_pos_ratio_ge_0.2"]],
+            "reward range": [
+                f"{_f(a, 3)} … {_f(b, 3)}" for a, b in zip(df["reward_min"], df["reward_max"])
+            ],
+            "min pos / max neg": [
+                f"{_f(a, 3)} / {_f(b, 3)}"
+                for a, b in zip(df["pos_reward_min"], df["neg_reward_max"])
+            ],
+            "within group: inverted / tied": [
+                f"{pct(a)} / {pct(b)}" for a, b in zip(df["share_inverted"], df["share_tied"])
+            ],
+            "min within-group gap": [_f(v, 3) for v in df["within_gap_min"]],
+            "missing": df["missing_inputs"],
+            "note": df["note"],
+        }
+    )
     return Table(
         "rl_groups",
         "RL data diagnostics: groups and rewards",
@@ -518,11 +686,14 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "(both correct and incorrect candidates) where an incorrect candidate outscores a correct one "
         "(inverted) or ties the worst correct one (tied), and 'min within-group gap' is the smallest "
         "correct-minus-incorrect gap (negative = inverted); missing = inputs counted as 0.",
-        df, [(None, disp)],
+        df,
+        [(None, disp)],
     )
 
 
-def advantage_values(g: RewardGroups, use_rank: bool, advantages_fn: Callable | None = None) -> np.ndarray:
+def advantage_values(
+    g: RewardGroups, use_rank: bool, advantages_fn: Callable | None = None
+) -> np.ndarray:
     """All advantages of one rewards file (groups concatenated in file order).
 
     Uses ``icdrl.rl.advantages`` on the groups padded to one ``[G, N]`` tensor with a mask
@@ -539,11 +710,18 @@ def advantage_values(g: RewardGroups, use_rank: bool, advantages_fn: Callable | 
     vals = np.zeros((len(sizes), n), dtype=np.float64)
     mask = np.arange(n)[None, :] < sizes[:, None]
     vals[mask] = np.concatenate(g.rewards)
-    a = advantages_fn(torch.as_tensor(vals), use_rank=use_rank, min_std=ADV_MIN_STD, clip=ADV_CLIP,
-                      mask=torch.as_tensor(mask))
+    a = advantages_fn(
+        torch.as_tensor(vals),
+        use_rank=use_rank,
+        min_std=ADV_MIN_STD,
+        clip=ADV_CLIP,
+        mask=torch.as_tensor(mask),
+    )
     a = np.asarray(a.detach().cpu().numpy(), dtype=np.float64)
     if a.shape != vals.shape:
-        raise ValueError(f"{g.path}: icdrl.rl.advantages returned shape {a.shape} for {vals.shape} rewards")
+        raise ValueError(
+            f"{g.path}: icdrl.rl.advantages returned shape {a.shape} for {vals.shape} rewards"
+        )
     out = a[mask]
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{g.path}: icdrl.rl.advantages returned NaN/inf (use_rank={use_rank})")
@@ -554,75 +732,154 @@ def rl_advantages_table(adv: dict[tuple[str, bool], np.ndarray]) -> Table:
     """Distribution summary of advantages per rewards file × use_rank."""
     rows = []
     for (lab, ur), a in adv.items():
-        row = {"label": lab, "use_rank": ur, "advantage": "rank" if ur else "z-score", "n": int(a.size)}
+        row = {
+            "label": lab,
+            "use_rank": ur,
+            "advantage": "rank" if ur else "z-score",
+            "n": int(a.size),
+        }
         if a.size:
             q = np.quantile(a, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-            row |= {"mean": float(a.mean()), "std": float(a.std()), "mean_abs": float(np.abs(a).mean()),
-                    "share_zero": float((np.abs(a) < 1e-9).mean()),
-                    "share_clipped": float((np.abs(a) >= ADV_CLIP - 1e-6).mean()),
-                    "min": q[0], "p05": q[1], "p25": q[2], "median": q[3], "p75": q[4], "p95": q[5], "max": q[6],
-                    "note": ""}
+            row |= {
+                "mean": float(a.mean()),
+                "std": float(a.std()),
+                "mean_abs": float(np.abs(a).mean()),
+                "share_zero": float((np.abs(a) < 1e-9).mean()),
+                "share_clipped": float((np.abs(a) >= ADV_CLIP - 1e-6).mean()),
+                "min": q[0],
+                "p05": q[1],
+                "p25": q[2],
+                "median": q[3],
+                "p75": q[4],
+                "p95": q[5],
+                "max": q[6],
+                "note": "",
+            }
         else:
             row["note"] = "no candidates"
         rows.append(row)
     if not rows:
         rows = [{"label": "", "note": f"{NA}: no rewards files given"}]
-    cols = ["label", "use_rank", "advantage", "n", "mean", "std", "mean_abs", "share_zero", "share_clipped",
-            "min", "p05", "p25", "median", "p75", "p95", "max", "note"]
+    cols = [
+        "label",
+        "use_rank",
+        "advantage",
+        "n",
+        "mean",
+        "std",
+        "mean_abs",
+        "share_zero",
+        "share_clipped",
+        "min",
+        "p05",
+        "p25",
+        "median",
+        "p75",
+        "p95",
+        "max",
+        "note",
+    ]
     df = _frame(rows, cols)
-    disp = df[["label", "advantage", "n", "mean_abs", "std", "share_zero", "share_clipped", "min", "p05",
-               "median", "p95", "max", "note"]].copy()
+    disp = df[
+        [
+            "label",
+            "advantage",
+            "n",
+            "mean_abs",
+            "std",
+            "share_zero",
+            "share_clipped",
+            "min",
+            "p05",
+            "median",
+            "p95",
+            "max",
+            "note",
+        ]
+    ].copy()
     for c in ["mean_abs", "std", "min", "p05", "median", "p95", "max"]:
         disp[c] = [_f(v, 3) for v in disp[c]]
     for c in ["share_zero", "share_clipped"]:
         disp[c] = ["–" if pd.isna(v) else f"{100 * v:.1f}%" for v in disp[c]]
-    disp = disp.rename(columns={"label": "rewards", "mean_abs": "mean |A|", "share_zero": "A = 0",
-                                "share_clipped": f"|A| = {ADV_CLIP:g}"})
+    disp = disp.rename(
+        columns={
+            "label": "rewards",
+            "mean_abs": "mean |A|",
+            "share_zero": "A = 0",
+            "share_clipped": f"|A| = {ADV_CLIP:g}",
+        }
+    )
     return Table(
         "rl_advantages",
         "RL data diagnostics: advantages",
         f"Advantages from icdrl.rl.advantages per group (min_std={ADV_MIN_STD}, clip=±{ADV_CLIP:g}) for both "
         "use_rank settings. 'A = 0' is the share of candidates that carry no GRPO signal.",
-        df, [(None, disp)],
+        df,
+        [(None, disp)],
     )
 
 
 def sources_table(scored: pd.DataFrame | None) -> Table:
     """Per candidate source (beam/random/similar): counts, share correct, mean acc and InfoScore."""
-    cols = ["source", "n_candidates", "share_of_candidates", "share_correct", "mean_vqa_acc", "mean_info_score",
-            "missing_vqa", "missing_info", "note"]
+    cols = [
+        "source",
+        "n_candidates",
+        "share_of_candidates",
+        "share_correct",
+        "mean_vqa_acc",
+        "mean_info_score",
+        "missing_vqa",
+        "missing_info",
+        "note",
+    ]
     if scored is None or scored.empty:
-        df = _frame([{"source": "", "note": f"{NA}: no scored candidates file given"
-                      if scored is None else f"{NA}: the scored file has no candidates"}], cols)
-        return Table("candidates_by_source", "Candidates by source", "", df, [(None, df[["source", "note"]])])
+        df = _frame(
+            [
+                {
+                    "source": "",
+                    "note": f"{NA}: no scored candidates file given"
+                    if scored is None
+                    else f"{NA}: the scored file has no candidates",
+                }
+            ],
+            cols,
+        )
+        return Table(
+            "candidates_by_source", "Candidates by source", "", df, [(None, df[["source", "note"]])]
+        )
     rows = []
     total = len(scored)
     for src, sub in list(scored.groupby("source", sort=True)) + [("all", scored)]:
-        rows.append({
-            "source": src,
-            "n_candidates": len(sub),
-            "share_of_candidates": len(sub) / total,
-            "share_correct": _mean_or_none(sub["vqa_correct"]),
-            "mean_vqa_acc": _mean_or_none(sub["vqa_acc_score"]),
-            "mean_info_score": _mean_or_none(sub["info_score"]),
-            "missing_vqa": int(sub["vqa_correct"].isna().sum()),
-            "missing_info": int(sub["info_score"].isna().sum()),
-            "note": "",
-        })
+        rows.append(
+            {
+                "source": src,
+                "n_candidates": len(sub),
+                "share_of_candidates": len(sub) / total,
+                "share_correct": _mean_or_none(sub["vqa_correct"]),
+                "mean_vqa_acc": _mean_or_none(sub["vqa_acc_score"]),
+                "mean_info_score": _mean_or_none(sub["info_score"]),
+                "missing_vqa": int(sub["vqa_correct"].isna().sum()),
+                "missing_info": int(sub["info_score"].isna().sum()),
+                "note": "",
+            }
+        )
     df = _frame(rows, cols)
     disp = df[["source", "n_candidates"]].copy()
     disp["share"] = [f"{100 * v:.1f}%" for v in df["share_of_candidates"]]
     disp["correct"] = ["–" if pd.isna(v) else f"{100 * v:.1f}%" for v in df["share_correct"]]
     disp["mean VQA acc"] = [_f(v, 3) for v in df["mean_vqa_acc"]]
     disp["mean InfoScore"] = [_f(v, 4) for v in df["mean_info_score"]]
-    disp["missing (vqa / info)"] = [f"{a} / {b}" for a, b in zip(df["missing_vqa"], df["missing_info"])]
+    disp["missing (vqa / info)"] = [
+        f"{a} / {b}" for a, b in zip(df["missing_vqa"], df["missing_info"])
+    ]
     return Table(
         "candidates_by_source",
         "Scored candidates by source",
         "Candidate sequences of the RL data by where they came from (InfoScore beam, random, similar): "
         "share correct (vqa_correct = 1), mean VQA accuracy and mean InfoScore; missing values are not "
         "counted in the means.",
-        df, [(None, disp)],
+        df,
+        [(None, disp)],
     )
 
 
@@ -643,22 +900,46 @@ def training_table(metrics: dict[str, pd.DataFrame]) -> Table:
             last = sub.iloc[-1]
             kept, skipped = last["groups_kept"], last["groups_skipped"]
             tot = (0 if pd.isna(kept) else kept) + (0 if pd.isna(skipped) else skipped)
-            rows.append({
-                "label": lab, "phase": phase, "epochs": len(sub),
-                "loss_first": _num(sub["loss"].iloc[0]), "loss_last": _num(last["loss"]),
-                "kl_last": _num(last["kl"]), "ratio_mean_last": _num(last["ratio_mean"]),
-                "ratio_max_max": _num(sub["ratio_max"].max()), "clip_frac_last": _num(last["clip_frac"]),
-                "adv_std_last": _num(last["adv_std"]), "groups_kept_last": _num(kept),
-                "groups_skipped_last": _num(skipped),
-                "share_kept_last": (kept / tot) if tot > 0 and not pd.isna(kept) else None,
-                "val_reward_first": _num(sub["val_reward"].iloc[0]), "val_reward_last": _num(last["val_reward"]),
-                "note": "",
-            })
+            rows.append(
+                {
+                    "label": lab,
+                    "phase": phase,
+                    "epochs": len(sub),
+                    "loss_first": _num(sub["loss"].iloc[0]),
+                    "loss_last": _num(last["loss"]),
+                    "kl_last": _num(last["kl"]),
+                    "ratio_mean_last": _num(last["ratio_mean"]),
+                    "ratio_max_max": _num(sub["ratio_max"].max()),
+                    "clip_frac_last": _num(last["clip_frac"]),
+                    "adv_std_last": _num(last["adv_std"]),
+                    "groups_kept_last": _num(kept),
+                    "groups_skipped_last": _num(skipped),
+                    "share_kept_last": (kept / tot) if tot > 0 and not pd.isna(kept) else None,
+                    "val_reward_first": _num(sub["val_reward"].iloc[0]),
+                    "val_reward_last": _num(last["val_reward"]),
+                    "note": "",
+                }
+            )
     if not rows:
         rows = [{"label": "", "note": f"{NA}: no training metrics given"}]
-    cols = ["label", "phase", "epochs", "loss_first", "loss_last", "kl_last", "ratio_mean_last", "ratio_max_max",
-            "clip_frac_last", "adv_std_last", "groups_kept_last", "groups_skipped_last", "share_kept_last",
-            "val_reward_first", "val_reward_last", "note"]
+    cols = [
+        "label",
+        "phase",
+        "epochs",
+        "loss_first",
+        "loss_last",
+        "kl_last",
+        "ratio_mean_last",
+        "ratio_max_max",
+        "clip_frac_last",
+        "adv_std_last",
+        "groups_kept_last",
+        "groups_skipped_last",
+        "share_kept_last",
+        "val_reward_first",
+        "val_reward_last",
+        "note",
+    ]
     df = _frame(rows, cols)
     disp = df.copy()
     for c in cols[3:-1]:
@@ -675,7 +956,8 @@ def training_table(metrics: dict[str, pd.DataFrame]) -> Table:
         "share of candidates whose PPO clip binds (ratio < 1−ε with a negative advantage or > 1+ε with a "
         "positive one, TRL's clip_ratio): they give no gradient. Metrics files written before this "
         "definition counted every ratio outside [1−ε, 1+ε]. '–' = not logged in that phase.",
-        df, [(None, disp)],
+        df,
+        [(None, disp)],
     )
 
 
@@ -727,8 +1009,10 @@ def render_markdown(t: Table) -> str:
 
 
 def render_html(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
+    )
 
 
 def _html_body(t: Table) -> str:
@@ -750,4 +1034,3 @@ def write_table(t: Table, out_dir: str | Path) -> list[Path]:
     atomic_write_text(paths[1], render_markdown(t))
     atomic_write_text(paths[2], render_html(t.title, _html_body(t)))
     return paths
-
