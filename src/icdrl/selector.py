@@ -1,4 +1,4 @@
-"""The pointer selector (docs/science.md §7; the seed's "v2"/"v3" model).
+"""The pointer selector (docs/science.md §7; the reference implementation's "v2"/"v3" model).
 
 Input projection d→H, L cross-attention layers in which the query attends over its pool
 (residual + LayerNorm), query/candidate projections, L2-normalised dot product divided by a

@@ -11,16 +11,17 @@ common pool size / candidate count / depth with masks. Every stage clips the gra
 (1.0) and uses AdamW. Metrics go to a CSV (one row per epoch); checkpoints are written
 atomically. Same seed → identical checkpoint and CSV (on CPU).
 
-Default epochs (v2 10, RCE 5, GRPO 10) follow the seed's RCE/GRPO settings; at the workflow's
-default size (800 anchors, ~15 candidates, pool 64, 512-d embeddings) v2 took 11 s and v3
-22 s of CPU time on one core (measured on a shared 2-core machine).
+Default epochs (v2 10, RCE 5, GRPO 10) follow the reference implementation's RCE/GRPO
+settings; at the workflow's default size (800 anchors, ~15 candidates, pool 64, 512-d
+embeddings) v2 took 11 s and v3 22 s of CPU time on one core (measured on a shared 2-core
+machine).
 
-``batch_queries`` (v3: 16, v2: 32). The seed took one query per step (lr 1e-5, 800 steps per
-epoch). Per step the weight gradients, clipping and the AdamW update cost the same whatever
-the batch, so batching 16 groups makes a GRPO epoch ~6× cheaper (benchmarks/bench_grpo.py)
-while still giving 50 updates per epoch; with lr 1e-4 the product lr × steps per epoch
-(5e-3) stays near the seed's (8e-3). Larger batches gain little more speed (~15% at 32) and
-halve the updates.
+``batch_queries`` (v3: 16, v2: 32). The reference implementation took one query per step
+(lr 1e-5, 800 steps per epoch). Per step the weight gradients, clipping and the AdamW update
+cost the same whatever the batch, so batching 16 groups makes a GRPO epoch ~6× cheaper
+(benchmarks/bench_grpo.py) while still giving 50 updates per epoch; with lr 1e-4 the product
+lr × steps per epoch (5e-3) stays near the reference implementation's (8e-3). Larger batches
+gain little more speed (~15% at 32) and halve the updates.
 
 This module holds the configs, the loops and the stage entry points; the groups, their
 loaders and the padded batches are :mod:`icdrl.groups`, the embeddings table
@@ -156,27 +157,19 @@ class V2Config(_Config):
     hidden_size: int = 256  # H, width of the selector [256]
     num_layers: int = 1  # cross-attention layers (query attends over its pool) [1]
     num_heads: int = 1  # attention heads per layer [1]
-    dropout: float = (
-        0.1  # dropout on attention weights and projections (v2/RCE training only) [0.1]
-    )
+    dropout: float = 0.1  # on attention weights and projections (v2/RCE training only) [0.1]
     temperature: float = 0.1  # cosine-similarity logit temperature [0.1]
-    label_smoothing: float = (
-        0.1  # CE label smoothing over the still-available pool items (seed: 0.1) [0.1]
-    )
+    label_smoothing: float = 0.1  # CE smoothing over still-available items (reference: 0.1) [0.1]
     lr: float = 5e-4  # AdamW learning rate [5e-4]
     weight_decay: float = 0.01  # AdamW weight decay [0.01]
     epochs: int = 10  # passes over the training anchors [10]
     batch_queries: int = 32  # anchors per optimiser step (each with its top beams) [32]
     top_beams: int = 5  # InfoScore beams per anchor used as targets (best first) [5 = every beam]
     grad_clip: float = 1.0  # gradient-norm clip [1.0]
-    val_fraction: float = (
-        0.1  # held-out anchors; val_reward = mean InfoScore of greedy seq. if a candidate [0.1]
-    )
+    val_fraction: float = 0.1  # held-out anchors; val_reward: InfoScore of greedy seq. [0.1]
     val_seed: int = 0  # seed of the anchor train/val split (shared by v2 and v3) [0]
     selection: str = "last"  # checkpoint kept: "last" epoch or "best" val_reward [last]
-    label_order: str = (
-        "prompt"  # labels in "prompt" order or beam "selection" order (docs/science.md §7) [prompt]
-    )
+    label_order: str = "prompt"  # label order "prompt" or "selection", docs/science.md §7 [prompt]
     save_epochs: bool = False  # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"  # torch device, "cpu" or "cuda[:i]" [cpu]
 
@@ -201,8 +194,8 @@ class V2Config(_Config):
 class V3Config(_Config):
     """RL (v3 = v2 + RCE + GRPO) selector training. One line per knob; defaults in brackets."""
 
-    rce_epochs: int = 5  # RCE warm-up passes (seed: 5) [5]
-    grpo_epochs: int = 10  # GRPO passes; π_old re-snapshotted at each (seed: 10) [10]
+    rce_epochs: int = 5  # RCE warm-up passes (reference: 5) [5]
+    grpo_epochs: int = 10  # GRPO passes; π_old re-snapshotted at each (reference: 10) [10]
     batch_queries: int = 16  # groups (anchors) per optimiser step, padded with masks [16]
     rce_lr: float = 1e-4  # AdamW learning rate of the RCE stage [1e-4]
     grpo_lr: float = 1e-4  # AdamW learning rate of the GRPO stage [1e-4]
@@ -213,22 +206,14 @@ class V3Config(_Config):
     kl_beta: float = 0.1  # weight β of the k3 KL to π_ref (policy at GRPO start) [0.1]
     min_std: float = 0.1  # floor of the group std in z-score advantages [0.1]
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip [5.0]
-    min_positive_ratio: float = (
-        0.0  # GRPO trains a group only if its share of h=1 is ≥ this (seed: 0.2) [0.0 = off]
-    )
+    min_positive_ratio: float = 0.0  # GRPO needs h=1 share ≥ this (reference: 0.2) [0.0 = off]
     gate_rce: bool = False  # apply min_positive_ratio to RCE as well [false]
-    dropout: float | None = (
-        None  # dropout during RCE (GRPO always runs with dropout off); null = keep v2's [null]
-    )
+    dropout: float | None = None  # during RCE (GRPO always without); null = keep v2's [null]
     grad_clip: float = 1.0  # gradient-norm clip [1.0]
-    val_fraction: float = (
-        0.1  # held-out anchors; val_reward = mean reward of the greedy seq. where scored [0.1]
-    )
+    val_fraction: float = 0.1  # held-out anchors; val_reward: mean reward of greedy seq. [0.1]
     val_seed: int = 0  # seed of the anchor train/val split (same as v2's → same split) [0]
     selection: str = "last"  # "last" epoch, or "best" GRPO epoch by validation proxy [last]
-    label_order: str = (
-        "prompt"  # as V2Config.label_order; its v2 must have been trained with the same [prompt]
-    )
+    label_order: str = "prompt"  # as V2Config.label_order; its v2 trained with the same [prompt]
     save_epochs: bool = False  # also write every epoch's checkpoint beside the output [false]
     device: str = "cpu"  # torch device, "cpu" or "cuda[:i]" [cpu]
 

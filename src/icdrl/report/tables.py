@@ -57,7 +57,7 @@ TABLE_NAMES = (
     "diagnostics",  # .diagnostics
     "ablations",  # .diagnostics
 )
-POS_RATIO_THRESHOLD = 0.2  # the seed's plan-4 min_positive_ratio
+POS_RATIO_THRESHOLD = 0.2  # the reference implementation's plan-4 min_positive_ratio
 ADV_MIN_STD = 0.1
 ADV_CLIP = 5.0
 NA = "not available"
@@ -450,7 +450,7 @@ def vs_legacy_table(data: EvalData, n_boot: int, seed: int, level: float = 0.95)
     )
     return Table(
         "vs_legacy",
-        "Every reward mode vs legacy (the seed's 'shot | new vs old | trend')",
+        "Every reward mode vs legacy (the reference implementation's 'shot | new vs old | trend')",
         "Δ = accuracy(cell) − accuracy(legacy with the same use_rank and training settings, at α=1, β=0 "
         "where run), in points, paired over test queries and seeds. 'n.s.' = the 95% interval contains 0: "
         "not distinguishable.",
@@ -531,7 +531,7 @@ def per_shot_table(data: EvalData) -> Table:
     return Table(
         "per_shot",
         "per_shot: the v3 cell chosen at each shot on the validation queries",
-        "per_shot (the seed's 'different strategies per shot') uses, at each k and seed, the v3 cell with the "
+        "per_shot (the reference implementation's 'different strategies per shot') uses, at each k and seed, the v3 cell with the "
         "best accuracy on the validation queries (disjoint from the test queries; ties: first cell by slug). "
         "Nothing here is chosen on the test queries; its test accuracy is in the accuracy table.",
         df,
@@ -680,7 +680,7 @@ def rl_groups_table(rewards: dict[str, RewardGroups]) -> Table:
         "RL data diagnostics: groups and rewards",
         "One RL group = the scored candidates of one anchor. flat = all rewards equal (zero advantage, "
         "no GRPO signal); all-neg / all-pos = every candidate has vqa_correct 0 / 1; mixed = both; "
-        "'pos ratio ≥ 0.2' = share of groups the seed's conditional GRPO (plan 4) would keep; "
+        "'pos ratio ≥ 0.2' = share of groups the reference implementation's conditional GRPO (plan 4) would keep; "
         "'min pos / max neg' = lowest reward of a correct candidate / highest of an incorrect one, over "
         "all groups; GRPO sees only differences within a group, so 'within group' counts the mixed groups "
         "(both correct and incorrect candidates) where an incorrect candidate outscores a correct one "
