@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icdrl.records import csv_end_line, write_jsonl
+from icdrl.records import METRIC_COLUMNS, csv_end_line, write_jsonl
 
 MODES = ("legacy", "hard_plus_soft", "hard_plus_soft_v2", "hybrid")
 SOURCES = (
@@ -267,20 +267,7 @@ def write_metrics(
     """Training-metrics CSVs: v2 per seed (phase v2), v3 per cell × seed (phases rce, grpo)."""
     rng = np.random.default_rng(rng_seed)
     out = {}
-    cols = [
-        "phase",
-        "epoch",
-        "loss",
-        "ppo_loss",
-        "kl",
-        "ratio_mean",
-        "ratio_max",
-        "clip_frac",
-        "adv_std",
-        "groups_kept",
-        "groups_skipped",
-        "val_reward",
-    ]
+    cols = list(METRIC_COLUMNS)
     for s in seeds:
         rows = [
             {

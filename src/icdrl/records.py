@@ -249,6 +249,23 @@ def read_jsonl(path: str | os.PathLike, schema: str) -> list[dict]:
 
 CSV_END = "# end: {n} rows"
 
+# The columns of a selector's training metrics.csv, one row per epoch: icdrl.train writes them,
+# icdrl.report.inputs reads them (empty cells where a metric does not apply to the phase).
+METRIC_COLUMNS: tuple[str, ...] = (
+    "phase",
+    "epoch",
+    "loss",
+    "ppo_loss",
+    "kl",
+    "ratio_mean",
+    "ratio_max",
+    "clip_frac",
+    "adv_std",
+    "groups_kept",
+    "groups_skipped",
+    "val_reward",
+)
+
 
 def csv_end_line(n: int) -> str:
     """The last line of a complete CSV of ``n`` data rows (a comment: ``pandas.read_csv(...,

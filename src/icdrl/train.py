@@ -58,25 +58,10 @@ from icdrl.groups import (
     sft_group,
     split_val,
 )
-from icdrl.records import atomic_path, csv_end_line
+from icdrl.records import METRIC_COLUMNS, atomic_path, csv_end_line
 from icdrl.selector import LABEL_ORDERS, PointerSelector
 
 log = logging.getLogger(__name__)
-
-METRIC_COLUMNS: tuple[str, ...] = (
-    "phase",
-    "epoch",
-    "loss",
-    "ppo_loss",
-    "kl",
-    "ratio_mean",
-    "ratio_max",
-    "clip_frac",
-    "adv_std",
-    "groups_kept",
-    "groups_skipped",
-    "val_reward",
-)
 
 StepCallback = Callable[[str, int, int, dict], None]
 
@@ -311,8 +296,8 @@ def _row(phase: str, epoch: int, **vals: Any) -> dict[str, Any]:
 
 
 def write_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Atomic CSV with :data:`METRIC_COLUMNS`; empty cells where a metric does not apply; the
-    last line is :func:`icdrl.records.csv_end_line` (the row count)."""
+    """Atomic CSV with :data:`icdrl.records.METRIC_COLUMNS`; empty cells where a metric does not
+    apply; the last line is :func:`icdrl.records.csv_end_line` (the row count)."""
     with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from icdrl.grid import Cell
-from icdrl.records import check_csv_complete, read_jsonl
+from icdrl.records import METHODS as RECORD_METHODS
+from icdrl.records import METRIC_COLUMNS, check_csv_complete, read_jsonl
 from icdrl.rewards import MODES
 
 __all__ = [
@@ -34,19 +35,11 @@ __all__ = [
     "METRIC_COLUMNS",
 ]
 
-BASELINES = (
-    "zero_shot",
-    "random",
-    "similarity",
-    "rices_image",
-    "rices_text",
-    "rices",
-    "copy",
-    "v2",
-    "per_shot",
-)
 #: ablations of another method (``icdrl.ablations``): reported against it, not as methods of their own
 ABLATIONS = ("shuffled", "no_images")
+#: every other method but the v3 grid cells, in the record's order (``icdrl.records.METHODS``)
+BASELINES = tuple(m for m in RECORD_METHODS if m != "v3" and m not in ABLATIONS)
+#: the report's order: the baselines, then the v3 cells, then the ablations
 METHODS = BASELINES + ("v3",) + ABLATIONS
 #: what a reader sees for a method (the record's ``method`` stays the key)
 DISPLAY = {
@@ -58,20 +51,6 @@ DISPLAY = {
 }
 ABLATION_DISPLAY = {"shuffled": "shuffled order", "no_images": "no demonstration images"}
 MODE_ORDER = MODES
-METRIC_COLUMNS = (
-    "phase",
-    "epoch",
-    "loss",
-    "ppo_loss",
-    "kl",
-    "ratio_mean",
-    "ratio_max",
-    "clip_frac",
-    "adv_std",
-    "groups_kept",
-    "groups_skipped",
-    "val_reward",
-)
 
 
 @dataclass(frozen=True)
