@@ -281,26 +281,7 @@ def main() -> None:
     n_warm = int(round(c.warmup_share * c.steps))
     steps = []
     for _ in range(args.steps):
-        n_demos = rng.randint(0, c.max_demos)
-        steps.append(
-            [
-                recipe.sample_item(
-                    rng,
-                    index,
-                    kind_weights=c.kind_weights,
-                    max_demos=c.max_demos,
-                    similar_share=c.similar_share,
-                    cue_exact=c.cue_exact,
-                    cue_kind=c.cue_kind,
-                    balance_yesno=c.balance_yesno,
-                    balance_yesno_queries=c.balance_yesno_queries,
-                    answer_match_share=c.answer_match_share,
-                    warmup=False,
-                    n_demos=n_demos,
-                )
-                for _ in range(c.batch_size)
-            ]
-        )
+        steps.append(E.sample_batch(c, rng, index, warmup=False))
     used = sorted({ex.image for items in steps for it in items for ex in (*it.demos, it.query)})
     feats = {}
     for p in order:

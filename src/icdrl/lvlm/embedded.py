@@ -538,6 +538,31 @@ def lr_at(step: int, cfg: EmbeddedConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def sample_batch(
+    cfg: EmbeddedConfig, rng: random.Random, index: recipe.RecipeIndex, *, warmup: bool
+) -> list[recipe.TrainItem]:
+    """One main-training step's prompts: ``batch_size`` draws of the recipe under ``cfg``, all
+    with the same number of demonstrations (drawn first, 0..``max_demos``)."""
+    n_demos = rng.randint(0, cfg.max_demos)
+    return [
+        recipe.sample_item(
+            rng,
+            index,
+            kind_weights=cfg.kind_weights,
+            max_demos=cfg.max_demos,
+            similar_share=cfg.similar_share,
+            cue_exact=cfg.cue_exact,
+            cue_kind=cfg.cue_kind,
+            balance_yesno=cfg.balance_yesno,
+            balance_yesno_queries=cfg.balance_yesno_queries,
+            answer_match_share=cfg.answer_match_share,
+            warmup=warmup,
+            n_demos=n_demos,
+        )
+        for _ in range(cfg.batch_size)
+    ]
+
+
 def image_labels(train: Sequence[Example]) -> dict[str, tuple[int, int]]:
     """Per training image: (colour index, shape index) from its colour and shape questions' answers.
 
@@ -712,24 +737,7 @@ def train_embedded(cfg: dict, out_dir: str, *, callback=None) -> None:
     rows = []
     bar = tqdm(range(c.steps), desc="train embedded LVLM", mininterval=5.0, file=sys.stderr)
     for step in bar:
-        n_demos = rng.randint(0, c.max_demos)
-        items = [
-            recipe.sample_item(
-                rng,
-                index,
-                kind_weights=c.kind_weights,
-                max_demos=c.max_demos,
-                similar_share=c.similar_share,
-                cue_exact=c.cue_exact,
-                cue_kind=c.cue_kind,
-                balance_yesno=c.balance_yesno,
-                balance_yesno_queries=c.balance_yesno_queries,
-                answer_match_share=c.answer_match_share,
-                warmup=step < n_warm,
-                n_demos=n_demos,
-            )
-            for _ in range(c.batch_size)
-        ]
+        items = sample_batch(c, rng, index, warmup=step < n_warm)
         batch = encode_items(processor, items, images, features)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, c)
