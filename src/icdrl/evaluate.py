@@ -193,6 +193,36 @@ def method_label(method: str, cell: str | None) -> str:
     return method if not cell else f"{method} {cell}"
 
 
+def plan_rices_from_files(
+    method: str,
+    pools,
+    queries: dict[int, Example],
+    train_list: Sequence[Example],
+    eval_emb_path,
+    train_emb_path,
+    shots: Sequence[int],
+    *,
+    where: str,
+    exclude_same_image: bool,
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """:func:`icdrl.retrieval.plan_rices` for the pools' queries, on the vectors of the RICES
+    ``method``'s kind read from the embedding files; ``where`` names the source in errors."""
+    from icdrl.embeddings import EmbeddingTable
+
+    kind = RICES_METHODS[method]
+    qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
+    qs = lookup(queries, [r.query_id for r in pools], where)
+    return plan_rices(
+        method,
+        qs,
+        train_list,
+        qt.vectors([q.id for q in qs], kind),
+        tt.vectors([ex.id for ex in train_list], kind),
+        shots,
+        exclude_same_image=exclude_same_image,
+    )
+
+
 def check_jobs(
     method: str,
     jobs: Sequence[Job],
@@ -393,17 +423,15 @@ def evaluate_method(
     slug, spec = cell_fields(cell if method == "v3" else None)
     ckpt_digest = None
     if method in RICES_METHODS:
-        kind = RICES_METHODS[method]
-        qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
-        where = f"{test_pools_path} (RICES)"
-        qs = lookup(queries, [r.query_id for r in pools], where)
-        plan = plan_rices(
+        plan = plan_rices_from_files(
             method,
-            qs,
+            pools,
+            queries,
             train_list,
-            qt.vectors([q.id for q in qs], kind),
-            tt.vectors([ex.id for ex in train_list], kind),
+            eval_emb_path,
+            train_emb_path,
             shots,
+            where=f"{test_pools_path} (RICES)",
             exclude_same_image=exclude_same_image,
         )
         jobs = [Job(q, k, (), ids, slug, seed, spec) for q, k, ids in plan]
@@ -476,7 +504,6 @@ def write_copy_baseline(
     at each k, the most frequent answer among the k ``rices`` demonstrations, scored like every
     method (``icdrl.metrics.vqa_accuracy`` under :func:`eval_metric`). Returns the mean accuracy per k."""
     from icdrl.data import load_dataset
-    from icdrl.embeddings import EmbeddingTable
     from icdrl.metrics import vqa_accuracy
     from icdrl.records import write_records
     from icdrl.retrieval import COPY_SOURCE, copy_answer
@@ -487,17 +514,15 @@ def write_copy_baseline(
     queries = examples_by_id(load_dataset(dataset_cfg, "eval"), "eval split")
     train_list = load_dataset(dataset_cfg, "train")
     train = examples_by_id(train_list, "train split")
-    kind = RICES_METHODS[COPY_SOURCE]
-    qt, tt = EmbeddingTable.load(eval_emb_path), EmbeddingTable.load(train_emb_path)
-    where = f"{test_pools_path} (copy)"
-    qs = lookup(queries, [r.query_id for r in pools], where)
-    plan = plan_rices(
+    plan = plan_rices_from_files(
         COPY_SOURCE,
-        qs,
+        pools,
+        queries,
         train_list,
-        qt.vectors([q.id for q in qs], kind),
-        tt.vectors([ex.id for ex in train_list], kind),
+        eval_emb_path,
+        train_emb_path,
         shots,
+        where=f"{test_pools_path} (copy)",
         exclude_same_image=exclude_same_image,
     )
     jobs = [Job(q, k, (), ids) for q, k, ids in plan]
