@@ -58,6 +58,12 @@ More savings on the cached paths, each checked against the slow way before it is
   shapes, patch grid) went through the whole processor, whose placeholder expansion for that
   layout is then reused (the first image of each layout checks the image processor's tensors
   against the processor's);
+* a new 8-bit RGB image that needs no resizing is turned into the Qwen2-VL image processor's
+  tensors by a lookup table of that processor's own rescale and normalisation of each value,
+  and one reshape (:class:`~icdrl.lvlm.pixels.LookupPixels`; compared exactly with the image
+  processor once per image size, on an image holding every value of every channel);
+* the vision patch embedding's ``Conv3d``, whose kernel equals its stride, runs as the matrix
+  product it amounts to (same products, summed in another order);
 * the Qwen2.5-VL vision encoder's attention (sdpa or eager) runs once per layer and segment
   length, all images (or windows) of that length in one batch, instead of once per image or
   window as transformers loops (same features; compared with that loop by the tests), and
@@ -87,6 +93,7 @@ import math
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -97,6 +104,7 @@ from icdrl.data import load_image
 from icdrl.lvlm import hf_patches as patches
 from icdrl.lvlm import qwen as _qwen  # noqa: F401  (registers the torchvision-free Qwen processor)
 from icdrl.lvlm.base import AnswerScore, Generation, Prompt
+from icdrl.lvlm.pixels import LookupPixels
 from icdrl.lvlm.prefix_cache import PrefixCache, PrefixKV, next_wave
 from icdrl.lvlm.prompt import build_messages, postprocess
 
@@ -361,6 +369,12 @@ class HFBackend:
             True  # the image processor alone where the expansion is known (checked per layout)
         )
         self._image_processor = getattr(processor, "image_processor", None)
+        # cached paths: the image processor's numbers by lookup table (Qwen2-VL family, images
+        # that need no resizing; checked against the image processor once per image size)
+        self._lookup = (
+            LookupPixels.from_processor(self._image_processor) if image_cache != "none" else None
+        )
+        self._lookup_sizes: set[tuple[int, int]] = set()
         self._layouts: dict[
             tuple, tuple
         ] = {}  # (image ids, grid) -> (types, rel. positions, advance)
@@ -372,6 +386,8 @@ class HFBackend:
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
         self._vision = self._vision_modules() if image_cache != "none" else []
+        # cached paths: the vision patch embedding's Conv3d as the matrix product it amounts to
+        self._embeds = patches.patch_embeddings(model) if image_cache != "none" else []
         self._geometry: dict[
             tuple, dict
         ] = {}  # patch grids of a batch -> _vision_geometry's tensors
@@ -450,9 +466,15 @@ class HFBackend:
     def _vision_modules(self) -> list[torch.nn.Module]:
         return patches.vision_modules(self.model)
 
+    @contextmanager
     def _vision_in_segments(self):
-        """Within the block, the vision tower's attention runs in batched segments."""
-        return patches.vision_in_segments(self._vision)
+        """Within the block, the vision tower's attention runs in batched segments and its
+        patch embedding as a matrix product."""
+        with (
+            patches.vision_in_segments(self._vision),
+            patches.patch_embedding_as_matmul(self._embeds),
+        ):
+            yield
 
     def _vision_geometry(self, grid: torch.Tensor) -> dict:
         return patches.vision_geometry(self._vision, grid, self._geometry)
@@ -635,7 +657,7 @@ class HFBackend:
         """
         if not self._image_only or self._image_processor is None:
             return self._preprocess_many(paths)
-        out = self._image_processor(images=[load_image(p) for p in paths], return_tensors="pt")
+        out = self._image_tensors([load_image(p) for p in paths])
         per_image = self._split_per_image(out, len(paths))
         if per_image is None:
             self._image_only = False
@@ -657,6 +679,15 @@ class HFBackend:
                 whole[i] = self._finish_entry(_ImageEntry(ids=ids, tensors=tensors, text=text))
             entries.append(whole[i])
         return entries
+
+    def _image_tensors(self, images: list) -> dict:
+        """The image processor's tensors for ``images``: by lookup table (:class:`LookupPixels`)
+        where it applies and matched the image processor at the images' sizes, else by it."""
+        if self._lookup is not None:
+            out = self._lookup(images)
+            if out is not None and self._check_lookup(images):
+                return out
+        return self._image_processor(images=images, return_tensors="pt")
 
     @staticmethod
     def _split_per_image(out, n: int) -> list[dict] | None:
@@ -1005,10 +1036,12 @@ class HFBackend:
             "image_processor_alone": cached
             and self._image_only
             and self._image_processor is not None,
+            "image_lookup_table": cached and self._lookup is not None,
             "composed_3d_positions": self._mrope,
             "prefix_cache": bool(self.prefix_cache_size and self._mrope),
             "last_layer_at_read_columns": self._last is not None and self._last.attn is not None,
             "vision_attention_in_segments": bool(self._vision),
+            "vision_patch_embedding_as_matmul": bool(self._embeds),
             "cached_greedy_decoding": self._fast_generate_on,
         }
 
@@ -1055,6 +1088,26 @@ class HFBackend:
             )
             self._image_only = False
         return self._image_only
+
+    def _check_lookup(self, images: list) -> bool:
+        """Per image size: the lookup table must give the image processor's tensors, on an image
+        holding every value of every channel (:meth:`LookupPixels.probe`) and on the first image."""
+        for im in images:
+            if im.size in self._lookup_sizes:
+                continue
+            pair = [LookupPixels.probe(*im.size), im]
+            want = self._image_processor(images=pair, return_tensors="pt")
+            got = self._lookup(pair) or {}
+            keys = {k for k, v in want.items() if isinstance(v, torch.Tensor)}
+            if set(got) != keys or not all(torch.equal(got[k], want[k]) for k in keys):
+                log.warning(
+                    "the lookup-table image preprocessing differs from the image processor; "
+                    "preprocessing with the image processor"
+                )
+                self._lookup = None
+                return False
+            self._lookup_sizes.add(im.size)
+        return True
 
     def _check_segments(self, text: str, images: tuple[str, ...], ids: list[int]) -> None:
         """Once per backend: piecewise tokenisation must equal tokenising the expanded text."""

@@ -246,6 +246,54 @@ def vision_in_segments(modules: Sequence[torch.nn.Module]):
         yield
 
 
+def patch_embeddings(model) -> list[torch.nn.Module]:
+    """The vision tower's patch embeddings whose ``Conv3d`` is a matrix product in disguise
+    (kernel equal to stride, no padding, dilation or groups: each patch meets the kernel once)."""
+    found = []
+    for m in model.modules():
+        proj = getattr(m, "proj", None)
+        if not (
+            type(m).__name__.endswith("VisionPatchEmbed") and isinstance(proj, torch.nn.Conv3d)
+        ):
+            continue
+        if (
+            tuple(proj.kernel_size) == tuple(proj.stride)
+            and tuple(proj.padding) == (0, 0, 0)
+            and tuple(proj.dilation) == (1, 1, 1)
+            and proj.groups == 1
+            and proj.padding_mode == "zeros"
+        ):
+            found.append(m)
+    return found
+
+
+@contextmanager
+def patch_embedding_as_matmul(embeds: Sequence[torch.nn.Module]):
+    """Within the block, each patch embedding (:func:`patch_embeddings`) multiplies the flat
+    patches [patches, C*T*P*P] by its kernel as a [C*T*P*P, embed] matrix, where transformers
+    runs ``Conv3d`` over patch-sized volumes. Same products; only the order of the sums differs
+    (the features agree to float rounding; tests compare them with plain transformers)."""
+
+    def matmul(embed):
+        proj = embed.proj
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            w = proj.weight
+            x = hidden_states.to(w.dtype).reshape(-1, w[0].numel())
+            out = x @ w.reshape(w.shape[0], -1).t()
+            return out if proj.bias is None else out + proj.bias
+
+        return forward
+
+    for m in embeds:
+        m.forward = matmul(m)
+    try:
+        yield
+    finally:
+        for m in embeds:
+            del m.forward
+
+
 def vision_geometry(modules: Sequence[torch.nn.Module], grid: torch.Tensor, memo: dict) -> dict:
     """The vision tower's inputs that depend on the patch grids alone (rope positions, window
     order, segment boundaries), as ``image_*`` keyword arguments of ``get_image_features``.
