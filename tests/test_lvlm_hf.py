@@ -976,6 +976,69 @@ def test_rows_stop_at_their_own_end_and_at_max_new_tokens(family, prompts, ex):
     assert raws == [g.raw for g in ref.generate(many, 6)]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batches_decode_together_and_equal_the_reference(family, prompts, ex, monkeypatch):
+    """Batches after the checked first one of their kind are decoded together (of this wave and
+    later ones, caches of different widths right-aligned): the answers still equal the
+    reference path's, rows stopping at different steps and at max_new_tokens."""
+    from icdrl.lvlm import hf
+
+    fast, ref = _diverse_pair(family)
+    fast.batch_size = ref.batch_size = 2
+    many = prompts + [([ex[4]], ex[3]), ([ex[0], ex[2]], ex[5]), ([ex[2], ex[3], ex[1]], ex[0])]
+    many += [(d[::-1], q) for d, q in prompts if len(d) > 1]
+    end = _stopping_token(ref, many, 6)
+    fast.model.generation_config.eos_token_id = end
+    merged = []
+    merge = hf._Decoding.merge.__func__
+    monkeypatch.setattr(
+        hf._Decoding,
+        "merge",
+        classmethod(
+            lambda cls, states, room: (
+                merged.append([d.cache.layers[0].n for d in states]) or merge(cls, states, room)
+            )
+        ),
+    )
+    for n in (6, 2):
+        got = _same_ids(fast, ref, many, n)
+    assert merged and any(len(set(widths)) > 1 for widths in merged)  # different widths merged
+    assert max(len(w) for w in merged) >= 2
+    lengths = {len(t) for t in _same_ids(fast, ref, many, 6)}
+    assert len(lengths) >= 2 and 6 in lengths
+    assert all(len(t) <= 2 for t in got)
+
+
+def test_merge_roomy_right_aligns_caches_and_keeps_room():
+    from icdrl.lvlm.hf_patches import merge_roomy, roomy_cache
+
+    def cache(rows, width, start):
+        data = [
+            (
+                torch.arange(rows * 2 * width * 3, dtype=torch.float32).reshape(rows, 2, width, 3)
+                + start
+                + 1000 * i,
+                -torch.ones(rows, 2, width, 3) * (start + i),
+            )
+            for i in range(2)
+        ]
+        return roomy_cache(2, 4, data), data
+
+    (a, da), (b, db) = cache(2, 3, 0), cache(1, 5, 500)
+    merged, pads = merge_roomy([a, b], room=4)
+    assert pads == [2, 0]
+    for i, layer in enumerate(merged.layers):
+        assert layer.keys.shape == (3, 2, 5, 3) and layer._k.shape[2] == 5 + 4
+        assert torch.equal(layer.keys[:2, :, 2:], da[i][0]) and torch.equal(
+            layer.values[2:], db[i][1]
+        )
+        assert torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 2, 2, 3))  # left padding
+        assert torch.equal(layer.keys[2:], db[i][0])
+    k, v = merged.layers[0].update(torch.ones(3, 2, 1, 3), torch.ones(3, 2, 1, 3))
+    assert k.shape == (3, 2, 6, 3) and merged.layers[0]._k.shape[2] == 9  # written in place
+    assert torch.equal(k[:, :, 5], torch.ones(3, 2, 3))
+
+
 @pytest.mark.parametrize("insert", ["first", "last"])
 def test_cached_decoding_on_beam_search_like_steps(ex, insert):
     """Step 1 then step 2 prompts (the new demonstration first or last), as scoring and beam

@@ -74,7 +74,9 @@ More savings on the cached paths, each checked against the slow way before it is
   the call stores waits for it, the first step runs each row's ids after its cached prefix
   (the last decoder layer at the last column only), and later steps feed one token per row
   against a key/value cache with room to grow in place, a row leaving the batch at its end
-  token. It equals plain ``model.generate`` token for token except at near-ties
+  token. Those later steps of several batches (up to ``_ROWS_PER_BATCH`` times ``batch_size``
+  rows, of one wave and the next) run together, their caches right-aligned: a step costs
+  about the same for a few batches as for one. It equals plain ``model.generate`` token for token except at near-ties
   (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
   prefixes, a real difference switching it off for the backend.
 
@@ -167,6 +169,37 @@ class _Item:
     end: int
     vision: list[dict]  # reference path only: the processor's image tensors for this item
     segments: tuple = ()  # cached paths: (number of text ids | image entry) in order, then the tail length
+
+
+@dataclass
+class _Decoding:
+    """Rows of cached greedy decoding after their first step (:meth:`HFBackend._first_step`)."""
+
+    cache: object  # roomy key/value cache (hf_patches.roomy_cache), one row per row here
+    mask: torch.Tensor  # [rows, columns]: the cache's attention mask
+    nxt: torch.Tensor  # [rows]: the position of each row's next token
+    tok: torch.Tensor  # [rows]: each row's first new token (not yet fed)
+    mrope: bool  # positions are 3-D (the same one on each axis for text)
+    kind: str  # "full" or "prefix" (some rows ran on cached prefixes)
+    slots: list[int]  # where each row's answer goes
+
+    @classmethod
+    def merge(cls, states: Sequence[_Decoding], room: int) -> _Decoding:
+        """One state holding the rows of ``states`` (each right after its first step), their
+        caches right-aligned to the widest, the columns added on the left masked out."""
+        cache, pads = patches.merge_roomy([d.cache for d in states], room)
+        mask = torch.cat(
+            [torch.nn.functional.pad(d.mask, (pad, 0)) for d, pad in zip(states, pads)]
+        )
+        return cls(
+            cache=cache,
+            mask=mask,
+            nxt=torch.cat([d.nxt for d in states]),
+            tok=torch.cat([d.tok for d in states]),
+            mrope=states[0].mrope,
+            kind=states[0].kind,
+            slots=[i for d in states for i in d.slots],
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -1433,10 +1466,14 @@ class HFBackend:
 
         The longest prompts run first (most demonstrations, then most ids), so that one prompt
         stores the prefixes of the shorter ones nested in it; a prompt whose prefix another
-        prompt of this call stores waits for it. Each wave runs in batches of ``batch_size``,
-        longest remainder (the ids after the row's cached prefix) first, rows with and without
-        cached prefixes mixed. The first batch of each kind (without, with cached prefixes) is
-        compared with plain ``model.generate`` (:meth:`_check_generation`).
+        prompt of this call stores waits for it. Each wave's first steps run in batches of
+        ``batch_size``, longest remainder (the ids after the row's cached prefix) first, rows with
+        and without cached prefixes mixed. The later steps of several batches, of this wave and
+        the next ones, run together (:meth:`_decode_together`): a decoding step costs about the
+        same for one batch as for a few, and a later wave needs only the earlier waves' first
+        steps (which store the prefixes). The first batch of each kind (without, with cached
+        prefixes) is decoded alone and compared with plain ``model.generate``
+        (:meth:`_check_generation`).
         """
         results: list[tuple[int, ...] | None] = [None] * len(items)
         pending = sorted(
@@ -1444,6 +1481,7 @@ class HFBackend:
         )
         waves = bool(self.prefix_cache_size and self._mrope)
         budget = self.batch_size * max(len(it.ids) for it in items) if items else 0
+        held: list[_Decoding] = []
         try:
             while pending:
                 if waves:
@@ -1459,16 +1497,25 @@ class HFBackend:
                     now, pending = [pending[i] for i in ready], [pending[i] for i in wait]
                 else:
                     now, pending = pending, []
-                self._run_wave(items, now, n_new, results, budget)
+                self._run_wave(items, now, n_new, results, budget, held)
+            self._decode_together(held, n_new, results)
         finally:
             self.prefixes.protected = frozenset()
             self.prefixes.evict()
         return results  # type: ignore[return-value]
 
     def _run_wave(
-        self, items: list[_Item], now: list[int], n_new: int, results: list, budget: int
+        self,
+        items: list[_Item],
+        now: list[int],
+        n_new: int,
+        results: list,
+        budget: int,
+        held: list[_Decoding],
     ) -> None:
-        """The rows ``now`` in batches, longest remainder first; answers into ``results``.
+        """The rows ``now`` in batches, longest remainder first: answers into ``results``, or
+        batches after their first step into ``held`` (decoded together once they hold
+        ``_ROWS_PER_BATCH`` times ``batch_size`` rows, or at the end of the call).
 
         A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
         their cached prefix) are short: as many as fit in ``budget`` new ids (``batch_size`` times
@@ -1492,22 +1539,45 @@ class HFBackend:
             rows = max(self.batch_size, min(cap, budget // max(1, rests[now[at]])))
             idx = now[at : at + rows]
             at += len(idx)
-            if self._fast_generate_on:
-                got = self._greedy_batch([items[i] for i in idx], n_new)
-            else:  # switched off by a check
-                got = self._generate_plain([items[i] for i in idx], n_new)
+            if not self._fast_generate_on:  # switched off by a check
+                for i, t in zip(idx, self._generate_plain([items[i] for i in idx], n_new)):
+                    results[i] = t
+                continue
+            batch = [items[i] for i in idx]
+            state = self._first_step(batch, n_new)
+            if isinstance(state, list):  # positions not composed: plain generate answered
+                got = state
+            elif state.kind not in self._generation_checked:
+                got = self._check_generation(batch, self._decode(state, n_new), n_new, state.kind)
+            else:
+                state.slots = idx
+                held.append(state)
+                if sum(len(d.slots) for d in held) >= cap:
+                    self._decode_together(held, n_new, results)
+                continue
             for i, t in zip(idx, got):
                 results[i] = t
 
-    def _greedy_batch(self, batch: list[_Item], n_new: int) -> list[tuple[int, ...]]:
-        """One batch of cached greedy decoding (see :meth:`_generate_cached`).
+    def _decode_together(self, held: list[_Decoding], n_new: int, results: list) -> None:
+        """Decode the batches ``held`` (after their first step) as one, answers into ``results``
+        at their ``slots``; empties ``held``."""
+        if not held:
+            return
+        state = held[0] if len(held) == 1 else _Decoding.merge(held, n_new)
+        held.clear()
+        for i, t in zip(state.slots, self._decode(state, n_new)):
+            results[i] = t
 
-        The first step runs each row's ids after its cached prefix (right-padded, the prefixes'
-        keys and values left-padded in front), the last decoder layer only at each row's last
-        column, and stores the rows' new prefixes. Each later step feeds every unfinished row its
-        last token at its next position (3-D rope: one past the prompt's last position, as
-        transformers' rope deltas give; else the count of the row's ids so far), attending to
-        the key/value cache; a row that produced an end token leaves the batch.
+    def _first_step(self, batch: list[_Item], n_new: int) -> _Decoding | list[tuple[int, ...]]:
+        """The first step of cached greedy decoding on ``batch`` (see :meth:`_generate_cached`).
+
+        Runs each row's ids after its cached prefix (right-padded, the prefixes' keys and values
+        left-padded in front), the last decoder layer only at each row's last column, and stores
+        the rows' new prefixes. Returns the rows' decoding state after it: each row's first new
+        token, its next position (3-D rope: one past the prompt's last position, as
+        transformers' rope deltas give; else the count of the row's ids), the key/value cache
+        and its attention mask. A 3-D rope model whose positions the backend does not compose
+        (its check failed) gets plain ``generate``'s answers instead.
         """
         if self.image_cache != "none":
             self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
@@ -1543,13 +1613,28 @@ class HFBackend:
                     :, -1
                 ]
         self.stats["forward_batches"] += 1
-        cache = out.cache
         if self._prefix_on:
-            self._store_prefixes(batch, offs, cache, [pk.length if pk else 0 for pk in pks])
+            self._store_prefixes(batch, offs, out.cache, [pk.length if pk else 0 for pk in pks])
+        return _Decoding(
+            cache=out.cache,
+            mask=mask,
+            nxt=nxt,
+            tok=logits.float().argmax(-1),
+            mrope=mrope,
+            kind="prefix" if has_prefix else "full",
+            slots=list(range(len(batch))),
+        )
+
+    def _decode(self, state: _Decoding, n_new: int) -> list[tuple[int, ...]]:
+        """Greedy decoding from ``state`` (after the first step) to each row's end: each step
+        feeds every unfinished row its last token at its next position, attending to the
+        key/value cache; a row that produced an end token leaves the batch. Each row's new ids,
+        up to and including its first end token, at most ``n_new``."""
+        dev = self.device
+        cache, mask, nxt, tok = state.cache, state.mask, state.nxt, state.tok
         eos = self._eos_ids(n_new)
-        toks: list[list[int]] = [[] for _ in batch]
-        alive = list(range(len(batch)))
-        tok = logits.float().argmax(-1)
+        toks: list[list[int]] = [[] for _ in state.slots]
+        alive = list(range(len(toks)))
         for step in range(n_new):
             got = tok.tolist()
             for r, t in zip(alive, got):
@@ -1569,15 +1654,11 @@ class HFBackend:
                 attention_mask=mask,
                 cache=cache,
                 use_cache=True,
-                position_ids=pos[None].expand(3, -1, -1) if mrope else pos,
+                position_ids=pos[None].expand(3, -1, -1) if state.mrope else pos,
             )
             self.stats["decode_steps"] += 1
             tok = out.logits[:, -1].float().argmax(-1)
-        result = [tuple(t) for t in toks]
-        kind = "prefix" if has_prefix else "full"
-        if kind not in self._generation_checked:
-            result = self._check_generation(batch, result, n_new, kind)
-        return result
+        return [tuple(t) for t in toks]
 
     def _generation_config(self, max_new_tokens: int):
         """The checkpoint's generation config made purely greedy.

@@ -351,6 +351,30 @@ def roomy_cache(
     return cache
 
 
+def merge_roomy(caches: Sequence, room: int):
+    """One :func:`roomy_cache` holding the rows of ``caches`` (roomy caches of as many layers) one
+    after another, each cache's columns right-aligned to the widest (the columns left of a
+    narrower cache's are zeros, for the caller's attention mask to mask out), with ``room``
+    spare columns. Returns (the cache, per input cache the number of columns added on its left)."""
+    widths = [c.layers[0].n for c in caches]
+    width = max(widths)
+    merged = roomy_cache(len(caches[0].layers), room)
+    for i, layer in enumerate(merged.layers):
+        parts = [c.layers[i] for c in caches]
+        rows = sum(p._k.shape[0] for p in parts)
+        first = parts[0]
+        k = first._k.new_zeros((rows, first._k.shape[1], width + room, first._k.shape[3]))
+        v = first._v.new_zeros((rows, first._v.shape[1], width + room, first._v.shape[3]))
+        at = 0
+        for p, w in zip(parts, widths):
+            n = p._k.shape[0]
+            k[at : at + n, :, width - w : width] = p.keys
+            v[at : at + n, :, width - w : width] = p.values
+            at += n
+        layer.fill(k, v, width)
+    return merged, [width - w for w in widths]
+
+
 class RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values sit in buffers with ``room`` spare columns past
     the first update, so that later updates (a decoding step's one column) are written in
@@ -394,6 +418,14 @@ class RoomyLayer(DynamicLayer):
         self.n += m
         self._views()
         return self.keys, self.values
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        """Take ``keys``/``values`` [rows, kv_heads, columns, dim] as the buffers, their first
+        ``n`` columns filled (the rest is room)."""
+        self.device = keys.device
+        self._k, self._v, self.n = keys, values, int(n)
+        self.is_initialized = True
+        self._views()
 
     def _views(self) -> None:
         self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
