@@ -17,7 +17,9 @@ Paths, each with its own backend on the same weights, ``max_new_tokens`` 10:
   (chat header, demonstration prefixes; a prompt whose prefix another prompt of the chunk stores
   runs after it, on it), the first step over the ids after the cached prefix with the last
   decoder layer at the last column only, batched greedy decoding with a key/value cache, each
-  row leaving the batch at its end token, and the image cache of the scoring path;
+  row leaving the batch at its end token, the decoding steps of several batches run together,
+  and the image cache of the scoring path (new images' pixels by lookup table, the vision patch
+  embedding as a matrix product);
 * previous: the same backend with cached greedy decoding switched off: the cached image
   features etc., then ``model.generate`` on the full prompts (this project before issue 17);
 * plain batched: ``HFBackend(image_cache="none", batch_size=--batch-size)``: the processor on
