@@ -989,21 +989,20 @@ def test_batches_decode_together_and_equal_the_reference(family, prompts, ex, mo
     many += [(d[::-1], q) for d, q in prompts if len(d) > 1]
     end = _stopping_token(ref, many, 6)
     fast.model.generation_config.eos_token_id = end
-    merged = []
+    merged, rows = [], []  # per merge: the caches' widths, the rows
     merge = hf._Decoding.merge.__func__
-    monkeypatch.setattr(
-        hf._Decoding,
-        "merge",
-        classmethod(
-            lambda cls, states, room: (
-                merged.append([d.cache.layers[0].n for d in states]) or merge(cls, states, room)
-            )
-        ),
-    )
+
+    def spy(cls, states, room):
+        merged.append([d.cache.layers[0].n for d in states])
+        rows.append(sum(len(d.slots) for d in states))
+        return merge(cls, states, room)
+
+    monkeypatch.setattr(hf._Decoding, "merge", classmethod(spy))
     for n in (6, 2):
         got = _same_ids(fast, ref, many, n)
     assert merged and any(len(set(widths)) > 1 for widths in merged)  # different widths merged
     assert max(len(w) for w in merged) >= 2
+    assert max(rows) <= 2 * hf._ROWS_PER_BATCH * fast.batch_size  # twice what a batch may hold
     lengths = {len(t) for t in _same_ids(fast, ref, many, 6)}
     assert len(lengths) >= 2 and 6 in lengths
     assert all(len(t) <= 2 for t in got)

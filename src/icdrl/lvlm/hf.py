@@ -74,9 +74,9 @@ More savings on the cached paths, each checked against the slow way before it is
   the call stores waits for it, the first step runs each row's ids after its cached prefix
   (the last decoder layer at the last column only), and later steps feed one token per row
   against a key/value cache with room to grow in place, a row leaving the batch at its end
-  token. Those later steps of several batches (up to ``_ROWS_PER_BATCH`` times ``batch_size``
-  rows, of one wave and the next) run together, their caches right-aligned: a step costs
-  about the same for a few batches as for one. It equals plain ``model.generate`` token for token except at near-ties
+  token. Those later steps of several batches (up to twice ``_ROWS_PER_BATCH`` times
+  ``batch_size`` rows, of one wave and the next) run together, their caches right-aligned: a
+  step costs about the same for a few batches as for one. It equals plain ``model.generate`` token for token except at near-ties
   (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
   prefixes, a real difference switching it off for the backend.
 
@@ -1514,8 +1514,11 @@ class HFBackend:
         held: list[_Decoding],
     ) -> None:
         """The rows ``now`` in batches, longest remainder first: answers into ``results``, or
-        batches after their first step into ``held`` (decoded together once they hold
-        ``_ROWS_PER_BATCH`` times ``batch_size`` rows, or at the end of the call).
+        batches after their first step into ``held``, decoded together before a batch that
+        would not fit and at the end of the call. At most twice ``_ROWS_PER_BATCH`` times
+        ``batch_size`` rows are decoded together (twice what one batch may hold), so the
+        key/value caches alive at once stay within four times one batch's: the held ones and
+        their merged copy.
 
         A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
         their cached prefix) are short: as many as fit in ``budget`` new ids (``batch_size`` times
@@ -1551,9 +1554,9 @@ class HFBackend:
                 got = self._check_generation(batch, self._decode(state, n_new), n_new, state.kind)
             else:
                 state.slots = idx
-                held.append(state)
-                if sum(len(d.slots) for d in held) >= cap:
+                if sum(len(d.slots) for d in held) + len(idx) > 2 * cap:
                     self._decode_together(held, n_new, results)
+                held.append(state)
                 continue
             for i, t in zip(idx, got):
                 results[i] = t
