@@ -357,22 +357,19 @@ def merge_roomy(caches: Sequence, room: int):
     narrower cache's are zeros, for the caller's attention mask to mask out), with ``room``
     spare columns. Returns (the cache, per input cache the number of columns added on its left)."""
     widths = [c.layers[0].n for c in caches]
-    width = max(widths)
-    merged = roomy_cache(len(caches[0].layers), room)
-    for i, layer in enumerate(merged.layers):
-        parts = [c.layers[i] for c in caches]
-        rows = sum(p._k.shape[0] for p in parts)
-        first = parts[0]
-        k = first._k.new_zeros((rows, first._k.shape[1], width + room, first._k.shape[3]))
-        v = first._v.new_zeros((rows, first._v.shape[1], width + room, first._v.shape[3]))
-        at = 0
-        for p, w in zip(parts, widths):
-            n = p._k.shape[0]
-            k[at : at + n, :, width - w : width] = p.keys
-            v[at : at + n, :, width - w : width] = p.values
-            at += n
-        layer.fill(k, v, width)
-    return merged, [width - w for w in widths]
+    pads = [max(widths) - w for w in widths]
+
+    def stacked(part: str, i: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                torch.nn.functional.pad(getattr(c.layers[i], part), (0, 0, pad, 0))
+                for c, pad in zip(caches, pads)
+            ]
+        )
+
+    n_layers = len(caches[0].layers)
+    data = [(stacked("keys", i), stacked("values", i)) for i in range(n_layers)]
+    return roomy_cache(n_layers, room, data), pads
 
 
 class RoomyLayer(DynamicLayer):
@@ -418,14 +415,6 @@ class RoomyLayer(DynamicLayer):
         self.n += m
         self._views()
         return self.keys, self.values
-
-    def fill(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
-        """Take ``keys``/``values`` [rows, kv_heads, columns, dim] as the buffers, their first
-        ``n`` columns filled (the rest is room)."""
-        self.device = keys.device
-        self._k, self._v, self.n = keys, values, int(n)
-        self.is_initialized = True
-        self._views()
 
     def _views(self) -> None:
         self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
