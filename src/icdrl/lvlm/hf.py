@@ -76,8 +76,8 @@ More savings on the cached paths, each checked against the slow way before it is
   against a key/value cache with room to grow in place, a row leaving the batch at its end
   token. Those later steps of several batches (up to twice ``_ROWS_PER_BATCH`` times
   ``batch_size`` rows, of one wave and the next) run together, their caches right-aligned: a
-  step costs about the same for a few batches as for one. It equals plain ``model.generate`` token for token except at near-ties
-  (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
+  step costs about the same for a few batches as for one. It equals plain ``model.generate``
+  token for token except at near-ties (:func:`near_tie_tolerance`): checked on the first batch without and the first with cached
   prefixes, a real difference switching it off for the backend.
 
 The once-per-backend checks sit together in the class (``_check_*``); :meth:`HFBackend.fast_paths`
@@ -1542,22 +1542,22 @@ class HFBackend:
             rows = max(self.batch_size, min(cap, budget // max(1, rests[now[at]])))
             idx = now[at : at + rows]
             at += len(idx)
-            if not self._fast_generate_on:  # switched off by a check
-                for i, t in zip(idx, self._generate_plain([items[i] for i in idx], n_new)):
-                    results[i] = t
-                continue
             batch = [items[i] for i in idx]
-            state = self._first_step(batch, n_new)
-            if isinstance(state, list):  # positions not composed: plain generate answered
-                got = state
-            elif state.kind not in self._generation_checked:
-                got = self._check_generation(batch, self._decode(state, n_new), n_new, state.kind)
+            if not self._fast_generate_on:  # switched off by a check
+                got = self._generate_plain(batch, n_new)
             else:
-                state.slots = idx
-                if sum(len(d.slots) for d in held) + len(idx) > 2 * cap:
-                    self._decode_together(held, n_new, results)
-                held.append(state)
-                continue
+                state = self._first_step(batch, n_new)
+                if isinstance(state, list):  # positions not composed: plain generate answered
+                    got = state
+                elif state.kind not in self._generation_checked:
+                    decoded = self._decode(state, n_new)
+                    got = self._check_generation(batch, decoded, n_new, state.kind)
+                else:
+                    state.slots = idx
+                    if sum(len(d.slots) for d in held) + len(idx) > 2 * cap:
+                        self._decode_together(held, n_new, results)
+                    held.append(state)
+                    continue
             for i, t in zip(idx, got):
                 results[i] = t
 
