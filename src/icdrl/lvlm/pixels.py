@@ -15,7 +15,7 @@ table only stands in for the processor where both give the same tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +43,8 @@ class LookupPixels:
     temporal_patch_size: int
     min_pixels: int
     max_pixels: int
-    smart_resize: (
-        object  # the processor module's smart_resize(h, w, factor, min_pixels, max_pixels)
-    )
+    #: the processor module's ``smart_resize(h, w, factor, min_pixels, max_pixels)``
+    smart_resize: Callable[..., tuple[int, int]]
 
     @classmethod
     def from_processor(cls, image_processor) -> LookupPixels | None:
@@ -66,8 +65,7 @@ class LookupPixels:
             return None
         if smart is None or "factor" not in inspect.signature(smart).parameters:
             return None
-        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()  # C H W
-        x = values
+        x = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()  # C H W
         if ip.do_rescale:
             x = ip.rescale(x, ip.rescale_factor)
         if ip.do_normalize:
