@@ -356,20 +356,15 @@ def merge_roomy(caches: Sequence, room: int):
     after another, each cache's columns right-aligned to the widest (the columns left of a
     narrower cache's are zeros, for the caller's attention mask to mask out), with ``room``
     spare columns. Returns (the cache, per input cache the number of columns added on its left)."""
+    from transformers import DynamicCache
+
     widths = [c.layers[0].n for c in caches]
-    pads = [max(widths) - w for w in widths]
-
-    def stacked(part: str, i: int) -> torch.Tensor:
-        return torch.cat(
-            [
-                torch.nn.functional.pad(getattr(c.layers[i], part), (0, 0, pad, 0))
-                for c, pad in zip(caches, pads)
-            ]
-        )
-
-    n_layers = len(caches[0].layers)
-    data = [(stacked("keys", i), stacked("values", i)) for i in range(n_layers)]
-    return roomy_cache(n_layers, room, data), pads
+    merged = DynamicCache()
+    merged.layers = [
+        RoomyLayer.right_aligned([c.layers[i] for c in caches], room)
+        for i in range(len(caches[0].layers))
+    ]
+    return merged, [max(widths) - w for w in widths]
 
 
 class RoomyLayer(DynamicLayer):
@@ -415,6 +410,29 @@ class RoomyLayer(DynamicLayer):
         self.n += m
         self._views()
         return self.keys, self.values
+
+    @classmethod
+    def right_aligned(cls, layers: Sequence[RoomyLayer], room: int) -> RoomyLayer:
+        """A layer holding the rows of ``layers`` one after another, each one's columns
+        right-aligned to the widest (zeros on the left of narrower ones), with ``room`` spare
+        columns: one copy of each layer's keys and values, straight into the new buffers."""
+        width = max(layer.n for layer in layers)
+        rows = sum(layer.keys.shape[0] for layer in layers)
+        new = cls(room)
+        new._k, new._v = (
+            t.new_empty((rows, t.shape[1], width + room, t.shape[-1]))
+            for t in (layers[0].keys, layers[0].values)
+        )
+        at = 0
+        for layer in layers:
+            end, pad = at + layer.keys.shape[0], width - layer.n
+            for buf, part in ((new._k, layer.keys), (new._v, layer.values)):
+                buf[at:end, :, :pad] = 0
+                buf[at:end, :, pad:width] = part
+            at = end
+        new.device, new.is_initialized, new.n = layers[0].device, True, width
+        new._views()
+        return new
 
     def _views(self) -> None:
         self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
