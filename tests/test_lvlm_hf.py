@@ -1038,6 +1038,73 @@ def test_merge_roomy_right_aligns_caches_and_keeps_room():
     assert torch.equal(k[:, :, 5], torch.ones(3, 2, 3))
 
 
+def _gqa_inputs(rows, queries, keys, seed=0):
+    """Queries [rows, 4 heads, queries, 8], keys/values [rows, 2 kv heads, keys, 8] (strided,
+    as a roomy cache's views are) and a boolean causal mask with left padding in some rows."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, queries, 4, 8, generator=g).transpose(1, 2)
+    k, v = (torch.randn(rows, 2, keys + 3, 8, generator=g)[:, :, :keys] for _ in range(2))
+    past = keys - queries
+    mask = (torch.arange(keys)[None, :] <= (torch.arange(queries) + past)[:, None])[None, None]
+    mask = mask.expand(rows, 1, -1, -1).clone()
+    mask[::2, :, :, :2] = False
+    return q, k, v, mask
+
+
+class _Attn(torch.nn.Module):
+    num_key_value_groups, is_causal = 2, True
+
+
+def test_shared_kv_attention_is_transformers_sdpa_bit_for_bit_for_several_queries():
+    """Several queries with a mask (a generation's first step): enable_gqa's numbers are
+    repeat_kv's exactly; without a mask, or without shared heads, it is transformers' own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from icdrl.lvlm.hf_patches import shared_kv_attention
+
+    q, k, v, mask = _gqa_inputs(5, 7, 11)
+    ref, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.3)
+    got, _ = shared_kv_attention(_Attn(), q, k, v, mask, scaling=0.3)
+    assert got.shape == ref.shape == (5, 7, 4, 8) and torch.equal(got, ref)
+    ref, _ = sdpa_attention_forward(_Attn(), q, k, v[:, :, :7], None, scaling=0.3)
+    got, _ = shared_kv_attention(_Attn(), q, k, v[:, :, :7], None, scaling=0.3)
+    assert torch.equal(got, ref)  # no mask: transformers' causal logic, unchanged
+
+
+def test_shared_kv_attention_for_one_query_agrees_to_float_rounding():
+    """One query per row (a decoding step), where transformers folds the query heads into rows:
+    the same attention to float rounding, and not some other one (a mask ignored would show)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from icdrl.lvlm.hf_patches import shared_kv_attention
+
+    q, k, v, mask = _gqa_inputs(6, 1, 9, seed=1)
+    ref, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.35)
+    got, _ = shared_kv_attention(_Attn(), q, k, v, mask, scaling=0.35)
+    assert got.shape == ref.shape == (6, 1, 4, 8)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    unmasked, _ = shared_kv_attention(_Attn(), q, k, v, torch.ones_like(mask), scaling=0.35)
+    assert (unmasked[::2] - ref[::2]).abs().max() > 1e-3
+
+
+def test_shared_kv_heads_switch_the_decoder_on_the_cpu_only():
+    """The tiny Qwen2.5-VL (4 query heads, 2 key/value heads, sdpa) attends by the shared-heads
+    function within the block and by its own outside; the vision tower is not touched."""
+    from icdrl.lvlm import hf_patches
+
+    fast = _fresh("qwen")
+    mods = hf_patches.shared_kv_modules(fast.model)
+    assert mods and mods == fast._shared_kv and fast.fast_paths()["decoding_shared_kv_heads"]
+    assert all(m.num_key_value_groups == 2 for m in mods)
+    with hf_patches.shared_kv_heads(mods):
+        assert {m.config._attn_implementation for m in mods} == {hf_patches.SHARED_KV}
+    assert {m.config._attn_implementation for m in mods} == {"sdpa"}
+    assert hf_patches.shared_kv_modules(torch.nn.Linear(2, 2)) == []
+    ref = backend("qwen", image_cache="none")
+    assert ref._shared_kv == [] and not ref.fast_paths()["decoding_shared_kv_heads"]
+    assert hf_patches.shared_kv_modules(fast.model.to("meta")) == []  # not on the CPU
+
+
 @pytest.mark.parametrize("insert", ["first", "last"])
 def test_cached_decoding_on_beam_search_like_steps(ex, insert):
     """Step 1 then step 2 prompts (the new demonstration first or last), as scoring and beam

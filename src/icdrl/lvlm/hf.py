@@ -419,6 +419,8 @@ class HFBackend:
         self._last = self._last_layer_parts() if image_cache != "none" else None
         # cached paths: the vision encoder's per-image (and per-window) attention in a few batched calls
         self._vision = self._vision_modules() if image_cache != "none" else []
+        # cached greedy decoding: the decoder's attention reads shared key/value heads in place
+        self._shared_kv = patches.shared_kv_modules(model) if image_cache != "none" else []
         # cached paths: the vision patch embedding's Conv3d as the matrix product it amounts to
         self._embeds = patches.patch_embeddings(model) if image_cache != "none" else []
         self._geometry: dict[
@@ -1076,6 +1078,7 @@ class HFBackend:
             "vision_attention_in_segments": bool(self._vision),
             "vision_patch_embedding_as_matmul": bool(self._embeds),
             "cached_greedy_decoding": self._fast_generate_on,
+            "decoding_shared_kv_heads": self._fast_generate_on and bool(self._shared_kv),
         }
 
     def _check_skeleton(
@@ -1606,7 +1609,7 @@ class HFBackend:
         else:  # 3-D rope whose positions the backend does not compose (its check failed)
             self._fast_generate = False
             return self._plain_tokens(batch, n_new)[0]
-        with self._last_layer_at(last):
+        with patches.shared_kv_heads(self._shared_kv), self._last_layer_at(last):
             if self._keeps_logits:
                 out = self.model(**inputs, logits_to_keep=last, use_cache=True)
                 logits = out.logits[:, -1]
@@ -1638,29 +1641,30 @@ class HFBackend:
         eos = self._eos_ids(n_new)
         toks: list[list[int]] = [[] for _ in state.slots]
         alive = list(range(len(toks)))
-        for step in range(n_new):
-            got = tok.tolist()
-            for r, t in zip(alive, got):
-                toks[r].append(t)
-            keep = [k for k, t in enumerate(got) if t not in eos]
-            if step == n_new - 1 or not keep:
-                break
-            if len(keep) < len(alive):  # finished rows leave the batch
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                mask, nxt, tok = mask[sel], nxt[sel], tok[sel]
-                alive = [alive[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            pos = (nxt + step)[:, None]
-            out = self.model(
-                input_ids=tok[:, None],
-                attention_mask=mask,
-                cache=cache,
-                use_cache=True,
-                position_ids=pos[None].expand(3, -1, -1) if state.mrope else pos,
-            )
-            self.stats["decode_steps"] += 1
-            tok = out.logits[:, -1].float().argmax(-1)
+        with patches.shared_kv_heads(self._shared_kv):
+            for step in range(n_new):
+                got = tok.tolist()
+                for r, t in zip(alive, got):
+                    toks[r].append(t)
+                keep = [k for k, t in enumerate(got) if t not in eos]
+                if step == n_new - 1 or not keep:
+                    break
+                if len(keep) < len(alive):  # finished rows leave the batch
+                    sel = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(sel)
+                    mask, nxt, tok = mask[sel], nxt[sel], tok[sel]
+                    alive = [alive[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+                pos = (nxt + step)[:, None]
+                out = self.model(
+                    input_ids=tok[:, None],
+                    attention_mask=mask,
+                    cache=cache,
+                    use_cache=True,
+                    position_ids=pos[None].expand(3, -1, -1) if state.mrope else pos,
+                )
+                self.stats["decode_steps"] += 1
+                tok = out.logits[:, -1].float().argmax(-1)
         return [tuple(t) for t in toks]
 
     def _generation_config(self, max_new_tokens: int):

@@ -121,7 +121,8 @@ class LookupPixels:
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         arr = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # N H W C, uint8
         n = arr.shape[0]
-        x = self.table[arr.long() + torch.arange(3) * 256]  # N H W C, float32
+        flat = (arr.long() + torch.arange(3) * 256).view(-1)
+        x = self.table.index_select(0, flat).view(arr.shape)  # N H W C, float32
         gh, gw = h // p, w // p
         # as patchify: (grid rows, grid cols, merge rows, merge cols, C, T, patch rows, patch cols)
         x = x.reshape(n, gh // m, m, p, gw // m, m, p, 3).permute(0, 1, 4, 2, 5, 7, 3, 6)
