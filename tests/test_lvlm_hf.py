@@ -1069,6 +1069,10 @@ def test_shared_kv_attention_is_transformers_sdpa_bit_for_bit_for_several_querie
     ref, _ = sdpa_attention_forward(_Attn(), q, k, v[:, :, :7], None, scaling=0.3)
     got, _ = shared_kv_attention(_Attn(), q, k, v[:, :, :7], None, scaling=0.3)
     assert torch.equal(got, ref)  # no mask: transformers' causal logic, unchanged
+    bias = torch.randn(5, 1, 7, 11)
+    ref, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.3, position_bias=bias)
+    got, _ = shared_kv_attention(_Attn(), q, k, v, mask, scaling=0.3, position_bias=bias)
+    assert torch.equal(got, ref)  # a term it does not add: transformers' own
 
 
 def test_shared_kv_attention_for_one_query_agrees_to_float_rounding():

@@ -142,14 +142,16 @@ def shared_kv_attention(
     ``query`` [rows, heads, columns, dim], ``key``/``value`` [rows, kv heads, columns, dim],
     ``attention_mask`` [rows, 1, columns, key columns] (boolean or additive). Returns
     [rows, columns, heads, dim] like transformers' sdpa function, which is called instead
-    where there is no mask (its causal and cropping logic applies) or no head sharing.
+    where there is no mask (its causal and cropping logic applies), no head sharing, or a
+    term this function does not add (a position bias, attention sinks, logit soft-capping).
     On the CPU, where sdpa's flash kernel takes a mask and shared heads: several queries give
     the numbers of ``repeat_kv`` bit for bit without copying keys and values; a single query
     (a decoding step) runs about twice as fast as transformers' folding of the query heads
     into rows, and agrees with it to float rounding (the kernel's blocks differ).
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or groups == 1:
+    extra = any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap"))
+    if attention_mask is None or groups == 1 or extra:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
