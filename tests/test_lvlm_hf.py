@@ -1100,8 +1100,11 @@ def test_shared_kv_heads_switch_the_decoder_on_the_cpu_only():
     mods = hf_patches.shared_kv_modules(fast.model)
     assert mods and mods == fast._shared_kv and fast.fast_paths()["decoding_shared_kv_heads"]
     assert all(m.num_key_value_groups == 2 for m in mods)
+    vision = hf_patches.vision_modules(fast.model)
+    assert vision and not set(vision) & set(mods)
     with hf_patches.shared_kv_heads(mods):
         assert {m.config._attn_implementation for m in mods} == {hf_patches.SHARED_KV}
+        assert {m.config._attn_implementation for m in vision} == {"sdpa"}
     assert {m.config._attn_implementation for m in mods} == {"sdpa"}
     assert hf_patches.shared_kv_modules(torch.nn.Linear(2, 2)) == []
     ref = backend("qwen", image_cache="none")
