@@ -1259,3 +1259,130 @@ def test_query_needs_its_image(ex):
 
     with pytest.raises(ValueError, match="query 0 has no image"):
         build_messages([ex[1]], strip_image(ex[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlps_in_place_give_their_own_forward_bit_for_bit(family, dtype):
+    """Every gated SiLU MLP of the tiny models (Qwen2.5-VL: vision tower and decoder) runs in
+    place within the block, with its own forward's numbers bit for bit, and its own forward
+    again after it and wherever autograd records."""
+    from icdrl.lvlm import hf_patches
+
+    model = _fresh(family).model.to(dtype)
+    mlps = hf_patches.gated_mlps(model)
+    names = {type(m).__name__ for m in mlps}
+    layers = model.config.text_config.num_hidden_layers
+    vision = model.config.vision_config.depth if family == "qwen" else 0
+    assert len(mlps) == layers + vision
+    assert names == ({"Qwen2_5_VLMLP", "Qwen2MLP"} if family == "qwen" else {"LlamaMLP"})
+    g = torch.Generator().manual_seed(1)
+    for m in mlps:
+        x = torch.randn(3, 11, m.gate_proj.in_features, generator=g).to(dtype)
+        with torch.inference_mode():
+            want = m(x)
+            with hf_patches.mlps_in_place(mlps):
+                assert "forward" in vars(m)
+                got = m(x)
+            assert "forward" not in vars(m)
+        assert torch.equal(got, want) and got.dtype == dtype
+    m = mlps[-1]
+    with hf_patches.mlps_in_place([m]):
+        x = torch.randn(2, 3, m.gate_proj.in_features).to(dtype).requires_grad_()
+        m(x).sum().backward()  # the module's own forward: in-place steps would break this
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_gated_mlps_leave_out_other_formulas_and_wrapped_forwards():
+    """A module laid out like a gated MLP whose forward computes something else fails the
+    random-input check and is left out; so is one whose forward was replaced (accelerate's
+    hooks), and anything that is not a SiLU gated MLP."""
+    from icdrl.lvlm import hf_patches
+
+    class AddMLP(torch.nn.Module):  # down(silu(gate) + up): not the product
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6)
+            self.down_proj, self.act_fn = torch.nn.Linear(6, 4), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    class GatedMLP(AddMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class GeluMLP(GatedMLP):
+        def __init__(self):
+            super().__init__()
+            self.act_fn = torch.nn.GELU()
+
+    wrapped = GatedMLP()
+    wrapped.forward = wrapped.forward
+    model = torch.nn.ModuleList([AddMLP(), GatedMLP(), GeluMLP(), wrapped])
+    assert hf_patches.gated_mlps(model) == [model[1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_halves_is_transformers_rope_bit_for_bit(dtype):
+    """Qwen2.5-VL's decoder and vision rope functions are replaced within the block (module
+    globals, restored after it), with transformers' numbers bit for bit on shapes other than
+    the probe's; a stock function computing something else is not replaced."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as M
+
+    from icdrl.lvlm import hf_patches
+
+    model = _fresh("qwen").model
+    funcs = hf_patches.rope_functions(model, dtype)
+    assert [name for _, name in funcs] == ["apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"]
+    text, vision = M.apply_rotary_pos_emb, M.apply_rotary_pos_emb_vision
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 9, 6, 32, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(2, 9, 3, 32, generator=g).to(dtype).transpose(1, 2)
+    cos, sin = (torch.randn(2, 9, 32, generator=g).to(dtype) for _ in range(2))
+    vq, vk = (torch.randn(40, 4, 16, generator=g).to(dtype) for _ in range(2))
+    vcos, vsin = (torch.randn(40, 16, generator=g) for _ in range(2))
+    want = [*text(q, k, cos, sin), *vision(vq, vk, vcos, vsin)]
+    with hf_patches.rope_in_halves(funcs):
+        assert M.apply_rotary_pos_emb is not text and M.apply_rotary_pos_emb_vision is not vision
+        got = [
+            *M.apply_rotary_pos_emb(q, k, cos, sin),
+            *M.apply_rotary_pos_emb_vision(vq, vk, vcos, vsin),
+        ]
+    assert M.apply_rotary_pos_emb is text and M.apply_rotary_pos_emb_vision is vision
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    assert not hf_patches.rope_functions(_fresh("llava").model)  # its modeling module has none
+
+
+def test_rope_that_differs_is_not_replaced(monkeypatch):
+    """A decoder rope computing something else (``rotate_half`` the other way round) fails the
+    check: only the vision one is replaced."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as M
+
+    from icdrl.lvlm import hf_patches
+
+    def other(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        flip = lambda x: torch.cat((x[..., x.shape[-1] // 2 :], -x[..., : x.shape[-1] // 2]), -1)  # noqa: E731
+        return q * cos + flip(q) * sin, k * cos + flip(k) * sin
+
+    monkeypatch.setattr(M, "apply_rotary_pos_emb", other)
+    funcs = hf_patches.rope_functions(_fresh("qwen").model)
+    assert [name for _, name in funcs] == ["apply_rotary_pos_emb_vision"]
+
+
+def test_in_place_kernels_leave_scores_features_and_answers_bit_for_bit(prompts, ex):
+    """The backend with the in-place MLPs and rope on gives the same vision features, scores
+    and generated ids, bit for bit, as the same backend with them off."""
+    on, _ = _diverse_pair("qwen")
+    off = HFBackend(on.model, on.processor, batch_size=4)
+    assert on.fast_paths()["mlps_in_place"] and on.fast_paths()["rope_in_halves"]
+    off._mlps, off._ropes = [], []
+    calls = [prompts, [(ex[1 : 1 + k], ex[0]) for k in range(1, 5)]]
+    for pr in calls:
+        ans = [q.answer for _, q in pr]
+        assert sums(on.answer_logprobs(pr, ans)) == sums(off.answer_logprobs(pr, ans))
+        assert on.generate_ids(pr, 5) == off.generate_ids(pr, 5)
+    feats = [(p, e.features) for p, e in on._cache.items()]
+    assert feats and all(torch.equal(f, off._cache[p].features) for p, f in feats)

@@ -421,6 +421,10 @@ class HFBackend:
         self._vision = self._vision_modules() if image_cache != "none" else []
         # cached greedy decoding: the decoder's attention reads shared key/value heads in place
         self._shared_kv = patches.shared_kv_modules(model) if image_cache != "none" else []
+        # cached paths: the gated MLPs and the rope write into their own intermediates (checked
+        # bit for bit against transformers' forward on a random input when selected)
+        self._mlps = patches.gated_mlps(model) if image_cache != "none" else []
+        self._ropes = patches.rope_functions(model, self.dtype) if image_cache != "none" else []
         # cached paths: the vision patch embedding's Conv3d as the matrix product it amounts to
         self._embeds = patches.patch_embeddings(model) if image_cache != "none" else []
         self._geometry: dict[
@@ -497,6 +501,14 @@ class HFBackend:
     def _last_layer_at(self, pos: torch.Tensor):
         """Within the block, :meth:`_last_layer_parts` run only at columns ``pos`` [rows, m]."""
         return patches.last_layer_at(self._last, pos)
+
+    @contextmanager
+    def _in_place(self):
+        """Within the block, the gated MLPs and the rope run in place
+        (:func:`~icdrl.lvlm.hf_patches.mlps_in_place`,
+        :func:`~icdrl.lvlm.hf_patches.rope_in_halves`): the same numbers with fewer copies."""
+        with patches.mlps_in_place(self._mlps), patches.rope_in_halves(self._ropes):
+            yield
 
     def _vision_modules(self) -> list[torch.nn.Module]:
         return patches.vision_modules(self.model)
@@ -835,7 +847,7 @@ class HFBackend:
         for k, v in kwargs.items():
             if v.is_floating_point():
                 kwargs[k] = v.to(self.dtype)
-        with self._vision_in_segments():
+        with self._vision_in_segments(), self._in_place():
             if "image_grid_thw" in kwargs:
                 kwargs.update(self._vision_geometry(kwargs["image_grid_thw"]))
             feats = fn(**kwargs, return_dict=True).pooler_output
@@ -1079,6 +1091,8 @@ class HFBackend:
             "vision_patch_embedding_as_matmul": bool(self._embeds),
             "cached_greedy_decoding": self._fast_generate_on,
             "decoding_shared_kv_heads": self._fast_generate_on and bool(self._shared_kv),
+            "mlps_in_place": bool(self._mlps),
+            "rope_in_halves": bool(self._ropes),
         }
 
     def _check_skeleton(
@@ -1350,7 +1364,7 @@ class HFBackend:
             valid = torch.arange(m)[None, :] < torch.tensor(n)[:, None]
             use_cache = store or "cache" in inputs
             pos = pos.to(self.device)
-            with self._last_layer_at(pos):
+            with self._last_layer_at(pos), self._in_place():
                 if self._keeps_logits:  # project only the positions that predict answer tokens
                     out = self.model(**inputs, logits_to_keep=pos, use_cache=use_cache)
                     logits = out.logits
@@ -1609,7 +1623,7 @@ class HFBackend:
         else:  # 3-D rope whose positions the backend does not compose (its check failed)
             self._fast_generate = False
             return self._plain_tokens(batch, n_new)[0]
-        with patches.shared_kv_heads(self._shared_kv), self._last_layer_at(last):
+        with patches.shared_kv_heads(self._shared_kv), self._last_layer_at(last), self._in_place():
             if self._keeps_logits:
                 out = self.model(**inputs, logits_to_keep=last, use_cache=True)
                 logits = out.logits[:, -1]
@@ -1641,7 +1655,7 @@ class HFBackend:
         eos = self._eos_ids(n_new)
         toks: list[list[int]] = [[] for _ in state.slots]
         alive = list(range(len(toks)))
-        with patches.shared_kv_heads(self._shared_kv):
+        with patches.shared_kv_heads(self._shared_kv), self._in_place():
             for step in range(n_new):
                 got = tok.tolist()
                 for r, t in zip(alive, got):
