@@ -424,7 +424,7 @@ class HFBackend:
         # cached paths: the gated MLPs and the rope write into their own intermediates (checked
         # bit for bit against transformers' forward on a random input when selected)
         self._mlps = patches.gated_mlps(model) if image_cache != "none" else []
-        self._ropes = patches.rope_functions(model, self.dtype) if image_cache != "none" else []
+        self._ropes = patches.rope_functions(model) if image_cache != "none" else []
         # cached paths: the vision patch embedding's Conv3d as the matrix product it amounts to
         self._embeds = patches.patch_embeddings(model) if image_cache != "none" else []
         self._geometry: dict[

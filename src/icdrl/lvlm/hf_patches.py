@@ -476,10 +476,11 @@ _ROPES = {
 }
 
 
-def _rope_agrees(own, mine, shapes, dtype: torch.dtype) -> bool:
-    """``mine`` gives ``own``'s outputs bit for bit on a random probe of ``shapes`` in ``dtype``."""
+def _rope_agrees(own, mine, shapes, dtype: torch.dtype, device: torch.device) -> bool:
+    """``mine`` gives ``own``'s outputs bit for bit on a random probe of ``shapes`` (``dtype``,
+    on ``device``)."""
     g = torch.Generator().manual_seed(0)
-    q, k, cos, sin = (torch.randn(s, generator=g).to(dtype) for s in (*shapes, shapes[2]))
+    q, k, cos, sin = (torch.randn(s, generator=g).to(device, dtype) for s in (*shapes, shapes[2]))
     if q.dim() == 4:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     try:
@@ -489,18 +490,28 @@ def _rope_agrees(own, mine, shapes, dtype: torch.dtype) -> bool:
     return all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(a, b))
 
 
-def rope_functions(model, dtype: torch.dtype = torch.float32) -> list[tuple[object, str]]:
+def rope_functions(model, dtype: torch.dtype | None = None) -> list[tuple[object, str]]:
     """(module, name) of the rope functions in the model's modeling module that
     :func:`rope_in_halves` replaces: ``apply_rotary_pos_emb`` (decoder) and
     ``apply_rotary_pos_emb_vision`` (Qwen2.5-VL's vision tower), each where the replacement
-    gives the module's own function's numbers bit for bit on random inputs in ``dtype``."""
+    gives the module's own function's numbers bit for bit on random inputs in ``dtype`` (None:
+    the model's) on the model's device."""
     import sys
 
     mod = sys.modules.get(type(model).__module__)
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return []
+    dtype = dtype or param.dtype
     found = []
     for name, (mine, *shapes) in _ROPES.items():
         own = getattr(mod, name, None)
-        if callable(own) and own is not mine and _rope_agrees(own, mine, shapes, dtype):
+        if (
+            callable(own)
+            and own is not mine
+            and _rope_agrees(own, mine, shapes, dtype, param.device)
+        ):
             found.append((mod, name))
     return found
 
