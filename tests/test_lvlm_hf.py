@@ -979,8 +979,8 @@ def test_rows_stop_at_their_own_end_and_at_max_new_tokens(family, prompts, ex):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batches_decode_together_and_equal_the_reference(family, prompts, ex, monkeypatch):
     """Batches after the checked first one of their kind are decoded together (of this wave and
-    later ones, caches of different widths right-aligned): the answers still equal the
-    reference path's, rows stopping at different steps and at max_new_tokens."""
+    later ones, first-step caches of different widths in one block): the answers still equal
+    the reference path's, rows stopping at different steps and at max_new_tokens."""
     from icdrl.lvlm import hf
 
     fast, ref = _diverse_pair(family)
@@ -989,53 +989,105 @@ def test_batches_decode_together_and_equal_the_reference(family, prompts, ex, mo
     many += [(d[::-1], q) for d, q in prompts if len(d) > 1]
     end = _stopping_token(ref, many, 6)
     fast.model.generation_config.eos_token_id = end
-    merged, rows = [], []  # per merge: the caches' widths, the rows
-    merge = hf._Decoding.merge.__func__
+    joined, rows = [], []  # per joint decoding: the batches' cache widths, the rows
+    of_block = hf._Decoding.of_block.__func__
 
-    def spy(cls, states, room):
-        merged.append([d.cache.layers[0].n for d in states])
-        rows.append(sum(len(d.slots) for d in states))
-        return merge(cls, states, room)
+    def spy(cls, states, block):
+        joined.append([d.mask.shape[1] for d in states])
+        rows.append(block.used)
+        assert block.used <= block.rows and max(joined[-1]) <= block.width
+        return of_block(cls, states, block)
 
-    monkeypatch.setattr(hf._Decoding, "merge", classmethod(spy))
+    monkeypatch.setattr(hf._Decoding, "of_block", classmethod(spy))
     for n in (6, 2):
         got = _same_ids(fast, ref, many, n)
-    assert merged and any(len(set(widths)) > 1 for widths in merged)  # different widths merged
-    assert max(len(w) for w in merged) >= 2
+    assert joined and any(len(set(widths)) > 1 for widths in joined)  # different widths joined
+    assert max(len(w) for w in joined) >= 2
     assert max(rows) <= 2 * hf._ROWS_PER_BATCH * fast.batch_size  # twice what a batch may hold
     lengths = {len(t) for t in _same_ids(fast, ref, many, 6)}
     assert len(lengths) >= 2 and 6 in lengths
     assert all(len(t) <= 2 for t in got)
 
 
-def test_merge_roomy_right_aligns_caches_and_keeps_room():
-    from icdrl.lvlm.hf_patches import merge_roomy, roomy_cache
+def _kv(rows, width, start):
+    """Per layer (keys, values) [rows, 2 heads, width, 3], distinct numbers per layer and call."""
+    return [
+        (
+            torch.arange(rows * 2 * width * 3, dtype=torch.float32).reshape(rows, 2, width, 3)
+            + start
+            + 1000 * i,
+            -torch.ones(rows, 2, width, 3) * (start + i),
+        )
+        for i in range(2)
+    ]
 
-    def cache(rows, width, start):
-        data = [
-            (
-                torch.arange(rows * 2 * width * 3, dtype=torch.float32).reshape(rows, 2, width, 3)
-                + start
-                + 1000 * i,
-                -torch.ones(rows, 2, width, 3) * (start + i),
-            )
-            for i in range(2)
-        ]
-        return roomy_cache(2, 4, data), data
 
-    (a, da), (b, db) = cache(2, 3, 0), cache(1, 5, 500)
-    merged, pads = merge_roomy([a, b], room=4)
-    assert pads == [2, 0]
+def test_kv_block_holds_batches_right_aligned_and_decodes_in_place():
+    from icdrl.lvlm.hf_patches import KVBlock
+
+    block = KVBlock(2, rows=4, width=5, room=2)
+    block.k = [torch.full((4, 2, 7, 3), float("nan")) for _ in range(2)]  # what new_empty may hold
+    block.v = [torch.full((4, 2, 7, 3), float("nan")) for _ in range(2)]
+    da, db = _kv(2, 3, 0), _kv(1, 5, 500)
+    for data in (da, db):
+        assert block.fits(len(data[0][0]), data[0][0].shape[2])
+        cache = block.take(data[0][0].shape[2])
+        for layer, (k, v) in zip(cache.layers, data):
+            got_k, _ = layer.update(k[:, :, :1], v[:, :, :1])  # as a first step: prefix, tail
+            got_k, got_v = layer.update(k[:, :, 1:], v[:, :, 1:])
+            assert torch.equal(got_k, k) and torch.equal(got_v, v)
+        block.close()
+    assert block.used == 3 and not block.fits(2, 3) and not block.fits(1, 6) and block.fits(1, 5)
+    merged = block.cache()
     for i, layer in enumerate(merged.layers):
-        assert layer.keys.shape == (3, 2, 5, 3) and layer._k.shape[2] == 5 + 4
+        assert layer.keys.shape == (3, 2, 5, 3)
         assert torch.equal(layer.keys[:2, :, 2:], da[i][0]) and torch.equal(
             layer.values[2:], db[i][1]
         )
-        assert torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 2, 2, 3))  # left padding
-        assert torch.equal(layer.keys[2:], db[i][0])
+        assert torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 2, 2, 3))  # left of a batch: zeros
+        assert torch.equal(layer.values[:2, :, :2], torch.zeros(2, 2, 2, 3))
+        assert layer.keys.data_ptr() == block.k[i].data_ptr()  # the block's buffer: no copy
     k, v = merged.layers[0].update(torch.ones(3, 2, 1, 3), torch.ones(3, 2, 1, 3))
-    assert k.shape == (3, 2, 6, 3) and merged.layers[0]._k.shape[2] == 9  # written in place
-    assert torch.equal(k[:, :, 5], torch.ones(3, 2, 3))
+    assert k.shape == (3, 2, 6, 3) and torch.equal(block.k[0][:3, :, 5], torch.ones(3, 2, 3))
+    with pytest.raises(ValueError, match="columns"):
+        block.take(6)
+
+
+def test_kv_block_rows_and_room_are_enforced_and_a_given_up_batch_frees_its_rows():
+    from icdrl.lvlm.hf_patches import KVBlock
+
+    block = KVBlock(1, rows=2, width=4, room=1)
+    ((k, v),) = _kv(1, 4, 0)[:1]
+    cache = block.take(4)
+    cache.layers[0].update(k, v)
+    block.close(keep=False)  # e.g. the batch's forward failed
+    assert block.used == 0
+    cache = block.take(2)
+    cache.layers[0].update(k[:, :, :2], v[:, :, :2])
+    cache.layers[0].update(k[:, :, :1], v[:, :, :1])  # its room
+    with pytest.raises(RuntimeError, match="room"):
+        cache.layers[0].update(k[:, :, :1], v[:, :, :1])
+    block.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.layers[0].__class__(1, home=(block, 0)).update(k, v)
+    ((k3, v3),) = _kv(3, 4, 0)[:1]
+    cache = block.take(4)
+    with pytest.raises(ValueError, match="rows"):
+        cache.layers[0].update(k3, v3)
+
+
+def test_roomy_layer_reserve_is_a_first_update_written_in_place():
+    from icdrl.lvlm.hf_patches import roomy_cache
+
+    ((k, v),) = _kv(2, 3, 0)[:1]
+    layer = roomy_cache(1, 4).layers[0]
+    dk, dv = layer.reserve(2, k[:1], v[:1], 3)  # rows from the argument, not from the example
+    dk.copy_(k), dv.copy_(v)
+    assert layer.n == 3 and torch.equal(layer.keys, k) and layer._k.shape == (2, 2, 7, 3)
+    got, _ = layer.update(-k[:, :, :1], -v[:, :, :1])
+    assert torch.equal(got[:, :, :3], k) and torch.equal(got[:, :, 3], -k[:, :, 0])
+    with pytest.raises(RuntimeError, match="already"):
+        layer.reserve(2, k, v, 1)
 
 
 def _gqa_inputs(rows, queries, keys, seed=0):

@@ -80,6 +80,39 @@ def test_one_row_per_prompt_and_the_header_apart():
     assert torch.equal(fast[0][0][1], general[0][0][0])
 
 
+@pytest.mark.parametrize("usual", [True, False])
+def test_stack_into_given_buffers_writes_what_it_returns_otherwise(usual):
+    """``into``: the stacked prefixes land in the caller's (strided) views, the same numbers as
+    new tensors, rows without a prefix zeroed over whatever the buffers held; both ways of
+    stacking (one stored copy with every row ending in its last column, and the general one)."""
+    width = 9
+    kv = forward_cache(2, width)
+    col = [width - len(AB[0]), width - len(C[0])]
+    cache = PrefixCache(16)
+    cache.store([(*AB, col[0], 0), (*C, col[1], 0)], kv)
+    ab, a, c = cache.lookup(*AB), cache.lookup(*A), cache.lookup(*C)
+    rows = [ab, ab] if usual else [a, None, ab, c]
+    want, want_mask = cache.stack(rows)
+    bufs = []
+
+    def into(w, like):
+        assert w == 7 and len(like) == LAYERS
+        bufs[:] = [
+            tuple(
+                torch.full((len(rows), t.shape[1], w + 4, t.shape[3]), float("nan")) for t in layer
+            )
+            for layer in like
+        ]
+        return [tuple(b[:, :, 1 : 1 + w] for b in pair) for pair in bufs]  # strided views
+
+    got, mask = cache.stack(rows, into=into)
+    assert torch.equal(mask, want_mask)
+    for (gk, gv), (wk, wv), (bk, _) in zip(got, want, bufs):
+        assert torch.equal(gk, wk) and torch.equal(gv, wv)
+        assert gk.data_ptr() == bk[:, :, 1:].data_ptr()  # written in place
+        assert bk[:, :, 0].isnan().all()  # nothing outside the views
+
+
 def test_only_prefixes_longer_than_what_was_read_are_new():
     kv = forward_cache(1, 9)
     cache = PrefixCache(16)

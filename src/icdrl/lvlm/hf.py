@@ -96,7 +96,7 @@ import re
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -184,15 +184,17 @@ class _Decoding:
     slots: list[int]  # where each row's answer goes
 
     @classmethod
-    def merge(cls, states: Sequence[_Decoding], room: int) -> _Decoding:
-        """One state holding the rows of ``states`` (each right after its first step), their
-        caches right-aligned to the widest, the columns added on the left masked out."""
-        cache, pads = patches.merge_roomy([d.cache for d in states], room)
+    def of_block(cls, states: Sequence[_Decoding], block: patches.KVBlock) -> _Decoding:
+        """One state holding the rows of ``states``, whose caches are the rows of ``block`` in
+        order (each right after its first step): the block's cache, the masks left-padded to
+        its width (the columns left of a batch's own are zeros)."""
         mask = torch.cat(
-            [torch.nn.functional.pad(d.mask, (pad, 0)) for d, pad in zip(states, pads)]
+            [torch.nn.functional.pad(d.mask, (block.width - d.mask.shape[1], 0)) for d in states]
         )
+        if mask.shape[0] != block.used:
+            raise BackendError(f"decoding {mask.shape[0]} rows on a block of {block.used}")
         return cls(
-            cache=cache,
+            cache=block.cache(),
             mask=mask,
             nxt=torch.cat([d.nxt for d in states]),
             tok=torch.cat([d.tok for d in states]),
@@ -200,6 +202,15 @@ class _Decoding:
             kind=states[0].kind,
             slots=[i for d in states for i in d.slots],
         )
+
+
+@dataclass
+class _Held:
+    """Batches after their first step, to be decoded together: their states and the
+    :class:`~icdrl.lvlm.hf_patches.KVBlock` their keys and values were written into."""
+
+    block: patches.KVBlock | None = None
+    states: list[_Decoding] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -964,6 +975,7 @@ class HFBackend:
         positions: bool = False,
         prefixes: Sequence[PrefixKV | None] | None = None,
         room: int | None = None,
+        block: patches.KVBlock | None = None,
     ) -> tuple[dict, list[int]]:
         """Padded model inputs for ``items`` and each row's offset (``positions``: with 3-D rope ids).
 
@@ -972,7 +984,8 @@ class HFBackend:
         holds the prefixes' keys and values, left-padded to a common length; the attention mask
         covers both. Offsets are into the rows' *full* token index: ``column = offset + index``.
         ``room`` (decoding): ``inputs["cache"]`` is a :func:`~icdrl.lvlm.hf_patches.roomy_cache`
-        with room for the rows and ``room`` more columns.
+        with room for the rows and ``room`` more columns; with ``block``, the block's next rows
+        (:meth:`~icdrl.lvlm.hf_patches.KVBlock.take`, the block's own room).
         """
         cut = [pk.length if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
         n_img = [pk.n_images if pk else 0 for pk in prefixes] if prefixes else [0] * len(items)
@@ -1026,14 +1039,17 @@ class HFBackend:
         ):  # scoring only: generate() relies on the model's rope deltas
             if has_prefix or self._check_positions(inputs, torch.from_numpy(pos)):
                 inputs["position_ids"] = torch.from_numpy(pos)
+        cache = None
+        if block is not None:
+            cache = block.take(max(cut) + width)
+        elif room is not None:
+            cache = patches.roomy_cache(self._n_layers, (width if has_prefix else 0) + room)
         if has_prefix:
-            inputs["cache"], prefix_mask = self._stack_prefixes(
-                prefixes, None if room is None else width + room
-            )
+            inputs["cache"], prefix_mask = self._stack_prefixes(prefixes, cache)
             inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
             offsets = [o + prefix_mask.shape[1] for o in offsets]
-        elif room is not None:
-            inputs["cache"] = patches.roomy_cache(self._n_layers, room)
+        elif cache is not None:
+            inputs["cache"] = cache
         dev, dt = self.device, self.dtype
         for k, v in list(inputs.items()):
             if isinstance(v, torch.Tensor):
@@ -1289,15 +1305,22 @@ class HFBackend:
         ]
         self.prefixes.store(rows, layers)
 
-    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None], room: int | None = None):
-        """A DynamicCache of the rows' prefixes, left-padded to one length (with ``room``: a
-        :func:`~icdrl.lvlm.hf_patches.roomy_cache` with that many spare columns), and its attention mask."""
+    def _stack_prefixes(self, prefixes: Sequence[PrefixKV | None], cache=None):
+        """The rows' prefixes left-padded to one length, as a DynamicCache, and its attention
+        mask. With ``cache`` (an empty :func:`~icdrl.lvlm.hf_patches.roomy_cache` or
+        :meth:`~icdrl.lvlm.hf_patches.KVBlock.take`): written straight into its buffers."""
         from transformers import DynamicCache
 
-        data, mask = self.prefixes.stack(prefixes)
-        if room is not None:
-            return patches.roomy_cache(self._n_layers, room, data), mask
-        return DynamicCache(ddp_cache_data=data), mask
+        if cache is None:
+            data, mask = self.prefixes.stack(prefixes)
+            return DynamicCache(ddp_cache_data=data), mask
+
+        def into(width: int, like: list) -> list:
+            n = len(prefixes)
+            return [layer.reserve(n, k, v, width) for layer, (k, v) in zip(cache.layers, like)]
+
+        _, mask = self.prefixes.stack(prefixes, into=into)
+        return cache, mask
 
     # ------------------------------------------------------------------ the two questions
 
@@ -1497,8 +1520,8 @@ class HFBackend:
             range(len(items)), key=lambda i: (-len(items[i].images), -len(items[i].ids), i)
         )
         waves = bool(self.prefix_cache_size and self._mrope)
-        budget = self.batch_size * max(len(it.ids) for it in items) if items else 0
-        held: list[_Decoding] = []
+        longest = max((len(it.ids) for it in items), default=0)
+        held = _Held()
         try:
             while pending:
                 if waves:
@@ -1514,7 +1537,7 @@ class HFBackend:
                     now, pending = [pending[i] for i in ready], [pending[i] for i in wait]
                 else:
                     now, pending = pending, []
-                self._run_wave(items, now, n_new, results, budget, held)
+                self._run_wave(items, now, n_new, results, longest, held, later=len(pending))
             self._decode_together(held, n_new, results)
         finally:
             self.prefixes.protected = frozenset()
@@ -1527,20 +1550,25 @@ class HFBackend:
         now: list[int],
         n_new: int,
         results: list,
-        budget: int,
-        held: list[_Decoding],
+        longest: int,
+        held: _Held,
+        later: int = 0,
     ) -> None:
         """The rows ``now`` in batches, longest remainder first: answers into ``results``, or
-        batches after their first step into ``held``, decoded together before a batch that
-        would not fit and at the end of the call. At most twice ``_ROWS_PER_BATCH`` times
-        ``batch_size`` rows are decoded together (twice what one batch may hold), so the
-        key/value caches alive at once stay within four times one batch's: the held ones and
-        their merged copy.
+        batches after their first step into ``held``, decoded together (:meth:`_decode_together`)
+        before a batch that would not fit and at the end of the call.
+
+        Held batches write their keys and values into one
+        :class:`~icdrl.lvlm.hf_patches.KVBlock` of at most twice ``_ROWS_PER_BATCH`` times
+        ``batch_size`` rows (twice what one batch may hold; fewer when fewer rows are left in the
+        call, ``later`` of them in later waves) and of the columns of the call's ``longest``
+        prompt, or of the first batch reaching more: decoding them together copies nothing, and
+        the keys and values alive at once stay within that block.
 
         A batch holds up to ``batch_size`` rows, or more rows whose remainders (the ids after
-        their cached prefix) are short: as many as fit in ``budget`` new ids (``batch_size`` times
-        the call's longest prompt, what a batch of whole prompts may hold), at most
-        ``_ROWS_PER_BATCH`` times ``batch_size``.
+        their cached prefix) are short: as many as fit in ``batch_size`` times ``longest`` new
+        ids (what a batch of whole prompts may hold), at most ``_ROWS_PER_BATCH`` times
+        ``batch_size``.
         """
 
         def rest(i: int) -> int:
@@ -1554,57 +1582,88 @@ class HFBackend:
         rests = {i: rest(i) for i in now}
         now.sort(key=lambda i: (-rests[i], i))
         cap = _ROWS_PER_BATCH * self.batch_size
+        budget = self.batch_size * longest
         at = 0
         while at < len(now):
             rows = max(self.batch_size, min(cap, budget // max(1, rests[now[at]])))
             idx = now[at : at + rows]
             at += len(idx)
             batch = [items[i] for i in idx]
+            # looked up again: an earlier batch of this wave may have stored a longer one
+            prefixes = [self._lookup_prefix(it) if self._prefix_on else None for it in batch]
+            kind = "prefix" if any(prefixes) else "full"
             if not self._fast_generate_on:  # switched off by a check
                 got = self._generate_plain(batch, n_new)
-            else:
-                state = self._first_step(batch, n_new)
+            elif kind not in self._generation_checked:
+                state = self._first_step(batch, n_new, prefixes)
                 if isinstance(state, list):  # positions not composed: plain generate answered
                     got = state
-                elif state.kind not in self._generation_checked:
-                    decoded = self._decode(state, n_new)
-                    got = self._check_generation(batch, decoded, n_new, state.kind)
+                else:
+                    got = self._check_generation(batch, self._decode(state, n_new), n_new, kind)
+            else:
+                columns = max(p.length if p else 0 for p in prefixes) + max(
+                    len(it.ids) - (p.length if p else 0) for it, p in zip(batch, prefixes)
+                )
+                if held.block is not None and held.block.fits(len(idx), 0):
+                    held.block.widen(columns)  # rarely: a batch wider than the call's longest
+                else:
+                    self._decode_together(held, n_new, results)
+                    held.block = patches.KVBlock(
+                        self._n_layers,
+                        rows=min(2 * cap, len(now) - at + len(idx) + later),
+                        width=max(columns, longest),
+                        room=n_new,
+                    )
+                state = self._first_step(batch, n_new, prefixes, held.block)
+                if isinstance(state, list):
+                    got = state
                 else:
                     state.slots = idx
-                    if sum(len(d.slots) for d in held) + len(idx) > 2 * cap:
-                        self._decode_together(held, n_new, results)
-                    held.append(state)
+                    held.states.append(state)
                     continue
             for i, t in zip(idx, got):
                 results[i] = t
 
-    def _decode_together(self, held: list[_Decoding], n_new: int, results: list) -> None:
-        """Decode the batches ``held`` (after their first step) as one, answers into ``results``
-        at their ``slots``; empties ``held``."""
-        if not held:
+    def _decode_together(self, held: _Held, n_new: int, results: list) -> None:
+        """Decode the batches ``held`` (after their first step, in its block) as one, answers
+        into ``results`` at their ``slots``; empties ``held``."""
+        states, block = held.states, held.block
+        held.states, held.block = [], None
+        if not states:
             return
-        state = held[0] if len(held) == 1 else _Decoding.merge(held, n_new)
-        held.clear()
+        state = _Decoding.of_block(states, block)
         for i, t in zip(state.slots, self._decode(state, n_new)):
             results[i] = t
 
-    def _first_step(self, batch: list[_Item], n_new: int) -> _Decoding | list[tuple[int, ...]]:
-        """The first step of cached greedy decoding on ``batch`` (see :meth:`_generate_cached`).
+    def _first_step(
+        self,
+        batch: list[_Item],
+        n_new: int,
+        pks: Sequence[PrefixKV | None],
+        block: patches.KVBlock | None = None,
+    ) -> _Decoding | list[tuple[int, ...]]:
+        """The first step of cached greedy decoding on ``batch`` (see :meth:`_generate_cached`),
+        the rows' cached prefixes ``pks`` (None where a row has none).
 
         Runs each row's ids after its cached prefix (right-padded, the prefixes' keys and values
         left-padded in front), the last decoder layer only at each row's last column, and stores
         the rows' new prefixes. Returns the rows' decoding state after it: each row's first new
         token, its next position (3-D rope: one past the prompt's last position, as
         transformers' rope deltas give; else the count of the row's ids), the key/value cache
-        and its attention mask. A 3-D rope model whose positions the backend does not compose
-        (its check failed) gets plain ``generate``'s answers instead.
+        (in ``block``'s next rows if given) and its attention mask. A 3-D rope model whose
+        positions the backend does not compose (its check failed) gets plain ``generate``'s
+        answers instead.
         """
         if self.image_cache != "none":
             self._entries([p for it in batch for p in it.images])  # re-admit anything evicted
-        pks = [self._lookup_prefix(it) for it in batch] if self._prefix_on else [None] * len(batch)
         has_prefix = any(pks)
         inputs, offs = self._collate(
-            batch, left=True, positions=True, prefixes=pks if has_prefix else None, room=n_new
+            batch,
+            left=True,
+            positions=True,
+            prefixes=pks if has_prefix else None,
+            room=n_new,
+            block=block,
         )
         dev = self.device
         mask = inputs["attention_mask"]
@@ -1622,16 +1681,29 @@ class HFBackend:
             nxt = mask.sum(-1)
         else:  # 3-D rope whose positions the backend does not compose (its check failed)
             self._fast_generate = False
+            if block is not None:
+                block.close(keep=False)
             return self._plain_tokens(batch, n_new)[0]
-        with patches.shared_kv_heads(self._shared_kv), self._last_layer_at(last), self._in_place():
-            if self._keeps_logits:
-                out = self.model(**inputs, logits_to_keep=last, use_cache=True)
-                logits = out.logits[:, -1]
-            else:
-                out = self.model(**inputs, use_cache=True)
-                logits = out.logits.gather(1, last[..., None].expand(-1, -1, out.logits.shape[-1]))[
-                    :, -1
-                ]
+        try:
+            with (
+                patches.shared_kv_heads(self._shared_kv),
+                self._last_layer_at(last),
+                self._in_place(),
+            ):
+                if self._keeps_logits:
+                    out = self.model(**inputs, logits_to_keep=last, use_cache=True)
+                    logits = out.logits[:, -1]
+                else:
+                    out = self.model(**inputs, use_cache=True)
+                    logits = out.logits.gather(
+                        1, last[..., None].expand(-1, -1, out.logits.shape[-1])
+                    )[:, -1]
+        except BaseException:
+            if block is not None:
+                block.close(keep=False)
+            raise
+        if block is not None:
+            block.close()
         self.stats["forward_batches"] += 1
         if self._prefix_on:
             self._store_prefixes(batch, offs, out.cache, [pk.length if pk else 0 for pk in pks])

@@ -23,7 +23,9 @@ context managers that switch modules to them for one forward pass:
 * :func:`vision_geometry`: the tower's grid-only inputs (rope positions, window order, segment
   boundaries), computed by transformers' own helpers once per list of grids.
 * :func:`roomy_cache`: a key/value cache whose layers (:class:`RoomyLayer`) keep spare columns,
-  so that a decoding step writes its column in place instead of copying the cache.
+  so that a decoding step writes its column in place instead of copying the cache; a
+  :class:`KVBlock` holds the roomy caches of several batches in one buffer per layer, so that
+  they are decoded as one without copying them together.
 
 Each switch is made on a *copy* of the modules' config (:func:`attention_as`), restored after
 the block, so nothing outside the block sees it. The backend checks every one of these against
@@ -588,20 +590,105 @@ def roomy_cache(
     return cache
 
 
-def merge_roomy(caches: Sequence, room: int):
-    """One :func:`roomy_cache` holding the rows of ``caches`` (roomy caches of as many layers) one
-    after another, each cache's columns right-aligned to the widest (the columns left of a
-    narrower cache's are zeros, for the caller's attention mask to mask out), with ``room``
-    spare columns. Returns (the cache, per input cache the number of columns added on its left)."""
-    from transformers import DynamicCache
+class KVBlock:
+    """Key/value buffers shared by batches that are decoded together: per layer
+    [``rows``, kv_heads, ``width`` + ``room``, head_dim], allocated by the first batch's first
+    update (shape, dtype and device are its keys').
 
-    widths = [c.layers[0].n for c in caches]
-    merged = DynamicCache()
-    merged.layers = [
-        RoomyLayer.right_aligned([c.layers[i] for c in caches], room)
-        for i in range(len(caches[0].layers))
-    ]
-    return merged, [max(widths) - w for w in widths]
+    Each batch takes the next rows (:meth:`take`); its ``m`` columns end at column ``width``
+    (right-aligned, the columns on their left zeros, for the caller's attention mask to mask
+    out). After the batches' first steps :meth:`cache` is the cache of all their rows, the
+    ``room`` columns past ``width`` left for the decoding steps: the batches are decoded as one
+    without copying their keys and values into a merged cache.
+    """
+
+    def __init__(self, n_layers: int, rows: int, width: int, room: int):
+        self.n_layers, self.rows, self.width, self.room = n_layers, rows, width, room
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.used = 0  # rows taken
+        self._taking: tuple[int, int] | None = None  # (first row, columns) of the last take
+
+    def fits(self, rows: int, columns: int) -> bool:
+        """Whether a batch of ``rows`` rows whose caches reach ``columns`` columns fits."""
+        return self.used + rows <= self.rows and columns <= self.width
+
+    def take(self, columns: int):
+        """A roomy cache for the next batch, whose keys and values will fill ``columns`` columns
+        (its first step), its layers writing into this block's next rows (as many as the batch's
+        rows, known at its first update) with the block's ``room`` to spare. :meth:`close` it
+        after the batch's first step."""
+        from transformers import DynamicCache
+
+        if columns > self.width:
+            raise ValueError(f"KVBlock.take: {columns} columns, the block holds {self.width}")
+        self._taking = (self.used, columns)
+        cache = DynamicCache()
+        cache.layers = [RoomyLayer(self.room, home=(self, i)) for i in range(self.n_layers)]
+        return cache
+
+    def _home(self, i: int, n: int, like_k: torch.Tensor, like_v: torch.Tensor):
+        """Layer ``i``'s buffers for the ``n`` rows of the batch being taken: views of its rows,
+        from the column its keys start at to the end (allocating the block's buffers at the first
+        call: heads, head size, dtype and device as ``like_k``/``like_v``), the columns left of it
+        zeroed."""
+        if self._taking is None:
+            raise RuntimeError("KVBlock: a layer wrote after its batch was closed")
+        first, columns = self._taking
+        if first + n > self.rows:
+            raise ValueError(f"KVBlock: {first + n} rows, the block holds {self.rows}")
+        if self.k[i] is None:
+            self.k[i], self.v[i] = (
+                t.new_empty((self.rows, t.shape[1], self.width + self.room, t.shape[-1]))
+                for t in (like_k, like_v)
+            )
+        c0 = self.width - columns
+        out = []
+        for buf in (self.k[i], self.v[i]):
+            mine = buf[first : first + n]
+            mine[:, :, :c0] = 0
+            out.append(mine[:, :, c0:])
+        self.used = max(self.used, first + n)
+        return out
+
+    def widen(self, width: int) -> None:
+        """Make the block ``width`` columns wide (at least its width): the rows taken are copied
+        into new buffers, right-aligned as before (one copy; for a batch wider than the block)."""
+        if self._taking is not None:
+            raise RuntimeError("KVBlock.widen: a batch is being taken")
+        extra = width - self.width
+        if extra <= 0:
+            return
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                if old is None:
+                    continue
+                new = old.new_empty((self.rows, old.shape[1], width + self.room, old.shape[-1]))
+                new[: self.used, :, :extra] = 0
+                new[: self.used, :, extra:width] = old[: self.used, :, : self.width]
+                bufs[i] = new
+        self.width = width
+
+    def close(self, keep: bool = True) -> None:
+        """The batch being taken is complete (``keep``: its rows stay taken), or given up (its
+        rows are free again): no layer may write for it any more."""
+        if self._taking is not None and not keep:
+            self.used = self._taking[0]
+        self._taking = None
+
+    def cache(self):
+        """A roomy cache of the rows taken, ``width`` columns filled, ``room`` to spare."""
+        from transformers import DynamicCache
+
+        merged = DynamicCache()
+        merged.layers = []
+        for k, v in zip(self.k, self.v):
+            layer = RoomyLayer(self.room)
+            layer._k, layer._v = k[: self.used], v[: self.used]
+            layer.device, layer.is_initialized, layer.n = k.device, True, self.width
+            layer._views()
+            merged.layers.append(layer)
+        return merged
 
 
 class RoomyLayer(DynamicLayer):
@@ -609,25 +696,47 @@ class RoomyLayer(DynamicLayer):
     the first update, so that later updates (a decoding step's one column) are written in
     place; ``DynamicLayer`` concatenates, copying the whole cache at every generated token.
     ``keys``/``values`` are views of the filled columns (what attention and callers read).
+    With ``home`` (a :class:`KVBlock` and a layer index) the buffers are the block's.
     """
 
-    def __init__(self, room: int):
+    def __init__(self, room: int, home: tuple[KVBlock, int] | None = None):
         super().__init__()
         self.room = int(room)
+        self.home = home
         self.n = 0
+
+    def reserve(self, rows: int, like_k: torch.Tensor, like_v: torch.Tensor, m: int):
+        """Buffers for ``rows`` rows and ``m`` columns (heads, head size, dtype and device as
+        ``like_k``/``like_v``), for the caller to fill in place, as if a first update had
+        written them: (keys, values) views of those columns."""
+        if self.is_initialized:
+            raise RuntimeError("RoomyLayer.reserve: the layer already holds columns")
+        self._allocate(rows, like_k, like_v, m)
+        self.n = m
+        self._views()
+        return self.keys, self.values
+
+    def _allocate(self, rows: int, like_k: torch.Tensor, like_v: torch.Tensor, m: int) -> None:
+        self.device = like_k.device
+        if self.home is not None:
+            block, i = self.home
+            self._k, self._v = block._home(i, rows, like_k, like_v)
+            if self._k.shape[-2] < m + self.room:
+                raise ValueError("RoomyLayer: more columns than its block's batch took")
+        else:
+            self._k, self._v = (
+                t.new_empty((rows, t.shape[1], m + self.room, t.shape[-1]))
+                for t in (like_k, like_v)
+            )
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         m = key_states.shape[-2]
         if not self.is_initialized:
-            self.device = key_states.device
-            self._k = key_states.new_empty(
-                (*key_states.shape[:2], m + self.room, key_states.shape[-1])
-            )
-            self._v = value_states.new_empty(
-                (*value_states.shape[:2], m + self.room, value_states.shape[-1])
-            )
-            self.is_initialized = True
+            self._allocate(key_states.shape[0], key_states, value_states, m)
         elif self.n + m > self._k.shape[-2]:  # out of room: grow (never in the backend's use)
+            if self.home is not None:
+                raise RuntimeError("RoomyLayer: out of room in its block")
             self._k = torch.cat(
                 [
                     self._k[..., : self.n, :],
@@ -647,29 +756,6 @@ class RoomyLayer(DynamicLayer):
         self.n += m
         self._views()
         return self.keys, self.values
-
-    @classmethod
-    def right_aligned(cls, layers: Sequence[RoomyLayer], room: int) -> RoomyLayer:
-        """A layer holding the rows of ``layers`` one after another, each one's columns
-        right-aligned to the widest (zeros on the left of narrower ones), with ``room`` spare
-        columns: one copy of each layer's keys and values, straight into the new buffers."""
-        width = max(layer.n for layer in layers)
-        rows = sum(layer.keys.shape[0] for layer in layers)
-        new = cls(room)
-        new._k, new._v = (
-            t.new_empty((rows, t.shape[1], width + room, t.shape[-1]))
-            for t in (layers[0].keys, layers[0].values)
-        )
-        at = 0
-        for layer in layers:
-            end, pad = at + layer.keys.shape[0], width - layer.n
-            for buf, part in ((new._k, layer.keys), (new._v, layer.values)):
-                buf[at:end, :, :pad] = 0
-                buf[at:end, :, pad:width] = part
-            at = end
-        new.device, new.is_initialized, new.n = layers[0].device, True, width
-        new._views()
-        return new
 
     def _views(self) -> None:
         self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]

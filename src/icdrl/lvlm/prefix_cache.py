@@ -216,10 +216,16 @@ class PrefixCache:
             del self.entries[key]
 
     @staticmethod
-    def stack(prefixes: Sequence[PrefixKV | None]) -> tuple[list, torch.Tensor]:
+    def stack(prefixes: Sequence[PrefixKV | None], into=None) -> tuple[list, torch.Tensor]:
         """The rows' prefixes left-padded to one length: per layer ``(keys, values)``
         [rows, kv_heads, width, head_dim], and their attention mask [rows, width] (zeros where a
-        row has no prefix). At least one entry must be a prefix."""
+        row has no prefix; its keys and values there are zeros). At least one entry must be a
+        prefix.
+
+        ``into(width, layers)``: where to write them, per layer ``(keys, values)`` of that shape
+        (views of a cache's buffers, filled in place: one copy from the stored prefixes);
+        ``layers`` are stored ones, for their heads, dtype and device. Default: new tensors.
+        """
         n = len(prefixes)
         lengths = torch.tensor([pk.length if pk else 0 for pk in prefixes])
         width = int(lengths.max())
@@ -228,27 +234,29 @@ class PrefixCache:
         ref = next(iter(copies.values()))
         dev = ref[0][0].device
         stored = ref[0][0].shape[2]
+        if into is None:
+            data = [
+                tuple(t.new_empty((n, t.shape[1], width, t.shape[3])) for t in layer)
+                for layer in ref
+            ]
+        else:
+            data = into(width, ref)
         if len(copies) == 1 and all(pk and pk.column + pk.length == stored for pk in prefixes):
             # the usual case: one stored copy, every row ending in its last column
             src = torch.tensor([pk.row for pk in prefixes], device=dev)
-            data = [
-                (
-                    k.index_select(0, src)[:, :, stored - width :],
-                    v.index_select(0, src)[:, :, stored - width :],
-                )
-                for k, v in ref
-            ]
+            for layer, out in zip(ref, data):
+                for t, o in zip(layer, out):
+                    torch.index_select(t[:, :, stored - width :], 0, src, out=o)
             return data, mask
-        data = [
-            (
-                k.new_zeros((n, k.shape[1], width, k.shape[3])),
-                v.new_zeros((n, v.shape[1], width, v.shape[3])),
-            )
-            for k, v in ref
-        ]
+        empty = [r for r, pk in enumerate(prefixes) if not pk]
+        if empty:
+            rows = torch.tensor(empty, device=dev)
+            for out in data:
+                for o in out:
+                    o.index_fill_(0, rows, 0)
         for layers in copies.values():
-            out = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
-            pks = [prefixes[r] for r in out]
+            at = [r for r, pk in enumerate(prefixes) if pk and pk.layers is layers]
+            pks = [prefixes[r] for r in at]
             got = right_aligned(
                 layers,
                 [pk.row for pk in pks],
@@ -257,7 +265,8 @@ class PrefixCache:
                 width,
                 dev,
             )
-            at = torch.tensor(out, device=dev)
-            for (k, v), (gk, gv) in zip(data, got):
-                k[at], v[at] = gk, gv
+            rows = torch.tensor(at, device=dev)
+            for out, parts in zip(data, got):
+                for o, part in zip(out, parts):
+                    o.index_copy_(0, rows, part)
         return data, mask
