@@ -180,7 +180,6 @@ class _Decoding:
     nxt: torch.Tensor  # [rows]: the position of each row's next token
     tok: torch.Tensor  # [rows]: each row's first new token (not yet fed)
     mrope: bool  # positions are 3-D (the same one on each axis for text)
-    kind: str  # "full" or "prefix" (some rows ran on cached prefixes)
     slots: list[int]  # where each row's answer goes
 
     @classmethod
@@ -199,7 +198,6 @@ class _Decoding:
             nxt=torch.cat([d.nxt for d in states]),
             tok=torch.cat([d.tok for d in states]),
             mrope=states[0].mrope,
-            kind=states[0].kind,
             slots=[i for d in states for i in d.slots],
         )
 
@@ -211,6 +209,12 @@ class _Held:
 
     block: patches.KVBlock | None = None
     states: list[_Decoding] = field(default_factory=list)
+
+
+def _cache_columns(items: Sequence[_Item], cut: Sequence[int]) -> int:
+    """The columns of a cached forward's key/value cache (:meth:`HFBackend._collate`): the rows'
+    prefixes of ``cut`` ids left-padded to the longest, then their remaining ids right-padded."""
+    return max(cut) + max(len(it.ids) - c for it, c in zip(items, cut))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -1041,7 +1045,7 @@ class HFBackend:
                 inputs["position_ids"] = torch.from_numpy(pos)
         cache = None
         if block is not None:
-            cache = block.take(max(cut) + width)
+            cache = block.take(_cache_columns(items, cut))
         elif room is not None:
             cache = patches.roomy_cache(self._n_layers, (width if has_prefix else 0) + room)
         if has_prefix:
@@ -1601,9 +1605,7 @@ class HFBackend:
                 else:
                     got = self._check_generation(batch, self._decode(state, n_new), n_new, kind)
             else:
-                columns = max(p.length if p else 0 for p in prefixes) + max(
-                    len(it.ids) - (p.length if p else 0) for it, p in zip(batch, prefixes)
-                )
+                columns = _cache_columns(batch, [p.length if p else 0 for p in prefixes])
                 if held.block is not None and held.block.fits(len(idx), 0):
                     held.block.widen(columns)  # rarely: a batch wider than the call's longest
                 else:
@@ -1713,7 +1715,6 @@ class HFBackend:
             nxt=nxt,
             tok=logits.float().argmax(-1),
             mrope=mrope,
-            kind="prefix" if has_prefix else "full",
             slots=list(range(len(batch))),
         )
 
